@@ -1,0 +1,178 @@
+"""Official PyTorch parameter names <-> mimdistill Flax param trees.
+
+The Flax trees use the official module names (see `models/vit.py`), so the
+mapping is mechanical:
+  * `blocks.3.attn.qkv.weight` <-> `blocks_3/attn/qkv/kernel` (transposed);
+  * a 1-D `weight` is a LayerNorm `scale`;
+  * `patch_embed.proj.weight` `(D, C, p, p)` <-> `patch_embed/kernel`
+    `(p, p, C, D)`;
+  * MAE decoder names lose their `decoder_` prefix inside the `decoder`
+    subtree;
+  * fixed sin-cos embeddings (`pos_embed` of pre-training models,
+    `decoder_pos_embed`: `requires_grad=False` in the official code) go to
+    the `fixed` collection, never to `params`; a learnable `pos_embed`
+    (fine-tuning) is a param.
+
+Trees here are Flax *variables*: `{'params': ..., 'fixed': ...}`.
+
+Layouts (where the encoder lives in the tree):
+  'vit'        encoder params at the top level (teachers, students);
+  'mae'        `{'encoder': ..., 'decoder': ...}`;
+  'classifier' `{'encoder': ..., 'fc_norm': ..., 'head': ...}`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+LAYOUTS = ("vit", "mae", "classifier")
+_DECODER_RENAMES = {"decoder_embed": "embed", "decoder_norm": "norm",
+                    "decoder_pred": "pred", "decoder_blocks": "blocks",
+                    "mask_token": "mask_token"}
+_HEAD_MODULES = ("fc_norm", "head")
+
+
+@dataclass
+class ConversionReport:
+  used: list[str] = field(default_factory=list)
+  skipped: dict[str, str] = field(default_factory=dict)  # name -> why
+
+  def __str__(self) -> str:
+    lines = [f"{len(self.used)} tensors used"]
+    for name, why in self.skipped.items():
+      lines.append(f"  skipped {name}: {why}")
+    return "\n".join(lines)
+
+
+def _check_layout(layout: str):
+  if layout not in LAYOUTS:
+    raise ValueError(f"unknown layout {layout!r}; use one of {LAYOUTS}")
+
+
+def _module_path(parts: list[str]) -> list[str]:
+  """['blocks', '3', 'attn', 'qkv'] -> ['blocks_3', 'attn', 'qkv']."""
+  out: list[str] = []
+  for p in parts:
+    if p.isdigit() and out:
+      out[-1] = f"{out[-1]}_{p}"
+    else:
+      out.append(p)
+  if out[:2] == ["patch_embed", "proj"]:
+    out = ["patch_embed"] + out[2:]
+  return out
+
+
+def _leaf_to_flax(leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+  if leaf == "bias":
+    return "bias", value
+  if leaf == "weight":
+    if value.ndim == 1:
+      return "scale", value
+    if value.ndim == 2:
+      return "kernel", value.T
+    if value.ndim == 4:
+      return "kernel", value.transpose(2, 3, 1, 0)
+  raise ValueError(f"cannot convert parameter leaf {leaf!r} of shape "
+                   f"{value.shape}")
+
+
+def _leaf_to_official(leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+  if leaf == "bias":
+    return "bias", value
+  if leaf == "scale":
+    return "weight", value
+  if leaf == "kernel":
+    if value.ndim == 2:
+      return "weight", value.T
+    if value.ndim == 4:
+      return "weight", value.transpose(3, 2, 0, 1)
+  raise ValueError(f"cannot convert Flax leaf {leaf!r} of shape {value.shape}")
+
+
+def official_path(name: str, layout: str, *, learned_pos_embed: bool = False
+                  ) -> tuple[str, ...] | str:
+  """Variables path for an official name, or a string saying why it is skipped."""
+  _check_layout(layout)
+  parts = name.split(".")
+  root = parts[0]
+  collection = "params"
+  if name == "pos_embed" and not learned_pos_embed:
+    collection = "fixed"
+  if name == "decoder_pos_embed":
+    if layout != "mae":
+      return f"MAE decoder buffer, not used by the '{layout}' layout"
+    return ("fixed", "decoder", "pos_embed")
+  if root in _DECODER_RENAMES:
+    if layout != "mae":
+      return f"MAE decoder weight, not used by the '{layout}' layout"
+    path = _module_path([_DECODER_RENAMES[root]] + parts[1:])
+    return (collection, "decoder", *path)
+  if root in _HEAD_MODULES:
+    if layout != "classifier":
+      return f"classifier weight, not used by the '{layout}' layout"
+    return (collection, *_module_path(parts))
+  path = tuple(_module_path(parts))
+  return (collection, *path) if layout == "vit" else (collection, "encoder", *path)
+
+
+def official_to_flax(state_dict: Mapping[str, np.ndarray], layout: str, *,
+                     learned_pos_embed: bool = False
+                     ) -> tuple[dict[str, Any], ConversionReport]:
+  """Builds Flax variables `{'params', 'fixed'}` from an official state dict."""
+  report = ConversionReport()
+  tree: dict[str, Any] = {}
+  for name, value in state_dict.items():
+    path = official_path(name, layout, learned_pos_embed=learned_pos_embed)
+    if isinstance(path, str):
+      report.skipped[name] = path
+      continue
+    value = np.asarray(value)
+    if path[-1] in ("weight", "bias"):
+      leaf, value = _leaf_to_flax(path[-1], value)
+      path = (*path[:-1], leaf)
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+    report.used.append(name)
+  return tree, report
+
+
+def flax_to_official(variables: Mapping[str, Any], layout: str
+                     ) -> dict[str, np.ndarray]:
+  """Inverse of `official_to_flax`: every leaf of every collection."""
+  _check_layout(layout)
+  inverse_decoder = {v: k for k, v in _DECODER_RENAMES.items()}
+  out: dict[str, np.ndarray] = {}
+
+  def walk(node, path):
+    if isinstance(node, Mapping):
+      for k, v in node.items():
+        walk(v, path + [k])
+      return
+    value = np.asarray(node)
+    parts = list(path[1:])  # drop the collection name
+    if layout in ("mae", "classifier") and parts[0] == "encoder":
+      parts = parts[1:]
+    elif layout == "mae" and parts[0] == "decoder":
+      parts = parts[1:]
+      if parts == ["pos_embed"]:
+        parts = ["decoder_pos_embed"]
+      else:
+        head = re.sub(r"_\d+$", "", parts[0])
+        parts[0] = parts[0].replace(head, inverse_decoder[head], 1)
+    leaf = parts[-1]
+    if leaf in ("kernel", "scale", "bias"):
+      leaf, value = _leaf_to_official(leaf, value)
+      parts = parts[:-1] + [leaf]
+    if parts[0] == "patch_embed":
+      parts = ["patch_embed", "proj"] + parts[1:]
+    name = ".".join(re.sub(r"_(\d+)$", r".\1", p) for p in parts)
+    out[name] = value
+
+  for collection, tree in variables.items():
+    walk(tree, [collection])
+  return out

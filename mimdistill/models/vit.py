@@ -1,0 +1,298 @@
+"""Vision Transformer encoder with MAE / TinyMIM / timm-0.3.2 semantics.
+
+Params are a plain nested dict whose names mirror the official PyTorch names
+(`patch_embed`, `cls_token`, `pos_embed`, `blocks_<i>/{norm1,attn/{qkv,proj},
+norm2,mlp/{fc1,fc2}}`, `norm`), so converting checkpoints is a rename plus a
+transpose (see `mimdistill.interop.official_names`).
+
+Besides the plain forward the encoder offers what the three stages need:
+  * `stop_after=k`: run blocks 1..k only (the frozen teacher never computes
+    what it does not use);
+  * `relation_qkv(...)`: q, k, v of block k split into R heads, where R is a
+    property of the distillation, not of the block's own attention heads;
+  * `tokens_visible=`: an already-masked token sequence for MAE.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mimdistill.models import pos_embed as pos_embed_lib
+
+Dtype = Any
+
+# timm's `_init_weights`: xavier-uniform for every Linear (qkv included, whose
+# fan_out is 3D), zero bias; LayerNorm 1/0.
+_dense_init = nn.initializers.xavier_uniform()
+# MAE initialises the conv patch embedding "like nn.Linear": xavier on the
+# flattened (D, C*p*p) matrix, i.e. fan_in = C*p*p and fan_out = D, not the
+# conv fans (which would multiply fan_out by p*p).
+_patch_init = nn.initializers.variance_scaling(
+    1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3)
+
+
+def _torch_default_bias_init(fan_in: int) -> Callable:
+  """PyTorch's default Conv2d bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / np.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def layer_norm(name: str | None = None, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+  # Two-pass variance: the "fast" E[x^2]-E[x]^2 form loses float32 digits
+  # that the parity fixtures resolve.
+  return nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=dtype,
+                      name=name)
+
+
+def split_heads(x: jax.Array, heads: int) -> jax.Array:
+  """`(B, N, D)` -> `(B, heads, N, D // heads)`."""
+  b, n, d = x.shape
+  if d % heads:
+    raise ValueError(f"width {d} is not divisible by {heads} heads")
+  return x.reshape(b, n, heads, d // heads).transpose(0, 2, 1, 3)
+
+
+class Mlp(nn.Module):
+  hidden: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=_dense_init,
+                 name="fc1")(x)
+    x = nn.gelu(x, approximate=False)
+    return nn.Dense(width, dtype=self.dtype, kernel_init=_dense_init,
+                    name="fc2")(x)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with a fused qkv projection."""
+  num_heads: int
+  width: int
+  dtype: Dtype = jnp.float32
+  fused: bool = False  # jax.nn.dot_product_attention (cuDNN flash on GPU)
+
+  def setup(self):
+    self.qkv = nn.Dense(3 * self.width, dtype=self.dtype,
+                        kernel_init=_dense_init)
+    self.proj = nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init)
+
+  def qkv_split(self, x, heads: int):
+    """q, k, v each `(B, heads, N, D // heads)`; `heads` may differ from ours."""
+    qkv = self.qkv(x)
+    q, k, v = jnp.split(qkv, 3, axis=-1)
+    return split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
+
+  def __call__(self, x):
+    b, n, d = x.shape
+    if self.fused:
+      qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+      out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+      out = out.reshape(b, n, d)
+    else:
+      q, k, v = self.qkv_split(x, self.num_heads)
+      scale = (d // self.num_heads) ** -0.5
+      logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) * scale
+      # Softmax in float32 whatever the compute dtype.
+      attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+      out = jnp.einsum("bhqk,bhkd->bhqd", attn, v)
+      out = out.transpose(0, 2, 1, 3).reshape(b, n, d)
+    return self.proj(out)
+
+
+class Block(nn.Module):
+  """Pre-norm Transformer block (timm 0.3.2 `Block`, no layer scale)."""
+  width: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  drop_path: float = 0.0
+  dtype: Dtype = jnp.float32
+  fused_attention: bool = False
+
+  def setup(self):
+    self.norm1 = layer_norm(dtype=self.dtype)
+    self.attn = Attention(self.num_heads, self.width, dtype=self.dtype,
+                          fused=self.fused_attention)
+    self.norm2 = layer_norm(dtype=self.dtype)
+    self.mlp = Mlp(int(self.width * self.mlp_ratio), dtype=self.dtype)
+    # Stochastic depth: one Bernoulli per sample, survivors scaled by 1/keep
+    # (timm DropPath), i.e. dropout broadcast over tokens and channels.
+    self.drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2),
+                           rng_collection="drop_path")
+
+  def __call__(self, x, train: bool = False):
+    x = x + self.drop(self.attn(self.norm1(x)), deterministic=not train)
+    x = x + self.drop(self.mlp(self.norm2(x)), deterministic=not train)
+    return x
+
+  def relation_qkv(self, x, heads: int):
+    """norm1 + fused qkv of this block, split into `heads` relation heads."""
+    return self.attn.qkv_split(self.norm1(x), heads)
+
+  def features(self, x):
+    """Intermediate features for feature-distillation ablations."""
+    attn = self.attn(self.norm1(x))
+    x_attn = x + attn
+    ffn = self.mlp(self.norm2(x_attn))
+    q, k, v = jnp.split(self.attn.qkv(self.norm1(x)), 3, axis=-1)
+    return {"attn": attn, "attn_residual": x_attn, "ffn": ffn,
+            "ffn_residual": x_attn + ffn, "q": q, "k": k, "v": v}
+
+
+def drop_path_rates(rate: float, depth: int, schedule: str = "linear"
+                    ) -> tuple[float, ...]:
+  """Per-block stochastic-depth rates.
+
+  'linear': timm's ramp `linspace(0, rate, depth)` (fine-tuning).
+  'constant_but_last': TinyMIM's student, `rate` everywhere but 0 on the last
+  block (whose output is never used in distillation).
+  """
+  if schedule == "linear":
+    return tuple(float(r) for r in np.linspace(0.0, rate, depth))
+  if schedule == "constant_but_last":
+    return tuple([float(rate)] * (depth - 1) + [0.0])
+  if schedule == "constant":
+    return tuple([float(rate)] * depth)
+  raise ValueError(f"unknown drop_path schedule {schedule!r}; use 'linear', "
+                   "'constant' or 'constant_but_last'")
+
+
+class ViTEncoder(nn.Module):
+  """ViT encoder: patch embedding, position embedding, CLS, blocks, norm."""
+  width: int
+  depth: int
+  num_heads: int
+  patch_size: int = 16
+  image_size: int = 224
+  in_chans: int = 3
+  mlp_ratio: float = 4.0
+  drop_path: Sequence[float] | float = 0.0
+  pos_embed_type: str = "sincos"  # 'sincos' (fixed) | 'learned'
+  final_norm: bool = True
+  dtype: Dtype = jnp.float32
+  fused_attention: bool = False
+
+  @property
+  def grid_size(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid_size ** 2
+
+  def setup(self):
+    if self.image_size % self.patch_size:
+      raise ValueError(
+          f"image size {self.image_size} is not divisible by patch size "
+          f"{self.patch_size}; choose an image size that is a multiple of it.")
+    if self.width % self.num_heads:
+      raise ValueError(f"width {self.width} is not divisible by num_heads "
+                       f"{self.num_heads}")
+    p = self.patch_size
+    self.patch_embed = nn.Conv(
+        self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+        kernel_init=_patch_init,
+        bias_init=_torch_default_bias_init(self.in_chans * p * p))
+    self.cls_token = self.param("cls_token", nn.initializers.normal(0.02),
+                                (1, 1, self.width))
+    sincos = lambda *_: jnp.asarray(
+        pos_embed_lib.sincos_2d(self.width, self.grid_size)[None])
+    if self.pos_embed_type == "learned":
+      self._pos_embed = self.param("pos_embed", sincos)
+    elif self.pos_embed_type == "sincos":
+      # Not a param: the official models hold it with requires_grad=False, so
+      # it lives in the 'fixed' collection that no optimizer ever sees. It is
+      # still a variable (not a constant) so a checkpoint's copy is used.
+      self._pos_embed = self.variable("fixed", "pos_embed", sincos)
+    else:
+      raise ValueError(f"unknown pos_embed_type {self.pos_embed_type!r}; "
+                       "use 'sincos' or 'learned'")
+    rates = self.drop_path
+    if isinstance(rates, (int, float)):
+      rates = drop_path_rates(float(rates), self.depth)
+    if len(rates) != self.depth:
+      raise ValueError(f"{len(rates)} drop-path rates for {self.depth} blocks")
+    self.blocks = [
+        Block(self.width, self.num_heads, self.mlp_ratio, rates[i],
+              dtype=self.dtype, fused_attention=self.fused_attention)
+        for i in range(self.depth)]
+    if self.final_norm:
+      self.norm = layer_norm(dtype=self.dtype)
+
+  # -- pieces ---------------------------------------------------------------
+  @property
+  def pos_embed(self):
+    pe = self._pos_embed
+    return pe if self.pos_embed_type == "learned" else pe.value
+
+  def embed_patches(self, images):
+    """NHWC images -> `(B, L, D)` patch tokens with position embedding."""
+    b, h, w, _ = images.shape
+    if (h, w) != (self.image_size, self.image_size):
+      raise ValueError(f"images are {h}x{w} but the model was built for "
+                       f"{self.image_size}x{self.image_size}")
+    x = self.patch_embed(images.astype(self.dtype))
+    x = x.reshape(b, -1, self.width)
+    return x + self.pos_embed[:, 1:].astype(x.dtype)
+
+  def prepend_cls(self, x):
+    cls = (self.cls_token + self.pos_embed[:, :1]).astype(x.dtype)
+    return jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)),
+                            x], axis=1)
+
+  def run_blocks(self, x, stop: int, train: bool):
+    for blk in self.blocks[:stop]:
+      x = blk(x, train=train)
+    return x
+
+  def _check_block(self, block: int):
+    if not 1 <= block <= self.depth:
+      raise ValueError(f"block {block} is outside 1..{self.depth} (1-based) "
+                       f"for an encoder of depth {self.depth}")
+
+  # -- forwards ---------------------------------------------------------------
+  def __call__(self, images, *, train: bool = False, stop_after: int | None = None,
+               tokens: jax.Array | None = None):
+    """Token features `(B, 1+L, D)`.
+
+    `stop_after=k` runs blocks 1..k only and skips the final norm unless k is
+    the last block. `tokens` replaces `embed_patches(images)` (MAE passes the
+    visible subset).
+    """
+    x = self.embed_patches(images) if tokens is None else tokens
+    x = self.prepend_cls(x)
+    stop = self.depth if stop_after is None else stop_after
+    self._check_block(stop)
+    x = self.run_blocks(x, stop, train)
+    if stop == self.depth and self.final_norm:
+      x = self.norm(x)
+    return x
+
+  def relation_qkv(self, images, *, block: int, heads: int, train: bool = False,
+                   tokens: jax.Array | None = None):
+    """q, k, v `(B, R, N, D/R)` of block `block` (1-based) with R=`heads`.
+
+    Blocks after `block` are never run, and of `block` itself only norm1 and
+    the qkv projection are used, as in TinyMIM.
+    """
+    self._check_block(block)
+    x = self.embed_patches(images) if tokens is None else tokens
+    x = self.run_blocks(self.prepend_cls(x), block - 1, train)
+    return self.blocks[block - 1].relation_qkv(x, heads)
+
+  def block_features(self, images, *, block: int, train: bool = False):
+    """Input and intermediate features of block `block` (1-based)."""
+    self._check_block(block)
+    x = self.run_blocks(self.prepend_cls(self.embed_patches(images)), block - 1,
+                        train)
+    feats = self.blocks[block - 1].features(x)
+    feats["input"] = x
+    return feats
