@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+import jax
 import numpy as np
 
 LAYOUTS = ("vit", "mae", "classifier")
@@ -33,6 +34,7 @@ _DECODER_RENAMES = {"decoder_embed": "embed", "decoder_norm": "norm",
                     "decoder_pred": "pred", "decoder_blocks": "blocks",
                     "mask_token": "mask_token"}
 _HEAD_MODULES = ("fc_norm", "head")
+_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 
 
 @dataclass
@@ -141,38 +143,44 @@ def official_to_flax(state_dict: Mapping[str, np.ndarray], layout: str, *,
   return tree, report
 
 
+def official_name(path: Sequence[str], layout: str) -> str:
+  """Official name of a Flax variable path (collection name excluded)."""
+  _check_layout(layout)
+  inverse_decoder = {v: k for k, v in _DECODER_RENAMES.items()}
+  parts = list(path)
+  if layout in ("mae", "classifier") and parts[0] == "encoder":
+    parts = parts[1:]
+  elif layout == "mae" and parts[0] == "decoder":
+    parts = parts[1:]
+    if parts == ["pos_embed"]:
+      parts = ["decoder_pos_embed"]
+    else:
+      head = re.sub(r"_\d+$", "", parts[0])
+      parts[0] = parts[0].replace(head, inverse_decoder[head], 1)
+  parts[-1] = _LEAF_NAMES.get(parts[-1], parts[-1])
+  if parts[0] == "patch_embed":
+    parts = ["patch_embed", "proj"] + parts[1:]
+  return ".".join(re.sub(r"_(\d+)$", r".\1", p) for p in parts)
+
+
+def _flat(variables: Mapping[str, Any]):
+  for collection, tree in variables.items():
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      yield [str(getattr(k, "key", k)) for k in path], leaf
+
+
+def official_names_of(variables: Mapping[str, Any], layout: str) -> dict[str, Any]:
+  """Official name -> leaf, leaves untouched (for trees of per-param settings)."""
+  return {official_name(path, layout): leaf for path, leaf in _flat(variables)}
+
+
 def flax_to_official(variables: Mapping[str, Any], layout: str
                      ) -> dict[str, np.ndarray]:
   """Inverse of `official_to_flax`: every leaf of every collection."""
-  _check_layout(layout)
-  inverse_decoder = {v: k for k, v in _DECODER_RENAMES.items()}
   out: dict[str, np.ndarray] = {}
-
-  def walk(node, path):
-    if isinstance(node, Mapping):
-      for k, v in node.items():
-        walk(v, path + [k])
-      return
-    value = np.asarray(node)
-    parts = list(path[1:])  # drop the collection name
-    if layout in ("mae", "classifier") and parts[0] == "encoder":
-      parts = parts[1:]
-    elif layout == "mae" and parts[0] == "decoder":
-      parts = parts[1:]
-      if parts == ["pos_embed"]:
-        parts = ["decoder_pos_embed"]
-      else:
-        head = re.sub(r"_\d+$", "", parts[0])
-        parts[0] = parts[0].replace(head, inverse_decoder[head], 1)
-    leaf = parts[-1]
-    if leaf in ("kernel", "scale", "bias"):
-      leaf, value = _leaf_to_official(leaf, value)
-      parts = parts[:-1] + [leaf]
-    if parts[0] == "patch_embed":
-      parts = ["patch_embed", "proj"] + parts[1:]
-    name = ".".join(re.sub(r"_(\d+)$", r".\1", p) for p in parts)
-    out[name] = value
-
-  for collection, tree in variables.items():
-    walk(tree, [collection])
+  for path, leaf in _flat(variables):
+    value = np.asarray(leaf)
+    if path[-1] in _LEAF_NAMES:
+      _, value = _leaf_to_official(path[-1], value)
+    out[official_name(path, layout)] = value
   return out
