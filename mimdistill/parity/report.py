@@ -26,9 +26,14 @@ class Line:
 
 
 class Report:
-  def __init__(self, stream: TextIO = sys.stdout):
+  def __init__(self, stream: TextIO | None = None):
     self.lines: list[Line] = []
-    self.stream = stream
+    self._stream = stream
+
+  @property
+  def stream(self) -> TextIO:
+    # Resolved per call so redirected stdout (pytest capture) is honoured.
+    return self._stream or sys.stdout
 
   def _add(self, line: Line):
     self.lines.append(line)
