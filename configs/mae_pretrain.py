@@ -1,0 +1,77 @@
+r"""python launch/train.py --config configs/mae_pretrain.py:quickstart --workdir /tmp/mae
+
+Stage 1, MAE pre-training. Presets (`:<arg>`):
+  quickstart  tiny ViT on the embedded shapes dataset, minutes on a CPU
+  cifar10     ViT-T-sized at 32 px on class folders (set data.name=folder:<root>)
+  base|large|huge  the official MAE recipe on ImageNet-1K (TFDS imagenet2012):
+              800 epochs, 40 warmup, batch 4096, blr 1.5e-4, betas (0.9, 0.95),
+              wd 0.05, mask 0.75, norm_pix_loss, decoder 512-d x 8 blocks
+Override anything: --config.total_epochs=5 --config.batch_size=256 ...
+"""
+import ml_collections
+
+
+def common(arg: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = "pretrain"
+  c.preset = arg
+  c.seed = 0
+  c.dtype = "float32"           # compute dtype; 'bfloat16' on TPU/GPU
+  c.batch_size = 4096           # global
+  c.total_epochs = 800.0
+  c.total_steps = 0             # > 0 overrides total_epochs
+  c.warmup_epochs = 40.0
+  c.base_lr = 1.5e-4            # lr = base_lr * batch_size / 256
+  c.lr = 0.0                    # > 0 sets the peak lr directly
+  c.min_lr = 0.0
+  c.optimizer = ml_collections.ConfigDict(dict(
+      b1=0.9, b2=0.95, weight_decay=0.05, clip_grad_norm=0.0, accumulate_steps=1))
+  c.mask_ratio = 0.75
+  c.norm_pix_loss = True
+  c.model = ml_collections.ConfigDict(dict(
+      variant="large", width=None, depth=None, num_heads=None, patch_size=None,
+      image_size=224, mlp_ratio=4.0, drop_path=0.0,
+      decoder=dict(width=512, depth=8, num_heads=16)))
+  c.data = ml_collections.ConfigDict(dict(
+      name="imagenet2012", data_dir=None, train_split="train",
+      eval_split="validation", image_size=224, num_workers=8,
+      crop_scale=(0.2, 1.0)))
+  c.mesh = ml_collections.ConfigDict(dict(fsdp=1))
+  c.log_every = 50
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.num_visualize = 8
+  return c
+
+
+def get_config(arg: str = "quickstart") -> ml_collections.ConfigDict:
+  c = common(arg)
+  if arg in ("base", "large", "huge"):
+    c.model.variant = arg
+  elif arg == "quickstart":
+    c.model.update(variant="custom", width=64, depth=4, num_heads=4,
+                   patch_size=4, image_size=32)
+    c.model.decoder.update(width=64, depth=2, num_heads=4)
+    c.data.update(name="embedded", train_split="train", eval_split="test",
+                  image_size=32, num_workers=0)
+    c.batch_size = 128
+    c.total_epochs = 12.0
+    c.warmup_epochs = 1.0
+    c.base_lr = 1.5e-4 * 8  # small models on little data like a higher lr
+    c.log_every = 10
+    c.checkpoint_every = 100
+  elif arg == "cifar10":
+    c.model.update(variant="custom", width=192, depth=12, num_heads=3,
+                   patch_size=4, image_size=32)
+    c.model.decoder.update(width=128, depth=2, num_heads=4)
+    c.data.update(name="folder:../shared/data/cifar10", train_split="train",
+                  eval_split="test", image_size=32, num_workers=2)
+    c.batch_size = 256
+    c.total_epochs = 100.0
+    c.warmup_epochs = 5.0
+    c.log_every = 20
+    c.checkpoint_every = 500
+  else:
+    raise ValueError(f"unknown preset {arg!r} for mae_pretrain; use quickstart, "
+                     "cifar10, base, large or huge")
+  return c

@@ -1,0 +1,128 @@
+"""Orbax checkpoints and the workdir records that link the stages.
+
+A workdir holds:
+  checkpoints/<step>/{state,data}   Orbax (async, atomic, keep last N): the
+                                    train state and the input iterator state
+  config.json                       the run's full config
+  lineage.json                      stage, parent checkpoint (path, step)
+The teacher of a distillation is never in `state`: `lineage.json` records
+where it came from.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Sequence
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+
+def checkpoint_dir(workdir) -> pathlib.Path:
+  return pathlib.Path(workdir).absolute() / "checkpoints"
+
+
+class Checkpointer:
+  """Saves and restores `{'state': TrainState, 'data': iterator state}`."""
+
+  def __init__(self, workdir, *, every_steps: int, keep: int = 3,
+               async_save: bool = True):
+    self.manager = ocp.CheckpointManager(
+        checkpoint_dir(workdir),
+        options=ocp.CheckpointManagerOptions(
+            save_interval_steps=max(1, every_steps), max_to_keep=keep,
+            enable_async_checkpointing=async_save, create=True))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: PyTree, data_iterator=None,
+           force: bool = False) -> bool:
+    """`data_iterator`: a grain iterator; its position is saved per process."""
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, step: int, abstract_state: PyTree, data_iterator=None):
+    """Restores the state; moves `data_iterator` to the saved position."""
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def parse_source(source: str) -> tuple[pathlib.Path, int | None]:
+  """`workdir` or `workdir:step` -> (workdir, step or None for the latest)."""
+  path, _, step = str(source).rpartition(":")
+  if path and step.isdigit():
+    return pathlib.Path(path), int(step)
+  return pathlib.Path(source), None
+
+
+def restore_subtree(source: str, subtree: Sequence[str]) -> tuple[PyTree, dict]:
+  """Restores only `state/<subtree...>` (e.g. ('params', 'encoder')) of a
+  workdir's checkpoint as numpy arrays; the optimizer state is never read.
+
+  Returns the subtree and `{'path', 'step'}` for the lineage record.
+  """
+  workdir, step = parse_source(source)
+  ckpt = checkpoint_dir(workdir)
+  if not ckpt.is_dir():
+    raise FileNotFoundError(
+        f"no checkpoints in {workdir} (looked for {ckpt}); run the earlier "
+        "stage there first or point at the right workdir")
+  with ocp.CheckpointManager(ckpt, options=ocp.CheckpointManagerOptions(
+      read_only=True)) as manager:
+    steps = manager.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"{ckpt} holds no finished checkpoint")
+    if step is None:
+      step = max(steps)
+    elif step not in steps:
+      raise FileNotFoundError(f"{ckpt} has no step {step}; it has {sorted(steps)}")
+    meta = manager.item_metadata(step)["state"]
+    tree = meta.tree if hasattr(meta, "tree") else meta
+    node = tree
+    for key in subtree:
+      if not isinstance(node, dict) or key not in node:
+        raise KeyError(f"checkpoint {ckpt}/{step} has no state/"
+                       f"{'/'.join(subtree)} (stopped at {key!r})")
+      node = node[key]
+    # Restore only the wanted leaves, as host numpy arrays.
+    wanted = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), node)
+    item, restore_args = node, wanted
+    for key in reversed(subtree):
+      item, restore_args = {key: item}, {key: restore_args}
+    out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True)))
+  node = out["state"]
+  for key in subtree:
+    node = node[key]
+  return node, {"path": str(ckpt / str(step)), "step": int(step)}
+
+
+def write_json(workdir, name: str, record: dict):
+  if jax.process_index() != 0:
+    return
+  path = pathlib.Path(workdir) / name
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(record, indent=1, sort_keys=True, default=str))
+  tmp.replace(path)  # atomic: a crash never leaves half a file
+
+
+def read_json(workdir, name: str) -> dict | None:
+  path = pathlib.Path(workdir) / name
+  return json.loads(path.read_text()) if path.is_file() else None

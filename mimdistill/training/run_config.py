@@ -1,0 +1,52 @@
+"""Reading the run-level fields every stage config shares.
+
+Shared fields: `seed`, `batch_size` (global), `total_epochs` or
+`total_steps`, `warmup_epochs`, `base_lr` (scaled by batch/256) or `lr`,
+`min_lr`, `dtype`, `mesh.fsdp`, `log_every`, `checkpoint_every`,
+`keep_checkpoints`.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections
+
+from mimdistill.training.loop import LoopConfig
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def compute_dtype(config: ml_collections.ConfigDict):
+  name = config.get("dtype", "float32")
+  if name not in _DTYPES:
+    raise ValueError(f"dtype={name!r} is not one of {sorted(_DTYPES)}")
+  return _DTYPES[name]
+
+
+def peak_lr(config: ml_collections.ConfigDict) -> float:
+  """`lr` if given, else the official linear scaling `base_lr * batch / 256`."""
+  if config.get("lr"):
+    return float(config.lr)
+  return float(config.base_lr) * config.batch_size / 256
+
+
+def steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> tuple[int, int]:
+  """(total, warmup) optimizer steps from epochs (or `total_steps`)."""
+  if steps_per_epoch < 1:
+    raise ValueError(
+        f"batch_size={config.batch_size} is larger than the training split; "
+        "lower the batch size")
+  if config.get("total_steps"):
+    total = int(config.total_steps)
+  else:
+    total = int(round(config.total_epochs * steps_per_epoch))
+  warmup = int(round(config.warmup_epochs * steps_per_epoch))
+  warmup = min(warmup, max(total - 1, 0))
+  return total, warmup
+
+
+def loop_config(config: ml_collections.ConfigDict) -> LoopConfig:
+  return LoopConfig(seed=config.seed, fsdp=config.mesh.fsdp,
+                    log_every=config.log_every,
+                    checkpoint_every=config.checkpoint_every,
+                    keep_checkpoints=config.keep_checkpoints,
+                    async_checkpoints=config.get("async_checkpoints", True))
