@@ -26,6 +26,9 @@ setup(
         "safetensors>=0.4",
         "matplotlib>=3.7",
         "absl-py>=1.4",
+        # tensorflow-datasets imports it when preparing datasets but does
+        # not declare it.
+        "importlib_resources>=5.0",
     ],
     extras_require={
         "test": ["pytest>=7.4", "pytest-timeout>=2.2"],

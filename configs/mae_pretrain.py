@@ -9,6 +9,7 @@ Stage 1, MAE pre-training. Presets (`:<arg>`):
 Override anything: --config.total_epochs=5 --config.batch_size=256 ...
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def common(arg: str) -> ml_collections.ConfigDict:
@@ -29,14 +30,15 @@ def common(arg: str) -> ml_collections.ConfigDict:
   c.mask_ratio = 0.75
   c.norm_pix_loss = True
   c.model = ml_collections.ConfigDict(dict(
-      variant="large", width=None, depth=None, num_heads=None, patch_size=None,
+      variant="large", width=placeholder(int), depth=placeholder(int),
+      num_heads=placeholder(int), patch_size=placeholder(int),
       image_size=224, mlp_ratio=4.0, drop_path=0.0,
       decoder=dict(width=512, depth=8, num_heads=16)))
   c.data = ml_collections.ConfigDict(dict(
-      name="imagenet2012", data_dir=None, train_split="train",
+      name="imagenet2012", data_dir=placeholder(str), train_split="train",
       eval_split="validation", image_size=224, num_workers=8,
       crop_scale=(0.2, 1.0)))
-  c.mesh = ml_collections.ConfigDict(dict(fsdp=1))
+  c.mesh = ml_collections.ConfigDict(dict(fsdp=1, num_devices=0))  # 0 = all
   c.log_every = 50
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3

@@ -18,3 +18,10 @@ def shared_path(*parts: str) -> pathlib.Path:
     pytest.skip(f"{path} is absent: ../shared (fixtures and data from the "
                 "developers' checkout) is not next to this clone")
   return path
+
+
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory):
+  """One TFDS data dir per test session: the embedded dataset is prepared
+  once (seconds) and shared by every test that trains."""
+  return tmp_path_factory.mktemp("tfds")

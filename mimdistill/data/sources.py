@@ -82,6 +82,15 @@ def ensure_prepared(builder: tfds.core.DatasetBuilder) -> None:
         '--out_file_format=array_record`.')
 
 
+def check_available(name: str, data_dir: str | None) -> None:
+  """Fails fast (before any training is set up) on an unknown dataset name,
+  a missing folder, or a TFDS dataset that is not prepared. Our own datasets
+  are prepared on first use, so they always count as available."""
+  builder = get_builder(name, data_dir)
+  if not isinstance(builder, local_builder.LocalBuilder):
+    ensure_prepared(builder)
+
+
 def _not_prepared_error(builder: tfds.core.DatasetBuilder) -> str:
   data_dir = os.fspath(builder.data_dir_root)
   name = builder.name

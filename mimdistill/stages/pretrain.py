@@ -51,8 +51,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.image_size != config.data.image_size:
     raise ValueError(f"model.image_size={config.model.image_size} differs from "
                      f"data.image_size={config.data.image_size}; set both alike")
-  sources.check_name(config.data.name)
-  shard_lib.check_batch(config.batch_size, shard_lib.make_mesh(config.mesh.fsdp))
+  sources.check_available(config.data.name, config.data.get("data_dir"))
+  shard_lib.check_batch(config.batch_size, shard_lib.mesh_from_config(config))
 
 
 def build_task(config, model: MAE, steps_per_epoch: int) -> loop_lib.Task:
@@ -135,7 +135,7 @@ def run(config: ml_collections.ConfigDict, workdir, lineage: dict | None = None)
   validate(config)
   workdir = pathlib.Path(workdir)
   model = build_model(config)
-  mesh = shard_lib.make_mesh(config.mesh.fsdp)
+  mesh = shard_lib.mesh_from_config(config)
   train_data = input_pipeline.make_dataset(
       data_config(config, "mae"), split=config.data.train_split, train=True,
       seed=config.seed, mesh=mesh, data_axis=shard_lib.BATCH_AXES)
@@ -146,10 +146,11 @@ def run(config: ml_collections.ConfigDict, workdir, lineage: dict | None = None)
                          lineage=lineage or {"stage": "pretrain", "parent": None})
   if jax.process_index() == 0:
     count = config.get("num_visualize", 8)
+    n = jax.device_count()
     eval_data = input_pipeline.make_dataset(
-        data_config(config, "eval", batch_size=count),
+        data_config(config, "eval", batch_size=-(-count // n) * n),
         split=config.data.eval_split, train=False, seed=config.seed)
-    images = next(iter(eval_data))["image"]
+    images = next(iter(eval_data))["image"][:count]
     variables = {"params": jax.device_get(state.params),
                  "fixed": jax.device_get(state.fixed)}
     png = workdir / "reconstructions.png"

@@ -92,7 +92,7 @@ def build_update(task: Task, tx: optax.GradientTransformation):
                               params=keep(params, state.params),
                               opt_state=keep(opt_state, state.opt_state))
     metrics = dict(metrics, loss=loss, lr=task.schedule(state.step),
-                   grad_norm=optax.global_norm(grads),
+                   grad_norm=optax.tree.norm(grads),
                    nonfinite=(~finite).astype(jnp.int32))
     return new_state, metrics
 

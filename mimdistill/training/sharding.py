@@ -21,13 +21,25 @@ BATCH_AXES = (DATA, FSDP)
 _MIN_FSDP_SIZE = 2 ** 12
 
 
-def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
+def make_mesh(fsdp: int = 1, devices=None, num_devices: int = 0) -> Mesh:
+  """`num_devices` > 0 uses only the first that many devices."""
   devices = np.asarray(jax.devices() if devices is None else devices)
+  if num_devices:
+    if num_devices > devices.size:
+      raise ValueError(f"mesh.num_devices={num_devices} but only {devices.size} "
+                       "devices are visible")
+    devices = devices[:num_devices]
   n = devices.size
   if fsdp < 1 or n % fsdp:
     raise ValueError(f"mesh.fsdp={fsdp} must divide the {n} devices; pick a "
                      f"divisor of {n} (1 = pure data parallel)")
   return Mesh(devices.reshape(n // fsdp, fsdp), BATCH_AXES)
+
+
+def mesh_from_config(config) -> Mesh:
+  """The mesh of a stage config's `mesh` section (`fsdp`, `num_devices`)."""
+  return make_mesh(config.mesh.get("fsdp", 1),
+                   num_devices=config.mesh.get("num_devices", 0))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
