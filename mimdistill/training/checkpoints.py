@@ -83,8 +83,11 @@ def restore_subtree(source: str, subtree: Sequence[str]) -> tuple[PyTree, dict]:
     raise FileNotFoundError(
         f"no checkpoints in {workdir} (looked for {ckpt}); run the earlier "
         "stage there first or point at the right workdir")
+  # The 'state' handler must be named: a fresh manager (another process than
+  # the one that saved) otherwise returns no metadata for the item.
   with ocp.CheckpointManager(ckpt, options=ocp.CheckpointManagerOptions(
-      read_only=True)) as manager:
+      read_only=True), item_handlers={"state": ocp.PyTreeCheckpointHandler()}
+      ) as manager:
     steps = manager.all_steps()
     if not steps:
       raise FileNotFoundError(f"{ckpt} holds no finished checkpoint")
