@@ -39,29 +39,26 @@ class Report:
     self.lines.append(line)
     print(line, file=self.stream, flush=True)
 
-  def compare(self, case: str, quantity: str, got, expected, tol: float = ACT_TOL):
-    """Max absolute error; shape mismatch is a failure with err=inf."""
-    got, expected = np.asarray(got), np.asarray(expected)
+  def _max_abs(self, case, quantity, got, expected) -> float:
+    """Max absolute error; a shape mismatch is reported and counts as inf."""
     if got.shape != expected.shape:
       print(f"# {case} {quantity}: shape {got.shape} != expected {expected.shape}",
             file=self.stream)
-      err = float("inf")
-    else:
-      err = float(np.max(np.abs(got.astype(np.float64) - expected.astype(np.float64)),
-                         initial=0.0))
+      return float("inf")
+    return float(np.max(np.abs(got.astype(np.float64) - expected.astype(np.float64)),
+                        initial=0.0))
+
+  def compare(self, case: str, quantity: str, got, expected, tol: float = ACT_TOL):
+    """Max absolute error against `tol`."""
+    err = self._max_abs(case, quantity, np.asarray(got), np.asarray(expected))
     self._add(Line(case, quantity, err, tol, bool(err <= tol)))
 
   def compare_relative(self, case: str, quantity: str, got, expected,
                        tol: float = GRAD_REL_TOL):
     """Max absolute error divided by the expected tensor's max magnitude."""
     got, expected = np.asarray(got), np.asarray(expected)
-    if got.shape != expected.shape:
-      print(f"# {case} {quantity}: shape {got.shape} != expected {expected.shape}",
-            file=self.stream)
-      err = float("inf")
-    else:
-      scale = max(float(np.max(np.abs(expected), initial=0.0)), 1e-30)
-      err = float(np.max(np.abs(got.astype(np.float64) - expected), initial=0.0)) / scale
+    scale = max(float(np.max(np.abs(expected), initial=0.0)), 1e-30)
+    err = self._max_abs(case, quantity, got, expected) / scale
     self._add(Line(case, quantity, err, tol, bool(err <= tol)))
 
   def check(self, case: str, quantity: str, ok: bool, detail: str = ""):
