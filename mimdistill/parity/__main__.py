@@ -50,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
 
   report = Report()
   for folder in args.folders:
-    run_folder(folder, report)
+    # A folder of fixture folders (e.g. shared/fixtures) checks every case.
+    cases = ([folder] if (folder / "config.json").is_file() else
+             sorted(p.parent for p in folder.glob("*/config.json")) or [folder])
+    for case in cases:
+      run_folder(case, report)
   print(f"parity: {report.passed} passed, {report.failed} failed")
   return 1 if report.failed or not report.lines else 0
 
