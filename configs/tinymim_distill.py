@@ -1,0 +1,187 @@
+r"""python launch/train.py --config configs/tinymim_distill.py:quickstart --workdir workdirs/quickstart/distill
+
+Stage 2, TinyMIM distillation: a frozen MIM teacher's token relations (Q-K,
+V-V at a teacher block) distilled into a small ViT's last block. The teacher
+source (`teacher.source`) is a stage-1/stage-2 workdir (`W` or `W:step`,
+only its encoder params are restored) or an official `.pth` (MAE pre-trained
+encoder with or without decoder, a TinyMIM student).
+
+Presets (`:<arg>`):
+  quickstart  distils the stage-1 quickstart teacher (configs/mae_pretrain.py:
+              quickstart; default source workdirs/quickstart/pretrain, the
+              README's stage-1 workdir) into a 48-wide student on the embedded
+              dataset; about 3 minutes on 2 CPU cores
+  cifar10     ViT-T-sized teacher from mae_pretrain.py:cifar10 -> 96-wide
+              student on class folders (set data.name=folder:<root>)
+  b_from_l    MAE-L -> TinyMIM-B, R=16, teacher block 18 of 24 (the official
+              recipe: 300 epochs, 15 warmup, batch 4096, lr 1.5e-4*bs/256,
+              AdamW (0.9, 0.95), wd 0.05); the default
+  s_from_b    TinyMIM-B -> TinyMIM-S, R=12
+  t_from_s    TinyMIM-S -> TinyMIM-T, R=12, student with 6 heads
+Sequential distillation (each link's teacher is the previous link's workdir):
+  python launch/train.py --config configs/tinymim_distill.py:b_from_l --workdir W/b \
+      --config.teacher.source=mae_pretrain_vit_large.pth
+  python launch/train.py --config configs/tinymim_distill.py:s_from_b --workdir W/s \
+      --config.teacher.source=W/b
+  python launch/train.py --config configs/tinymim_distill.py:t_from_s --workdir W/t \
+      --config.teacher.source=W/s
+
+Ablation targets (paper Tables 5-7, 10, 12) are modifiers appended with commas
+to a preset (alone they modify b_from_l), e.g. `:cifar10,feature_attn`:
+  qq_kk_vv            relation set {Q-Q, K-K, V-V} instead of {Q-K, V-V}
+  no_softmax          relations without softmax: MSE on the raw scaled logits
+                      (distill.raw_loss='smooth_l1' for smooth-L1, beta 2.0)
+  cls                 class-token distillation (KL of softmaxed CLS features)
+  feature, feature_<type>  feature distillation, type in output, attn,
+                      attn_residual, ffn, ffn_residual, q, k, v
+  block<k>            teacher target block k (1-based)
+  masked              MAE-masked student input (teacher sees the whole image)
+  masked_mae          masked input plus the MAE reconstruction loss (decoder
+                      head in params['heads']['decoder'])
+Override anything: --config.total_epochs=5 --config.distill.relation_heads=8 ...
+"""
+import ml_collections
+
+FEATURES = ("output", "attn", "attn_residual", "ffn", "ffn_residual", "q", "k", "v")
+
+
+def common(arg: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = "distill"
+  c.preset = arg
+  c.seed = 0
+  c.dtype = "float32"           # compute dtype; 'bfloat16' on TPU/GPU
+  c.batch_size = 4096           # global
+  c.total_epochs = 300.0
+  c.total_steps = 0             # > 0 overrides total_epochs
+  c.warmup_epochs = 15.0
+  c.base_lr = 1.5e-4            # lr = base_lr * batch_size / 256
+  c.lr = 0.0                    # > 0 sets the peak lr directly
+  c.min_lr = 0.0
+  c.optimizer = ml_collections.ConfigDict(dict(
+      b1=0.9, b2=0.95, weight_decay=0.05, clip_grad_norm=0.0, accumulate_steps=1))
+  # The trained student. drop path: constant on every block but the last.
+  c.student = ml_collections.ConfigDict(dict(
+      variant="base", width=None, depth=None, num_heads=None, patch_size=None,
+      image_size=224, mlp_ratio=4.0, drop_path=0.1,
+      drop_path_schedule="constant_but_last"))
+  # The frozen teacher: architecture, where its weights come from, and the
+  # target block (1-based; 0 = 18 for a depth-24 teacher, else its last).
+  c.teacher = ml_collections.ConfigDict(dict(
+      variant="large", width=None, depth=None, num_heads=None, patch_size=None,
+      image_size=224, mlp_ratio=4.0, source="", block=0))
+  c.distill = ml_collections.ConfigDict(dict(
+      target="relation",        # 'relation' | 'cls' | 'feature'
+      relation_heads=0,         # R; 0 = the teacher's heads
+      relation_set="qk_vv",     # 'qk_vv' | 'qq_kk_vv'
+      softmax=True,             # False: regress the raw relation logits
+      raw_loss="mse",           # without softmax: 'mse' | 'smooth_l1'
+      feature="output",         # feature type of target 'feature'
+      beta=2.0,                 # smooth-L1 beta
+      student_input="raw",      # 'raw' | 'masked'
+      mask_ratio=0.75,
+      mae_weight=0.0,           # > 0 (masked input): + weight * MAE loss
+      norm_pix_loss=True,
+      decoder=dict(width=512, depth=8, num_heads=16)))
+  c.data = ml_collections.ConfigDict(dict(
+      name="imagenet2012", data_dir=None, train_split="train",
+      eval_split="validation", image_size=224, num_workers=8,
+      crop_scale=(0.2, 1.0), color_jitter=0.4))
+  c.mesh = ml_collections.ConfigDict(dict(fsdp=1, num_devices=0))  # 0 = all
+  c.log_every = 50
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  return c
+
+
+def _custom(section, width, depth, heads, patch, image):
+  section.update(variant="custom", width=width, depth=depth, num_heads=heads,
+                 patch_size=patch, image_size=image)
+
+
+def _preset(c: ml_collections.ConfigDict, name: str) -> None:
+  if name == "b_from_l":
+    c.teacher.variant, c.student.variant = "large", "base"
+    c.distill.relation_heads = 16
+  elif name == "s_from_b":
+    c.teacher.variant, c.student.variant = "base", "small"
+    c.distill.relation_heads = 12
+  elif name == "t_from_s":
+    # Distilled with 6 heads (fine-tuned later with 3 on the same weights);
+    # R=12 relation heads on a 6-head teacher/student works here.
+    c.teacher.variant, c.student.variant = "small", "tiny"
+    c.student.num_heads = 6
+    c.distill.relation_heads = 12
+  elif name == "quickstart":
+    # Teacher = configs/mae_pretrain.py:quickstart's encoder.
+    _custom(c.teacher, 64, 4, 4, 4, 32)
+    c.teacher.source = "workdirs/quickstart/pretrain"  # README command 1
+    _custom(c.student, 48, 4, 3, 4, 32)  # R = 4 teacher heads != 3 own heads
+    c.distill.decoder.update(width=64, depth=2, num_heads=4)
+    c.data.update(name="embedded", train_split="train", eval_split="test",
+                  image_size=32, num_workers=0)
+    c.batch_size = 128
+    c.total_epochs = 7.0
+    c.warmup_epochs = 1.0
+    c.base_lr = 1.5e-4 * 8  # small models on little data like a higher lr
+    c.log_every = 10
+    c.checkpoint_every = 100
+  elif name == "cifar10":
+    # Teacher = configs/mae_pretrain.py:cifar10's encoder.
+    _custom(c.teacher, 192, 12, 3, 4, 32)
+    _custom(c.student, 96, 12, 3, 4, 32)
+    c.distill.decoder.update(width=128, depth=2, num_heads=4)
+    c.data.update(name="folder:../shared/data/cifar10", train_split="train",
+                  eval_split="test", image_size=32, num_workers=2)
+    c.batch_size = 256
+    c.total_epochs = 100.0
+    c.warmup_epochs = 5.0
+    c.log_every = 20
+    c.checkpoint_every = 500
+  else:
+    raise KeyError(name)
+
+
+def _ablation(c: ml_collections.ConfigDict, name: str) -> None:
+  d = c.distill
+  if name == "qq_kk_vv":
+    d.relation_set = "qq_kk_vv"
+  elif name == "no_softmax":
+    d.softmax = False
+  elif name == "cls":
+    d.target = "cls"
+  elif name == "feature":
+    d.target = "feature"
+  elif name.startswith("feature_") and name[len("feature_"):] in FEATURES:
+    d.target, d.feature = "feature", name[len("feature_"):]
+  elif name.startswith("block") and name[len("block"):].isdigit():
+    c.teacher.block = int(name[len("block"):])
+  elif name == "masked":
+    d.student_input = "masked"
+  elif name == "masked_mae":
+    d.student_input, d.mae_weight = "masked", 1.0
+  else:
+    raise KeyError(name)
+
+
+PRESETS = ("quickstart", "cifar10", "b_from_l", "s_from_b", "t_from_s")
+ABLATIONS = ("qq_kk_vv", "no_softmax", "cls", "feature",
+             *(f"feature_{f}" for f in FEATURES), "block<k>", "masked",
+             "masked_mae")
+
+
+def get_config(arg: str = "quickstart") -> ml_collections.ConfigDict:
+  parts = [p.strip() for p in (arg or "quickstart").split(",") if p.strip()]
+  base = parts[0] if parts and parts[0] in PRESETS else "b_from_l"
+  mods = parts[1:] if parts and parts[0] in PRESETS else parts
+  c = common(arg)
+  _preset(c, base)
+  for mod in mods:
+    try:
+      _ablation(c, mod)
+    except KeyError:
+      raise ValueError(
+          f"unknown preset/ablation {mod!r} in {arg!r} for tinymim_distill; "
+          f"presets: {', '.join(PRESETS)}; ablations (comma-separated after a "
+          f"preset): {', '.join(ABLATIONS)}") from None
+  return c
