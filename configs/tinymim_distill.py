@@ -34,7 +34,8 @@ to a preset (alone they modify b_from_l), e.g. `:cifar10,feature_attn`:
   cls                 class-token distillation (KL of softmaxed CLS features)
   feature, feature_<type>  feature distillation, type in output, attn,
                       attn_residual, ffn, ffn_residual, q, k, v
-  block<k>            teacher target block k (1-based)
+  block<k>            teacher target block k (1-based); the cls and feature
+                      targets also read the teacher at its target block
   masked              MAE-masked student input (teacher sees the whole image)
   masked_mae          masked input plus the MAE reconstruction loss (decoder
                       head in params['heads']['decoder'])

@@ -45,6 +45,7 @@ def tiny_config(arg="quickstart", tfds_dir=None, **overrides):
   c.student.update(variant="custom", **STUDENT)
   c.distill.decoder.update(width=32, depth=1, num_heads=2)
   c.data.update(data_dir=tfds_dir and str(tfds_dir), num_workers=0)
+  c.mesh.num_devices = 1  # end-to-end runs; 8 devices are tested on the loop
   c.batch_size = 16
   c.total_steps = 3
   c.warmup_epochs = 0.0
@@ -341,6 +342,12 @@ def test_official_pth_teacher_matches_official_losses():
                            if any(re.fullmatch(p, flax_name) for p in frozen))
   want = sorted(n for n in fx["params_without_grad"] if n != "pos_embed")
   assert frozen_official == want
+  # A small student distils from that teacher (R = 4 at block 4 of 6).
+  small = tiny_config(**{"student.drop_path": 0.0})
+  small.teacher.update(config.teacher.to_dict())
+  metrics, _, _ = compiled_steps(small, teacher, teacher_vars,
+                                 {"image": t_images, "image_student": images}, 4)
+  assert metrics[-1]["loss"] < metrics[0]["loss"], metrics
 
 
 @pytest.fixture(scope="module")
@@ -353,6 +360,7 @@ def stage1_workdir(tfds_dir, tmp_path_factory):
   c.batch_size, c.total_steps, c.warmup_epochs, c.lr = 16, 2, 0.0, 1e-3
   c.log_every, c.checkpoint_every, c.async_checkpoints = 1, 2, False
   c.num_visualize = 2
+  c.mesh.num_devices = 1
   pretrain.run(c, workdir)
   return workdir
 

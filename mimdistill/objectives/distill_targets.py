@@ -17,8 +17,6 @@ Which feature a 'feature type' names is listed in `FEATURE_TYPES`.
 """
 from __future__ import annotations
 
-from typing import Mapping
-
 import jax
 import jax.numpy as jnp
 
@@ -114,7 +112,3 @@ def relation_target_losses(teacher_qkv, student_qkv, *, relation_set: str = "qk_
                        f"student {s_rel[name].shape}")
   return {name: raw_relation_loss(t_rel[name], s_rel[name], raw_loss, beta)
           for name in t_rel}
-
-
-def total(losses: Mapping[str, jax.Array]) -> jax.Array:
-  return sum(losses.values())
