@@ -1,15 +1,41 @@
-"""Tests of the fine-tuning data: RandAugment, random erasing, mixup/cutmix
-(timm 0.3.2 / MAE semantics)."""
+"""Tests of the fine-tuning data: RandAugment, random erasing, mixup/cutmix,
+and the 'finetune' / 'linprobe' pipelines (timm 0.3.2 / MAE semantics)."""
 
 import math
+import sys
 
+import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 
 from mimdistill.data import finetune_transforms as ft
+from mimdistill.data import input_pipeline
 from mimdistill.data import mixup
+from mimdistill.data import sources
 from mimdistill.data import transforms
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  # One copy per test session, shared by the data test modules.
+  path = tmp_path_factory.getbasetemp() / 'tfds_embedded'
+  sources.get_builder('embedded', str(path)).prepare()
+  return str(path)
+
+
+def make_config(data_dir, **overrides):
+  fields = dict(name='embedded', data_dir=data_dir, image_size=32,
+                batch_size=16, num_workers=0, augment='finetune', seed=0)
+  fields.update(overrides)
+  return ml_collections.ConfigDict(fields)
+
+
+def take(pipeline, n):
+  it = iter(pipeline)
+  batches = [next(it) for _ in range(n)]
+  it.close()
+  return batches
 
 
 def random_image(seed=0, size=(32, 32)):
@@ -341,3 +367,102 @@ def test_no_mixing_gives_smoothed_one_hot_and_the_same_images():
     mixup.one_hot(np.array([5]), 5)
   minmax = mixup.Mixup(num_classes=5, mixup_alpha=0.0, cutmix_minmax=(.2, .8))
   assert minmax.active and minmax.cutmix_alpha == 1.0
+
+
+# ---------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------
+def test_finetune_and_linprobe_batches_have_the_documented_layout(data_dir):
+  batch, = take(input_pipeline.make_dataset(
+      make_config(data_dir), split='train', train=True), 1)
+  assert sorted(batch) == ['image', 'label', 'label_soft']
+  assert batch['image'].shape == (16, 32, 32, 3)
+  assert batch['image'].dtype == np.float32
+  assert batch['label'].shape == (16,) and batch['label'].dtype == np.int32
+  assert batch['label_soft'].shape == (16, 10)
+  assert batch['label_soft'].dtype == np.float32
+  np.testing.assert_allclose(batch['label_soft'].sum(-1), 1.0, rtol=1e-6)
+  assert batch['label_soft'].min() >= 0.1 / 10 - 1e-7
+
+  batch, = take(input_pipeline.make_dataset(
+      make_config(data_dir, augment='linprobe'), split='train', train=True), 1)
+  assert sorted(batch) == ['image', 'label']
+  assert batch['image'].shape == (16, 32, 32, 3)
+  assert batch['image'].dtype == np.float32
+
+  # Eval batches of a fine-tuning config are not mixed.
+  batch, = take(input_pipeline.make_dataset(
+      make_config(data_dir, augment='eval'), split='test', train=False), 1)
+  assert sorted(batch) == ['image', 'label', 'mask']
+
+
+def test_finetune_batches_are_deterministic_and_resumable(data_dir):
+  config = make_config(data_dir, batch_size=8)
+  make = lambda **kw: input_pipeline.make_dataset(  # noqa: E731
+      config, split='test', train=True, **kw)
+  a = take(make(), 3)
+  b = take(make(), 3)
+  for x, y in zip(a, b):
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])
+  c = take(make(seed=1), 1)
+  assert not np.array_equal(a[0]['image'], c[0]['image'])
+  # Resuming after batch 1 gives batches 2 and 3 again (same mixing).
+  it = iter(make())
+  next(it)
+  state = it.get_state()
+  it.close()
+  it = iter(make())
+  it.set_state(state)
+  for expected in a[1:]:
+    got = next(it)
+    for key in expected:
+      np.testing.assert_array_equal(got[key], expected[key])
+  it.close()
+
+
+def test_pipeline_without_mixing_emits_smoothed_one_hot(data_dir):
+  config = make_config(data_dir, mixup=0.0, cutmix=0.0, auto_augment=None,
+                       reprob=0.0, label_smoothing=0.1)
+  batch, = take(input_pipeline.make_dataset(config, split='test', train=True),
+                1)
+  np.testing.assert_allclose(batch['label_soft'],
+                             smoothed(batch['label'], 10, 0.1), rtol=1e-6)
+  # Without RandAugment and erasing the recipe is the torchvision crop
+  # (0.08, 1) + flip: the per-example stream is the same as 'mae' with that
+  # scale.
+  mae = take(input_pipeline.make_dataset(
+      make_config(data_dir, augment='mae', crop_scale=(0.08, 1.0)),
+      split='test', train=True), 1)[0]
+  np.testing.assert_array_equal(batch['image'], mae['image'])
+  # num_classes from the config wins over the dataset's.
+  config = make_config(data_dir, mixup=0.0, cutmix=0.0, num_classes=12)
+  batch, = take(input_pipeline.make_dataset(config, split='test', train=True),
+                1)
+  assert batch['label_soft'].shape == (16, 12)
+
+
+@pytest.mark.parametrize('overrides, match', [
+    (dict(remode='noise'), 'mode'),
+    (dict(auto_augment='augmix-m5'), 'only RandAugment'),
+    (dict(mixup=-1.0), 'mixup_alpha'),
+    (dict(mixup_mode='elem'), 'mode'),
+    (dict(label_smoothing=1.5), 'label_smoothing'),
+    (dict(batch_size=8, process_count=8), 'odd host batch'),
+])
+def test_bad_finetune_configs_fail_before_preparing(tmp_path, overrides,
+                                                    match):
+  overrides = dict(overrides)
+  process_count = overrides.pop('process_count', 1)
+  config = make_config(str(tmp_path / 'never_prepared'), **overrides)
+  with pytest.raises(ValueError, match=match):
+    input_pipeline.make_dataset(config, split='train', train=True,
+                                process_index=0, process_count=process_count)
+  assert not (tmp_path / 'never_prepared').exists()
+
+
+def test_finetune_pipelines_never_import_tensorflow(data_dir):
+  for augment in ('finetune', 'linprobe'):
+    take(input_pipeline.make_dataset(
+        make_config(data_dir, augment=augment), split='test', train=True), 1)
+  assert 'tensorflow' not in sys.modules

@@ -6,18 +6,28 @@
       -> map: PIL decode + augmentation, rng from (seed, stream position)
       -> this host's share: stream elements process_index::process_count
       -> batch(global batch / process count)
+      -> train, augment 'finetune': Mixup/CutMix + soft targets on the host
+         batch, rng from (seed, process index, batch index)
       -> worker processes (`num_workers`, 0 = in-process threads) -> prefetch
       -> `to_global`: one jax.Array per field, sharded over the data axis
 
 Every random choice is a function of (seed, position in the global stream):
 the same seed gives the same batches in the same order, whatever the number
 of worker processes, and the union of all hosts' batch k is the same set of
-examples for any number of hosts.
+examples for any number of hosts (for 'finetune', the examples before
+mixing: pairs are formed inside each host's batch, as timm pairs inside each
+GPU's).
 
 Batches (B = global batch; host-local numpy arrays when `mesh` is None):
     train, augment 'mae':      {'image': f32[B,H,W,3], 'label': i32[B]}
     train, augment 'distill':  + 'image_student': f32[B,H,W,3] (same crop,
                                colour-jittered; 'image' is the teacher's view)
+    train, augment 'finetune': + 'label_soft': f32[B,num_classes], the
+                               smoothed one-hot targets, mixed with the
+                               images by Mixup/CutMix when enabled ('image'
+                               is the mixed batch; 'label' stays the hard
+                               label of each row's first image)
+    train, augment 'linprobe': {'image', 'label'} as 'mae'
     eval (train=False):        + 'mask': f32[B], 1 for real examples, 0 for
                                padding; the last batch is padded, so every
                                example counts exactly once on any topology.
@@ -50,10 +60,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 from PIL import Image
 
+from mimdistill.data import finetune_transforms
+from mimdistill.data import mixup as mixup_lib
 from mimdistill.data import sources
 from mimdistill.data import transforms
 
-AUGMENTS = ('mae', 'distill', 'eval')
+AUGMENTS = ('mae', 'distill', 'eval', 'finetune', 'linprobe')
 _REQUIRED = object()
 
 
@@ -149,7 +161,55 @@ def make_transform(config, augment: str) -> transforms.Transform:
   if augment == 'eval':
     return transforms.Eval(size, crop_pct=_get(
         config, 'crop_pct', transforms.DEFAULT_CROP_PCT))
+  if augment == 'finetune':
+    return finetune_transforms.FinetuneTrain(
+        size, scale=_get(config, 'finetune_crop_scale', (0.08, 1.0)),
+        auto_augment=_get(config, 'auto_augment',
+                          finetune_transforms.DEFAULT_AUTO_AUGMENT),
+        color_jitter=_get(config, 'finetune_color_jitter', None),
+        re_prob=_get(config, 'reprob', 0.25),
+        re_mode=_get(config, 'remode', 'pixel'),
+        re_count=_get(config, 'recount', 1))
+  if augment == 'linprobe':
+    return finetune_transforms.LinprobeTrain(
+        size, scale=_get(config, 'finetune_crop_scale', (0.08, 1.0)))
   raise ValueError(f'config.augment={augment!r} is not one of {AUGMENTS}.')
+
+
+def make_mixup(config, num_classes: int | None) -> mixup_lib.Mixup:
+  """The fine-tuning batch mixing of the data `config` (timm `Mixup`)."""
+  num_classes = _get(config, 'num_classes', None) or num_classes
+  if not num_classes:
+    raise ValueError(
+        "augment='finetune' emits soft targets and needs the class count: "
+        'set config.num_classes (the dataset has no ClassLabel).')
+  return mixup_lib.Mixup(
+      num_classes=int(num_classes),
+      mixup_alpha=_get(config, 'mixup', 0.8),
+      cutmix_alpha=_get(config, 'cutmix', 1.0),
+      cutmix_minmax=_get(config, 'cutmix_minmax', None),
+      prob=_get(config, 'mixup_prob', 1.0),
+      switch_prob=_get(config, 'mixup_switch_prob', 0.5),
+      mode=_get(config, 'mixup_mode', 'batch'),
+      label_smoothing=_get(config, 'label_smoothing', 0.1))
+
+
+@dataclasses.dataclass(frozen=True)
+class _MixBatch:
+  """(host-local batch index, batch) -> mixed batch; picklable for workers.
+
+  The generator is a function of (seed, this host's index, batch index), so
+  it is independent of workers and resumption. Its SeedSequence has a
+  spawn key, which keeps it apart from the per-example streams.
+  """
+  mixup: mixup_lib.Mixup
+  seed: int
+  process_index: int
+
+  def __call__(self, index: int, batch):
+    rng = np.random.default_rng(np.random.SeedSequence(
+        [self.seed, self.process_index, index], spawn_key=(1,)))
+    return self.mixup(batch, rng)
 
 
 # ---------------------------------------------------------------------------
@@ -226,7 +286,8 @@ def _get(config, key: str, default=_REQUIRED):
 
 
 def _validate(config, *, seed: int, mesh: Mesh | None,
-              data_axis: str | tuple[str, ...], process_count: int) -> None:
+              data_axis: str | tuple[str, ...], process_count: int,
+              train: bool = True) -> None:
   """Every check that needs no dataset: fail before any preparation."""
   sources.check_name(_get(config, 'name'))
   augment = _get(config, 'augment')
@@ -241,6 +302,8 @@ def _validate(config, *, seed: int, mesh: Mesh | None,
   if not isinstance(workers, int) or workers < 0:
     raise ValueError(f'config.num_workers={workers!r} must be an int >= 0 '
                      '(0 = augment in the training process).')
+  if augment in ('finetune', 'linprobe'):
+    make_transform(config, augment)  # Parses and checks the recipe fields.
   batch = _get(config, 'batch_size')
   devices = data_parallelism(mesh, data_axis)
   if not isinstance(batch, int) or batch <= 0 or batch % devices:
@@ -251,6 +314,13 @@ def _validate(config, *, seed: int, mesh: Mesh | None,
     raise ValueError(
         f'config.batch_size={batch} (the global batch) must be divisible by '
         f'the {process_count} processes (hosts).')
+  if augment == 'finetune' and train:
+    mix = make_mixup(config, num_classes=1)  # Checks the mixing fields.
+    if mix.active and (batch // process_count) % 2:
+      raise ValueError(
+          f'Mixup/CutMix pairs each host\'s batch with its reverse: '
+          f'config.batch_size={batch} over {process_count} hosts gives an '
+          'odd host batch; make it even.')
 
 
 def _allow_unparsed_absl_flags() -> None:
@@ -286,6 +356,21 @@ def make_dataset(config, *, split: str, train: bool, seed: int | None = None,
       ((0.2, 1.0)), color_jitter (0.4, distill), crop_pct (224/256, eval),
       image_key ('image'), label_key ('label'), read_threads (2),
       prefetch (2 batches).
+      Fine-tuning ('finetune', timm 0.3.2 `create_transform` as MAE's
+      main_finetune calls it; see `finetune_transforms`):
+        finetune_crop_scale ((0.08, 1.0); also 'linprobe'),
+        auto_augment ('rand-m9-mstd0.5-inc1'; None disables RandAugment),
+        finetune_color_jitter (None; used only without auto_augment),
+        reprob (0.25), remode ('pixel' | 'rand' | 'const'), recount (1):
+          random erasing on the normalised image.
+      Batch mixing ('finetune' train batches; timm `Mixup`, see `mixup`):
+        mixup (0.8), cutmix (1.0): Beta alphas, both 0 = no mixing;
+        cutmix_minmax (None), mixup_prob (1.0), mixup_switch_prob (0.5),
+        mixup_mode ('batch'), label_smoothing (0.1), num_classes (None or
+        0: the dataset's class count). Pairs are formed inside each host's
+        batch (timm pairs inside each GPU's), which must be even.
+      'linprobe' (MAE main_linprobe): MAE's single-draw RandomResizedCrop
+      (finetune_crop_scale, bicubic) + flip only.
     split: TFDS split ('train', 'test', 'train[:90%]', ...).
     train: shuffle + repeat + drop the remainder; otherwise one padded,
       masked pass in order.
@@ -302,7 +387,7 @@ def make_dataset(config, *, split: str, train: bool, seed: int | None = None,
   if seed is None:
     seed = config.get('seed', 0)
   _validate(config, seed=seed, mesh=mesh, data_axis=data_axis,
-            process_count=process_count)
+            process_count=process_count, train=train)
 
   builder = sources.get_builder(_get(config, 'name'),
                                 _get(config, 'data_dir', None))
@@ -310,6 +395,7 @@ def make_dataset(config, *, split: str, train: bool, seed: int | None = None,
   image_key = _get(config, 'image_key', 'image')
   label_key = _get(config, 'label_key', 'label')
   source = sources.open_split(builder, split, image_key)
+  class_names = sources.class_names(builder, label_key)
   num_examples = len(source)
   global_batch = _get(config, 'batch_size')
   local_batch = global_batch // process_count
@@ -342,6 +428,11 @@ def make_dataset(config, *, split: str, train: bool, seed: int | None = None,
   # Batching before `mp_prefetch` makes each worker produce whole batches,
   # so batch contents do not depend on the number of workers.
   ds = ds.batch(local_batch, drop_remainder=train)
+  if train and _get(config, 'augment') == 'finetune':
+    # Mixup/CutMix and the soft targets, on this host's batch.
+    ds = ds.map_with_index(_MixBatch(
+        make_mixup(config, class_names and len(class_names)), seed=seed,
+        process_index=process_index))
 
   prefetch = _get(config, 'prefetch', 2)
   read_threads = _get(config, 'read_threads', 2)
@@ -361,6 +452,6 @@ def make_dataset(config, *, split: str, train: bool, seed: int | None = None,
 
   return Pipeline(
       dataset=ds, num_examples=num_examples,
-      class_names=sources.class_names(builder, label_key),
+      class_names=class_names,
       global_batch_size=global_batch, local_batch_size=local_batch,
       steps_per_epoch=steps_per_epoch, mesh=mesh, data_axis=data_axis)
