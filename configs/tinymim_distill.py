@@ -42,6 +42,7 @@ to a preset (alone they modify b_from_l), e.g. `:cifar10,feature_attn`:
 Override anything: --config.total_epochs=5 --config.distill.relation_heads=8 ...
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 FEATURES = ("output", "attn", "attn_residual", "ffn", "ffn_residual", "q", "k", "v")
 
@@ -63,13 +64,15 @@ def common(arg: str) -> ml_collections.ConfigDict:
       b1=0.9, b2=0.95, weight_decay=0.05, clip_grad_norm=0.0, accumulate_steps=1))
   # The trained student. drop path: constant on every block but the last.
   c.student = ml_collections.ConfigDict(dict(
-      variant="base", width=None, depth=None, num_heads=None, patch_size=None,
+      variant="base", width=placeholder(int), depth=placeholder(int),
+      num_heads=placeholder(int), patch_size=placeholder(int),
       image_size=224, mlp_ratio=4.0, drop_path=0.1,
       drop_path_schedule="constant_but_last"))
   # The frozen teacher: architecture, where its weights come from, and the
   # target block (1-based; 0 = 18 for a depth-24 teacher, else its last).
   c.teacher = ml_collections.ConfigDict(dict(
-      variant="large", width=None, depth=None, num_heads=None, patch_size=None,
+      variant="large", width=placeholder(int), depth=placeholder(int),
+      num_heads=placeholder(int), patch_size=placeholder(int),
       image_size=224, mlp_ratio=4.0, source="", block=0))
   c.distill = ml_collections.ConfigDict(dict(
       target="relation",        # 'relation' | 'cls' | 'feature'
@@ -85,7 +88,7 @@ def common(arg: str) -> ml_collections.ConfigDict:
       norm_pix_loss=True,
       decoder=dict(width=512, depth=8, num_heads=16)))
   c.data = ml_collections.ConfigDict(dict(
-      name="imagenet2012", data_dir=None, train_split="train",
+      name="imagenet2012", data_dir=placeholder(str), train_split="train",
       eval_split="validation", image_size=224, num_workers=8,
       crop_scale=(0.2, 1.0), color_jitter=0.4))
   c.mesh = ml_collections.ConfigDict(dict(fsdp=1, num_devices=0))  # 0 = all

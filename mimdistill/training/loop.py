@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 import optax
+import orbax.checkpoint as ocp
 
 from mimdistill.training import checkpoints as ckpt_lib
 from mimdistill.training import sharding as shard_lib
@@ -29,7 +30,10 @@ from mimdistill.training.state import TrainState
 PyTree = Any
 log = logging.getLogger("mimdistill")
 
-# loss_fn(params, fixed, batch, rng, inputs) -> (scalar loss, {name: scalar})
+# loss_fn(params, fixed, batch, rng, inputs) -> (scalar loss, {name: scalar});
+# the aux dict may carry the next `fixed` under NEW_FIXED (e.g. BatchNorm
+# running statistics), which then replaces the state's.
+NEW_FIXED = "__new_fixed__"
 LossFn = Callable[[PyTree, PyTree, dict, jax.Array, PyTree], tuple[jax.Array, dict]]
 
 
@@ -49,6 +53,11 @@ class Task:
   # Identity of the trained model, compared with a workdir's config.json so a
   # run never resumes another model's checkpoints.
   signature: dict = dataclasses.field(default_factory=dict)
+  # Optional `evaluate(state) -> {'top1': ..., ...}`, run every
+  # `LoopConfig.eval_every` steps and at the end; the best state by
+  # `best_metric` is kept in `<workdir>/best`.
+  evaluate: Callable[[TrainState], dict] | None = None
+  best_metric: str = "top1"
 
 
 @dataclasses.dataclass
@@ -59,6 +68,7 @@ class LoopConfig:
   checkpoint_every: int = 500
   keep_checkpoints: int = 3
   async_checkpoints: bool = True
+  eval_every: int = 0  # 0: evaluate at the end only
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -81,6 +91,8 @@ def build_update(task: Task, tx: optax.GradientTransformation):
       return task.loss_fn(params, state.fixed, batch, rng, inputs)
 
     (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    metrics = dict(metrics)
+    fixed = metrics.pop(NEW_FIXED, state.fixed)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss)
@@ -90,6 +102,7 @@ def build_update(task: Task, tx: optax.GradientTransformation):
         lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = state.replace(step=state.step + 1,
                               params=keep(params, state.params),
+                              fixed=keep(fixed, state.fixed),
                               opt_state=keep(opt_state, state.opt_state))
     metrics = dict(metrics, loss=loss, lr=task.schedule(state.step),
                    grad_norm=optax.tree.norm(grads),
@@ -173,6 +186,13 @@ def train(task: Task, data, workdir, loop: LoopConfig,
       donate_argnums=(0,))
 
   # -- the loop ---------------------------------------------------------------
+  best = None
+  if task.evaluate is not None:
+    best = ocp.CheckpointManager(
+        workdir.absolute() / "best", options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, best_fn=lambda m: m[task.best_metric],
+            best_mode="max", enable_async_checkpointing=False))
+  eval_metrics: dict = {}
   writer = MetricWriter(workdir, task.total_steps, start, desc=task.name)
   data_iter: Iterator = data
   nonfinite = jnp.zeros((), jnp.int32)
@@ -203,11 +223,31 @@ def train(task: Task, data, workdir, loop: LoopConfig,
           on_log(done, host)
       if wants_save:
         checkpointer.save(done, state, data.grain_iterator, force=is_last)
+      if task.evaluate is not None and (
+          is_last or (loop.eval_every and done % loop.eval_every == 0)):
+        eval_metrics = task.evaluate(state)
+        writer.write(done, eval_metrics, prefix="eval")
+        log.info("%s step %d eval %s", task.name, done, eval_metrics)
+        best.save(done, args=ocp.args.Composite(
+            params=ocp.args.StandardSave({"params": state.params,
+                                          "fixed": state.fixed})),
+                  metrics=eval_metrics)
+    if start == task.total_steps and task.evaluate is not None:
+      eval_metrics = task.evaluate(state)  # finished earlier: report again
   finally:
     checkpointer.close()
+    best_step = None
+    if best is not None:
+      best_step = best.best_step()
+      best.close()
     writer.close()
   last_metrics["train_seconds"] = time.perf_counter() - t_start
-  state_metrics = dict(last_metrics)
-  ckpt_lib.write_json(workdir, "final_metrics.json",
-                      {"step": int(task.total_steps), **state_metrics})
+  record = {"step": int(task.total_steps), **last_metrics}
+  record.update({f"eval_{k}": v for k, v in eval_metrics.items()})
+  if best_step is not None:
+    record["best_step"] = int(best_step)
+  previous = ckpt_lib.read_json(workdir, "final_metrics.json") or {}
+  if start == task.total_steps and previous:
+    record = {**previous, **{k: v for k, v in record.items() if k.startswith("eval_")}}
+  ckpt_lib.write_json(workdir, "final_metrics.json", record)
   return state

@@ -49,4 +49,5 @@ def loop_config(config: ml_collections.ConfigDict) -> LoopConfig:
                     log_every=config.log_every,
                     checkpoint_every=config.checkpoint_every,
                     keep_checkpoints=config.keep_checkpoints,
-                    async_checkpoints=config.get("async_checkpoints", True))
+                    async_checkpoints=config.get("async_checkpoints", True),
+                    eval_every=config.get("eval_every", 0))

@@ -1,0 +1,67 @@
+"""Reads a ViT encoder (and a classifier head if there is one) from any source
+a stage can start from: a mimdistill workdir (`path` or `path:step`) or an
+official / timm `.pth` file.
+
+Returned trees are numpy, in mimdistill layout: `encoder` is a ViTEncoder's
+params, `encoder_fixed` its fixed collection (sin-cos `pos_embed`), `head`
+the classifier params (`fc_norm`, `head`) when the source has them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from mimdistill.interop.official_names import official_to_flax
+from mimdistill.interop.pth_reader import load_pth
+from mimdistill.training import checkpoints as ckpt_lib
+
+PyTree = Any
+PTH_SUFFIXES = (".pth", ".pt", ".bin")
+
+
+@dataclasses.dataclass
+class EncoderSource:
+  encoder: PyTree
+  encoder_fixed: PyTree | None
+  head: dict
+  record: dict  # lineage: kind, path, step
+
+
+def read_encoder(source: str, *, what: str = "init") -> EncoderSource:
+  """`what` names the config field in error messages (e.g. 'teacher.source')."""
+  path = str(source)
+  if path.endswith(PTH_SUFFIXES):
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{what}={path} does not exist; point it at an "
+                              "official .pth file or a mimdistill workdir")
+    ckpt = load_pth(path)
+    variables, _ = official_to_flax(ckpt.tensors, "classifier",
+                                    learned_pos_embed=True)
+    params = variables.get("params", {})
+    if "encoder" not in params:
+      raise ValueError(f"{what}={path} holds no ViT encoder weights (found "
+                       f"{sorted(ckpt.tensors)[:8]}...)")
+    head = {k: params[k] for k in ("fc_norm", "head") if k in params}
+    return EncoderSource(params["encoder"], None, head,
+                         {"kind": "pth", "path": os.path.abspath(path), "step": None})
+  workdir, _ = ckpt_lib.parse_source(path)
+  if not workdir.is_dir():
+    raise FileNotFoundError(
+        f"{what}={path}: no such workdir; run the earlier stage there first, or "
+        "point at an existing workdir (workdir or workdir:step) or a .pth file")
+  try:
+    params, record = ckpt_lib.restore_subtree(path, ("params",))
+  except KeyError as e:
+    raise ValueError(f"{what}={path} holds no params: {e}") from None
+  if "encoder" not in params:
+    raise ValueError(f"{what}={path} holds no encoder params (state/params/"
+                     f"encoder; it has {sorted(params)}); point at a stage-1, "
+                     "stage-2 or stage-3 workdir")
+  try:
+    fixed, _ = ckpt_lib.restore_subtree(path, ("fixed", "encoder"))
+  except KeyError:
+    fixed = None  # a learned position embedding is a param
+  head = {k: params[k] for k in ("fc_norm", "head") if k in params}
+  return EncoderSource(params["encoder"], fixed, head,
+                       {"kind": "workdir", "source": path, **record})

@@ -1,0 +1,103 @@
+"""The three stages as one resumable job.
+
+`run_pipeline(config, W)` runs the stages named in `config.stages` in
+`W/<stage>`, wiring each stage's source to the previous stage's workdir
+(stage 2's teacher, stage 3's init) unless the config names one. A stage that
+finished leaves `W/<stage>/stage_done.json` and is skipped on a rerun; an
+interrupted stage resumes from its latest checkpoint (the shared loop does
+that). `W/summary.json` holds, per stage, metrics, time, steps, checkpoint
+and the lineage (which checkpoint each stage started from).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import time
+
+import jax
+
+from mimdistill.stages import registry
+from mimdistill.training import checkpoints as ckpt_lib
+
+log = logging.getLogger("mimdistill")
+DONE = "stage_done.json"
+
+
+def _link(name: str, stage_cfg, previous: pathlib.Path | None, teacher_source: str):
+  """Points the stage at its parent; returns a description for the log."""
+  kind = stage_cfg.stage
+  if kind == "distill":
+    if previous is not None:
+      stage_cfg.teacher.source = str(previous)
+    elif teacher_source:
+      stage_cfg.teacher.source = teacher_source
+    if not stage_cfg.teacher.source:
+      raise ValueError(f"stage {name!r} has no teacher: run a pretrain stage "
+                       "before it or set --config.teacher_source")
+    return f"teacher {stage_cfg.teacher.source}"
+  if kind == "finetune" and previous is not None:
+    stage_cfg.init.source = str(previous)
+    return f"init {previous}"
+  return "no parent"
+
+
+def run_pipeline(config, workdir) -> dict:
+  workdir = pathlib.Path(workdir)
+  names = [n.strip() for n in config.stages.split(",") if n.strip()]
+  unknown = [n for n in names if n not in config]
+  if unknown:
+    raise ValueError(f"config.stages names {unknown}, which the config does not "
+                     f"define; defined: {sorted(k for k in config.keys() if hasattr(config[k], 'stage'))}")
+  if config.get("teacher_source") and names and config[names[0]].stage == "pretrain":
+    names = names[1:]  # an external teacher replaces stage 1
+  summary = {"workdir": str(workdir), "stages": []}
+  previous = None
+  for name in names:
+    stage_cfg = config[name]
+    stage_dir = workdir / name
+    with stage_cfg.unlocked():
+      parent_desc = _link(name, stage_cfg, previous, config.get("teacher_source", ""))
+    done = ckpt_lib.read_json(stage_dir, DONE)
+    if done is not None:
+      log.info("pipeline: %s already finished in %s, skipped", name, stage_dir)
+      record = done
+      record["skipped"] = True
+    else:
+      log.info("pipeline: %s in %s (%s)", name, stage_dir, parent_desc)
+      t0 = time.time()
+      result = registry.run_stage(stage_cfg, stage_dir)
+      record = {"name": name, "stage": stage_cfg.stage, "workdir": str(stage_dir),
+                "seconds": round(time.time() - t0, 1), **result,
+                "checkpoint": _latest_checkpoint(stage_dir),
+                "lineage": ckpt_lib.read_json(stage_dir, "lineage.json"),
+                "final_metrics": ckpt_lib.read_json(stage_dir, "final_metrics.json")}
+      ckpt_lib.write_json(stage_dir, DONE, record)
+    summary["stages"].append(record)
+    previous = stage_dir
+  ckpt_lib.write_json(workdir, "summary.json", summary)
+  if jax.process_index() == 0:
+    print_summary(summary)
+  return summary
+
+
+def _latest_checkpoint(stage_dir: pathlib.Path) -> str | None:
+  ckpt = ckpt_lib.checkpoint_dir(stage_dir)
+  steps = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
+  return str(ckpt / str(steps[-1])) if steps else None
+
+
+def print_summary(summary: dict) -> None:
+  print("\n== mimdistill pipeline summary:", summary["workdir"])
+  for s in summary["stages"]:
+    metrics = s.get("final_metrics") or {}
+    parent = (s.get("lineage") or {}).get("parent") or {}
+    parent = parent.get("path") or parent.get("source") or "-"
+    extra = ""
+    if s.get("top1") is not None:
+      extra = f" top1={s['top1']:.4f} top5={s.get('top5') or 0:.4f}"
+    print(f"  {s['name']:<10} steps={s.get('steps')} loss={metrics.get('loss', float('nan')):.4f}"
+          f"{extra} time={s.get('seconds')}s{' (skipped, done before)' if s.get('skipped') else ''}"
+          f"\n             checkpoint={s.get('checkpoint')} parent={parent}")
+  print(json.dumps({"final_top1": next((s.get("top1") for s in reversed(summary["stages"])
+                                        if s.get("top1") is not None), None)}))
