@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -120,21 +120,42 @@ def official_path(name: str, layout: str, *, learned_pos_embed: bool = False
   return (collection, *path) if layout == "vit" else (collection, "encoder", *path)
 
 
+def iter_official_to_flax(state_dict: Mapping[str, np.ndarray] | Iterable[tuple[str, Any]],
+                          layout: str, *,
+                          learned_pos_embed: bool = False
+                          ) -> Iterator[tuple[str, tuple[str, ...] | str, Any]]:
+  """One tensor at a time: `(name, variables path, Flax-oriented value)`, or
+  `(name, why it is skipped, None)`.
+
+  Values are numpy views of the inputs (a transposed view for kernels), so a
+  caller converting a large checkpoint decides when to copy and can release
+  each source tensor before the next. `state_dict` may also be an iterable
+  of `(name, value)` pairs (e.g. a generator that pops a dict).
+  """
+  pairs = state_dict.items() if isinstance(state_dict, Mapping) else state_dict
+  for name, value in pairs:
+    path = official_path(name, layout, learned_pos_embed=learned_pos_embed)
+    if isinstance(path, str):
+      yield name, path, None
+      continue
+    value = np.asarray(value)
+    if path[-1] in ("weight", "bias"):
+      leaf, value = _leaf_to_flax(path[-1], value)
+      path = (*path[:-1], leaf)
+    yield name, path, value
+
+
 def official_to_flax(state_dict: Mapping[str, np.ndarray], layout: str, *,
                      learned_pos_embed: bool = False
                      ) -> tuple[dict[str, Any], ConversionReport]:
   """Builds Flax variables `{'params', 'fixed'}` from an official state dict."""
   report = ConversionReport()
   tree: dict[str, Any] = {}
-  for name, value in state_dict.items():
-    path = official_path(name, layout, learned_pos_embed=learned_pos_embed)
+  for name, path, value in iter_official_to_flax(
+      state_dict, layout, learned_pos_embed=learned_pos_embed):
     if isinstance(path, str):
       report.skipped[name] = path
       continue
-    value = np.asarray(value)
-    if path[-1] in ("weight", "bias"):
-      leaf, value = _leaf_to_flax(path[-1], value)
-      path = (*path[:-1], leaf)
     node = tree
     for key in path[:-1]:
       node = node.setdefault(key, {})
@@ -174,13 +195,18 @@ def official_names_of(variables: Mapping[str, Any], layout: str) -> dict[str, An
   return {official_name(path, layout): leaf for path, leaf in _flat(variables)}
 
 
-def flax_to_official(variables: Mapping[str, Any], layout: str
-                     ) -> dict[str, np.ndarray]:
-  """Inverse of `official_to_flax`: every leaf of every collection."""
-  out: dict[str, np.ndarray] = {}
+def iter_flax_to_official(variables: Mapping[str, Any], layout: str
+                          ) -> Iterator[tuple[str, np.ndarray]]:
+  """One leaf at a time: `(official name, official-oriented value)`; kernels
+  come back as transposed numpy views of the leaves."""
   for path, leaf in _flat(variables):
     value = np.asarray(leaf)
     if path[-1] in _LEAF_NAMES:
       _, value = _leaf_to_official(path[-1], value)
-    out[official_name(path, layout)] = value
-  return out
+    yield official_name(path, layout), value
+
+
+def flax_to_official(variables: Mapping[str, Any], layout: str
+                     ) -> dict[str, np.ndarray]:
+  """Inverse of `official_to_flax`: every leaf of every collection."""
+  return dict(iter_flax_to_official(variables, layout))
