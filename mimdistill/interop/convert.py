@@ -1,0 +1,719 @@
+"""Checkpoint conversion: official / timm `.pth`, safetensors, mimdistill Orbax.
+
+    convert(SRC, DST)  ==  python -m mimdistill.convert SRC DST
+
+Sources (the kind is taken from the path):
+  * a `torch.save` file (`.pth`, `.pt`, `.bin`, ...): read by the safe,
+    torch-free `pth_reader` (allow-list unpickler; tensors memory-mapped);
+  * a `.safetensors` file with official / timm names (memory-mapped);
+  * a directory: a mimdistill workdir (`W` or `W:step`; a converted
+    checkpoint is one), a step folder `W/checkpoints/<step>`, or any Orbax
+    `PyTreeCheckpointer` folder of Flax variables / params.
+Destinations:
+  * `*.safetensors`: official / timm names and orientation, the fixed
+    buffers (`pos_embed`, `decoder_pos_embed`) included, so the official
+    modules and timm load it with `strict=True`;
+  * anything else: a directory laid out as a workdir that every stage reads
+    (`teacher.source=DST`, or `restore_subtree(DST, ('params', 'encoder'))`):
+        DST/checkpoints/0/state   Orbax: {'params': ..., 'fixed': ...}
+        DST/model.json            layout + detected model (`ModelSpec`)
+        DST/config.json           signature {'stage': 'convert', 'model': ...}
+        DST/lineage.json          where it came from
+    The encoder is always the `encoder` subtree (as in every stage's params);
+    an MAE adds `decoder`, a classifier `fc_norm` (average pooling) and
+    `head`. `load_converted(DST)` returns the variables and the spec.
+
+The model is detected from the tensors (`layouts.detect`); the head count
+is not in the weights and comes from `num_heads=` or the standard width.
+
+Memory: tensors are streamed one at a time. Source tensors are read-only
+views of a memory-mapped file, and the pages of each are handed back to the
+OS (`madvise(MADV_DONTNEED)`) once it has been copied or written, so a
+conversion holds at most one copy of the weights (the Orbax tree, whose
+writer is throttled) plus one tensor. See `launch/measure_convert_memory.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import mmap as mmap_module
+import os
+import pathlib
+import shutil
+import struct
+from typing import Any, Callable, Iterator, Mapping, MutableMapping
+
+import numpy as np
+
+from mimdistill.interop import layouts
+from mimdistill.interop.layouts import LayoutError, ModelSpec
+from mimdistill.interop.official_names import iter_flax_to_official, iter_official_to_flax
+from mimdistill.interop.pth_reader import CheckpointReadError, CorruptCheckpointError, load_pth
+
+__all__ = ["ConvertReport", "Converted", "SafetensorsError", "convert", "load_converted",
+           "read_safetensors", "read_source", "write_safetensors"]
+
+FORMAT = "mimdistill-converted"
+FORMAT_VERSION = 1
+MODEL_JSON = "model.json"
+# Orbax may stage this many bytes of the tree at once while writing; the
+# tree itself is the one full copy a conversion to Orbax holds.
+SAVE_CONCURRENT_GB = 0.25
+
+
+class SafetensorsError(CorruptCheckpointError):
+  """A `.safetensors` file that is truncated, corrupt or not safetensors."""
+
+
+# -----------------------------------------------------------------------------
+# Memory: hand the pages of a memory-mapped tensor back once it is consumed
+# -----------------------------------------------------------------------------
+_PAGE = mmap_module.PAGESIZE
+
+
+def _mmap_base(array: np.ndarray):
+  base = array
+  while isinstance(base, np.ndarray):
+    base = base.base
+  if isinstance(base, memoryview):
+    base = base.obj
+  return base if isinstance(base, mmap_module.mmap) else None
+
+
+def release(array) -> None:
+  """Drops the resident pages of a read-only memory-mapped tensor (a no-op for
+  ordinary arrays). The data stays valid: pages are re-read on next use."""
+  if not isinstance(array, np.ndarray) or not array.size:
+    return
+  mm = _mmap_base(array)
+  if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap_module, "MADV_DONTNEED"):
+    return
+  try:
+    origin = np.frombuffer(mm, np.uint8, count=1).__array_interface__["data"][0]
+    start = array.__array_interface__["data"][0] - origin
+    end = start + array.nbytes
+    first = (start // _PAGE) * _PAGE
+    mm.madvise(mmap_module.MADV_DONTNEED, first, min(end, len(mm)) - first)
+  except (ValueError, OSError):  # e.g. a closed map: nothing to release
+    pass
+
+
+def _consume(mapping: MutableMapping[str, Any], names) -> Iterator[tuple[str, Any]]:
+  """Yields and removes entries, so each is freed once the caller is done."""
+  for name in list(names):
+    yield name, mapping.pop(name)
+
+
+# -----------------------------------------------------------------------------
+# safetensors (own streaming reader / writer: memory-mapped in, one tensor out)
+# -----------------------------------------------------------------------------
+def _st_dtypes() -> dict[str, np.dtype]:
+  import ml_dtypes
+  return {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32),
+          "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
+          "I64": np.dtype(np.int64), "I32": np.dtype(np.int32), "I16": np.dtype(np.int16),
+          "I8": np.dtype(np.int8), "U64": np.dtype(np.uint64), "U32": np.dtype(np.uint32),
+          "U16": np.dtype(np.uint16), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_)}
+
+
+_MAX_HEADER = 100 << 20
+
+
+def read_safetensors(path, *, mmap: bool = True) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """`(name -> array, metadata)` of a `.safetensors` file; arrays are read-only
+  views of the memory-mapped file (copies with `mmap=False`)."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise CheckpointReadError(f"no safetensors file at {path!r}")
+  size = os.path.getsize(path)
+  hint = "re-download or re-export the file"
+  with open(path, "rb") as f:
+    head = f.read(8)
+    if len(head) < 8:
+      raise SafetensorsError(f"{path!r} is {size} bytes: too short for a safetensors file "
+                             f"(truncated?); {hint}")
+    (n,) = struct.unpack("<Q", head)
+    if n < 2 or n > min(_MAX_HEADER, size - 8):
+      raise SafetensorsError(
+          f"{path!r}: header length {n} does not fit the file ({size} bytes); it is "
+          f"truncated or not a safetensors file; {hint}")
+    raw = f.read(n)
+  try:
+    header = json.loads(raw.decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    raise SafetensorsError(f"{path!r}: the JSON header is corrupt ({exc}); {hint}") from exc
+  if not isinstance(header, dict):
+    raise SafetensorsError(f"{path!r}: the header is not a JSON object; {hint}")
+  metadata = header.pop("__metadata__", None) or {}
+  if not isinstance(metadata, dict):
+    raise SafetensorsError(f"{path!r}: __metadata__ is not an object")
+  data_start, data_size = 8 + n, size - 8 - n
+  dtypes = _st_dtypes()
+  entries = []
+  for name, info in header.items():
+    try:
+      dtype = dtypes[info["dtype"]]
+      shape = tuple(int(s) for s in info["shape"])
+      begin, end = (int(x) for x in info["data_offsets"])
+    except (KeyError, TypeError, ValueError) as exc:
+      raise SafetensorsError(f"{path!r}: tensor {name!r} has a malformed header entry "
+                             f"{info!r:.200} ({exc!r}); {hint}") from None
+    numel = int(np.prod(shape, dtype=np.int64))
+    if any(s < 0 for s in shape) or end - begin != numel * dtype.itemsize or begin < 0:
+      raise SafetensorsError(f"{path!r}: tensor {name!r} {info['dtype']} {shape} does not match "
+                             f"its byte range [{begin}, {end}); {hint}")
+    if end > data_size:
+      raise SafetensorsError(
+          f"{path!r}: tensor {name!r} needs bytes up to {end} but the file holds only "
+          f"{data_size} data bytes: it is truncated; {hint}")
+    entries.append((begin, end, name, dtype, shape))
+  entries.sort()
+  pos = 0
+  for begin, end, name, _, _ in entries:
+    if begin != pos:
+      raise SafetensorsError(f"{path!r}: tensor {name!r} starts at byte {begin}, expected "
+                             f"{pos} (overlapping or gapped data); the file is corrupt; {hint}")
+    pos = end
+  if mmap and data_size:
+    with open(path, "rb") as f:
+      buf = mmap_module.mmap(f.fileno(), 0, access=mmap_module.ACCESS_READ)
+  else:
+    with open(path, "rb") as f:
+      buf = np.frombuffer(f.read(), np.uint8) if data_size else b""
+  tensors = {}
+  position = {name: i for i, name in enumerate(header)}
+  for begin, end, name, dtype, shape in sorted(entries, key=lambda e: position[e[2]]):
+    numel = int(np.prod(shape, dtype=np.int64))
+    if numel == 0:
+      tensors[name] = np.empty(shape, dtype)
+      continue
+    tensors[name] = np.frombuffer(buf, dtype, count=numel, offset=data_start + begin).reshape(shape)
+  return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def write_safetensors(path, tensors: MutableMapping[str, Any], *,
+                      metadata: Mapping[str, str] | None = None, consume: bool = False) -> None:
+  """Writes `name -> array` (any orientation: one tensor is made contiguous at
+  a time) to `path` atomically. `consume=True` pops each entry once written,
+  freeing it (and drops the pages of memory-mapped sources)."""
+  path = pathlib.Path(path)
+  names_by_dtype = {v: k for k, v in _st_dtypes().items()}
+  header: dict[str, Any] = {}
+  offset = 0
+  for name, value in tensors.items():
+    dtype = np.dtype(value.dtype)
+    if dtype not in names_by_dtype:
+      raise ValueError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot hold")
+    nbytes = int(np.prod(value.shape, dtype=np.int64)) * dtype.itemsize
+    header[name] = {"dtype": names_by_dtype[dtype], "shape": list(value.shape),
+                    "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  if metadata:
+    header = {"__metadata__": dict(metadata), **header}
+  raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+  raw += b" " * (-len(raw) % 8)
+  tmp = path.with_name(path.name + f".partial-{os.getpid()}")
+  try:
+    with open(tmp, "wb") as f:
+      f.write(struct.pack("<Q", len(raw)))
+      f.write(raw)
+      items = _consume(tensors, list(tensors)) if consume else list(tensors.items())
+      for name, value in items:
+        source = value
+        value = np.ascontiguousarray(value)
+        if value.size:
+          f.write(memoryview(value.reshape(-1).view(np.uint8)))
+        release(source)
+        del value, source
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+
+
+# -----------------------------------------------------------------------------
+# Reading a source into official names
+# -----------------------------------------------------------------------------
+@dataclasses.dataclass
+class Source:
+  """A checkpoint read into official names (values may be lazy views)."""
+  kind: str                          # 'pth' | 'safetensors' | 'workdir' | 'orbax'
+  path: str
+  tensors: dict[str, np.ndarray]
+  skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+  metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+  hints: dict[str, Any] = dataclasses.field(default_factory=dict)  # detect() defaults
+  order: list[str] | None = None     # the original official order, when known
+
+
+_ENCODER_PARTS = ("encoder", "decoder", "fc_norm", "head")
+
+
+def _flax_to_official(variables: Mapping[str, Any]) -> tuple[dict, dict, dict]:
+  """Official-named views of Flax variables `{'params', 'fixed'?}` of any of
+  the stages' models; parts no official model has are skipped."""
+  params = dict(variables.get("params") or {})
+  fixed = dict(variables.get("fixed") or {})
+  skipped, hints = {}, {}
+  if "cls_token" in params:  # official_names' 'vit' layout: the encoder at the top
+    params, fixed = {"encoder": params}, ({"encoder": fixed} if fixed else {})
+  if "encoder" not in params:
+    raise LayoutError(
+        f"the checkpoint's params ({', '.join(sorted(params)) or 'none'}) hold no ViT encoder "
+        "(expected params/encoder or params/cls_token)")
+  for part in sorted(set(params) - set(_ENCODER_PARTS)):
+    skipped[f"params/{part}"] = ("not part of an official model (e.g. distillation heads)"
+                                 if part == "heads" else "not part of an official model")
+  for part in sorted(set(fixed) - {"encoder", "decoder"}):
+    skipped[f"fixed/{part}"] = "not part of an official model"
+  params = {k: v for k, v in params.items() if k in _ENCODER_PARTS}
+  fixed = {k: v for k, v in fixed.items() if k in ("encoder", "decoder")}
+  names_layout = "classifier" if ("head" in params or "fc_norm" in params) else "mae"
+  if "pos_embed" in params["encoder"]:
+    hints["pos_embed"] = "learned"
+  elif "pos_embed" in fixed.get("encoder", {}):
+    hints["pos_embed"] = "fixed"
+  tensors = dict(iter_flax_to_official({"params": params, "fixed": fixed}, names_layout))
+  return tensors, skipped, hints
+
+
+def _is_orbax_dir(path: pathlib.Path) -> bool:
+  return any((path / marker).exists() for marker in
+             ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt", "checkpoint"))
+
+
+def _handler():
+  """A PyTree handler that writes the leaves where they are: no deep copy of
+  numpy leaves before writing (Orbax's default: a second full copy), no
+  compression (zstd buffers every compressed chunk of an OCDBT checkpoint
+  until it is committed, almost another copy, to save a few percent on
+  float weights), at most SAVE_CONCURRENT_GB of reads or writes in flight."""
+  import jax
+  import orbax.checkpoint as ocp
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+      (jax.Array, ocp.type_handlers.ArrayHandler()))
+  return ocp.PyTreeCheckpointHandler(save_concurrent_gb=SAVE_CONCURRENT_GB,
+                                     restore_concurrent_gb=SAVE_CONCURRENT_GB,
+                                     use_compression=False, type_handler_registry=registry)
+
+
+def _as_numpy_restore(tree):
+  import jax
+  import orbax.checkpoint as ocp
+  return jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+
+
+def _metadata_tree(meta):
+  tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+  return getattr(tree, "tree", tree)
+
+
+def _restore_orbax_dir(path: pathlib.Path) -> dict:
+  import orbax.checkpoint as ocp
+  with ocp.Checkpointer(_handler()) as ckptr:
+    tree = _metadata_tree(ckptr.metadata(path))
+    return ckptr.restore(path, args=ocp.args.PyTreeRestore(
+        item=tree, restore_args=_as_numpy_restore(tree)))
+
+
+def _restore_workdir(src: str) -> tuple[dict, str]:
+  """`{'params', 'fixed'}` of a workdir's checkpoint (`W` or `W:step`) as numpy,
+  like `restore_subtree` but in one throttled read; the optimizer state is
+  never read."""
+  import orbax.checkpoint as ocp
+  from mimdistill.training import checkpoints as ckpt_lib
+  workdir, step = ckpt_lib.parse_source(src)
+  ckpt = ckpt_lib.checkpoint_dir(workdir)
+  with ocp.CheckpointManager(ckpt, options=ocp.CheckpointManagerOptions(read_only=True),
+                             item_handlers={"state": _handler()}) as manager:
+    steps = manager.all_steps()
+    if not steps:
+      raise CheckpointReadError(f"{ckpt} holds no finished checkpoint")
+    if step is None:
+      step = max(steps)
+    elif step not in steps:
+      raise CheckpointReadError(f"{ckpt} has no step {step}; it has {sorted(steps)}")
+    meta = manager.item_metadata(step)["state"]
+    tree = getattr(meta, "tree", meta)
+    if not isinstance(tree, dict) or "params" not in tree:
+      raise CheckpointReadError(f"{ckpt}/{step} holds no state/params")
+    item = {k: tree[k] for k in ("params", "fixed") if k in tree and tree[k]}
+    out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=_as_numpy_restore(item), partial_restore=True)))
+  return dict(out["state"]), str(ckpt / str(step))
+
+
+def _read_dir(src: str) -> Source:
+  from mimdistill.training import checkpoints as ckpt_lib
+  workdir, step = ckpt_lib.parse_source(src)
+  path = pathlib.Path(workdir)
+  hints: dict[str, Any] = {}
+  if (path / "checkpoints").is_dir():
+    kind = "workdir"
+    state, location = _restore_workdir(src)
+    variables = {"params": state["params"], "fixed": state.get("fixed") or {}}
+    model_json = path / MODEL_JSON
+    order = None
+    if model_json.is_file():
+      record = json.loads(model_json.read_text())
+      hints.update(_spec_hints(record.get("model", {})))
+      order = record.get("tensor_order")
+    else:
+      saved = ckpt_lib.read_json(path, "config.json") or {}
+      model = saved.get("signature", {}).get("model") or {}
+      if model.get("num_heads"):
+        hints["num_heads"] = int(model["num_heads"])
+      decoder = (saved.get("config", {}).get("model") or {}).get("decoder") or {}
+      if decoder.get("num_heads"):
+        hints["decoder_num_heads"] = int(decoder["num_heads"])
+  else:
+    kind, order = "orbax", None
+    if step is not None:
+      raise CheckpointReadError(f"{src!r}: ':{step}' selects a step of a workdir, but "
+                                f"{path} has no checkpoints/ folder")
+    if (path / "state").is_dir() and _is_orbax_dir(path / "state"):
+      path = path / "state"  # a step folder W/checkpoints/<step>
+    if not _is_orbax_dir(path):
+      raise CheckpointReadError(
+          f"{src!r} is a directory but neither a mimdistill workdir (no checkpoints/) nor an "
+          "Orbax checkpoint (no _CHECKPOINT_METADATA / _METADATA); pass a workdir, a "
+          "checkpoint folder, or a .pth / .safetensors file")
+    tree = _restore_orbax_dir(path)
+    if isinstance(tree, dict) and "params" in tree:
+      variables = {"params": tree["params"], "fixed": tree.get("fixed") or {}}
+    else:
+      variables = {"params": tree, "fixed": {}}
+    location = str(path)
+  tensors, skipped, flax_hints = _flax_to_official(variables)
+  hints = {**flax_hints, **hints}
+  return Source(kind, location, tensors, skipped, {}, hints, order)
+
+
+def _spec_hints(spec: Mapping[str, Any]) -> dict[str, Any]:
+  hints = {}
+  assumed = set(spec.get("assumed", ()))
+  if spec.get("num_heads") and "num_heads" not in assumed:
+    hints["num_heads"] = int(spec["num_heads"])
+  decoder = spec.get("decoder") or {}
+  if decoder.get("num_heads") and "decoder.num_heads" not in assumed:
+    hints["decoder_num_heads"] = int(decoder["num_heads"])
+  if spec.get("pos_embed"):
+    hints["pos_embed"] = spec["pos_embed"]
+  return hints
+
+
+def _looks_like_safetensors(path: str) -> bool:
+  if path.endswith(".safetensors"):
+    return True
+  try:
+    with open(path, "rb") as f:
+      head = f.read(9)
+  except OSError:
+    return False
+  return len(head) == 9 and head[8:9] == b"{"
+
+
+def read_source(src, *, key: str | None = None) -> Source:
+  """Reads any supported source into official names (see the module doc)."""
+  src = os.fspath(src)
+  from mimdistill.training.checkpoints import parse_source
+  if os.path.isdir(parse_source(src)[0]):
+    return _read_dir(src)
+  if not os.path.exists(src):
+    raise CheckpointReadError(
+        f"no checkpoint at {src!r}: expected a .pth / .safetensors file, a workdir "
+        "(W or W:step) or an Orbax checkpoint folder")
+  if _looks_like_safetensors(src):
+    tensors, metadata = read_safetensors(src)
+    hints = {}
+    if "mimdistill.model" in metadata:
+      try:
+        hints = _spec_hints(json.loads(metadata["mimdistill.model"]))
+      except (json.JSONDecodeError, AttributeError):
+        pass
+    return Source("safetensors", src, tensors, {}, metadata, hints)
+  ckpt = load_pth(src, key=key)
+  skipped = dict(ckpt.skipped)
+  metadata = dict(ckpt.metadata)
+  if ckpt.stripped_prefix:
+    metadata["stripped_prefix"] = ckpt.stripped_prefix
+  return Source("pth", src, dict(ckpt.tensors), skipped, metadata, {})
+
+
+# -----------------------------------------------------------------------------
+# The conversion
+# -----------------------------------------------------------------------------
+@dataclasses.dataclass
+class ConvertReport:
+  src: str
+  dst: str
+  src_kind: str
+  dst_kind: str                        # 'safetensors' | 'orbax'
+  spec: ModelSpec
+  used: list[str]
+  skipped: dict[str, str]              # name or top-level key -> why
+  missing: dict[str, str]              # expected name -> what was done
+  notes: list[str]
+
+  def __str__(self) -> str:
+    lines = [f"source      {self.src} ({self.src_kind})",
+             f"detected    {self.spec.describe()}"]
+    lines += [f"note        {note}" for note in self.notes]
+    lines.append(f"used        {len(self.used)} tensors")
+    if self.skipped:
+      lines.append(f"skipped     {len(self.skipped)}:")
+      lines += [f"  {name}: {why}" for name, why in self.skipped.items()]
+    else:
+      lines.append("skipped     nothing")
+    if self.missing:
+      lines.append(f"missing     {len(self.missing)}:")
+      lines += [f"  {name}: {what}" for name, what in self.missing.items()]
+    else:
+      lines.append("missing     nothing")
+    lines.append(f"wrote       {self.dst} ({self.dst_kind})")
+    return "\n".join(lines)
+
+  def to_json(self) -> dict:
+    record = dataclasses.asdict(self)
+    record["spec"] = self.spec.to_json()
+    return record
+
+
+def _heads_note(spec: ModelSpec) -> list[str]:
+  notes = []
+  if "num_heads" in spec.assumed:
+    notes.append(f"num_heads={spec.num_heads} is assumed from the standard width "
+                 f"{spec.width} (heads are not stored in the weights); pass --num-heads N "
+                 "(num_heads=N) if the model was trained with another count")
+  elif spec.num_heads is None:
+    notes.append(f"num_heads is unknown (width {spec.width} has no standard head count); "
+                 "pass --num-heads N to record it")
+  if "decoder.num_heads" in spec.assumed:
+    notes.append(f"decoder num_heads={spec.decoder.num_heads} is assumed (MAE's default); "
+                 "override with --decoder-num-heads N")
+  if "image_size" in spec.assumed:
+    notes.append(f"image_size={spec.image_size} is assumed (the checkpoint has no pos_embed);"
+                 " override with --image-size N")
+  return notes
+
+
+def _fill_missing(spec: ModelSpec, tensors: dict, missing: list[str]) -> dict[str, str]:
+  """Computes what can be computed (the sin-cos buffers), else raises."""
+  from mimdistill.models.pos_embed import sincos_2d
+  dtype = np.dtype(tensors["cls_token"].dtype)
+  filled, absent = {}, []
+  for name in missing:
+    if name == "pos_embed":
+      tensors[name] = sincos_2d(spec.width, spec.grid)[None].astype(dtype)
+      filled[name] = (f"computed: 2-D sin-cos for {spec.image_size}x{spec.image_size} "
+                      f"images (MAE's fixed embedding)")
+    elif name == "decoder_pos_embed":
+      tensors[name] = sincos_2d(spec.decoder.width, spec.grid)[None].astype(dtype)
+      filled[name] = "computed: 2-D sin-cos (MAE's fixed decoder embedding)"
+    else:
+      absent.append(name)
+  if absent:
+    raise LayoutError(
+        f"the checkpoint lacks {len(absent)} tensor(s) of the detected model "
+        f"({spec.describe()}): {layouts._preview(absent)}; the file is incomplete or holds "
+        "another architecture")
+  return filled
+
+
+def convert(src, dst, *, layout: str | None = None, num_heads: int | None = None,
+            image_size: int | None = None, decoder_num_heads: int | None = None,
+            pos_embed: str | None = None, key: str | None = None,
+            allow_unknown: bool = False, overwrite: bool = False,
+            log: Callable[[str], None] | None = None) -> ConvertReport:
+  """Converts SRC into DST (see the module doc); returns the report.
+
+  Args:
+    layout: 'vit' | 'mae' | 'classifier'; default detected ('vit' keeps only
+      the encoder of an MAE or classifier checkpoint).
+    num_heads, decoder_num_heads: attention heads (not stored in weights);
+      default: the standard value for the width, reported as assumed.
+    image_size: only for checkpoints without `pos_embed` (default 224).
+    pos_embed: 'fixed' (sin-cos buffer) | 'learned' (param); default learned
+      for classifiers, else fixed.
+    key: top-level key of a `.pth` holding the state dict (default 'model',
+      'state_dict', 'module' or the top level).
+    allow_unknown: skip tensors mimdistill's ViT has no place for (layer
+      scale, distillation tokens, ...) instead of refusing the file.
+    overwrite: replace an existing DST.
+    log: called with progress lines (e.g. `print`).
+  """
+  say = log or (lambda _: None)
+  dst = os.fspath(dst)
+  to_safetensors = dst.endswith(".safetensors")
+  _check_destination(dst, to_safetensors, overwrite)
+
+  source = read_source(src, key=key)
+  say(f"read {source.path} ({source.kind}): {len(source.tensors)} tensors")
+  hints = dict(source.hints)
+  given = dict(layout=layout, num_heads=num_heads, image_size=image_size,
+               decoder_num_heads=decoder_num_heads, pos_embed=pos_embed)
+  hints.update({k: v for k, v in given.items() if v is not None})
+  shapes = {n: tuple(v.shape) for n, v in source.tensors.items()}
+  dtypes = {n: np.dtype(v.dtype) for n, v in source.tensors.items()}
+  spec = layouts.detect(shapes, dtypes=dtypes, **hints)
+  say(f"detected {spec.describe()}")
+  if not to_safetensors:
+    spec.require_heads("an Orbax checkpoint (its model.json is what stages build from)")
+  notes = _heads_note(spec)
+  for note in notes:
+    say(f"note: {note}")
+
+  check = layouts.check_names(spec, shapes)
+  if check.wrong_shape:
+    shown = "; ".join(f"{n} is {got}, expected {want}"
+                      for n, (got, want) in list(check.wrong_shape.items())[:8])
+    raise LayoutError(f"{source.path}: tensors do not fit the detected model "
+                      f"({spec.describe()}): {shown}")
+  skipped = {**source.skipped, **check.dropped}
+  unknown = check.unexpected
+  if allow_unknown:
+    skipped.update(unknown)
+  elif unknown:
+    shown = "; ".join(f"{n} ({why})" for n, why in list(unknown.items())[:8])
+    raise LayoutError(
+        f"{source.path} has {len(unknown)} tensor(s) mimdistill's ViT has no place for: "
+        f"{shown}{' ...' if len(unknown) > 8 else ''}. Converting without them would change "
+        "the model; pass --allow-unknown to drop them anyway")
+  for name in skipped:
+    if name in source.tensors:
+      release(source.tensors.pop(name))
+  missing = _fill_missing(spec, source.tensors, check.missing)
+  # The original order where known (a .pth, a safetensors file, a folder that
+  # recorded it), else the official module's; computed tensors go last.
+  known = source.order or (list(source.tensors) if source.kind in ("pth", "safetensors") else [])
+  order = [n for n in known if n in source.tensors and n not in missing]
+  seen = set(order)
+  order += [n for n in spec.expected_names() if n in source.tensors and n not in seen]
+  tensors = {n: source.tensors.pop(n) for n in order}
+  source.tensors.clear()
+
+  if to_safetensors:
+    metadata = {"format": "pt", "mimdistill.model": json.dumps(spec.to_json()),
+                "mimdistill.source": os.fspath(source.path)}
+    write_safetensors(dst, tensors, metadata=metadata, consume=True)
+    dst_kind = "safetensors"
+  else:
+    report_stub = dict(src=os.fspath(source.path), src_kind=source.kind)
+    _write_converted_dir(dst, spec, tensors, report_stub, order=order, overwrite=overwrite)
+    dst_kind = "orbax"
+  report = ConvertReport(src=os.fspath(source.path), dst=dst, src_kind=source.kind,
+                         dst_kind=dst_kind, spec=spec,
+                         used=[n for n in order if n not in missing], skipped=skipped,
+                         missing=missing, notes=notes)
+  return report
+
+
+def _check_destination(dst: str, to_safetensors: bool, overwrite: bool) -> None:
+  path = pathlib.Path(dst)
+  if path.exists() and not overwrite:
+    if to_safetensors or not path.is_dir() or any(path.iterdir()):
+      raise FileExistsError(f"{dst} already exists; pass --overwrite (overwrite=True) to "
+                            "replace it, or choose another destination")
+  if to_safetensors and path.is_dir():
+    raise IsADirectoryError(f"{dst} is a directory; a .safetensors destination is a file")
+  if not to_safetensors and path.exists() and not path.is_dir():
+    raise FileExistsError(f"{dst} is a file; an Orbax destination is a directory (name it "
+                          "*.safetensors for a safetensors file)")
+
+
+def _write_converted_dir(dst: str, spec: ModelSpec, tensors: dict, source: dict, *,
+                         order: list[str], overwrite: bool) -> None:
+  import orbax.checkpoint as ocp
+  from mimdistill.training import checkpoints as ckpt_lib
+  final = pathlib.Path(dst).absolute()
+  final.parent.mkdir(parents=True, exist_ok=True)
+  tmp = final.with_name(final.name + f".partial-{os.getpid()}")
+  if tmp.exists():
+    shutil.rmtree(tmp)
+  try:
+    # Official -> Flax one tensor at a time: each becomes an owned, contiguous
+    # array in the Flax orientation and its source pages are dropped.
+    variables: dict[str, Any] = {}
+    learned = spec.pos_embed == "learned"
+    for name, path, value in iter_official_to_flax(_consume(tensors, list(tensors)),
+                                                   spec.names_layout, learned_pos_embed=learned):
+      node = variables
+      for k in path[:-1]:
+        node = node.setdefault(k, {})
+      copy = np.array(value, order="C", copy=True)
+      release(value)
+      node[path[-1]] = copy
+      del value
+    with ocp.CheckpointManager(
+        ckpt_lib.checkpoint_dir(tmp),
+        options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
+        item_handlers={"state": _handler()}) as manager:
+      manager.save(0, args=ocp.args.Composite(state=ocp.args.PyTreeSave(variables)))
+      manager.wait_until_finished()
+    del variables
+    model = {"width": spec.width, "depth": spec.depth, "num_heads": spec.num_heads,
+             "patch_size": spec.patch_size, "image_size": spec.image_size,
+             "mlp_ratio": spec.mlp_ratio, "in_chans": spec.in_chans}
+    ckpt_lib.write_json(tmp, "config.json",
+                        {"config": {}, "signature": {"stage": "convert", "model": model}})
+    ckpt_lib.write_json(tmp, "lineage.json",
+                        {"stage": "convert", "parent": {"kind": source["src_kind"],
+                                                        "path": os.path.abspath(source["src"])}})
+    ckpt_lib.write_json(tmp, MODEL_JSON, {"format": FORMAT, "version": FORMAT_VERSION,
+                                          "model": spec.to_json(), "step": 0,
+                                          "source": source, "tensor_order": order})
+    if final.exists():
+      if not overwrite and any(final.iterdir()):
+        raise FileExistsError(f"{dst} appeared while converting; not replacing it")
+      shutil.rmtree(final)
+    os.rename(tmp, final)
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+# Loading a converted checkpoint
+# -----------------------------------------------------------------------------
+@dataclasses.dataclass
+class Converted:
+  variables: dict          # {'params': ..., 'fixed': ...}, numpy
+  spec: ModelSpec
+  record: dict             # model.json
+
+  def module(self, **overrides):
+    """The Flax module for `apply_variables()` (`ModelSpec.build`)."""
+    return self.spec.build(**overrides)
+
+  def encoder_variables(self) -> dict:
+    """`{'params', 'fixed'?}` of the encoder alone (a teacher / student init)."""
+    out = {"params": self.variables["params"]["encoder"]}
+    fixed = (self.variables.get("fixed") or {}).get("encoder")
+    if fixed:
+      out["fixed"] = fixed
+    return out
+
+  def apply_variables(self) -> dict:
+    """The variables `module()` takes: the encoder's alone for layout 'vit'."""
+    return self.encoder_variables() if self.spec.layout == "vit" else self.variables
+
+
+def load_converted(path) -> Converted:
+  """Reads a directory written by `convert(..., DST)` (also `DST:step`)."""
+  from mimdistill.training import checkpoints as ckpt_lib
+  workdir, _ = ckpt_lib.parse_source(os.fspath(path))
+  record_path = pathlib.Path(workdir) / MODEL_JSON
+  if not record_path.is_file():
+    raise CheckpointReadError(
+        f"{workdir} has no {MODEL_JSON}: not a converted checkpoint (convert one with "
+        "`python -m mimdistill.convert SRC DST`; a training workdir is read with "
+        "restore_subtree)")
+  record = json.loads(record_path.read_text())
+  if record.get("format") != FORMAT or int(record.get("version", 0)) > FORMAT_VERSION:
+    raise CheckpointReadError(f"{record_path} is format {record.get('format')!r} version "
+                              f"{record.get('version')!r}; this mimdistill reads {FORMAT!r} "
+                              f"up to version {FORMAT_VERSION}")
+  state, _ = _restore_workdir(os.fspath(path))
+  return Converted({"params": state["params"], "fixed": state.get("fixed") or {}},
+                   ModelSpec.from_json(record["model"]), record)
