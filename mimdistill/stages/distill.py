@@ -37,6 +37,7 @@ import ml_collections
 import numpy as np
 
 from mimdistill.data import input_pipeline, sources
+from mimdistill.interop.encoder_source import read_encoder
 from mimdistill.models import pos_embed as pos_embed_lib
 from mimdistill.models import zoo
 from mimdistill.models.mae import MAEDecoder, random_masking
@@ -252,35 +253,15 @@ def check_teacher_shapes(variables: dict, config, source: str) -> None:
 
 def read_teacher_source(source: str) -> tuple[dict, dict]:
   """Full teacher variables `{'params', 'fixed'?}` (numpy) and a lineage record."""
-  path = str(source)
-  if path.endswith((".pth", ".pt", ".bin")):
-    from mimdistill.interop.official_names import official_to_flax
-    from mimdistill.interop.pth_reader import load_pth
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"teacher.source={path} does not exist; point it "
-                              "at an official .pth file or a workdir")
-    variables, report = official_to_flax(load_pth(path).tensors, "vit")
-    if report.skipped:
-      log.info("teacher %s: skipped %d tensors not used by the encoder "
-               "(decoder, classifier)", path, len(report.skipped))
-    return variables, {"kind": "pth", "path": os.path.abspath(path), "step": None}
-  workdir, _ = ckpt_lib.parse_source(path)
-  if not workdir.is_dir():
-    raise FileNotFoundError(
-        f"teacher.source={path}: no such workdir; run stage 1 there first or "
-        "point at an existing workdir (workdir or workdir:step) or .pth file")
-  try:
-    params, record = ckpt_lib.restore_subtree(path, ("params", "encoder"))
-  except KeyError as e:
-    raise ValueError(
-        f"teacher.source={path} holds no encoder params (state/params/encoder): "
-        f"{e}; point at a stage-1 or stage-2 workdir") from None
+  src = read_encoder(source, what="teacher.source")
+  params = dict(src.encoder)
+  pos = params.pop("pos_embed", None)  # a .pth's buffer, or a learned one
   variables = {"params": params}
-  try:
-    variables["fixed"], _ = ckpt_lib.restore_subtree(path, ("fixed", "encoder"))
-  except KeyError:
-    pass  # e.g. a learned position embedding: then it is a param
-  return variables, {"kind": "workdir", "source": path, **record}
+  if src.encoder_fixed is not None:
+    variables["fixed"] = src.encoder_fixed
+  elif pos is not None:
+    variables["fixed"] = {"pos_embed": pos}
+  return variables, src.record
 
 
 def prune_teacher(variables: dict, config) -> dict:
