@@ -41,6 +41,7 @@ def common(arg: str) -> ml_collections.ConfigDict:
   c.lr = 0.0
   c.min_lr = 1e-6
   c.num_classes = 0             # 0: from the dataset
+  c.ema_decay = 0.0             # > 0: EMA of weights, evaluated alongside
   c.optimizer = ml_collections.ConfigDict(dict(
       b1=0.9, b2=0.999, weight_decay=0.05, layer_decay=0.75, clip_grad_norm=0.0,
       accumulate_steps=1))
@@ -48,7 +49,9 @@ def common(arg: str) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       variant="base", width=placeholder(int), depth=placeholder(int),
       num_heads=placeholder(int), patch_size=placeholder(int), image_size=224,
-      mlp_ratio=4.0, drop_path=0.1, global_pool=True))
+      mlp_ratio=4.0, drop_path=0.1, global_pool=True,
+      fused_attention=False,    # jax.nn.dot_product_attention (cuDNN on GPU)
+      remat=False))             # recompute each block in the backward pass
   c.data = ml_collections.ConfigDict(dict(
       name="imagenet2012", data_dir=placeholder(str), train_split="train",
       eval_split="validation", image_size=224, num_workers=8,

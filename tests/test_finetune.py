@@ -19,6 +19,7 @@ from mimdistill.data import input_pipeline
 from mimdistill.models.classifier import ViTClassifier
 from mimdistill.stages import finetune, pretrain
 from mimdistill.training import sharding as shard_lib
+from mimdistill.training.checkpoints import restore_subtree
 from mimdistill.training.evaluate import make_evaluator
 
 sys.path.insert(0, str(REPO))
@@ -84,14 +85,20 @@ def tiny_finetune(tfds_dir, source, **model):
 
 def test_finetune_from_pretrain_workdir(pretrain_workdir, tfds_dir, tmp_path, caplog):
   caplog.set_level("INFO", logger="mimdistill")
-  summary = finetune.run(tiny_finetune(tfds_dir, pretrain_workdir), tmp_path)
+  config = tiny_finetune(tfds_dir, pretrain_workdir)
+  config.ema_decay = 0.5
+  summary = finetune.run(config, tmp_path)
   assert summary["parent"]["path"].endswith("checkpoints/2")
   assert 0.0 <= summary["top1"] <= 1.0 and summary["best_step"] == 3
   assert (tmp_path / "best").is_dir()
+  final = json.loads((tmp_path / "final_metrics.json").read_text())
+  assert 0.0 <= final["eval_ema_top1"] <= 1.0  # EMA weights evaluated alongside
+  ema, _ = restore_subtree(str(tmp_path), ("ema", "head"))
+  head, _ = restore_subtree(str(tmp_path), ("params", "head"))
+  assert not np.array_equal(ema["kernel"], head["kernel"])
   lineage = json.loads((tmp_path / "lineage.json").read_text())
   assert lineage["parent"]["step"] == 2
   # The encoder really came from stage 1 (not a fresh init).
-  from mimdistill.training.checkpoints import restore_subtree
   pre, _ = restore_subtree(str(pretrain_workdir), ("params", "encoder", "blocks_0"))
   assert pre["attn"]["qkv"]["kernel"].shape == (32, 96)
 

@@ -76,7 +76,9 @@ def build_model(config, num_classes: int) -> ViTClassifier:
       global_pool=config.model.global_pool,
       linear_probe=config.mode == "linprobe",
       head_init_std=0.01 if config.mode == "linprobe" else 2e-5,
-      dtype=run_config.compute_dtype(config))
+      dtype=run_config.compute_dtype(config),
+      fused_attention=config.model.get("fused_attention", False),
+      remat=config.model.get("remat", False))
 
 
 # -----------------------------------------------------------------------------
@@ -200,7 +202,7 @@ def build_task(config, model: ViTClassifier, steps_per_epoch: int,
       signature={"stage": config.mode, "model": spec.kwargs(),
                  "num_classes": model.num_classes,
                  "global_pool": bool(config.model.global_pool)},
-      evaluate=evaluate)
+      evaluate=evaluate, ema_decay=config.get("ema_decay", 0.0))
 
 
 # -----------------------------------------------------------------------------
@@ -261,13 +263,36 @@ def run(config: ml_collections.ConfigDict, workdir, lineage: dict | None = None,
                        images)
 
   evaluator = make_evaluator(apply_eval, eval_data)
+  def evaluate(state):
+    metrics = evaluator({"params": state.params, "fixed": state.fixed})
+    if state.ema is not None:  # the EMA weights, evaluated alongside
+      ema = evaluator({"params": state.ema, "fixed": state.fixed})
+      metrics.update({f"ema_{k}": v for k, v in ema.items() if k != "count"})
+    return metrics
+
   task = build_task(config, model, train_data.steps_per_epoch, init_params,
-                    lambda state: evaluator({"params": state.params,
-                                             "fixed": state.fixed}))
+                    evaluate)
   record = {"stage": config.mode, "parent": parent}
   record.update(lineage or {})
-  loop_lib.train(task, iter(train_data), workdir, run_config.loop_config(config),
-                 mesh=mesh, config_dict=config.to_dict(), lineage=record)
+  state = loop_lib.train(task, iter(train_data), workdir,
+                         run_config.loop_config(config), mesh=mesh,
+                         config_dict=config.to_dict(), lineage=record)
+  if config.get("figures", True):
+    # Learning curves and the eval confusion matrix of the final state.
+    from mimdistill.visualize import confusion, curves
+    counts = confusion.confusion_counts(  # every process: global batches
+        apply_eval, {"params": state.params, "fixed": state.fixed}, eval_data,
+        num_classes)
+    if jax.process_index() == 0:
+      for png in (
+          curves.plot_learning_curves(
+              workdir, workdir / "learning_curves.png",
+              title=f"{config.mode} {workdir}"),
+          confusion.plot_confusion_matrix(
+              counts, eval_data.class_names, workdir / "confusion_matrix.png",
+              title=f"{config.mode}, {config.data.name} "
+                    f"{config.data.eval_split}, step {task.total_steps}")):
+        log.info("wrote %s", png)
   final = ckpt_lib.read_json(workdir, "final_metrics.json") or {}
   return {"stage": config.mode, "workdir": str(workdir), "steps": task.total_steps,
           "parent": parent, "top1": final.get("eval_top1"),

@@ -58,6 +58,8 @@ class Task:
   # `best_metric` is kept in `<workdir>/best`.
   evaluate: Callable[[TrainState], dict] | None = None
   best_metric: str = "top1"
+  # > 0 keeps `state.ema = d * ema + (1 - d) * params` after every update.
+  ema_decay: float = 0.0
 
 
 @dataclasses.dataclass
@@ -104,12 +106,53 @@ def build_update(task: Task, tx: optax.GradientTransformation):
                               params=keep(params, state.params),
                               fixed=keep(fixed, state.fixed),
                               opt_state=keep(opt_state, state.opt_state))
+    if task.ema_decay:
+      new_state = new_state.replace(ema=optax.incremental_update(
+          new_state.params, state.ema, 1.0 - task.ema_decay))
     metrics = dict(metrics, loss=loss, lr=task.schedule(state.step),
                    grad_norm=optax.tree.norm(grads),
                    nonfinite=(~finite).astype(jnp.int32))
     return new_state, metrics
 
   return update
+
+
+def make_init_state(task: Task) -> Callable[[jax.Array], TrainState]:
+  """`init_state(rng)`: fresh variables and optimizer state (pure; jit it)."""
+
+  def init_state(rng) -> TrainState:
+    init_rng, state_rng = jax.random.split(rng)
+    variables = task.init_variables(init_rng)
+    params = variables["params"]
+    tx = task.make_optimizer(params, task.schedule)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      fixed=variables.get("fixed", {}),
+                      opt_state=tx.init(params), rng=state_rng,
+                      ema=params if task.ema_decay else None)
+  return init_state
+
+
+def plan_state(task: Task, mesh, fsdp: int, rng: jax.Array):
+  """(abstract state, its shardings, optimizer) without allocating anything.
+
+  Params and optimizer state are split over the `fsdp` mesh axis when
+  `fsdp > 1`; the step counter and the key are always replicated.
+  """
+  abstract = jax.eval_shape(make_init_state(task), rng)
+  sharding = shard_lib.tree_shardings(abstract, mesh, fsdp=fsdp > 1)
+  sharding = sharding.replace(step=shard_lib.replicated(mesh),
+                              rng=shard_lib.replicated(mesh))
+  return abstract, sharding, task.make_optimizer(abstract.params, task.schedule)
+
+
+def jit_update(task: Task, tx: optax.GradientTransformation, mesh,
+               state_sharding, inputs_sharding):
+  """The jitted update step: explicit in/out shardings, state donated."""
+  return jax.jit(
+      build_update(task, tx),
+      in_shardings=(state_sharding, shard_lib.batch_sharding(mesh), inputs_sharding),
+      out_shardings=(state_sharding, shard_lib.replicated(mesh)),
+      donate_argnums=(0,))
 
 
 def check_workdir(workdir, config_dict: dict, signature: dict):
@@ -146,22 +189,8 @@ def train(task: Task, data, workdir, loop: LoopConfig,
     ckpt_lib.write_json(workdir, "lineage.json", lineage)
 
   # -- state: abstract shapes, shardings, init or restore ---------------------
-  def init_state(rng) -> TrainState:
-    init_rng, state_rng = jax.random.split(rng)
-    variables = task.init_variables(init_rng)
-    params = variables["params"]
-    tx = task.make_optimizer(params, task.schedule)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      fixed=variables.get("fixed", {}),
-                      opt_state=tx.init(params), rng=state_rng)
-
   rng = jax.random.PRNGKey(loop.seed)
-  abstract = jax.eval_shape(init_state, rng)
-  state_sharding = shard_lib.tree_shardings(abstract, mesh, fsdp=loop.fsdp > 1)
-  # Scalars and keys are always replicated.
-  state_sharding = state_sharding.replace(
-      step=shard_lib.replicated(mesh), rng=shard_lib.replicated(mesh))
-  tx = task.make_optimizer(abstract.params, task.schedule)
+  abstract, state_sharding, tx = plan_state(task, mesh, loop.fsdp, rng)
 
   checkpointer = ckpt_lib.Checkpointer(workdir, every_steps=loop.checkpoint_every,
                                        keep=loop.keep_checkpoints,
@@ -175,15 +204,11 @@ def train(task: Task, data, workdir, loop: LoopConfig,
     log.info("resumed %s from step %d of %s", task.name, start, workdir)
   else:
     start = 0
-    state = jax.jit(init_state, out_shardings=state_sharding)(rng)
+    state = jax.jit(make_init_state(task), out_shardings=state_sharding)(rng)
 
   inputs_sharding = shard_lib.tree_shardings(task.inputs, mesh, fsdp=loop.fsdp > 1)
   inputs = jax.device_put(task.inputs, inputs_sharding)
-  update = jax.jit(
-      build_update(task, tx),
-      in_shardings=(state_sharding, shard_lib.batch_sharding(mesh), inputs_sharding),
-      out_shardings=(state_sharding, shard_lib.replicated(mesh)),
-      donate_argnums=(0,))
+  update = jit_update(task, tx, mesh, state_sharding, inputs_sharding)
 
   # -- the loop ---------------------------------------------------------------
   best = None

@@ -16,3 +16,4 @@ class TrainState:
   fixed: PyTree         # non-trained variables (sin-cos embeddings, BN stats)
   opt_state: PyTree
   rng: jax.Array        # base key; step keys are fold_in(rng, step)
+  ema: PyTree = None    # exponential moving average of params, if enabled
