@@ -595,9 +595,12 @@ def test_torch_loads_exports_strictly(tmp_path):
   assert result.stdout.split() == ["strict", "ok", str(len(args) // 2)]
 
 
-def test_converted_student_fine_tunes_with_stage_3(tfds_dir, tmp_path):
+def test_converted_student_fine_tunes_with_stage_3(tfds_dir, tmp_path, monkeypatch):
   """A converted TinyMIM-style student (distilled with other heads) is a
   stage-3 init: `--config.init.source=<converted folder>`."""
+  # tensorboardX imports torch when it can; this session must stay torch-free
+  # (test_parity checks that nothing here needs torch).
+  monkeypatch.setitem(sys.modules, "torch", None)
   sys.path.insert(0, str(REPO))
   from configs import finetune as finetune_configs
   from mimdistill.stages import finetune

@@ -35,6 +35,7 @@ writer is throttled) plus one tensor. See `launch/measure_convert_memory.py`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import mmap as mmap_module
 import os
@@ -47,7 +48,8 @@ import numpy as np
 
 from mimdistill.interop import layouts
 from mimdistill.interop.layouts import LayoutError, ModelSpec
-from mimdistill.interop.official_names import iter_flax_to_official, iter_official_to_flax
+from mimdistill.interop.official_names import (iter_official_to_flax, official_name,
+                                               to_official_leaf)
 from mimdistill.interop.pth_reader import CheckpointReadError, CorruptCheckpointError, load_pth
 
 __all__ = ["ConvertReport", "Converted", "SafetensorsError", "convert", "load_converted",
@@ -101,7 +103,7 @@ def release(array) -> None:
 def _consume(mapping: MutableMapping[str, Any], names) -> Iterator[tuple[str, Any]]:
   """Yields and removes entries, so each is freed once the caller is done."""
   for name in list(names):
-    yield name, mapping.pop(name)
+    yield name, _materialize(mapping.pop(name))
 
 
 # -----------------------------------------------------------------------------
@@ -219,7 +221,7 @@ def write_safetensors(path, tensors: MutableMapping[str, Any], *,
       f.write(raw)
       items = _consume(tensors, list(tensors)) if consume else list(tensors.items())
       for name, value in items:
-        source = value
+        source = value = _materialize(value)
         value = np.ascontiguousarray(value)
         if value.size:
           f.write(memoryview(value.reshape(-1).view(np.uint8)))
@@ -249,20 +251,104 @@ class Source:
 _ENCODER_PARTS = ("encoder", "decoder", "fc_norm", "head")
 
 
-def _flax_to_official(variables: Mapping[str, Any]) -> tuple[dict, dict, dict]:
-  """Official-named views of Flax variables `{'params', 'fixed'?}` of any of
-  the stages' models; parts no official model has are skipped."""
-  params = dict(variables.get("params") or {})
-  fixed = dict(variables.get("fixed") or {})
+class LazyTensor:
+  """A tensor of an Orbax checkpoint in the official orientation, restored
+  when first used (together with the rest of its block, then handed out one
+  by one), so a conversion never holds more of the source than one block."""
+
+  __slots__ = ("shape", "dtype", "_load")
+
+  def __init__(self, shape: tuple[int, ...], dtype, load: Callable[[], np.ndarray]):
+    self.shape, self.dtype, self._load = tuple(shape), np.dtype(dtype), load
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  def materialize(self) -> np.ndarray:
+    return self._load()
+
+  def __array__(self, dtype=None, copy=None):
+    value = self._load()
+    return value if dtype is None else value.astype(dtype)
+
+  def __repr__(self):
+    return f"LazyTensor({self.shape}, {self.dtype})"
+
+
+def _materialize(value):
+  return value.materialize() if isinstance(value, LazyTensor) else value
+
+
+def _group_of(name: str) -> str:
+  """Tensors restored together: one block, or everything outside the blocks."""
+  parts = name.split(".")
+  return ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else ""
+
+
+class _GroupedRestore:
+  """Restores the leaves of an Orbax tree one group (block) at a time."""
+
+  def __init__(self, restore: Callable[[dict], dict], entries: dict[str, tuple]):
+    self._restore = restore      # nested item of metadata -> nested numpy
+    self._entries = entries      # official name -> (path in the tree, leaf key)
+    self._cache: dict[str, np.ndarray] = {}
+    self._done: set[str] = set()
+
+  def load(self, name: str) -> np.ndarray:
+    if name in self._cache:
+      return self._cache.pop(name)
+    if name in self._done:  # asked again: restore just this one
+      names = [name]
+    else:
+      group = _group_of(name)
+      names = [n for n in self._entries if _group_of(n) == group and n not in self._done]
+    item: dict = {}
+    for n in names:
+      path, _, meta = self._entries[n]
+      node = item
+      for key in path[:-1]:
+        node = node.setdefault(key, {})
+      node[path[-1]] = meta
+    restored = self._restore(item)
+    for n in names:
+      path, leaf, _ = self._entries[n]
+      node = restored
+      for key in path:
+        node = node[key]
+      self._cache[n] = to_official_leaf(leaf, np.asarray(node))
+      self._done.add(n)
+    return self._cache.pop(name)
+
+
+def _official_shape(leaf: str, shape) -> tuple[int, ...]:
+  dummy = np.broadcast_to(np.empty((), np.uint8), tuple(shape))  # no memory
+  return tuple(to_official_leaf(leaf, dummy).shape)
+
+
+def _lazy_official(tree: Mapping[str, Any], restore: Callable[[dict], dict]
+                   ) -> tuple[dict, dict, dict]:
+  """Official-named lazy tensors of a metadata tree of Flax variables (or of a
+  TrainState `{step, params, fixed, opt_state, rng}`) of any stage's model;
+  parts no official model has are skipped and never read."""
   skipped, hints = {}, {}
-  if "cls_token" in params:  # official_names' 'vit' layout: the encoder at the top
+  if isinstance(tree, Mapping) and "params" in tree:
+    params, fixed = dict(tree["params"]), dict(tree.get("fixed") or {})
+    roots = {"params": ("params",), "fixed": ("fixed",)}
+    for key in tree:
+      if key not in ("params", "fixed"):
+        skipped[key] = "training state, not read"
+  else:
+    params, fixed, roots = dict(tree), {}, {"params": (), "fixed": ("fixed",)}
+  nested = "cls_token" in params  # official_names' 'vit' layout: the encoder at the top
+  if nested:
     params, fixed = {"encoder": params}, ({"encoder": fixed} if fixed else {})
   if "encoder" not in params:
     raise LayoutError(
         f"the checkpoint's params ({', '.join(sorted(params)) or 'none'}) hold no ViT encoder "
         "(expected params/encoder or params/cls_token)")
   for part in sorted(set(params) - set(_ENCODER_PARTS)):
-    skipped[f"params/{part}"] = ("not part of an official model (e.g. distillation heads)"
+    skipped[f"params/{part}"] = ("not part of an official model (distillation heads)"
                                  if part == "heads" else "not part of an official model")
   for part in sorted(set(fixed) - {"encoder", "decoder"}):
     skipped[f"fixed/{part}"] = "not part of an official model"
@@ -273,7 +359,19 @@ def _flax_to_official(variables: Mapping[str, Any]) -> tuple[dict, dict, dict]:
     hints["pos_embed"] = "learned"
   elif "pos_embed" in fixed.get("encoder", {}):
     hints["pos_embed"] = "fixed"
-  tensors = dict(iter_flax_to_official({"params": params, "fixed": fixed}, names_layout))
+
+  import jax
+  entries, shapes = {}, {}
+  for collection, subtree in (("params", params), ("fixed", fixed)):
+    for keys, meta in jax.tree_util.tree_flatten_with_path(subtree)[0]:
+      path = [str(getattr(k, "key", k)) for k in keys]
+      name = official_name(path, names_layout)
+      stored = list(path[1:]) if nested else path  # where it is in the checkpoint
+      entries[name] = ((*roots[collection], *stored), path[-1], meta)
+      shapes[name] = (_official_shape(path[-1], meta.shape), meta.dtype)
+  loader = _GroupedRestore(restore, entries)
+  tensors = {name: LazyTensor(shape, dtype, functools.partial(loader.load, name))
+             for name, (shape, dtype) in shapes.items()}
   return tensors, skipped, hints
 
 
@@ -309,39 +407,56 @@ def _metadata_tree(meta):
   return getattr(tree, "tree", tree)
 
 
-def _restore_orbax_dir(path: pathlib.Path) -> dict:
+def _orbax_dir_reader(path: pathlib.Path) -> tuple[dict, Callable[[dict], dict]]:
+  """(metadata tree, restore(item) -> numpy) of a PyTreeCheckpointer folder."""
   import orbax.checkpoint as ocp
   with ocp.Checkpointer(_handler()) as ckptr:
     tree = _metadata_tree(ckptr.metadata(path))
-    return ckptr.restore(path, args=ocp.args.PyTreeRestore(
-        item=tree, restore_args=_as_numpy_restore(tree)))
+
+  def restore(item: dict) -> dict:
+    with ocp.Checkpointer(_handler()) as ckptr:
+      return ckptr.restore(path, args=ocp.args.PyTreeRestore(
+          item=item, restore_args=_as_numpy_restore(item), partial_restore=True))
+  return tree, restore
 
 
-def _restore_workdir(src: str) -> tuple[dict, str]:
-  """`{'params', 'fixed'}` of a workdir's checkpoint (`W` or `W:step`) as numpy,
-  like `restore_subtree` but in one throttled read; the optimizer state is
-  never read."""
+def _workdir_reader(src: str) -> tuple[dict, Callable[[dict], dict], str]:
+  """(metadata tree of `state`, restore(item) -> numpy, step folder) of a
+  workdir's checkpoint (`W` or `W:step`)."""
   import orbax.checkpoint as ocp
   from mimdistill.training import checkpoints as ckpt_lib
   workdir, step = ckpt_lib.parse_source(src)
   ckpt = ckpt_lib.checkpoint_dir(workdir)
-  with ocp.CheckpointManager(ckpt, options=ocp.CheckpointManagerOptions(read_only=True),
-                             item_handlers={"state": _handler()}) as manager:
-    steps = manager.all_steps()
+
+  def manager():
+    return ocp.CheckpointManager(ckpt, options=ocp.CheckpointManagerOptions(read_only=True),
+                                 item_handlers={"state": _handler()})
+  with manager() as m:
+    steps = m.all_steps()
     if not steps:
       raise CheckpointReadError(f"{ckpt} holds no finished checkpoint")
     if step is None:
       step = max(steps)
     elif step not in steps:
       raise CheckpointReadError(f"{ckpt} has no step {step}; it has {sorted(steps)}")
-    meta = manager.item_metadata(step)["state"]
-    tree = getattr(meta, "tree", meta)
-    if not isinstance(tree, dict) or "params" not in tree:
-      raise CheckpointReadError(f"{ckpt}/{step} holds no state/params")
-    item = {k: tree[k] for k in ("params", "fixed") if k in tree and tree[k]}
-    out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=item, restore_args=_as_numpy_restore(item), partial_restore=True)))
-  return dict(out["state"]), str(ckpt / str(step))
+    meta = m.item_metadata(step)["state"]
+  tree = getattr(meta, "tree", meta)
+  if not isinstance(tree, dict) or "params" not in tree:
+    raise CheckpointReadError(f"{ckpt}/{step} holds no state/params")
+
+  def restore(item: dict) -> dict:
+    with manager() as m:
+      out = m.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=item, restore_args=_as_numpy_restore(item), partial_restore=True)))
+    return out["state"]
+  return tree, restore, str(ckpt / str(step))
+
+
+def _restore_workdir(src: str) -> tuple[dict, str]:
+  """`{'params', 'fixed'}` of a workdir's checkpoint as numpy, in one read."""
+  tree, restore, location = _workdir_reader(src)
+  item = {k: tree[k] for k in ("params", "fixed") if tree.get(k)}
+  return dict(restore(item)), location
 
 
 def _read_dir(src: str) -> Source:
@@ -351,8 +466,7 @@ def _read_dir(src: str) -> Source:
   hints: dict[str, Any] = {}
   if (path / "checkpoints").is_dir():
     kind = "workdir"
-    state, location = _restore_workdir(src)
-    variables = {"params": state["params"], "fixed": state.get("fixed") or {}}
+    tree, restore, location = _workdir_reader(src)
     model_json = path / MODEL_JSON
     order = None
     if model_json.is_file():
@@ -379,13 +493,9 @@ def _read_dir(src: str) -> Source:
           f"{src!r} is a directory but neither a mimdistill workdir (no checkpoints/) nor an "
           "Orbax checkpoint (no _CHECKPOINT_METADATA / _METADATA); pass a workdir, a "
           "checkpoint folder, or a .pth / .safetensors file")
-    tree = _restore_orbax_dir(path)
-    if isinstance(tree, dict) and "params" in tree:
-      variables = {"params": tree["params"], "fixed": tree.get("fixed") or {}}
-    else:
-      variables = {"params": tree, "fixed": {}}
+    tree, restore = _orbax_dir_reader(path)
     location = str(path)
-  tensors, skipped, flax_hints = _flax_to_official(variables)
+  tensors, skipped, flax_hints = _lazy_official(tree, restore)
   hints = {**flax_hints, **hints}
   return Source(kind, location, tensors, skipped, {}, hints, order)
 

@@ -200,10 +200,13 @@ def iter_flax_to_official(variables: Mapping[str, Any], layout: str
   """One leaf at a time: `(official name, official-oriented value)`; kernels
   come back as transposed numpy views of the leaves."""
   for path, leaf in _flat(variables):
-    value = np.asarray(leaf)
-    if path[-1] in _LEAF_NAMES:
-      _, value = _leaf_to_official(path[-1], value)
-    yield official_name(path, layout), value
+    yield official_name(path, layout), to_official_leaf(path[-1], np.asarray(leaf))
+
+
+def to_official_leaf(leaf: str, value: np.ndarray) -> np.ndarray:
+  """A Flax leaf named `leaf` ('kernel', 'scale', 'bias', 'pos_embed', ...)
+  in the official orientation (a view: kernels are transposed, not copied)."""
+  return _leaf_to_official(leaf, value)[1] if leaf in _LEAF_NAMES else value
 
 
 def flax_to_official(variables: Mapping[str, Any], layout: str
