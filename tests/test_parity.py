@@ -29,7 +29,19 @@ def test_parity(folder: pathlib.Path, capsys, monkeypatch, tmp_path):
   last = out.strip().splitlines()[-1]
   assert last.startswith("parity: ") and last.endswith(" 0 failed"), out
   assert not (tmp_path / "untrusted_pickle_ran.txt").exists()
-  assert "torch" not in sys.modules
+
+
+def test_parity_command_never_imports_torch(tmp_path):
+  """In a fresh process: other tests (tensorboardX) may import torch here."""
+  import subprocess
+  if not FOLDERS:
+    pytest.skip(f"{FIXTURES} is absent (no ../shared next to this clone)")
+  code = ("import sys; from mimdistill.parity.__main__ import main; "
+          f"rc = main({[str(p) for p in FOLDERS]!r}); "
+          "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
+  out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path,
+                       capture_output=True, text=True)
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
 
 
 def test_parity_fails_on_a_wrong_expectation(tmp_path, capsys):
