@@ -39,7 +39,11 @@ def test_parity_command_never_imports_torch(tmp_path):
   code = ("import sys; from mimdistill.parity.__main__ import main; "
           f"rc = main({[str(p) for p in FOLDERS]!r}); "
           "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
-  out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path,
+  import os
+  from conftest import REPO
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [str(REPO), os.environ.get("PYTHONPATH", "")]))
+  out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
                        capture_output=True, text=True)
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
 
