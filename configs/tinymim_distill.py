@@ -67,13 +67,19 @@ def common(arg: str) -> ml_collections.ConfigDict:
       variant="base", width=placeholder(int), depth=placeholder(int),
       num_heads=placeholder(int), patch_size=placeholder(int),
       image_size=224, mlp_ratio=4.0, drop_path=0.1,
-      drop_path_schedule="constant_but_last"))
+      drop_path_schedule="constant_but_last",
+      # Speed options (numerics of the official code with both False):
+      # jax.nn.dot_product_attention (cuDNN on GPU) in the blocks before the
+      # last (whose relations use its qkv explicitly); remat recomputes each
+      # block in the backward pass.
+      fused_attention=False, remat=False))
   # The frozen teacher: architecture, where its weights come from, and the
   # target block (1-based; 0 = 18 for a depth-24 teacher, else its last).
   c.teacher = ml_collections.ConfigDict(dict(
       variant="large", width=placeholder(int), depth=placeholder(int),
       num_heads=placeholder(int), patch_size=placeholder(int),
-      image_size=224, mlp_ratio=4.0, source="", block=0))
+      image_size=224, mlp_ratio=4.0, source="", block=0,
+      fused_attention=False))   # in the blocks before the target block
   c.distill = ml_collections.ConfigDict(dict(
       target="relation",        # 'relation' | 'cls' | 'feature'
       relation_heads=0,         # R; 0 = the teacher's heads

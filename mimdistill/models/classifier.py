@@ -33,13 +33,15 @@ class ViTClassifier(nn.Module):
   head_init_std: float = 2e-5  # linear probing uses 0.01
   dtype: Dtype = jnp.float32
   fused_attention: bool = False
+  remat: bool = False  # jax.checkpoint per encoder block
 
   def setup(self):
     self.encoder = ViTEncoder(
         self.width, self.depth, self.num_heads, self.patch_size, self.image_size,
         self.in_chans, self.mlp_ratio, self.drop_path,
         pos_embed_type=self.pos_embed_type, final_norm=not self.global_pool,
-        dtype=self.dtype, fused_attention=self.fused_attention)
+        dtype=self.dtype, fused_attention=self.fused_attention,
+        remat=self.remat)
     if self.global_pool:
       self.fc_norm = layer_norm(dtype=self.dtype)
     if self.linear_probe:

@@ -68,6 +68,7 @@ class MAEDecoder(nn.Module):
   out_dim: int
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
+  remat: bool = False
 
   def setup(self):
     self.embed = nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init)
@@ -78,7 +79,8 @@ class MAEDecoder(nn.Module):
         "fixed", "pos_embed",
         lambda: jnp.asarray(pos_embed_lib.sincos_2d(self.width, grid)[None]))
     self.blocks = [Block(self.width, self.num_heads, self.mlp_ratio,
-                         dtype=self.dtype) for _ in range(self.depth)]
+                         dtype=self.dtype, remat=self.remat)
+                   for _ in range(self.depth)]
     self.norm = layer_norm(dtype=self.dtype)
     self.pred = nn.Dense(self.out_dim, dtype=self.dtype, kernel_init=_dense_init)
 
@@ -118,16 +120,19 @@ class MAE(nn.Module):
   drop_path: float = 0.0
   dtype: Dtype = jnp.float32
   fused_attention: bool = False
+  remat: bool = False  # jax.checkpoint per block, encoder and decoder
 
   def setup(self):
     self.encoder = ViTEncoder(
         self.width, self.depth, self.num_heads, self.patch_size,
         self.image_size, self.in_chans, self.mlp_ratio, self.drop_path,
-        dtype=self.dtype, fused_attention=self.fused_attention)
+        dtype=self.dtype, fused_attention=self.fused_attention,
+        remat=self.remat)
     num_patches = (self.image_size // self.patch_size) ** 2
     self.decoder = MAEDecoder(
         self.decoder_width, self.decoder_depth, self.decoder_heads, num_patches,
-        self.patch_size ** 2 * self.in_chans, self.mlp_ratio, dtype=self.dtype)
+        self.patch_size ** 2 * self.in_chans, self.mlp_ratio, dtype=self.dtype,
+        remat=self.remat)
 
   def __call__(self, images, noise, mask_ratio: float, train: bool = False
                ) -> MAEOutput:

@@ -11,6 +11,11 @@ Besides the plain forward the encoder offers what the three stages need:
   * `relation_qkv(...)`: q, k, v of block k split into R heads, where R is a
     property of the distillation, not of the block's own attention heads;
   * `tokens_visible=`: an already-masked token sequence for MAE.
+
+Speed options, none of which changes the params: `dtype` (compute dtype;
+params stay float32, attention softmax in float32), `fused_attention`
+(`jax.nn.dot_product_attention`, cuDNN flash attention on GPU; the relation
+methods always use the explicit qkv), `remat` (jax.checkpoint per block).
 """
 from __future__ import annotations
 
@@ -116,6 +121,9 @@ class Block(nn.Module):
   drop_path: float = 0.0
   dtype: Dtype = jnp.float32
   fused_attention: bool = False
+  # Rematerialise (jax.checkpoint) the block in the backward pass: activation
+  # memory for compute. Params and their names are unchanged.
+  remat: bool = False
 
   def setup(self):
     self.norm1 = layer_norm(dtype=self.dtype)
@@ -129,6 +137,11 @@ class Block(nn.Module):
                            rng_collection="drop_path")
 
   def __call__(self, x, train: bool = False):
+    if self.remat:
+      return nn.remat(Block._forward, static_argnums=(2,))(self, x, train)
+    return self._forward(x, train)
+
+  def _forward(self, x, train: bool):
     x = x + self.drop(self.attn(self.norm1(x)), deterministic=not train)
     x = x + self.drop(self.mlp(self.norm2(x)), deterministic=not train)
     return x
@@ -179,6 +192,7 @@ class ViTEncoder(nn.Module):
   final_norm: bool = True
   dtype: Dtype = jnp.float32
   fused_attention: bool = False
+  remat: bool = False  # jax.checkpoint per block (see `Block.remat`)
 
   @property
   def grid_size(self) -> int:
@@ -222,7 +236,8 @@ class ViTEncoder(nn.Module):
       raise ValueError(f"{len(rates)} drop-path rates for {self.depth} blocks")
     self.blocks = [
         Block(self.width, self.num_heads, self.mlp_ratio, rates[i],
-              dtype=self.dtype, fused_attention=self.fused_attention)
+              dtype=self.dtype, fused_attention=self.fused_attention,
+              remat=self.remat)
         for i in range(self.depth)]
     if self.final_norm:
       self.norm = layer_norm(dtype=self.dtype)

@@ -189,7 +189,8 @@ def build_teacher(config, depth: int | None = None) -> ViTEncoder:
                     patch_size=spec.patch_size, image_size=spec.image_size,
                     in_chans=spec.in_chans, mlp_ratio=spec.mlp_ratio,
                     final_norm=depth == spec.depth,
-                    dtype=run_config.compute_dtype(config))
+                    dtype=run_config.compute_dtype(config),
+                    fused_attention=config.teacher.get("fused_attention", False))
 
 
 def _abstract_variables(model: ViTEncoder) -> dict:
@@ -411,7 +412,9 @@ def build_student(config) -> DistillStudent:
   encoder = ViTEncoder(width=spec.width, depth=spec.depth,
                        num_heads=spec.num_heads, patch_size=spec.patch_size,
                        image_size=spec.image_size, in_chans=spec.in_chans,
-                       mlp_ratio=spec.mlp_ratio, drop_path=rates, dtype=dtype)
+                       mlp_ratio=spec.mlp_ratio, drop_path=rates, dtype=dtype,
+                       fused_attention=config.student.get("fused_attention", False),
+                       remat=config.student.get("remat", False))
   decoder = None
   if plan.mae_weight:
     dec = config.distill.decoder

@@ -31,7 +31,9 @@ def build_model(config: ml_collections.ConfigDict) -> MAE:
              decoder_heads=dec.num_heads, patch_size=spec.patch_size,
              image_size=spec.image_size, in_chans=spec.in_chans,
              mlp_ratio=spec.mlp_ratio, drop_path=config.model.get("drop_path", 0.0),
-             dtype=run_config.compute_dtype(config))
+             dtype=run_config.compute_dtype(config),
+             fused_attention=config.model.get("fused_attention", False),
+             remat=config.model.get("remat", False))
 
 
 def data_config(config, augment: str, batch_size: int | None = None):
