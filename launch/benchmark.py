@@ -1,0 +1,89 @@
+r"""Benchmarks a stage's training step (or its input pipeline) from its config.
+
+  python launch/benchmark.py --config configs/tinymim_distill.py:quickstart --steps 10
+  python launch/benchmark.py --config configs/tinymim_distill.py:b_from_l \
+      --config.batch_size=128 --config.dtype=bfloat16 \
+      --config.student.fused_attention=true --config.teacher.fused_attention=true
+  python launch/benchmark.py --config configs/mae_pretrain.py:quickstart \
+      --sweep dtype=float32,bfloat16 --sweep model.fused_attention=false,true
+  python launch/benchmark.py --config configs/tinymim_distill.py:quickstart --input-only
+
+The step is the stage's own jitted, donated update (same Task, shardings and
+mesh as `launch/train.py`), fed one synthetic batch placed with the mesh's
+batch sharding, so the figure is the model step, not the input pipeline. A
+distillation teacher whose `teacher.source` is empty or missing is randomly
+initialised (the output says so); fine-tuning never reads `init.source`.
+
+Prints one JSON line per measurement (each `--sweep` combination), then a
+short table. `--input-only` times the stage's real train input pipeline
+alone (host batches/s with the configured `data.num_workers`).
+"""
+import json
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+config_flags.DEFINE_config_file("config", None, "stage config file[:preset]",
+                                lock_config=True)
+flags.DEFINE_integer("steps", 10, "timed steps (or batches with --input-only)")
+flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
+flags.DEFINE_bool("input_only", False, "time the input pipeline alone")
+flags.DEFINE_multi_string(
+    "sweep", [], "key=v1,v2: one measurement per value (repeat the flag for "
+    "a cartesian product), e.g. --sweep dtype=float32,bfloat16")
+flags.DEFINE_string("json_out", None, "also append the JSON lines to this file")
+flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first")
+flags.mark_flags_as_required(["config"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+  import jax
+  if FLAGS.multihost:
+    jax.distributed.initialize()
+  from mimdistill.training import benchmark
+
+  primary = jax.process_index() == 0
+  records = []
+  for name, config in benchmark.variants(FLAGS.config, FLAGS.sweep):
+    if FLAGS.input_only:
+      record = benchmark.measure_input(config, steps=FLAGS.steps,
+                                       warmup=FLAGS.warmup, variant=name)
+    else:
+      record = benchmark.measure_step(config, steps=FLAGS.steps,
+                                      warmup=FLAGS.warmup, variant=name)
+    records.append(record)
+    if primary:
+      line = json.dumps(record)
+      print(line, flush=True)
+      if FLAGS.json_out:
+        with open(FLAGS.json_out, "a", encoding="utf-8") as f:
+          f.write(line + "\n")
+  if primary:
+    print()
+    print(benchmark.format_table(records))
+    for note in sorted({n for r in records for n in r.get("notes", ())}):
+      print(f"note: {note}")
+
+
+def _dashes_to_underscores(argv):
+  """Accepts `--input-only` / `--json-out=` for `--input_only` / `--json_out=`
+  (config overrides keep their names)."""
+  out = []
+  for arg in argv:
+    name, sep, value = arg.partition("=")
+    if name.startswith("--") and not name.startswith("--config") and "-" in name[2:]:
+      arg = "--" + name[2:].replace("-", "_") + sep + value
+    out.append(arg)
+  return out
+
+
+if __name__ == "__main__":
+  app.run(main, argv=_dashes_to_underscores(sys.argv))

@@ -1,0 +1,521 @@
+"""Measuring a stage's training step and its input pipeline.
+
+`measure_step(config)` builds the stage's own `Task` (the same builders
+`stage.run` uses), the state and the jitted, donated update step exactly as
+the shared loop does (`loop.plan_state`, `loop.jit_update`), places one
+synthetic batch of the right shapes with the mesh's batch sharding (so the
+figure is the model step, not the input pipeline), and measures:
+
+  * lowering and compile time of the update step;
+  * step time over `steps` steps after `warmup` ones, each step waited for
+    with `block_until_ready` (median, p10, p90), images/s;
+  * FLOPs from XLA's cost analysis of the compiled step (per device for a
+    sharded step; forward + backward + optimizer, and a rematerialised
+    forward counted again), per image, achieved TFLOP/s and MFU against
+    `peak_flops` (none on CPU);
+  * memory: the peak the device reports (`memory_stats()`, GPU/TPU) and XLA's
+    static estimate of the compiled step (arguments, outputs, temporaries).
+
+`measure_input(config)` times the real input pipeline of the stage alone
+(host numpy batches, the configured `data.num_workers`).
+
+Each returns one JSON-able record; `format_table` prints several side by side.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mimdistill.data import input_pipeline
+from mimdistill.models import zoo
+from mimdistill.training import checkpoints as ckpt_lib
+from mimdistill.training import loop as loop_lib
+from mimdistill.training import peak_flops as peak_lib
+from mimdistill.training import sharding as shard_lib
+
+# Only the learning-rate schedule depends on it; a step costs the same.
+STEPS_PER_EPOCH = 1000
+DEFAULT_NUM_CLASSES = 1000
+STEP_KEYS = (
+    "benchmark", "stage", "preset", "variant", "device_kind", "num_devices",
+    "mesh", "global_batch", "image_size", "dtype", "fused_attention", "remat",
+    "compile_s", "lower_s", "steps", "warmup", "step_s_median", "step_s_p10",
+    "step_s_p90", "images_per_s", "images_per_s_per_device", "flops_per_step",
+    "gflops_per_image", "tflops_per_s", "tflops_per_s_per_device",
+    "peak_tflops_per_device", "mfu", "peak_memory_bytes", "xla_memory",
+    "host_load_1m", "notes")
+INPUT_KEYS = (
+    "benchmark", "stage", "preset", "variant", "dataset", "augment",
+    "num_workers", "global_batch", "image_size", "first_batch_s", "batches",
+    "batch_s_median", "batch_s_p10", "batch_s_p90", "images_per_s",
+    "host_cpus", "host_load_1m")
+
+
+@dataclasses.dataclass
+class Built:
+  """A stage's task plus what a synthetic batch and the report need."""
+  stage: str
+  task: loop_lib.Task
+  batch: dict[str, np.ndarray]       # one global batch (host numpy)
+  info: dict[str, Any]               # dtype, fused_attention, remat, ...
+  notes: list[str]
+
+
+# -----------------------------------------------------------------------------
+# Building each stage's task without data or checkpoints
+# -----------------------------------------------------------------------------
+def _stage(config) -> str:
+  stage = config.get("stage")
+  if stage not in ("pretrain", "distill", "finetune"):
+    raise ValueError(f"config.stage={stage!r}: the benchmark knows 'pretrain', "
+                     "'distill' and 'finetune' stage configs")
+  return stage
+
+
+def _validate(module, config, **placeholders) -> None:
+  """The stage's own config checks, minus those about data or checkpoints
+  (the benchmark reads neither)."""
+  c = copy.deepcopy(config)
+  c.data.name = "embedded"
+  for path, value in placeholders.items():
+    section, key = path.split(".")
+    if not c[section].get(key):
+      c[section][key] = value
+  module.validate(c)
+
+
+def _images(config, spec: zoo.EncoderSpec, rng: np.random.Generator) -> np.ndarray:
+  b = config.batch_size
+  return rng.standard_normal((b, spec.image_size, spec.image_size, spec.in_chans),
+                             dtype=np.float32)
+
+
+def _source_exists(source: str) -> bool:
+  if "://" in source:  # gs://...: let the reader decide
+    return True
+  return ckpt_lib.parse_source(source)[0].exists()
+
+
+def _random_teacher(config, distill):
+  """Random, eval-only teacher variables (numpy): speed does not depend on
+  the weights."""
+  teacher = distill.build_teacher(config)
+  dummy = jnp.zeros((1, teacher.image_size, teacher.image_size, teacher.in_chans))
+  variables = jax.jit(teacher.init)(jax.random.PRNGKey(config.seed + 1), dummy)
+  return teacher, jax.tree_util.tree_map(
+      lambda x: np.asarray(x, np.float32), jax.device_get(variables))
+
+
+def build_pretrain(config) -> Built:
+  from mimdistill.stages import pretrain
+  _validate(pretrain, config)
+  model = pretrain.build_model(config)
+  task = pretrain.build_task(config, model, STEPS_PER_EPOCH)
+  spec = zoo.resolve(config.model)
+  rng = np.random.default_rng(config.seed)
+  batch = {"image": _images(config, spec, rng),
+           "label": np.zeros((config.batch_size,), np.int32)}
+  info = {"image_size": spec.image_size,
+          "fused_attention": bool(config.model.get("fused_attention", False)),
+          "remat": bool(config.model.get("remat", False)),
+          "model": f"MAE w{spec.width} d{spec.depth} h{spec.num_heads} "
+                   f"p{spec.patch_size} + decoder w{config.model.decoder.width} "
+                   f"d{config.model.decoder.depth}"}
+  return Built("pretrain", task, batch, info, [])
+
+
+def build_distill(config) -> Built:
+  from mimdistill.stages import distill
+  _validate(distill, config, **{"teacher.source": "<benchmark>"})
+  notes = []
+  source = config.teacher.get("source") or ""
+  if source and _source_exists(source):
+    teacher, teacher_vars, _ = distill.load_teacher(config)
+    teacher_from = source
+  else:
+    teacher, teacher_vars = _random_teacher(config, distill)
+    teacher_from = "random init"
+    notes.append("teacher: random init (teacher.source "
+                 + (f"{source!r} does not exist" if source else "is empty")
+                 + "); speed does not depend on the weights")
+  student = distill.build_student(config)
+  task = distill.build_task(config, student, teacher, teacher_vars,
+                            STEPS_PER_EPOCH)
+  s_spec, t_spec = zoo.resolve(config.student), zoo.resolve(config.teacher)
+  plan = distill.make_plan(config)
+  rng = np.random.default_rng(config.seed)
+  image = _images(config, s_spec, rng)
+  batch = {"image": image, "image_student": image + np.float32(0.1),
+           "label": np.zeros((config.batch_size,), np.int32)}
+  info = {"image_size": s_spec.image_size,
+          "fused_attention": bool(config.student.get("fused_attention", False)),
+          "teacher_fused_attention": bool(config.teacher.get("fused_attention",
+                                                             False)),
+          "remat": bool(config.student.get("remat", False)),
+          "teacher": teacher_from,
+          "teacher_blocks_run": f"{plan.teacher_block}/{t_spec.depth}",
+          "model": f"teacher w{t_spec.width} d{t_spec.depth} (runs "
+                   f"{plan.teacher_block}) -> student w{s_spec.width} "
+                   f"d{s_spec.depth}, target {plan.target}"}
+  return Built("distill", task, batch, info, notes)
+
+
+def build_finetune(config) -> Built:
+  from mimdistill.stages import finetune
+  _validate(finetune, config, **{"init.source": "<benchmark>"})
+  notes = []
+  num_classes = int(config.get("num_classes") or 0)
+  if not num_classes:
+    num_classes = DEFAULT_NUM_CLASSES
+    notes.append(f"num_classes=0 (from the dataset): benchmarked with "
+                 f"{DEFAULT_NUM_CLASSES}")
+  if config.init.get("source"):
+    notes.append("init.source is not read: random init (same speed)")
+  model = finetune.build_model(config, num_classes)
+  spec = zoo.resolve(config.model)
+  dummy = jnp.zeros((1, spec.image_size, spec.image_size, spec.in_chans))
+
+  def init_params(rng):
+    variables = model.init({"params": rng}, dummy)
+    return {"params": variables["params"],
+            "fixed": {k: v for k, v in variables.items() if k != "params"}}
+
+  task = finetune.build_task(config, model, STEPS_PER_EPOCH, init_params,
+                             evaluate=None)
+  rng = np.random.default_rng(config.seed)
+  b = config.batch_size
+  batch = {"image": _images(config, spec, rng),
+           "label": rng.integers(0, num_classes, (b,), dtype=np.int32)}
+  if config.mode == "finetune":  # the 'finetune' augmentation's soft targets
+    batch["label_soft"] = np.full((b, num_classes), 1.0 / num_classes, np.float32)
+  info = {"image_size": spec.image_size,
+          "fused_attention": bool(config.model.get("fused_attention", False)),
+          "remat": bool(config.model.get("remat", False)),
+          "model": f"ViT w{spec.width} d{spec.depth} h{spec.num_heads} "
+                   f"p{spec.patch_size}, {num_classes} classes, {config.mode}"}
+  return Built("finetune", task, batch, info, notes)
+
+
+BUILDERS = {"pretrain": build_pretrain, "distill": build_distill,
+            "finetune": build_finetune}
+
+
+def build(config) -> Built:
+  return BUILDERS[_stage(config)](config)
+
+
+# -----------------------------------------------------------------------------
+# Measuring
+# -----------------------------------------------------------------------------
+def _percentile(values, q: float) -> float:
+  return float(np.percentile(np.asarray(values, np.float64), q))
+
+
+def _flops(compiled) -> float | None:
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # a backend without cost analysis
+    return None
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per module
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    return None
+  return float(cost["flops"])
+
+
+def _xla_memory(compiled) -> dict | None:
+  try:
+    m = compiled.memory_analysis()
+  except Exception:
+    return None
+  if m is None:
+    return None
+  fields = ("argument_size_in_bytes", "output_size_in_bytes",
+            "temp_size_in_bytes", "alias_size_in_bytes")
+  return {f.replace("_size_in_bytes", "_bytes"): int(getattr(m, f))
+          for f in fields if hasattr(m, f)}
+
+
+def _peak_memory(devices) -> int | None:
+  peaks = []
+  for d in devices:
+    try:
+      stats = d.memory_stats()
+    except Exception:
+      stats = None
+    if stats and "peak_bytes_in_use" in stats:
+      peaks.append(int(stats["peak_bytes_in_use"]))
+  return max(peaks) if peaks else None
+
+
+def _load() -> float | None:
+  try:
+    return round(os.getloadavg()[0], 2)
+  except OSError:
+    return None
+
+
+def measure_step(config: ml_collections.ConfigDict, *, steps: int = 10,
+                 warmup: int = 2, mesh=None, variant: str = "") -> dict:
+  """One record for the training step of `config` (see the module doc)."""
+  if steps < 1 or warmup < 0:
+    raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")
+  mesh = mesh or shard_lib.mesh_from_config(config)
+  fsdp = int(config.mesh.get("fsdp", 1))
+  built = build(config)
+  task = built.task
+  shard_lib.check_batch(task.images_per_step, mesh)
+
+  # -- state, inputs and batch, placed exactly as the loop places them -------
+  rng = jax.random.PRNGKey(config.seed)
+  _, state_sharding, tx = loop_lib.plan_state(task, mesh, fsdp, rng)
+  state = jax.jit(loop_lib.make_init_state(task), out_shardings=state_sharding)(rng)
+  inputs_sharding = shard_lib.tree_shardings(task.inputs, mesh, fsdp=fsdp > 1)
+  inputs = jax.device_put(task.inputs, inputs_sharding)
+  per_process = config.batch_size // jax.process_count()
+  start = jax.process_index() * per_process
+  batch = input_pipeline.to_global(
+      {k: v[start:start + per_process] for k, v in built.batch.items()},
+      mesh, shard_lib.BATCH_AXES)
+  update = loop_lib.jit_update(task, tx, mesh, state_sharding, inputs_sharding)
+
+  # -- compile ----------------------------------------------------------------
+  t0 = time.perf_counter()
+  lowered = update.lower(state, batch, inputs)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  flops = _flops(compiled)
+
+  # -- run --------------------------------------------------------------------
+  for _ in range(warmup):
+    state, metrics = compiled(state, batch, inputs)
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, metrics = compiled(state, batch, inputs)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - t)
+  loss = float(jax.device_get(metrics["loss"]))
+
+  # -- report -----------------------------------------------------------------
+  n = mesh.devices.size
+  median = statistics.median(times)
+  device_kind = mesh.devices.flat[0].device_kind
+  dtype = config.get("dtype", "float32")
+  peak = peak_lib.peak_flops(device_kind, dtype,
+                             jax.config.jax_default_matmul_precision)
+  per_device = flops / median if flops is not None else None
+  notes = list(built.notes)
+  if not np.isfinite(loss):
+    notes.append(f"loss is {loss} (synthetic data)")
+  if built.info.get("remat"):
+    notes.append("remat: XLA's FLOPs include the recomputed forward")
+  record = {
+      "benchmark": "train_step", "stage": built.stage,
+      "preset": config.get("preset"), "variant": variant,
+      "device_kind": device_kind, "num_devices": n,
+      "mesh": {k: int(v) for k, v in mesh.shape.items()},
+      "global_batch": int(config.batch_size),
+      "image_size": built.info["image_size"], "dtype": dtype,
+      "fused_attention": built.info["fused_attention"],
+      "remat": built.info["remat"],
+      **{k: v for k, v in built.info.items()
+         if k not in ("image_size", "fused_attention", "remat")},
+      "compile_s": round(t2 - t1, 3), "lower_s": round(t1 - t0, 3),
+      "steps": steps, "warmup": warmup,
+      "step_s_median": median, "step_s_p10": _percentile(times, 10),
+      "step_s_p90": _percentile(times, 90),
+      "images_per_s": config.batch_size / median,
+      "images_per_s_per_device": config.batch_size / median / n,
+      # cost_analysis of an SPMD step is the per-device program.
+      "flops_per_step": None if flops is None else flops * n,
+      "gflops_per_image": (None if flops is None
+                           else flops * n / config.batch_size / 1e9),
+      "tflops_per_s": None if per_device is None else per_device * n / 1e12,
+      "tflops_per_s_per_device": None if per_device is None else per_device / 1e12,
+      "peak_tflops_per_device": None if peak is None else peak / 1e12,
+      "mfu": None if (peak is None or per_device is None) else per_device / peak,
+      "peak_memory_bytes": _peak_memory(mesh.local_devices),
+      "xla_memory": _xla_memory(compiled),
+      "final_loss": loss,
+      "host_load_1m": _load(), "notes": notes,
+  }
+  return record
+
+
+def _input_data_config(config, stage: str):
+  if stage == "pretrain":
+    from mimdistill.stages import pretrain
+    return pretrain.data_config(config, "mae")
+  if stage == "distill":
+    from mimdistill.stages import pretrain
+    return pretrain.data_config(config, "distill")
+  from mimdistill.stages import finetune
+  augment = "linprobe" if config.mode == "linprobe" else "finetune"
+  return finetune.data_config(config, augment, config.batch_size)
+
+
+def measure_input(config: ml_collections.ConfigDict, *, steps: int = 10,
+                  warmup: int = 2, variant: str = "") -> dict:
+  """Images/s the stage's real train input pipeline delivers on this host
+  (numpy batches, before any device transfer)."""
+  stage = _stage(config)
+  data = _input_data_config(config, stage)
+  t0 = time.perf_counter()
+  pipeline = input_pipeline.make_dataset(
+      data, split=config.data.train_split, train=True, seed=config.seed)
+  it = iter(pipeline)
+  try:
+    next(it)
+    first = time.perf_counter() - t0
+    for _ in range(warmup):
+      next(it)
+    times = []
+    for _ in range(steps):
+      t = time.perf_counter()
+      next(it)
+      times.append(time.perf_counter() - t)
+  finally:
+    it.close()
+  total = sum(times)
+  return {
+      "benchmark": "input", "stage": stage, "preset": config.get("preset"),
+      "variant": variant, "dataset": data.name, "augment": data.augment,
+      "num_workers": int(data.get("num_workers", 0)),
+      "global_batch": int(config.batch_size),
+      "local_batch": pipeline.local_batch_size,
+      "image_size": int(data.image_size),
+      "first_batch_s": round(first, 3), "batches": steps,
+      "batch_s_median": statistics.median(times),
+      "batch_s_p10": _percentile(times, 10), "batch_s_p90": _percentile(times, 90),
+      "images_per_s": steps * pipeline.local_batch_size / total,
+      "host_cpus": os.cpu_count(), "host_load_1m": _load(),
+  }
+
+
+# -----------------------------------------------------------------------------
+# Variants and the table
+# -----------------------------------------------------------------------------
+def _parse_value(current, text: str):
+  if isinstance(current, bool):
+    low = text.lower()
+    if low in ("true", "1", "yes"):
+      return True
+    if low in ("false", "0", "no"):
+      return False
+    raise ValueError(f"{text!r} is not a bool (true/false)")
+  if isinstance(current, int):
+    return int(text)
+  if isinstance(current, float):
+    return float(text)
+  return text
+
+
+def parse_sweeps(sweeps) -> list[tuple[str, list[str]]]:
+  """['dtype=float32,bfloat16', ...] -> [('dtype', ['float32', 'bfloat16'])]."""
+  out = []
+  for sweep in sweeps or ():
+    key, sep, values = sweep.partition("=")
+    if not sep or not key or not values:
+      raise ValueError(f"--sweep {sweep!r}: use key=value1,value2 (a config "
+                       "field, e.g. dtype=float32,bfloat16)")
+    out.append((key.strip(), [v.strip() for v in values.split(",")]))
+  return out
+
+
+def variants(config: ml_collections.ConfigDict, sweeps
+             ) -> list[tuple[str, ml_collections.ConfigDict]]:
+  """The config once per combination of the sweeps (cartesian product)."""
+  combos: list[list[tuple[str, str]]] = [[]]
+  for key, values in parse_sweeps(sweeps):
+    combos = [c + [(key, v)] for c in combos for v in values]
+  out = []
+  for combo in combos:
+    c = copy.deepcopy(config)
+    for key, text in combo:
+      *path, leaf = key.split(".")
+      node = c
+      for p in path:
+        node = node[p]
+      if leaf not in node:
+        raise ValueError(f"--sweep {key}: the config has no field {key!r}")
+      current = node[leaf]
+      if current is None:  # a placeholder(int) such as width
+        current = 0 if text.lstrip("-").isdigit() else ""
+      node[leaf] = _parse_value(current, text)
+    out.append((" ".join(f"{k}={v}" for k, v in combo), c))
+  return out
+
+
+def _fmt(x, spec: str, none: str = "-") -> str:
+  return none if x is None else format(x, spec)
+
+
+def _bytes(x) -> str:
+  if x is None:
+    return "-"
+  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+    if abs(x) < 1024 or unit == "TiB":
+      return f"{x:.1f} {unit}" if unit != "B" else f"{x} B"
+    x /= 1024
+  return str(x)
+
+
+def format_table(records: list[dict]) -> str:
+  """A short human-readable table of step and input records."""
+  lines = []
+  steps = [r for r in records if r.get("benchmark") == "train_step"]
+  if steps:
+    head = ("variant", "compile s", "step ms p50 [p10-p90]", "img/s",
+            "GFLOP/img", "TFLOP/s", "MFU", "peak mem", "XLA temp")
+    rows = []
+    for r in steps:
+      mem = r.get("xla_memory") or {}
+      rows.append((
+          r.get("variant") or r.get("preset") or r["stage"],
+          f"{r['compile_s']:.1f}",
+          f"{r['step_s_median'] * 1e3:.1f} [{r['step_s_p10'] * 1e3:.1f}-"
+          f"{r['step_s_p90'] * 1e3:.1f}]",
+          f"{r['images_per_s']:.1f}", _fmt(r["gflops_per_image"], ".3g"),
+          _fmt(r["tflops_per_s"], ".3g"),
+          _fmt(r["mfu"] if r["mfu"] is None else 100 * r["mfu"], ".1f") +
+          ("%" if r["mfu"] is not None else ""),
+          _bytes(r["peak_memory_bytes"]), _bytes(mem.get("temp_bytes"))))
+    lines += _table(head, rows)
+    r0 = steps[0]
+    lines.append(f"{r0['stage']} {r0.get('model', '')}; {r0['num_devices']} x "
+                 f"{r0['device_kind']}, mesh {r0['mesh']}, batch "
+                 f"{r0['global_batch']}, {r0['steps']} timed steps after "
+                 f"{r0['warmup']}; host load {r0['host_load_1m']}")
+  inputs = [r for r in records if r.get("benchmark") == "input"]
+  if inputs:
+    if lines:
+      lines.append("")
+    head = ("variant", "dataset", "augment", "workers", "first batch s",
+            "batch ms p50 [p10-p90]", "img/s")
+    rows = [(r.get("variant") or r.get("preset") or r["stage"], r["dataset"],
+             r["augment"], str(r["num_workers"]), f"{r['first_batch_s']:.2f}",
+             f"{r['batch_s_median'] * 1e3:.1f} [{r['batch_s_p10'] * 1e3:.1f}-"
+             f"{r['batch_s_p90'] * 1e3:.1f}]", f"{r['images_per_s']:.1f}")
+            for r in inputs]
+    lines += _table(head, rows)
+    lines.append(f"host: {inputs[0]['host_cpus']} CPUs, load "
+                 f"{inputs[0]['host_load_1m']}")
+  return "\n".join(lines)
+
+
+def _table(head, rows) -> list[str]:
+  widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+  fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip()
+  return [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
