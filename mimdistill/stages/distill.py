@@ -543,9 +543,31 @@ def run(config: ml_collections.ConfigDict, workdir, lineage: dict | None = None,
     if not first:
       first.update(step=step, loss=metrics["loss"])
 
-  loop_lib.train(task, iter(train_data), workdir, run_config.loop_config(config),
-                 mesh=mesh, config_dict=config.to_dict(), lineage=record,
-                 on_log=on_log)
+  state = loop_lib.train(task, iter(train_data), workdir,
+                         run_config.loop_config(config), mesh=mesh,
+                         config_dict=config.to_dict(), lineage=record,
+                         on_log=on_log)
+  count = int(config.get("num_visualize", 3))
+  if count:
+    # Teacher vs student Q-K relation maps on a few eval images.
+    from mimdistill.visualize import relation_maps
+    student_vars = relation_maps.host_copy(  # a collective on several hosts
+        {"params": state.params["encoder"], "fixed": state.fixed["encoder"]})
+    if jax.process_index() == 0:
+      n = jax.device_count()  # a mesh-less pipeline checks the batch by it
+      cfg = data_config(config, "eval", batch_size=-(-count // n) * n)
+      cfg.num_workers = 0
+      images = next(iter(input_pipeline.make_dataset(
+          cfg, split=config.data.eval_split, train=False, seed=config.seed,
+          process_index=0, process_count=1)))["image"][:count]
+      plan, enc = make_plan(config), student.encoder
+      png = relation_maps.save_relation_maps(
+          images, teacher, teacher_variables, enc, student_vars,
+          workdir / "relation_maps.png", teacher_block=plan.teacher_block,
+          student_block=enc.depth, heads=plan.relation_heads,
+          student_heads=(plan.relation_heads if enc.width % plan.relation_heads
+                         == 0 else enc.num_heads))
+      log.info("wrote %s", png)
   final = ckpt_lib.read_json(workdir, "final_metrics.json") or {}
   return {"stage": "distill", "workdir": str(workdir), "steps": task.total_steps,
           "teacher": parent.get("path"), "teacher_step": parent.get("step"),
