@@ -31,6 +31,10 @@ setup(
         "importlib_resources>=5.0",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "pytest-timeout>=2.2"],
+        "test": ["pytest>=7.4", "pytest-timeout>=2.2",
+                 # tests/test_notebook.py executes launch/colab/quickstart.ipynb
+                 "nbclient>=0.7", "nbformat>=5.7", "ipykernel>=6.0"],
+        # Running launch/colab/quickstart.ipynb outside Colab.
+        "notebook": ["jupyterlab>=4.0", "ipykernel>=6.0"],
     },
 )
