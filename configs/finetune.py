@@ -89,7 +89,7 @@ def _preset(c, name):
                   mixup=0.0, cutmix=0.0, finetune_crop_scale=(0.6, 1.0))
     c.batch_size = 128
     c.eval_batch_size = 200
-    c.total_epochs = 8.0
+    c.total_epochs = 20.0  # 8 epochs reach ~20% top-1 here, 20 epochs ~44%
     c.warmup_epochs = 1.0
     c.base_lr = 4e-3
     c.log_every = 10
