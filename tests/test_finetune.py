@@ -189,3 +189,19 @@ def test_pipeline_killed_in_stage_2_resumes(tfds_dir, tmp_path):
   assert parents[1]["path"] == str(workdir / "pretrain" / "checkpoints" / "4")
   assert parents[2]["path"] == str(workdir / "distill" / "checkpoints" / "40")
   assert summary["stages"][2]["top1"] is not None
+
+
+def test_linear_probe_trains_only_the_head(pretrain_workdir, tfds_dir, tmp_path):
+  c = finetune_configs.get_config("quickstart,linprobe")
+  c.model.update(**TINY)
+  c.init.source = str(pretrain_workdir)
+  c.data.update(data_dir=str(tfds_dir))
+  c.update(batch_size=16, eval_batch_size=200, total_steps=3, log_every=1,
+           checkpoint_every=3, async_checkpoints=False)
+  summary = finetune.run(c, tmp_path)
+  assert 0.0 <= summary["top1"] <= 1.0
+  pre, _ = restore_subtree(str(pretrain_workdir), ("params", "encoder", "blocks_0"))
+  after, _ = restore_subtree(str(tmp_path), ("params", "encoder", "blocks_0"))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, pre, after)  # frozen
+  stats, _ = restore_subtree(str(tmp_path), ("fixed", "batch_stats"))
+  assert np.any(np.asarray(stats["bn"]["mean"]) != 0)  # BN statistics updated
