@@ -120,6 +120,12 @@ def test_sweeps_make_one_config_per_combination():
       "dtype=bfloat16 student.fused_attention=true"]
   assert out[3][1].student.fused_attention is True
   assert config.dtype == "float32"  # the original is untouched
+  (_, off), (name, on) = benchmark.variants(
+      config, ["student.fused_attention+teacher.fused_attention=false,true"])
+  assert name == "student.fused_attention+teacher.fused_attention=true"
+  assert on.student.fused_attention and on.teacher.fused_attention
+  assert not off.student.fused_attention and not off.teacher.fused_attention
+  assert benchmark.variants(config, ["teacher.block=2"])[0][1].teacher.block == 2
   with pytest.raises(ValueError, match="no field"):
     benchmark.variants(config, ["student.nope=1"])
 

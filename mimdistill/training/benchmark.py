@@ -49,14 +49,15 @@ STEP_KEYS = (
     "benchmark", "stage", "preset", "variant", "device_kind", "num_devices",
     "mesh", "global_batch", "image_size", "dtype", "fused_attention", "remat",
     "compile_s", "lower_s", "steps", "warmup", "step_s_median", "step_s_p10",
-    "step_s_p90", "images_per_s", "images_per_s_per_device", "flops_per_step",
+    "step_s_p90", "process_cpu_s_median", "images_per_s",
+    "images_per_s_per_device", "flops_per_step",
     "gflops_per_image", "tflops_per_s", "tflops_per_s_per_device",
     "peak_tflops_per_device", "mfu", "peak_memory_bytes", "xla_memory",
     "host_load_1m", "notes")
 INPUT_KEYS = (
     "benchmark", "stage", "preset", "variant", "dataset", "augment",
     "num_workers", "global_batch", "image_size", "first_batch_s", "batches",
-    "batch_s_median", "batch_s_p10", "batch_s_p90", "images_per_s",
+    "batch_s_mean", "batch_s_median", "batch_s_p10", "batch_s_p90", "images_per_s",
     "host_cpus", "host_load_1m")
 
 
@@ -300,12 +301,13 @@ def measure_step(config: ml_collections.ConfigDict, *, steps: int = 10,
   for _ in range(warmup):
     state, metrics = compiled(state, batch, inputs)
   jax.block_until_ready(state)
-  times = []
+  times, cpu = [], []
   for _ in range(steps):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     state, metrics = compiled(state, batch, inputs)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - t)
+    cpu.append(time.process_time() - c)
   loss = float(jax.device_get(metrics["loss"]))
 
   # -- report -----------------------------------------------------------------
@@ -336,6 +338,9 @@ def measure_step(config: ml_collections.ConfigDict, *, steps: int = 10,
       "steps": steps, "warmup": warmup,
       "step_s_median": median, "step_s_p10": _percentile(times, 10),
       "step_s_p90": _percentile(times, 90),
+      # CPU time of this process per step (all threads): on the CPU backend
+      # a load-independent companion of the wall time on a shared host.
+      "process_cpu_s_median": statistics.median(cpu),
       "images_per_s": config.batch_size / median,
       "images_per_s_per_device": config.batch_size / median / n,
       # cost_analysis of an SPMD step is the per-device program.
@@ -397,7 +402,7 @@ def measure_input(config: ml_collections.ConfigDict, *, steps: int = 10,
       "local_batch": pipeline.local_batch_size,
       "image_size": int(data.image_size),
       "first_batch_s": round(first, 3), "batches": steps,
-      "batch_s_median": statistics.median(times),
+      "batch_s_mean": total / steps, "batch_s_median": statistics.median(times),
       "batch_s_p10": _percentile(times, 10), "batch_s_p90": _percentile(times, 90),
       "images_per_s": steps * pipeline.local_batch_size / total,
       "host_cpus": os.cpu_count(), "host_load_1m": _load(),
@@ -436,26 +441,37 @@ def parse_sweeps(sweeps) -> list[tuple[str, list[str]]]:
 
 def variants(config: ml_collections.ConfigDict, sweeps
              ) -> list[tuple[str, ml_collections.ConfigDict]]:
-  """The config once per combination of the sweeps (cartesian product)."""
+  """The config once per combination of the sweeps (cartesian product).
+
+  A sweep key may name several fields joined by '+', which take each value
+  together (e.g. `student.fused_attention+teacher.fused_attention=false,true`).
+  """
   combos: list[list[tuple[str, str]]] = [[]]
   for key, values in parse_sweeps(sweeps):
     combos = [c + [(key, v)] for c in combos for v in values]
   out = []
   for combo in combos:
     c = copy.deepcopy(config)
-    for key, text in combo:
-      *path, leaf = key.split(".")
-      node = c
-      for p in path:
-        node = node[p]
-      if leaf not in node:
-        raise ValueError(f"--sweep {key}: the config has no field {key!r}")
-      current = node[leaf]
-      if current is None:  # a placeholder(int) such as width
-        current = 0 if text.lstrip("-").isdigit() else ""
-      node[leaf] = _parse_value(current, text)
+    for keys, text in combo:
+      for key in keys.split("+"):
+        _set_field(c, key, text)
     out.append((" ".join(f"{k}={v}" for k, v in combo), c))
   return out
+
+
+def _set_field(c: ml_collections.ConfigDict, key: str, text: str) -> None:
+  *path, leaf = key.split(".")
+  node = c
+  for p in path:
+    if p not in node:
+      raise ValueError(f"--sweep {key}: the config has no field {key!r}")
+    node = node[p]
+  if leaf not in node:
+    raise ValueError(f"--sweep {key}: the config has no field {key!r}")
+  current = node[leaf]
+  if current is None:  # a placeholder(int) such as width
+    current = 0 if text.lstrip("-").isdigit() else ""
+  node[leaf] = _parse_value(current, text)
 
 
 def _fmt(x, spec: str, none: str = "-") -> str:
@@ -477,8 +493,8 @@ def format_table(records: list[dict]) -> str:
   lines = []
   steps = [r for r in records if r.get("benchmark") == "train_step"]
   if steps:
-    head = ("variant", "compile s", "step ms p50 [p10-p90]", "img/s",
-            "GFLOP/img", "TFLOP/s", "MFU", "peak mem", "XLA temp")
+    head = ("variant", "compile s", "step ms p50 [p10-p90]", "cpu ms",
+            "img/s", "GFLOP/img", "TFLOP/s", "MFU", "peak mem", "XLA temp")
     rows = []
     for r in steps:
       mem = r.get("xla_memory") or {}
@@ -487,6 +503,7 @@ def format_table(records: list[dict]) -> str:
           f"{r['compile_s']:.1f}",
           f"{r['step_s_median'] * 1e3:.1f} [{r['step_s_p10'] * 1e3:.1f}-"
           f"{r['step_s_p90'] * 1e3:.1f}]",
+          f"{r['process_cpu_s_median'] * 1e3:.0f}",
           f"{r['images_per_s']:.1f}", _fmt(r["gflops_per_image"], ".3g"),
           _fmt(r["tflops_per_s"], ".3g"),
           _fmt(r["mfu"] if r["mfu"] is None else 100 * r["mfu"], ".1f") +
@@ -503,10 +520,10 @@ def format_table(records: list[dict]) -> str:
     if lines:
       lines.append("")
     head = ("variant", "dataset", "augment", "workers", "first batch s",
-            "batch ms p50 [p10-p90]", "img/s")
+            "batch ms mean [p10-p90]", "img/s")
     rows = [(r.get("variant") or r.get("preset") or r["stage"], r["dataset"],
              r["augment"], str(r["num_workers"]), f"{r['first_batch_s']:.2f}",
-             f"{r['batch_s_median'] * 1e3:.1f} [{r['batch_s_p10'] * 1e3:.1f}-"
+             f"{r['batch_s_mean'] * 1e3:.1f} [{r['batch_s_p10'] * 1e3:.1f}-"
              f"{r['batch_s_p90'] * 1e3:.1f}]", f"{r['images_per_s']:.1f}")
             for r in inputs]
     lines += _table(head, rows)
