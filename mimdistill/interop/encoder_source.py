@@ -12,12 +12,22 @@ import dataclasses
 import os
 from typing import Any
 
+import jax
+import numpy as np
+
 from mimdistill.interop.official_names import official_to_flax
 from mimdistill.interop.pth_reader import load_pth
 from mimdistill.training import checkpoints as ckpt_lib
 
 PyTree = Any
 PTH_SUFFIXES = (".pth", ".pt", ".bin")
+
+
+def shape_table(tree: PyTree) -> dict[str, tuple]:
+  """`'a/b/leaf' -> shape` for comparing a source's tree with a model's."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(str(getattr(k, "key", k)) for k in path):
+          tuple(getattr(x, "shape", None) or np.shape(x)) for path, x in flat}
 
 
 @dataclasses.dataclass

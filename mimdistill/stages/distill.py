@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 
 from mimdistill.data import input_pipeline, sources
-from mimdistill.interop.encoder_source import read_encoder
+from mimdistill.interop.encoder_source import read_encoder, shape_table
 from mimdistill.models import pos_embed as pos_embed_lib
 from mimdistill.models import zoo
 from mimdistill.models.mae import MAEDecoder, random_masking
@@ -198,12 +198,6 @@ def _abstract_variables(model: ViTEncoder) -> dict:
   return jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy)
 
 
-def _flat_shapes(tree: PyTree) -> dict[str, tuple]:
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(str(getattr(k, "key", k)) for k in path):
-          tuple(getattr(x, "shape", None) or np.shape(x)) for path, x in flat}
-
-
 def _natural(name: str):
   """Sort key: blocks_2 before blocks_10."""
   return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
@@ -229,8 +223,8 @@ def _source_hint(source: str) -> str:
 def check_teacher_shapes(variables: dict, config, source: str) -> None:
   """Raises, listing every difference, unless `variables` fit the teacher."""
   spec = zoo.resolve(config.teacher)
-  want = _flat_shapes(_abstract_variables(build_teacher(config, spec.depth)))
-  got = _flat_shapes(variables)
+  want = shape_table(_abstract_variables(build_teacher(config, spec.depth)))
+  got = shape_table(variables)
   # A module wholly absent on one side (e.g. extra blocks) is one entry.
   module = lambda k: "/".join(k.split("/")[:2])
   want_mods, got_mods = {module(k) for k in want}, {module(k) for k in got}

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from mimdistill.data import input_pipeline, sources
-from mimdistill.interop.encoder_source import read_encoder
+from mimdistill.interop.encoder_source import read_encoder, shape_table
 from mimdistill.models import zoo
 from mimdistill.models.classifier import ViTClassifier
 from mimdistill.models.pos_embed import resize_pos_embed, sincos_2d
@@ -84,16 +84,6 @@ def build_model(config, num_classes: int) -> ViTClassifier:
 # -----------------------------------------------------------------------------
 # 3. Initialisation from an earlier stage
 # -----------------------------------------------------------------------------
-def _flat(tree, prefix=""):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}/"))
-    else:
-      out[f"{prefix}{k}"] = tuple(np.shape(v))
-  return out
-
-
 def init_from_source(params: dict, config) -> tuple[dict, dict]:
   """The subtrees taken from `config.init.source` (`encoder`, and `head` /
   `fc_norm` when their shapes fit `params`) and the lineage record. Raises if
@@ -115,8 +105,8 @@ def init_from_source(params: dict, config) -> tuple[dict, dict]:
     log.info("init: resizing position embedding %s -> grid %d", pos.shape, grid)
     pos = resize_pos_embed(pos, grid)
   encoder["pos_embed"] = pos
-  want = _flat(params["encoder"])
-  got = _flat(encoder)
+  want = shape_table(params["encoder"])
+  got = shape_table(encoder)
   # A pre-training encoder has a final `norm` that global pooling drops
   # (MAE deletes it and uses a fresh fc_norm).
   extra = sorted(set(got) - set(want) - {"norm/scale", "norm/bias"})
@@ -133,13 +123,13 @@ def init_from_source(params: dict, config) -> tuple[dict, dict]:
   new = {"encoder": {k: encoder[k] for k in params["encoder"]}}
   for name in ("fc_norm", "head"):
     if name in src.head and name in params:
-      if _flat(src.head[name]) == _flat(params[name]):
+      if shape_table(src.head[name]) == shape_table(params[name]):
         new[name] = src.head[name]
         log.info("init: %s taken from %s", name, source)
       else:
         log.info("init: %s of %s has shape %s, the model needs %s: "
-                 "re-initialised", name, source, _flat(src.head[name]),
-                 _flat(params[name]))
+                 "re-initialised", name, source, shape_table(src.head[name]),
+                 shape_table(params[name]))
   return new, src.record
 
 
