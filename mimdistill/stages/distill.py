@@ -44,7 +44,7 @@ from mimdistill.models.vit import ViTEncoder, _dense_init, drop_path_rates
 from mimdistill.objectives import distill_targets as targets_lib
 from mimdistill.objectives.mae_loss import mae_loss
 from mimdistill.objectives.relations import RELATION_SETS
-from mimdistill.stages.pretrain import data_config
+from mimdistill.training.run_config import data_config
 from mimdistill.training import checkpoints as ckpt_lib
 from mimdistill.training import loop as loop_lib
 from mimdistill.training import optimizer as opt_lib

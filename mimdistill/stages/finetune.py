@@ -198,14 +198,6 @@ def build_task(config, model: ViTClassifier, steps_per_epoch: int,
 # -----------------------------------------------------------------------------
 # 5. Run
 # -----------------------------------------------------------------------------
-def data_config(config, augment: str, batch_size: int):
-  data = config.data.to_dict()
-  data.update(batch_size=batch_size, augment=augment, seed=config.seed)
-  if config.get("num_classes"):
-    data["num_classes"] = config.num_classes  # soft labels sized like the head
-  return ml_collections.ConfigDict(data)
-
-
 def run(config: ml_collections.ConfigDict, workdir, lineage: dict | None = None,
         mesh=None):
   """Runs (or resumes) stage 3 in `workdir`; returns a summary dict."""
@@ -214,11 +206,11 @@ def run(config: ml_collections.ConfigDict, workdir, lineage: dict | None = None,
   mesh = mesh or shard_lib.mesh_from_config(config)
   train_augment = "linprobe" if config.mode == "linprobe" else "finetune"
   train_data = input_pipeline.make_dataset(
-      data_config(config, train_augment, config.batch_size),
+      run_config.data_config(config, train_augment, config.batch_size),
       split=config.data.train_split, train=True, seed=config.seed, mesh=mesh,
       data_axis=shard_lib.BATCH_AXES)
   eval_data = input_pipeline.make_dataset(
-      data_config(config, "eval", config.eval_batch_size),
+      run_config.data_config(config, "eval", config.eval_batch_size),
       split=config.data.eval_split, train=False, seed=config.seed, mesh=mesh,
       data_axis=shard_lib.BATCH_AXES)
   num_classes = config.get("num_classes") or train_data.num_classes

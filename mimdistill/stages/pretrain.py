@@ -36,14 +36,6 @@ def build_model(config: ml_collections.ConfigDict) -> MAE:
              remat=config.model.get("remat", False))
 
 
-def data_config(config, augment: str, batch_size: int | None = None):
-  """The data pipeline's config: the stage's `data` section plus batch/augment."""
-  data = config.data.to_dict()
-  data.update(batch_size=batch_size or config.batch_size, augment=augment,
-              seed=config.seed)
-  return ml_collections.ConfigDict(data)
-
-
 def validate(config: ml_collections.ConfigDict) -> None:
   """Every check that can fail before data is read or anything compiles."""
   zoo.resolve(config.model)
@@ -139,7 +131,7 @@ def run(config: ml_collections.ConfigDict, workdir, lineage: dict | None = None)
   model = build_model(config)
   mesh = shard_lib.mesh_from_config(config)
   train_data = input_pipeline.make_dataset(
-      data_config(config, "mae"), split=config.data.train_split, train=True,
+      run_config.data_config(config, "mae"), split=config.data.train_split, train=True,
       seed=config.seed, mesh=mesh, data_axis=shard_lib.BATCH_AXES)
   task = build_task(config, model, train_data.steps_per_epoch)
   state = loop_lib.train(task, iter(train_data), workdir,
@@ -150,7 +142,7 @@ def run(config: ml_collections.ConfigDict, workdir, lineage: dict | None = None)
     count = config.get("num_visualize", 8)
     n = jax.device_count()
     eval_data = input_pipeline.make_dataset(
-        data_config(config, "eval", batch_size=-(-count // n) * n),
+        run_config.data_config(config, "eval", batch_size=-(-count // n) * n),
         split=config.data.eval_split, train=False, seed=config.seed)
     images = next(iter(eval_data))["image"][:count]
     variables = {"params": jax.device_get(state.params),

@@ -40,6 +40,7 @@ from mimdistill.models import zoo
 from mimdistill.training import checkpoints as ckpt_lib
 from mimdistill.training import loop as loop_lib
 from mimdistill.training import peak_flops as peak_lib
+from mimdistill.training import run_config
 from mimdistill.training import sharding as shard_lib
 
 # Only the learning-rate schedule depends on it; a step costs the same.
@@ -360,15 +361,10 @@ def measure_step(config: ml_collections.ConfigDict, *, steps: int = 10,
 
 
 def _input_data_config(config, stage: str):
-  if stage == "pretrain":
-    from mimdistill.stages import pretrain
-    return pretrain.data_config(config, "mae")
-  if stage == "distill":
-    from mimdistill.stages import pretrain
-    return pretrain.data_config(config, "distill")
-  from mimdistill.stages import finetune
+  if stage in ("pretrain", "distill"):
+    return run_config.data_config(config, "mae" if stage == "pretrain" else "distill")
   augment = "linprobe" if config.mode == "linprobe" else "finetune"
-  return finetune.data_config(config, augment, config.batch_size)
+  return run_config.data_config(config, augment)
 
 
 def measure_input(config: ml_collections.ConfigDict, *, steps: int = 10,

@@ -44,6 +44,18 @@ def steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> tuple[int,
   return total, warmup
 
 
+def data_config(config: ml_collections.ConfigDict, augment: str,
+                batch_size: int | None = None) -> ml_collections.ConfigDict:
+  """The input pipeline's config: the stage's `data` section plus the global
+  batch (default `config.batch_size`), the augmentation and the seed."""
+  data = config.data.to_dict()
+  data.update(batch_size=batch_size or config.batch_size, augment=augment,
+              seed=config.seed)
+  if config.get("num_classes"):
+    data["num_classes"] = config.num_classes  # soft labels sized like the head
+  return ml_collections.ConfigDict(data)
+
+
 def loop_config(config: ml_collections.ConfigDict) -> LoopConfig:
   return LoopConfig(seed=config.seed, fsdp=config.mesh.fsdp,
                     log_every=config.log_every,
