@@ -51,7 +51,8 @@ def common(arg: str) -> ml_collections.ConfigDict:
       num_heads=placeholder(int), patch_size=placeholder(int), image_size=224,
       mlp_ratio=4.0, drop_path=0.1, global_pool=True,
       fused_attention=False,    # jax.nn.dot_product_attention (cuDNN on GPU)
-      remat=False))             # recompute each block in the backward pass
+      remat=False,              # recompute each block in the backward pass
+      scan_blocks=False))       # lax.scan over blocks: faster compile
   c.data = ml_collections.ConfigDict(dict(
       name="imagenet2012", data_dir=placeholder(str), train_split="train",
       eval_split="validation", image_size=224, num_workers=8,

@@ -35,6 +35,7 @@ def common(arg: str) -> ml_collections.ConfigDict:
       image_size=224, mlp_ratio=4.0, drop_path=0.0,
       fused_attention=False,    # jax.nn.dot_product_attention (cuDNN on GPU)
       remat=False,              # recompute each block in the backward pass
+      scan_blocks=False,        # lax.scan over blocks: faster compile
       decoder=dict(width=512, depth=8, num_heads=16)))
   c.data = ml_collections.ConfigDict(dict(
       name="imagenet2012", data_dir=placeholder(str), train_split="train",

@@ -68,18 +68,21 @@ def common(arg: str) -> ml_collections.ConfigDict:
       num_heads=placeholder(int), patch_size=placeholder(int),
       image_size=224, mlp_ratio=4.0, drop_path=0.1,
       drop_path_schedule="constant_but_last",
-      # Speed options (numerics of the official code with both False):
+      # Speed options (numerics of the official code with all False):
       # jax.nn.dot_product_attention (cuDNN on GPU) in the blocks before the
       # last (whose relations use its qkv explicitly); remat recomputes each
-      # block in the backward pass.
-      fused_attention=False, remat=False))
+      # block in the backward pass; scan_blocks runs the blocks before the
+      # last under one lax.scan (compile time; same params, other but
+      # equally distributed drop-path masks).
+      fused_attention=False, remat=False, scan_blocks=False))
   # The frozen teacher: architecture, where its weights come from, and the
   # target block (1-based; 0 = 18 for a depth-24 teacher, else its last).
   c.teacher = ml_collections.ConfigDict(dict(
       variant="large", width=placeholder(int), depth=placeholder(int),
       num_heads=placeholder(int), patch_size=placeholder(int),
       image_size=224, mlp_ratio=4.0, source="", block=0,
-      fused_attention=False))   # in the blocks before the target block
+      fused_attention=False,    # in the blocks before the target block
+      scan_blocks=False))       # lax.scan over those blocks (compile time)
   c.distill = ml_collections.ConfigDict(dict(
       target="relation",        # 'relation' | 'cls' | 'feature'
       relation_heads=0,         # R; 0 = the teacher's heads

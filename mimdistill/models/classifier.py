@@ -34,6 +34,7 @@ class ViTClassifier(nn.Module):
   dtype: Dtype = jnp.float32
   fused_attention: bool = False
   remat: bool = False  # jax.checkpoint per encoder block
+  scan_blocks: bool = False  # lax.scan over the encoder blocks
 
   def setup(self):
     self.encoder = ViTEncoder(
@@ -41,7 +42,7 @@ class ViTClassifier(nn.Module):
         self.in_chans, self.mlp_ratio, self.drop_path,
         pos_embed_type=self.pos_embed_type, final_norm=not self.global_pool,
         dtype=self.dtype, fused_attention=self.fused_attention,
-        remat=self.remat)
+        remat=self.remat, scan_blocks=self.scan_blocks)
     if self.global_pool:
       self.fc_norm = layer_norm(dtype=self.dtype)
     if self.linear_probe:

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from mimdistill.models import pos_embed as pos_embed_lib
-from mimdistill.models.vit import Block, ViTEncoder, layer_norm, _dense_init
+from mimdistill.models.vit import (Block, ViTEncoder, _dense_init, layer_norm,
+                                   run_block_stack)
 
 Dtype = Any
 
@@ -69,6 +70,7 @@ class MAEDecoder(nn.Module):
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
   remat: bool = False
+  scan_blocks: bool = False  # see `vit.run_block_stack`
 
   def setup(self):
     self.embed = nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init)
@@ -93,8 +95,8 @@ class MAEDecoder(nn.Module):
     patches = jnp.take_along_axis(patches, ids_restore[..., None], axis=1)
     x = jnp.concatenate([x[:, :1], patches], axis=1)
     x = x + self.pos_embed.value.astype(x.dtype)
-    for blk in self.blocks:
-      x = blk(x, train=train)
+    x = run_block_stack(self, self.blocks, x, train, scan=self.scan_blocks,
+                        remat=self.remat)
     x = self.pred(self.norm(x))
     return x[:, 1:]
 
@@ -121,18 +123,19 @@ class MAE(nn.Module):
   dtype: Dtype = jnp.float32
   fused_attention: bool = False
   remat: bool = False  # jax.checkpoint per block, encoder and decoder
+  scan_blocks: bool = False  # lax.scan over blocks, encoder and decoder
 
   def setup(self):
     self.encoder = ViTEncoder(
         self.width, self.depth, self.num_heads, self.patch_size,
         self.image_size, self.in_chans, self.mlp_ratio, self.drop_path,
         dtype=self.dtype, fused_attention=self.fused_attention,
-        remat=self.remat)
+        remat=self.remat, scan_blocks=self.scan_blocks)
     num_patches = (self.image_size // self.patch_size) ** 2
     self.decoder = MAEDecoder(
         self.decoder_width, self.decoder_depth, self.decoder_heads, num_patches,
         self.patch_size ** 2 * self.in_chans, self.mlp_ratio, dtype=self.dtype,
-        remat=self.remat)
+        remat=self.remat, scan_blocks=self.scan_blocks)
 
   def __call__(self, images, noise, mask_ratio: float, train: bool = False
                ) -> MAEOutput:

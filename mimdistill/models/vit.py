@@ -15,7 +15,10 @@ Besides the plain forward the encoder offers what the three stages need:
 Speed options, none of which changes the params: `dtype` (compute dtype;
 params stay float32, attention softmax in float32), `fused_attention`
 (`jax.nn.dot_product_attention`, cuDNN flash attention on GPU; the relation
-methods always use the explicit qkv), `remat` (jax.checkpoint per block).
+methods always use the explicit qkv), `remat` (jax.checkpoint per block),
+`scan_blocks` (the blocks under one `lax.scan` with params stacked on the
+fly from `blocks_<i>`, so the block body compiles once; see
+`run_block_stack`).
 """
 from __future__ import annotations
 
@@ -142,8 +145,16 @@ class Block(nn.Module):
     return self._forward(x, train)
 
   def _forward(self, x, train: bool):
-    x = x + self.drop(self.attn(self.norm1(x)), deterministic=not train)
-    x = x + self.drop(self.mlp(self.norm2(x)), deterministic=not train)
+    return self.residual_forward(
+        x, lambda y, _: self.drop(y, deterministic=not train))
+
+  def residual_forward(self, x, drop: Callable):
+    """The block with `drop(branch_output, branch)` (branch 0: attention,
+    1: MLP) as stochastic depth. The one definition of the block's
+    computation: the unrolled path passes its `nn.Dropout`, the scanned path
+    (`scan_blocks`) a drop path whose rate is a traced per-block value."""
+    x = x + drop(self.attn(self.norm1(x)), 0)
+    x = x + drop(self.mlp(self.norm2(x)), 1)
     return x
 
   def relation_qkv(self, x, heads: int):
@@ -178,6 +189,78 @@ def drop_path_rates(rate: float, depth: int, schedule: str = "linear"
                    "'constant' or 'constant_but_last'")
 
 
+def _drop_path(y: jax.Array, keep: jax.Array, key: jax.Array) -> jax.Array:
+  """timm DropPath with a traced keep probability: one Bernoulli per sample,
+  survivors scaled by 1/keep, as `Block.drop` does with a static rate."""
+  mask = jax.random.bernoulli(key, keep, (y.shape[0],) + (1,) * (y.ndim - 1))
+  # keep = 0 drops every sample; dividing by 1 there instead keeps the
+  # unselected branch, and so the gradient, free of inf * 0.
+  safe_keep = jnp.where(keep > 0, keep, 1.0).astype(y.dtype)
+  return jnp.where(mask, y / safe_keep, jnp.zeros_like(y))
+
+
+def run_block_stack(module: nn.Module, blocks: Sequence[Block], x: jax.Array,
+                    train: bool, *, scan: bool, remat: bool) -> jax.Array:
+  """Runs `blocks` (submodules of `module`, in order) on `x`.
+
+  With `scan`, outside of init and for two or more blocks, the blocks'
+  params (`module.variables['params'][<block name>]`, the usual
+  `blocks_<i>` layout) are stacked on the fly and one standalone `Block` is
+  applied under `jax.lax.scan`: XLA compiles the block body once instead of
+  once per block, and gradients reach each `blocks_<i>` through the stack.
+  At init the plain loop runs, so the params are created in that layout.
+  The price: the stack (and, in training, its gradient) is a copy of the
+  blocks' params, small next to a step's activations.
+
+  Stochastic depth in the scan draws one key with `make_rng('drop_path')`
+  and folds in the block index, so its masks differ from the unrolled
+  mode's (same distribution: one Bernoulli per sample and residual branch).
+  In eval mode, or when every rate is 0, it is the same computation.
+  `remat` checkpoints the scan body (the unrolled blocks remat themselves).
+  """
+  if not scan or len(blocks) < 2 or module.is_initializing():
+    for blk in blocks:
+      x = blk(x, train=train)
+    return x
+  first = blocks[0]
+  static = lambda b: (b.width, b.num_heads, b.mlp_ratio, b.dtype,
+                      b.fused_attention)
+  if any(static(b) != static(first) for b in blocks):
+    raise ValueError("scan_blocks needs blocks that differ only in their "
+                     f"drop_path rate, got {[static(b) for b in blocks]}")
+  params = module.variables["params"]
+  stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a),
+                                   *[params[b.name] for b in blocks])
+  # Keep probabilities rounded from float64 like `nn.Dropout`'s 1 - rate.
+  keeps = jnp.asarray([1.0 - float(b.drop_path) for b in blocks], jnp.float32)
+  drops = train and any(float(b.drop_path) > 0 for b in blocks)
+  # Only rates > 0 in training need an rng, as in the unrolled mode.
+  base_key = module.make_rng("drop_path") if drops else None
+  block = Block(first.width, first.num_heads, first.mlp_ratio,
+                dtype=first.dtype, fused_attention=first.fused_attention,
+                parent=None)
+
+  def body(h, xs):
+    p, keep, index = xs
+    if drops:
+      keys = jax.random.split(jax.random.fold_in(base_key, index))
+      drop = lambda y, branch: _drop_path(y, keep, keys[branch])
+    else:
+      drop = lambda y, _: y
+    return block.apply({"params": p}, h, drop,
+                       method=Block.residual_forward), None
+
+  if remat:
+    # prevent_cse=False: the scan already keeps XLA from merging the
+    # recomputation into the forward (jax.checkpoint's documented advice).
+    body = jax.checkpoint(body, prevent_cse=False)
+  # The carry's dtype must not change across iterations: the first block
+  # would promote x to this dtype anyway (an exact upcast).
+  x = x.astype(jnp.result_type(x.dtype, first.dtype))
+  x, _ = jax.lax.scan(body, x, (stacked, keeps, jnp.arange(len(blocks))))
+  return x
+
+
 class ViTEncoder(nn.Module):
   """ViT encoder: patch embedding, position embedding, CLS, blocks, norm."""
   width: int
@@ -193,6 +276,8 @@ class ViTEncoder(nn.Module):
   dtype: Dtype = jnp.float32
   fused_attention: bool = False
   remat: bool = False  # jax.checkpoint per block (see `Block.remat`)
+  # Run the blocks under one lax.scan (compile time; see `run_block_stack`).
+  scan_blocks: bool = False
 
   @property
   def grid_size(self) -> int:
@@ -264,9 +349,9 @@ class ViTEncoder(nn.Module):
                             x], axis=1)
 
   def run_blocks(self, x, stop: int, train: bool):
-    for blk in self.blocks[:stop]:
-      x = blk(x, train=train)
-    return x
+    """Blocks 1..stop on `x` (unrolled, or scanned with `scan_blocks`)."""
+    return run_block_stack(self, self.blocks[:stop], x, train,
+                           scan=self.scan_blocks, remat=self.remat)
 
   def _check_block(self, block: int):
     if not 1 <= block <= self.depth:

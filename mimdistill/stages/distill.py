@@ -190,7 +190,8 @@ def build_teacher(config, depth: int | None = None) -> ViTEncoder:
                     in_chans=spec.in_chans, mlp_ratio=spec.mlp_ratio,
                     final_norm=depth == spec.depth,
                     dtype=run_config.compute_dtype(config),
-                    fused_attention=config.teacher.get("fused_attention", False))
+                    fused_attention=config.teacher.get("fused_attention", False),
+                    scan_blocks=config.teacher.get("scan_blocks", False))
 
 
 def _abstract_variables(model: ViTEncoder) -> dict:
@@ -408,7 +409,8 @@ def build_student(config) -> DistillStudent:
                        image_size=spec.image_size, in_chans=spec.in_chans,
                        mlp_ratio=spec.mlp_ratio, drop_path=rates, dtype=dtype,
                        fused_attention=config.student.get("fused_attention", False),
-                       remat=config.student.get("remat", False))
+                       remat=config.student.get("remat", False),
+                       scan_blocks=config.student.get("scan_blocks", False))
   decoder = None
   if plan.mae_weight:
     dec = config.distill.decoder

@@ -78,7 +78,8 @@ def build_model(config, num_classes: int) -> ViTClassifier:
       head_init_std=0.01 if config.mode == "linprobe" else 2e-5,
       dtype=run_config.compute_dtype(config),
       fused_attention=config.model.get("fused_attention", False),
-      remat=config.model.get("remat", False))
+      remat=config.model.get("remat", False),
+      scan_blocks=config.model.get("scan_blocks", False))
 
 
 # -----------------------------------------------------------------------------

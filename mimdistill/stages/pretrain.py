@@ -33,7 +33,8 @@ def build_model(config: ml_collections.ConfigDict) -> MAE:
              mlp_ratio=spec.mlp_ratio, drop_path=config.model.get("drop_path", 0.0),
              dtype=run_config.compute_dtype(config),
              fused_attention=config.model.get("fused_attention", False),
-             remat=config.model.get("remat", False))
+             remat=config.model.get("remat", False),
+             scan_blocks=config.model.get("scan_blocks", False))
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -49,6 +49,7 @@ DEFAULT_NUM_CLASSES = 1000
 STEP_KEYS = (
     "benchmark", "stage", "preset", "variant", "device_kind", "num_devices",
     "mesh", "global_batch", "image_size", "dtype", "fused_attention", "remat",
+    "scan_blocks",
     "compile_s", "lower_s", "steps", "warmup", "step_s_median", "step_s_p10",
     "step_s_p90", "process_cpu_s_median", "images_per_s",
     "images_per_s_per_device", "flops_per_step",
@@ -68,7 +69,7 @@ class Built:
   stage: str
   task: loop_lib.Task
   batch: dict[str, np.ndarray]       # one global batch (host numpy)
-  info: dict[str, Any]               # dtype, fused_attention, remat, ...
+  info: dict[str, Any]               # fused_attention, remat, scan_blocks, ...
   notes: list[str]
 
 
@@ -129,6 +130,7 @@ def build_pretrain(config) -> Built:
   info = {"image_size": spec.image_size,
           "fused_attention": bool(config.model.get("fused_attention", False)),
           "remat": bool(config.model.get("remat", False)),
+          "scan_blocks": bool(config.model.get("scan_blocks", False)),
           "model": f"MAE w{spec.width} d{spec.depth} h{spec.num_heads} "
                    f"p{spec.patch_size} + decoder w{config.model.decoder.width} "
                    f"d{config.model.decoder.depth}"}
@@ -163,6 +165,8 @@ def build_distill(config) -> Built:
           "teacher_fused_attention": bool(config.teacher.get("fused_attention",
                                                              False)),
           "remat": bool(config.student.get("remat", False)),
+          "scan_blocks": bool(config.student.get("scan_blocks", False)),
+          "teacher_scan_blocks": bool(config.teacher.get("scan_blocks", False)),
           "teacher": teacher_from,
           "teacher_blocks_run": f"{plan.teacher_block}/{t_spec.depth}",
           "model": f"teacher w{t_spec.width} d{t_spec.depth} (runs "
@@ -202,6 +206,7 @@ def build_finetune(config) -> Built:
   info = {"image_size": spec.image_size,
           "fused_attention": bool(config.model.get("fused_attention", False)),
           "remat": bool(config.model.get("remat", False)),
+          "scan_blocks": bool(config.model.get("scan_blocks", False)),
           "model": f"ViT w{spec.width} d{spec.depth} h{spec.num_heads} "
                    f"p{spec.patch_size}, {num_classes} classes, {config.mode}"}
   return Built("finetune", task, batch, info, notes)
@@ -333,8 +338,9 @@ def measure_step(config: ml_collections.ConfigDict, *, steps: int = 10,
       "image_size": built.info["image_size"], "dtype": dtype,
       "fused_attention": built.info["fused_attention"],
       "remat": built.info["remat"],
+      "scan_blocks": built.info["scan_blocks"],
       **{k: v for k, v in built.info.items()
-         if k not in ("image_size", "fused_attention", "remat")},
+         if k not in ("image_size", "fused_attention", "remat", "scan_blocks")},
       "compile_s": round(t2 - t1, 3), "lower_s": round(t1 - t0, 3),
       "steps": steps, "warmup": warmup,
       "step_s_median": median, "step_s_p10": _percentile(times, 10),
@@ -484,18 +490,32 @@ def _bytes(x) -> str:
   return str(x)
 
 
+# Record key -> its short name in the table's options column.
+_OPTION_NAMES = (("fused_attention", "fused"), ("remat", "remat"),
+                 ("scan_blocks", "scan"),
+                 ("teacher_fused_attention", "teacher fused"),
+                 ("teacher_scan_blocks", "teacher scan"))
+
+
+def _speed_options(record: dict) -> str:
+  """The speed options a step record was measured with, e.g. 'remat,scan'."""
+  return ",".join(name for key, name in _OPTION_NAMES if record.get(key)) or "-"
+
+
 def format_table(records: list[dict]) -> str:
   """A short human-readable table of step and input records."""
   lines = []
   steps = [r for r in records if r.get("benchmark") == "train_step"]
   if steps:
-    head = ("variant", "compile s", "step ms p50 [p10-p90]", "cpu ms",
-            "img/s", "GFLOP/img", "TFLOP/s", "MFU", "peak mem", "XLA temp")
+    head = ("variant", "options", "compile s", "step ms p50 [p10-p90]",
+            "cpu ms", "img/s", "GFLOP/img", "TFLOP/s", "MFU", "peak mem",
+            "XLA temp")
     rows = []
     for r in steps:
       mem = r.get("xla_memory") or {}
       rows.append((
           r.get("variant") or r.get("preset") or r["stage"],
+          _speed_options(r),
           f"{r['compile_s']:.1f}",
           f"{r['step_s_median'] * 1e3:.1f} [{r['step_s_p10'] * 1e3:.1f}-"
           f"{r['step_s_p90'] * 1e3:.1f}]",
