@@ -36,5 +36,8 @@ setup(
                  "nbclient>=0.7", "nbformat>=5.7", "ipykernel>=6.0"],
         # Running launch/colab/quickstart.ipynb outside Colab.
         "notebook": ["jupyterlab>=4.0", "ipykernel>=6.0"],
+        # gs:// workdirs: epath reaches buckets through gcsfs; Orbax also
+        # asks google-cloud-storage about the bucket's layout.
+        "gcs": ["gcsfs", "google-cloud-storage"],
     },
 )

@@ -21,7 +21,7 @@ What it does, in order (each a line of the --dry-run output):
               is deleted and re-created).
   3. copy     `gcloud compute tpus tpu-vm scp --worker=all` of the tarball.
   4. install  on every worker (`ssh --worker=all`): unpack (or clone) into
-              ~/mimdistill, `pip install -U "jax[tpu]"`, `pip install -e .`
+              ~/mimdistill, `pip install -U "jax[tpu]"`, `pip install -e ".[gcs]"`
   5. start    on every worker: `nohup python3 launch/train.py` (or
               launch/pipeline.py with --pipeline) `--config C --workdir W
               [--multihost] [--config.x=y ...]` in the background, output in
@@ -207,7 +207,8 @@ def install_command(opts) -> str:
   jax_spec = f'"{opts.jax_spec}"' if re.fullmatch(r"[\w.\[\],<>=!~-]+", opts.jax_spec) \
       else shlex.quote(opts.jax_spec)
   pip = f"{opts.python} -m pip install --quiet"
-  return f"{fetch} && cd {d} && {pip} -U {jax_spec} && {pip} -e ."
+  # [gcs]: gcsfs and google-cloud-storage, for the gs:// workdir.
+  return f"{fetch} && cd {d} && {pip} -U {jax_spec} && {pip} -e '.[gcs]'"
 
 
 def start_command(opts) -> str:

@@ -25,3 +25,39 @@ def tfds_dir(tmp_path_factory):
   """One TFDS data dir per test session: the embedded dataset is prepared
   once (seconds) and shared by every test that trains."""
   return tmp_path_factory.mktemp("tfds")
+
+
+def tiny_pipeline_overrides(tfds_dir, distill_steps: int = 4) -> dict:
+  """`<stage>.<field>: value` for the quickstart pipeline at test size: width
+  32, depth 2, patch 8, batch 16, 4 steps per stage."""
+  o = {}
+  for stage in ("pretrain", "distill", "finetune"):
+    o.update({f"{stage}.data.data_dir": str(tfds_dir), f"{stage}.batch_size": 16,
+              f"{stage}.log_every": 1})
+  o.update({"pretrain.total_steps": 4, "pretrain.checkpoint_every": 4,
+            "pretrain.num_visualize": 2,
+            "distill.total_steps": distill_steps, "distill.checkpoint_every": 4,
+            "finetune.total_steps": 4, "finetune.checkpoint_every": 4,
+            "finetune.eval_batch_size": 200})
+  for model in ("pretrain.model", "distill.teacher", "distill.student",
+                "finetune.model"):
+    o.update({f"{model}.width": 32, f"{model}.depth": 2, f"{model}.num_heads": 2,
+              f"{model}.patch_size": 8})
+  o.update({"pretrain.model.decoder.width": 32, "pretrain.model.decoder.depth": 1,
+            "pretrain.model.decoder.num_heads": 2})
+  return o
+
+
+def tiny_pipeline_config(tfds_dir, **kwargs):
+  """configs/pipeline.py:quickstart with `tiny_pipeline_overrides` applied."""
+  import sys
+  sys.path.insert(0, str(REPO))
+  from configs import pipeline
+  config = pipeline.get_config("quickstart")
+  for key, value in tiny_pipeline_overrides(tfds_dir, **kwargs).items():
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config

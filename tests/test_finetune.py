@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, tiny_pipeline_overrides
 from mimdistill.data import input_pipeline
 from mimdistill.models.classifier import ViTClassifier
 from mimdistill.stages import finetune, pretrain
@@ -123,29 +123,8 @@ def test_finetune_errors(pretrain_workdir, tfds_dir, tmp_path):
 
 
 def _pipeline(workdir, tfds_dir):
-  overrides = []
-  for stage in ("pretrain", "distill", "finetune"):
-    overrides += [f"--config.{stage}.data.data_dir={tfds_dir}",
-                  f"--config.{stage}.batch_size=16", f"--config.{stage}.log_every=1"]
-  overrides += [
-      "--config.pretrain.total_steps=4", "--config.pretrain.checkpoint_every=4",
-      "--config.pretrain.num_visualize=2",
-      "--config.distill.total_steps=40", "--config.distill.checkpoint_every=4",
-      "--config.finetune.total_steps=4", "--config.finetune.checkpoint_every=4",
-      "--config.finetune.eval_batch_size=200"]
-  for stage, prefix in (("pretrain", "model"), ("distill", "teacher")):
-    overrides += [f"--config.{stage}.{prefix}.width=32", f"--config.{stage}.{prefix}.depth=2",
-                  f"--config.{stage}.{prefix}.num_heads=2",
-                  f"--config.{stage}.{prefix}.patch_size=8"]
-  overrides += ["--config.pretrain.model.decoder.width=32",
-                "--config.pretrain.model.decoder.depth=1",
-                "--config.pretrain.model.decoder.num_heads=2",
-                "--config.distill.student.width=32", "--config.distill.student.depth=2",
-                "--config.distill.student.num_heads=2",
-                "--config.distill.student.patch_size=8",
-                "--config.finetune.model.width=32", "--config.finetune.model.depth=2",
-                "--config.finetune.model.num_heads=2",
-                "--config.finetune.model.patch_size=8"]
+  overrides = [f"--config.{k}={v}" for k, v in
+               tiny_pipeline_overrides(tfds_dir, distill_steps=40).items()]
   cmd = [sys.executable, str(REPO / "launch" / "pipeline.py"), "--config",
          str(REPO / "configs" / "pipeline.py") + ":quickstart",
          "--workdir", str(workdir), *overrides]

@@ -2,6 +2,7 @@
 (relation maps after stage 2, learning curves and confusion matrix after
 stage 3) after a tiny pipeline run."""
 import json
+import pathlib
 import sys
 
 import numpy as np
@@ -20,6 +21,7 @@ NAMES = ("circle", "square", "triangle", "cross", "ring", "stripes",
 
 
 def png_size(path):
+  path = pathlib.Path(path)  # the plotters return an etils.epath.Path
   assert path.is_file() and path.stat().st_size > 5000, path
   with Image.open(path) as img:
     assert img.format == "PNG"

@@ -45,12 +45,14 @@ import struct
 from typing import Any, Callable, Iterator, Mapping, MutableMapping
 
 import numpy as np
+from etils import epath
 
 from mimdistill.interop import layouts
 from mimdistill.interop.layouts import LayoutError, ModelSpec
 from mimdistill.interop.official_names import (iter_official_to_flax, official_name,
                                                to_official_leaf)
 from mimdistill.interop.pth_reader import CheckpointReadError, CorruptCheckpointError, load_pth
+from mimdistill.paths import is_remote
 
 __all__ = ["ConvertReport", "Converted", "SafetensorsError", "convert", "load_converted",
            "read_safetensors", "read_source", "write_safetensors"]
@@ -375,7 +377,7 @@ def _lazy_official(tree: Mapping[str, Any], restore: Callable[[dict], dict]
   return tensors, skipped, hints
 
 
-def _is_orbax_dir(path: pathlib.Path) -> bool:
+def _is_orbax_dir(path: epath.Path) -> bool:
   return any((path / marker).exists() for marker in
              ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt", "checkpoint"))
 
@@ -407,7 +409,7 @@ def _metadata_tree(meta):
   return getattr(tree, "tree", tree)
 
 
-def _orbax_dir_reader(path: pathlib.Path) -> tuple[dict, Callable[[dict], dict]]:
+def _orbax_dir_reader(path: epath.Path) -> tuple[dict, Callable[[dict], dict]]:
   """(metadata tree, restore(item) -> numpy) of a PyTreeCheckpointer folder."""
   import orbax.checkpoint as ocp
   with ocp.Checkpointer(_handler()) as ckptr:
@@ -461,8 +463,7 @@ def _restore_workdir(src: str) -> tuple[dict, str]:
 
 def _read_dir(src: str) -> Source:
   from mimdistill.training import checkpoints as ckpt_lib
-  workdir, step = ckpt_lib.parse_source(src)
-  path = pathlib.Path(workdir)
+  path, step = ckpt_lib.parse_source(src)
   hints: dict[str, Any] = {}
   if (path / "checkpoints").is_dir():
     kind = "workdir"
@@ -528,8 +529,13 @@ def read_source(src, *, key: str | None = None) -> Source:
   """Reads any supported source into official names (see the module doc)."""
   src = os.fspath(src)
   from mimdistill.training.checkpoints import parse_source
-  if os.path.isdir(parse_source(src)[0]):
+  if parse_source(src)[0].is_dir():  # local or gs:// workdir / Orbax folder
     return _read_dir(src)
+  if is_remote(src):
+    raise CheckpointReadError(
+        f"no workdir or Orbax checkpoint at {src!r}; .pth and .safetensors files "
+        "are memory-mapped and must be on a local disk: copy them first "
+        f"(gcloud storage cp {src} .)")
   if not os.path.exists(src):
     raise CheckpointReadError(
         f"no checkpoint at {src!r}: expected a .pth / .safetensors file, a workdir "
@@ -655,6 +661,10 @@ def convert(src, dst, *, layout: str | None = None, num_heads: int | None = None
   """
   say = log or (lambda _: None)
   dst = os.fspath(dst)
+  if is_remote(dst):
+    raise ValueError(f"destination {dst!r} is in a bucket; convert to a local "
+                     "path, then copy it (gcloud storage cp -r LOCAL "
+                     f"{dst})")
   to_safetensors = dst.endswith(".safetensors")
   _check_destination(dst, to_safetensors, overwrite)
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from mimdistill.interop.official_names import official_to_flax
 from mimdistill.interop.pth_reader import load_pth
+from mimdistill.paths import is_remote
 from mimdistill.training import checkpoints as ckpt_lib
 
 PyTree = Any
@@ -42,6 +43,10 @@ def read_encoder(source: str, *, what: str = "init") -> EncoderSource:
   """`what` names the config field in error messages (e.g. 'teacher.source')."""
   path = str(source)
   if path.endswith(PTH_SUFFIXES):
+    if is_remote(path):
+      raise ValueError(f"{what}={path}: .pth files are memory-mapped and must be "
+                       "on a local disk; copy it first (gcloud storage cp "
+                       f"{path} .) and pass the local path")
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{what}={path} does not exist; point it at an "
                               "official .pth file or a mimdistill workdir")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import pathlib
 import re
 from typing import Any
 
@@ -44,13 +43,14 @@ from mimdistill.models.vit import ViTEncoder, _dense_init, drop_path_rates
 from mimdistill.objectives import distill_targets as targets_lib
 from mimdistill.objectives.mae_loss import mae_loss
 from mimdistill.objectives.relations import RELATION_SETS
-from mimdistill.training.run_config import data_config
+from mimdistill.paths import as_path
 from mimdistill.training import checkpoints as ckpt_lib
 from mimdistill.training import loop as loop_lib
 from mimdistill.training import optimizer as opt_lib
 from mimdistill.training import run_config
 from mimdistill.training import schedules
 from mimdistill.training import sharding as shard_lib
+from mimdistill.training.run_config import data_config
 
 log = logging.getLogger("mimdistill")
 PyTree = Any
@@ -524,7 +524,7 @@ def run(config: ml_collections.ConfigDict, workdir, lineage: dict | None = None,
   validate(config)
   teacher, teacher_variables, parent = load_teacher(config)
   student = build_student(config)
-  workdir = pathlib.Path(workdir)
+  workdir = as_path(workdir)
   mesh = mesh or shard_lib.mesh_from_config(config)
   train_data = input_pipeline.make_dataset(
       data_config(config, "distill"), split=config.data.train_split, train=True,

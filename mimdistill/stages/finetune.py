@@ -16,7 +16,6 @@ Reads top to bottom:
 from __future__ import annotations
 
 import logging
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +29,7 @@ from mimdistill.models import zoo
 from mimdistill.models.classifier import ViTClassifier
 from mimdistill.models.pos_embed import resize_pos_embed, sincos_2d
 from mimdistill.models.vit import drop_path_rates
+from mimdistill.paths import as_path
 from mimdistill.training import checkpoints as ckpt_lib
 from mimdistill.training import loop as loop_lib
 from mimdistill.training import optimizer as opt_lib
@@ -203,7 +203,7 @@ def run(config: ml_collections.ConfigDict, workdir, lineage: dict | None = None,
         mesh=None):
   """Runs (or resumes) stage 3 in `workdir`; returns a summary dict."""
   validate(config)
-  workdir = pathlib.Path(workdir)
+  workdir = as_path(workdir)
   mesh = mesh or shard_lib.mesh_from_config(config)
   train_augment = "linprobe" if config.mode == "linprobe" else "finetune"
   train_data = input_pipeline.make_dataset(

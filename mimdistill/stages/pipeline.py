@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
-import pathlib
 import time
 
 import jax
+from etils import epath
 
+from mimdistill.paths import as_path
 from mimdistill.stages import registry
 from mimdistill.training import checkpoints as ckpt_lib
 
@@ -24,7 +25,7 @@ log = logging.getLogger("mimdistill")
 DONE = "stage_done.json"
 
 
-def _link(name: str, stage_cfg, previous: pathlib.Path | None, teacher_source: str):
+def _link(name: str, stage_cfg, previous: epath.Path | None, teacher_source: str):
   """Points the stage at its parent; returns a description for the log."""
   kind = stage_cfg.stage
   if kind == "distill":
@@ -43,7 +44,7 @@ def _link(name: str, stage_cfg, previous: pathlib.Path | None, teacher_source: s
 
 
 def run_pipeline(config, workdir) -> dict:
-  workdir = pathlib.Path(workdir)
+  workdir = as_path(workdir)
   names = [n.strip() for n in config.stages.split(",") if n.strip()]
   unknown = [n for n in names if n not in config]
   if unknown:
@@ -81,7 +82,7 @@ def run_pipeline(config, workdir) -> dict:
   return summary
 
 
-def _latest_checkpoint(stage_dir: pathlib.Path) -> str | None:
+def _latest_checkpoint(stage_dir: epath.Path) -> str | None:
   ckpt = ckpt_lib.checkpoint_dir(stage_dir)
   steps = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
   return str(ckpt / str(steps[-1])) if steps else None

@@ -2,23 +2,26 @@
 shared loop; at the end writes a reconstruction grid for a few eval images."""
 from __future__ import annotations
 
+import io
 import logging
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from mimdistill.data import input_pipeline, sources
 from mimdistill.models import zoo
 from mimdistill.models.mae import MAE
 from mimdistill.objectives.mae_loss import mae_loss
+from mimdistill.paths import as_path
 from mimdistill.training import loop as loop_lib
 from mimdistill.training import optimizer as opt_lib
 from mimdistill.training import run_config
 from mimdistill.training import schedules
 from mimdistill.training import sharding as shard_lib
+from mimdistill.visualize import write_png_bytes
 
 log = logging.getLogger("mimdistill")
 
@@ -88,7 +91,7 @@ def build_task(config, model: MAE, steps_per_epoch: int) -> loop_lib.Task:
 
 
 def save_reconstructions(model: MAE, variables, images: np.ndarray, config,
-                         path: pathlib.Path, seed: int = 0) -> None:
+                         path: epath.Path, seed: int = 0) -> None:
   """PNG grid: rows of (original, masked input, reconstruction, reconstruction
   with visible patches pasted back), as in the MAE paper's figures."""
   from mimdistill.data.transforms import denormalize
@@ -121,14 +124,15 @@ def save_reconstructions(model: MAE, variables, images: np.ndarray, config,
   scale = max(1, 256 // grid.shape[1] * 2)
   img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale),
                                      Image.NEAREST)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  img.save(path)
+  buffer = io.BytesIO()
+  img.save(buffer, format="PNG")
+  write_png_bytes(buffer.getvalue(), path)
 
 
 def run(config: ml_collections.ConfigDict, workdir, lineage: dict | None = None):
   """Runs (or resumes) stage 1 in `workdir`; returns a summary dict."""
   validate(config)
-  workdir = pathlib.Path(workdir)
+  workdir = as_path(workdir)
   model = build_model(config)
   mesh = shard_lib.mesh_from_config(config)
   train_data = input_pipeline.make_dataset(

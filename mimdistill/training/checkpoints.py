@@ -11,19 +11,21 @@ where it came from.
 from __future__ import annotations
 
 import json
-import pathlib
 from typing import Any, Sequence
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+from mimdistill.paths import INSTALL_HINT, as_path
 
 PyTree = Any
 
 
-def checkpoint_dir(workdir) -> pathlib.Path:
-  return pathlib.Path(workdir).absolute() / "checkpoints"
+def checkpoint_dir(workdir) -> epath.Path:
+  return as_path(workdir) / "checkpoints"
 
 
 class Checkpointer:
@@ -31,11 +33,17 @@ class Checkpointer:
 
   def __init__(self, workdir, *, every_steps: int, keep: int = 3,
                async_save: bool = True):
-    self.manager = ocp.CheckpointManager(
-        checkpoint_dir(workdir),
-        options=ocp.CheckpointManagerOptions(
-            save_interval_steps=max(1, every_steps), max_to_keep=keep,
-            enable_async_checkpointing=async_save, create=True))
+    directory = checkpoint_dir(workdir)
+    try:
+      self.manager = ocp.CheckpointManager(
+          directory,
+          options=ocp.CheckpointManagerOptions(
+              save_interval_steps=max(1, every_steps), max_to_keep=keep,
+              enable_async_checkpointing=async_save, create=True))
+    except ImportError as e:
+      # Orbax asks google-cloud-storage about a gs:// bucket's layout.
+      raise ImportError(f"Orbax cannot reach {directory} ({e}); "
+                        f"{INSTALL_HINT}") from e
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -63,12 +71,12 @@ class Checkpointer:
     self.manager.close()
 
 
-def parse_source(source: str) -> tuple[pathlib.Path, int | None]:
+def parse_source(source: str) -> tuple[epath.Path, int | None]:
   """`workdir` or `workdir:step` -> (workdir, step or None for the latest)."""
   path, _, step = str(source).rpartition(":")
   if path and step.isdigit():
-    return pathlib.Path(path), int(step)
-  return pathlib.Path(source), None
+    return as_path(path), int(step)
+  return as_path(source), None
 
 
 def restore_subtree(source: str, subtree: Sequence[str]) -> tuple[PyTree, dict]:
@@ -119,7 +127,7 @@ def restore_subtree(source: str, subtree: Sequence[str]) -> tuple[PyTree, dict]:
 def write_json(workdir, name: str, record: dict):
   if jax.process_index() != 0:
     return
-  path = pathlib.Path(workdir) / name
+  path = as_path(workdir) / name
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(".tmp")
   tmp.write_text(json.dumps(record, indent=1, sort_keys=True, default=str))
@@ -127,5 +135,5 @@ def write_json(workdir, name: str, record: dict):
 
 
 def read_json(workdir, name: str) -> dict | None:
-  path = pathlib.Path(workdir) / name
+  path = as_path(workdir) / name
   return json.loads(path.read_text()) if path.is_file() else None

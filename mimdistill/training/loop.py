@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import pathlib
 import time
 from typing import Any, Callable, Iterator
 
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
 
+from mimdistill.paths import as_path
 from mimdistill.training import checkpoints as ckpt_lib
 from mimdistill.training import sharding as shard_lib
 from mimdistill.training.metrics import MetricWriter, to_host
@@ -181,7 +181,7 @@ def train(task: Task, data, workdir, loop: LoopConfig,
   `data` is a `mimdistill.data` train `BatchIterator` (global batches; its
   `grain_iterator` position is checkpointed with the state).
   """
-  workdir = pathlib.Path(workdir)
+  workdir = as_path(workdir)
   mesh = mesh or shard_lib.make_mesh(loop.fsdp)
   shard_lib.check_batch(task.images_per_step, mesh)
   check_workdir(workdir, config_dict or {}, task.signature)
@@ -214,7 +214,7 @@ def train(task: Task, data, workdir, loop: LoopConfig,
   best = None
   if task.evaluate is not None:
     best = ocp.CheckpointManager(
-        workdir.absolute() / "best", options=ocp.CheckpointManagerOptions(
+        workdir / "best", options=ocp.CheckpointManagerOptions(
             max_to_keep=1, best_fn=lambda m: m[task.best_metric],
             best_mode="max", enable_async_checkpointing=False))
   eval_metrics: dict = {}

@@ -1,22 +1,31 @@
 """Metrics: JSON lines + TensorBoard events per workdir, a progress bar on
-process 0. TensorBoard files are written with tensorboardX (no TensorFlow)."""
+process 0. TensorBoard files are written with tensorboardX (no TensorFlow).
+
+In a bucket workdir (gs://...) objects cannot be appended to, so both files
+are kept in memory and the whole object is rewritten at each flush, as
+tensorboardX's own GCS writer does; flushes happen at logging steps only.
+"""
 from __future__ import annotations
 
 import json
 import math
-import pathlib
+import io
+import os
 import time
 from typing import Mapping
 
 import jax
 import numpy as np
+from etils import epath
+
+from mimdistill.paths import as_path, is_remote
 
 
 class MetricWriter:
-  def __init__(self, workdir: str | pathlib.Path, total_steps: int,
+  def __init__(self, workdir: str | os.PathLike, total_steps: int,
                initial_step: int = 0, desc: str = "train"):
     self.primary = jax.process_index() == 0
-    self.workdir = pathlib.Path(workdir)
+    self.workdir = as_path(workdir)
     self._jsonl = None
     self._tb = None
     self._bar = None
@@ -24,7 +33,9 @@ class MetricWriter:
       from tensorboardX import SummaryWriter
       from tqdm import tqdm
       self.workdir.mkdir(parents=True, exist_ok=True)
-      self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
+      self._jsonl = _open_append(self.workdir / "metrics.jsonl")
+      if is_remote(self.workdir):
+        _register_bucket_event_writer()
       self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
       self._bar = tqdm(total=total_steps, initial=initial_step, desc=desc,
                        unit="step", dynamic_ncols=True)
@@ -59,6 +70,63 @@ class MetricWriter:
       self._bar.close()
       self._tb.close()
       self._jsonl.close()
+
+
+class _RewrittenObject(io.StringIO):
+  """Append-mode text file for a bucket: keeps the object's text in memory
+  and rewrites the object on flush."""
+
+  def __init__(self, path: epath.Path):
+    super().__init__(path.read_text() if path.exists() else "")
+    self.seek(0, io.SEEK_END)
+    self._path = path
+
+  def flush(self):
+    super().flush()
+    self._path.write_text(self.getvalue())
+
+  def close(self):
+    if not self.closed:
+      self.flush()
+    super().close()
+
+
+def _open_append(path: epath.Path):
+  if is_remote(path):
+    return _RewrittenObject(path)
+  return open(path, "a", encoding="utf-8")
+
+
+class _BucketEventFile:
+  """tensorboardX record sink that rewrites a bucket object through epath."""
+
+  def __init__(self, path: str):
+    self._path = epath.Path(path)
+    self._buffer = io.BytesIO()
+
+  def write(self, data: bytes):
+    self._buffer.write(data)
+
+  def flush(self):
+    self._path.write_bytes(self._buffer.getvalue())
+
+  def close(self):
+    self.flush()
+
+
+class _BucketEventFactory:
+  def open(self, path: str):
+    return _BucketEventFile(path)
+
+  def directory_check(self, path: str):
+    pass  # buckets have no folders to create
+
+
+def _register_bucket_event_writer():
+  # tensorboardX's own 'gs' writer needs google-cloud-storage; epath already
+  # reaches the bucket (through gcsfs), with the same credentials as Orbax.
+  from tensorboardX import record_writer
+  record_writer.register_writer_factory("gs", _BucketEventFactory())
 
 
 def to_host(metrics) -> dict[str, float]:

@@ -14,8 +14,12 @@ draw on a `matplotlib.figure.Figure` with its own Agg canvas and never touch
 """
 from __future__ import annotations
 
+import io
 import os
-import pathlib
+
+from etils import epath
+
+from mimdistill.paths import as_path
 
 
 def new_figure(width: float, height: float, dpi: int = 100):
@@ -27,10 +31,17 @@ def new_figure(width: float, height: float, dpi: int = 100):
   return fig
 
 
-def save_figure(fig, path: str | os.PathLike) -> pathlib.Path:
-  """Writes `fig` as PNG (creating the folder) and returns the path."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, format="png", dpi=fig.dpi, bbox_inches="tight",
+def save_figure(fig, path: str | os.PathLike) -> epath.Path:
+  """Writes `fig` as PNG (creating the folder; local or gs://) and returns
+  the path."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=fig.dpi, bbox_inches="tight",
               facecolor="white")
+  return write_png_bytes(buffer.getvalue(), path)
+
+
+def write_png_bytes(data: bytes, path: str | os.PathLike) -> epath.Path:
+  path = as_path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(data)
   return path

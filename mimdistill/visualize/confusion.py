@@ -7,10 +7,10 @@ evaluator (every real example counted once, whatever the devices or hosts);
 from __future__ import annotations
 
 import os
-import pathlib
 from typing import Callable, Sequence
 
 import numpy as np
+from etils import epath
 
 from mimdistill.visualize import new_figure, save_figure
 
@@ -51,7 +51,7 @@ def confusion_counts(apply_fn: Callable, variables, eval_data,
 
 def plot_confusion_matrix(counts, class_names: Sequence[str] | None,
                           path: str | os.PathLike, *, title: str | None = None,
-                          annotate: bool | None = None) -> pathlib.Path:
+                          annotate: bool | None = None) -> epath.Path:
   """Rows = true class, columns = predicted; colour = the row's fraction
   (per-class recall on the diagonal), cells annotated with counts when there
   are at most 30 classes. Returns `path`."""

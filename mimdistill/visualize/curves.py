@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 from typing import Mapping, Sequence, Union
 
 import numpy as np
+from etils import epath
 
+from mimdistill.paths import as_path
 from mimdistill.visualize import new_figure, save_figure
 
 PathLike = Union[str, os.PathLike]
 METRICS = "metrics.jsonl"
 
 
-def metrics_path(source: PathLike) -> pathlib.Path:
+def metrics_path(source: PathLike) -> epath.Path:
   """A workdir or a metrics.jsonl file -> the metrics.jsonl file."""
-  path = pathlib.Path(source)
+  path = as_path(source)
   return path / METRICS if path.is_dir() else path
 
 
@@ -34,8 +35,8 @@ def read_metrics(source: PathLike) -> dict[str, dict[str, np.ndarray]]:
     raise FileNotFoundError(f"{path} does not exist: point at a workdir a stage "
                             "has trained in (it writes metrics.jsonl)")
   latest: dict[tuple[str, int], dict] = {}
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
+  with path.open(encoding="utf-8") as f:
+    for line in f:
       line = line.strip()
       if not line:
         continue
@@ -65,12 +66,12 @@ def _as_sources(sources) -> dict[str, PathLike]:
     return dict(sources)
   if isinstance(sources, (str, os.PathLike)):
     return {"": sources}
-  return {pathlib.Path(s).name: s for s in sources}
+  return {as_path(s).name: s for s in sources}
 
 
 def plot_learning_curves(sources: PathLike | Sequence[PathLike] | Mapping[str, PathLike],
                          path: PathLike, *, title: str | None = None
-                         ) -> pathlib.Path:
+                         ) -> epath.Path:
   """Train loss, learning rate and eval top-1 over steps; returns `path`.
 
   sources: a workdir (or its metrics.jsonl), a list of them, or

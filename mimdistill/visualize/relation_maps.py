@@ -13,10 +13,10 @@ Token order: 0 is CLS, `1 + r * grid + c` the patch in row r, column c.
 from __future__ import annotations
 
 import os
-import pathlib
 from typing import Sequence, Union
 
 import numpy as np
+from etils import epath
 
 from mimdistill.visualize import new_figure, save_figure
 
@@ -125,7 +125,7 @@ def plot_relation_maps(images, teacher_attention, student_attention,
                        queries: Sequence[Query] | None = None,
                        normalized: bool = True,
                        names: tuple[str, str] = ("teacher", "student"),
-                       title: str | None = None) -> pathlib.Path:
+                       title: str | None = None) -> epath.Path:
   """Writes the side-by-side figure and returns `path`.
 
   images: `(B, H, W, 3)` as the models saw them (ImageNet-normalised unless
@@ -210,7 +210,7 @@ def save_relation_maps(images, teacher, teacher_variables, student,
                        teacher_block: int, student_block: int, heads: int,
                        student_heads: int | None = None,
                        queries: Sequence[Query] | None = None,
-                       title: str | None = None) -> pathlib.Path:
+                       title: str | None = None) -> epath.Path:
   """Runs both encoders (`ViTEncoder`s, eval mode) on `images` and writes
   `plot_relation_maps`. `heads` is the distillation's R; `student_heads`
   (default R) is for a student width R does not divide."""
