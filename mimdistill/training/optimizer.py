@@ -67,7 +67,15 @@ def adamw(params: PyTree, schedule: optax.Schedule, *, b1: float = 0.9,
           depth: int | None = None, frozen: Iterable[str] = (),
           clip_grad_norm: float | None = None, accumulate_steps: int = 1
           ) -> optax.GradientTransformation:
-  """The optimizer every stage uses; see the module docstring for groups."""
+  """The optimizer every stage uses; see the module docstring for groups.
+
+  `schedule` is in loop steps (micro-batches). With `accumulate_steps=k` an
+  update happens every k of them and update j uses the lr of micro-step j*k:
+  MAE's engine sets the lr at the first micro-batch of each group.
+  """
+  if accumulate_steps > 1:
+    per_micro_step = schedule
+    schedule = lambda count: per_micro_step(count * accumulate_steps)  # noqa: E731
   parts = []
   if clip_grad_norm:
     parts.append(optax.clip_by_global_norm(clip_grad_norm))

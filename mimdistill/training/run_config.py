@@ -23,10 +23,12 @@ def compute_dtype(config: ml_collections.ConfigDict):
 
 
 def peak_lr(config: ml_collections.ConfigDict) -> float:
-  """`lr` if given, else the official linear scaling `base_lr * batch / 256`."""
+  """`lr` if given, else the official linear scaling `base_lr * batch / 256`
+  with the effective batch: `batch_size` times the gradient accumulation."""
   if config.get("lr"):
     return float(config.lr)
-  return float(config.base_lr) * config.batch_size / 256
+  accumulate = int((config.get("optimizer") or {}).get("accumulate_steps", 1) or 1)
+  return float(config.base_lr) * config.batch_size * accumulate / 256
 
 
 def steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> tuple[int, int]:
