@@ -201,6 +201,23 @@ def test_remat_and_fused_attention_keep_layout_and_numerics():
     np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-4)
 
 
+def test_scan_blocks_flops_are_those_of_the_unrolled_step():
+  # XLA counts a scan body once; the benchmark counts the unrolled step.
+  records = []
+  for scan in (False, True):
+    c = _tiny_distill_config((("student.depth", 3), ("teacher.depth", 3),
+                              ("student.scan_blocks", scan),
+                              ("teacher.scan_blocks", scan)))
+    c.batch_size = 8
+    c.mesh.num_devices = 1
+    records.append(benchmark.measure_step(c, steps=1, warmup=0))
+  plain, scanned = records
+  assert scanned["scan_blocks"] and scanned["teacher_scan_blocks"]
+  assert "scan_blocks: FLOPs counted on the unrolled step" in scanned["notes"]
+  np.testing.assert_allclose(scanned["gflops_per_image"],
+                             plain["gflops_per_image"], rtol=1e-6)
+
+
 def test_bfloat16_keeps_float32_params_and_losses():
   params, loss, grads = _student_grads()
   params16, loss16, grads16 = _student_grads(dtype="bfloat16")
