@@ -208,7 +208,7 @@ def install_command(opts) -> str:
       else shlex.quote(opts.jax_spec)
   pip = f"{opts.python} -m pip install --quiet"
   # [gcs]: gcsfs and google-cloud-storage, for the gs:// workdir.
-  return f"{fetch} && cd {d} && {pip} -U {jax_spec} && {pip} -e '.[gcs]'"
+  return f"{fetch} && cd {d} && {pip} -U {jax_spec} && {pip} -e \".[gcs]\""
 
 
 def start_command(opts) -> str:

@@ -108,7 +108,7 @@ def test_v4_32_complete_sequence():
   assert "tar -xzf mimdistill-src.tar.gz -C mimdistill" in inst
   assert 'python3 -m pip install --quiet -U "jax[tpu]"' in inst
   assert inst.endswith("cd mimdistill && python3 -m pip install --quiet -U \"jax[tpu]\""
-                       " && python3 -m pip install --quiet -e '.[gcs]'")
+                       " && python3 -m pip install --quiet -e \".[gcs]\"")
 
   # 5. start on every worker, multi-host, under nohup with a log file
   assert start[:6 + len(where) + 1] == GCLOUD_TPU + ["ssh", NAME] + where + ["--worker=all"]

@@ -7,9 +7,9 @@ tensorboardX's own GCS writer does; flushes happen at logging steps only.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
-import io
 import os
 import time
 from typing import Mapping
