@@ -26,6 +26,9 @@ setup(
         "safetensors>=0.4",
         "matplotlib>=3.7",
         "absl-py>=1.4",
+        # Local or gs:// paths for workdirs (mimdistill.paths); [epath]
+        # brings fsspec, which serves the buckets.
+        "etils[epath]>=1.5",
         # tensorflow-datasets imports it when preparing datasets but does
         # not declare it.
         "importlib_resources>=5.0",
