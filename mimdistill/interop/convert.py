@@ -398,12 +398,6 @@ def _handler():
                                      use_compression=False, type_handler_registry=registry)
 
 
-def _as_numpy_restore(tree):
-  import jax
-  import orbax.checkpoint as ocp
-  return jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-
-
 def _metadata_tree(meta):
   tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
   return getattr(tree, "tree", tree)
@@ -412,46 +406,28 @@ def _metadata_tree(meta):
 def _orbax_dir_reader(path: epath.Path) -> tuple[dict, Callable[[dict], dict]]:
   """(metadata tree, restore(item) -> numpy) of a PyTreeCheckpointer folder."""
   import orbax.checkpoint as ocp
+  from mimdistill.training.checkpoints import numpy_restore_args
   with ocp.Checkpointer(_handler()) as ckptr:
     tree = _metadata_tree(ckptr.metadata(path))
 
   def restore(item: dict) -> dict:
     with ocp.Checkpointer(_handler()) as ckptr:
       return ckptr.restore(path, args=ocp.args.PyTreeRestore(
-          item=item, restore_args=_as_numpy_restore(item), partial_restore=True))
+          item=item, restore_args=numpy_restore_args(item), partial_restore=True))
   return tree, restore
 
 
 def _workdir_reader(src: str) -> tuple[dict, Callable[[dict], dict], str]:
   """(metadata tree of `state`, restore(item) -> numpy, step folder) of a
   workdir's checkpoint (`W` or `W:step`)."""
-  import orbax.checkpoint as ocp
   from mimdistill.training import checkpoints as ckpt_lib
-  workdir, step = ckpt_lib.parse_source(src)
-  ckpt = ckpt_lib.checkpoint_dir(workdir)
-
-  def manager():
-    return ocp.CheckpointManager(ckpt, options=ocp.CheckpointManagerOptions(read_only=True),
-                                 item_handlers={"state": _handler()})
-  with manager() as m:
-    steps = m.all_steps()
-    if not steps:
-      raise CheckpointReadError(f"{ckpt} holds no finished checkpoint")
-    if step is None:
-      step = max(steps)
-    elif step not in steps:
-      raise CheckpointReadError(f"{ckpt} has no step {step}; it has {sorted(steps)}")
-    meta = m.item_metadata(step)["state"]
-  tree = getattr(meta, "tree", meta)
-  if not isinstance(tree, dict) or "params" not in tree:
-    raise CheckpointReadError(f"{ckpt}/{step} holds no state/params")
-
-  def restore(item: dict) -> dict:
-    with manager() as m:
-      out = m.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item=item, restore_args=_as_numpy_restore(item), partial_restore=True)))
-    return out["state"]
-  return tree, restore, str(ckpt / str(step))
+  try:
+    saved = ckpt_lib.saved_state(src, handler=_handler())
+  except FileNotFoundError as e:
+    raise CheckpointReadError(str(e)) from None
+  if not isinstance(saved.tree, dict) or "params" not in saved.tree:
+    raise CheckpointReadError(f"{saved.location} holds no state/params")
+  return saved.tree, saved.restore, saved.location
 
 
 def _restore_workdir(src: str) -> tuple[dict, str]:

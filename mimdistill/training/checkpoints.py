@@ -10,6 +10,7 @@ where it came from.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any, Sequence
 
@@ -79,23 +80,50 @@ def parse_source(source: str) -> tuple[epath.Path, int | None]:
   return as_path(source), None
 
 
-def restore_subtree(source: str, subtree: Sequence[str]) -> tuple[PyTree, dict]:
-  """Restores only `state/<subtree...>` (e.g. ('params', 'encoder')) of a
-  workdir's checkpoint as numpy arrays; the optimizer state is never read.
+def numpy_restore_args(tree: PyTree) -> PyTree:
+  """Orbax restore args that bring every leaf of `tree` back as host numpy."""
+  return jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
 
-  Returns the subtree and `{'path', 'step'}` for the lineage record.
-  """
+
+@dataclasses.dataclass(frozen=True)
+class SavedState:
+  """The `state` item of one saved step of a workdir, read on demand."""
+  directory: epath.Path  # <workdir>/checkpoints
+  step: int
+  tree: PyTree           # metadata tree of `state` (shapes, dtypes; no data)
+  handler: Any
+
+  @property
+  def location(self) -> str:
+    return str(self.directory / str(self.step))
+
+  def restore(self, item: PyTree) -> PyTree:
+    """The leaves of `item` (a pruned copy of `tree`) as numpy; nothing else
+    of the checkpoint (e.g. the optimizer state) is read."""
+    with _read_only_manager(self.directory, self.handler) as manager:
+      out = manager.restore(self.step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(item=item, restore_args=numpy_restore_args(item),
+                                       partial_restore=True)))
+    return out["state"]
+
+
+def _read_only_manager(directory, handler) -> ocp.CheckpointManager:
+  # The 'state' handler must be named: a fresh manager (another process than
+  # the one that saved) otherwise returns no metadata for the item.
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      read_only=True), item_handlers={"state": handler})
+
+
+def saved_state(source: str, handler=None) -> SavedState:
+  """`workdir` (latest step) or `workdir:step` -> its `SavedState`."""
   workdir, step = parse_source(source)
   ckpt = checkpoint_dir(workdir)
   if not ckpt.is_dir():
     raise FileNotFoundError(
         f"no checkpoints in {workdir} (looked for {ckpt}); run the earlier "
         "stage there first or point at the right workdir")
-  # The 'state' handler must be named: a fresh manager (another process than
-  # the one that saved) otherwise returns no metadata for the item.
-  with ocp.CheckpointManager(ckpt, options=ocp.CheckpointManagerOptions(
-      read_only=True), item_handlers={"state": ocp.PyTreeCheckpointHandler()}
-      ) as manager:
+  handler = handler or ocp.PyTreeCheckpointHandler()
+  with _read_only_manager(ckpt, handler) as manager:
     steps = manager.all_steps()
     if not steps:
       raise FileNotFoundError(f"{ckpt} holds no finished checkpoint")
@@ -104,24 +132,29 @@ def restore_subtree(source: str, subtree: Sequence[str]) -> tuple[PyTree, dict]:
     elif step not in steps:
       raise FileNotFoundError(f"{ckpt} has no step {step}; it has {sorted(steps)}")
     meta = manager.item_metadata(step)["state"]
-    tree = meta.tree if hasattr(meta, "tree") else meta
-    node = tree
-    for key in subtree:
-      if not isinstance(node, dict) or key not in node:
-        raise KeyError(f"checkpoint {ckpt}/{step} has no state/"
-                       f"{'/'.join(subtree)} (stopped at {key!r})")
-      node = node[key]
-    # Restore only the wanted leaves, as host numpy arrays.
-    wanted = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), node)
-    item, restore_args = node, wanted
-    for key in reversed(subtree):
-      item, restore_args = {key: item}, {key: restore_args}
-    out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True)))
-  node = out["state"]
+  return SavedState(ckpt, int(step), getattr(meta, "tree", meta), handler)
+
+
+def restore_subtree(source: str, subtree: Sequence[str]) -> tuple[PyTree, dict]:
+  """Restores only `state/<subtree...>` (e.g. ('params', 'encoder')) of a
+  workdir's checkpoint as numpy arrays; the optimizer state is never read.
+
+  Returns the subtree and `{'path', 'step'}` for the lineage record.
+  """
+  saved = saved_state(source)
+  node = saved.tree
+  for key in subtree:
+    if not isinstance(node, dict) or key not in node:
+      raise KeyError(f"checkpoint {saved.location} has no state/"
+                     f"{'/'.join(subtree)} (stopped at {key!r})")
+    node = node[key]
+  item = node
+  for key in reversed(subtree):
+    item = {key: item}
+  node = saved.restore(item)
   for key in subtree:
     node = node[key]
-  return node, {"path": str(ckpt / str(step)), "step": int(step)}
+  return node, {"path": saved.location, "step": saved.step}
 
 
 def write_json(workdir, name: str, record: dict):
