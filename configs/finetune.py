@@ -24,27 +24,21 @@ Override anything: --config.init.source=W/distill --config.total_epochs=50 ...
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from mimdistill.training import run_config
+
 
 def common(arg: str) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.stage = "finetune"
-  c.preset = arg
+  c = run_config.stage_config(
+      "finetune", arg, batch_size=1024, total_epochs=100, warmup_epochs=5,
+      base_lr=5e-4, min_lr=1e-6,
+      optimizer=dict(b1=0.9, b2=0.999, weight_decay=0.05, layer_decay=0.75),
+      data=dict(auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25, remode="pixel",
+                recount=1, mixup=0.8, cutmix=1.0, mixup_switch_prob=0.5,
+                label_smoothing=0.1))
   c.mode = "finetune"           # 'finetune' | 'linprobe'
-  c.seed = 0
-  c.dtype = "float32"
-  c.batch_size = 1024           # global
   c.eval_batch_size = 1024
-  c.total_epochs = 100.0
-  c.total_steps = 0
-  c.warmup_epochs = 5.0
-  c.base_lr = 5e-4
-  c.lr = 0.0
-  c.min_lr = 1e-6
   c.num_classes = 0             # 0: from the dataset
   c.ema_decay = 0.0             # > 0: EMA of weights, evaluated alongside
-  c.optimizer = ml_collections.ConfigDict(dict(
-      b1=0.9, b2=0.999, weight_decay=0.05, layer_decay=0.75, clip_grad_norm=0.0,
-      accumulate_steps=1))
   c.init = ml_collections.ConfigDict(dict(source=""))
   c.model = ml_collections.ConfigDict(dict(
       variant="base", width=placeholder(int), depth=placeholder(int),
@@ -53,17 +47,7 @@ def common(arg: str) -> ml_collections.ConfigDict:
       fused_attention=False,    # jax.nn.dot_product_attention (cuDNN on GPU)
       remat=False,              # recompute each block in the backward pass
       scan_blocks=False))       # lax.scan over blocks: faster compile
-  c.data = ml_collections.ConfigDict(dict(
-      name="imagenet2012", data_dir=placeholder(str), train_split="train",
-      eval_split="validation", image_size=224, num_workers=8,
-      auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25, remode="pixel",
-      recount=1, mixup=0.8, cutmix=1.0, mixup_switch_prob=0.5,
-      label_smoothing=0.1))
-  c.mesh = ml_collections.ConfigDict(dict(fsdp=1, num_devices=0))
-  c.log_every = 50
   c.eval_every = 2000
-  c.checkpoint_every = 1000
-  c.keep_checkpoints = 3
   return c
 
 

@@ -44,24 +44,17 @@ Override anything: --config.total_epochs=5 --config.distill.relation_heads=8 ...
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from mimdistill.training import run_config
+
 FEATURES = ("output", "attn", "attn_residual", "ffn", "ffn_residual", "q", "k", "v")
 
 
 def common(arg: str) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.stage = "distill"
-  c.preset = arg
-  c.seed = 0
-  c.dtype = "float32"           # compute dtype; 'bfloat16' on TPU/GPU
-  c.batch_size = 4096           # global
-  c.total_epochs = 300.0
-  c.total_steps = 0             # > 0 overrides total_epochs
-  c.warmup_epochs = 15.0
-  c.base_lr = 1.5e-4            # lr = base_lr * batch_size / 256
-  c.lr = 0.0                    # > 0 sets the peak lr directly
-  c.min_lr = 0.0
-  c.optimizer = ml_collections.ConfigDict(dict(
-      b1=0.9, b2=0.95, weight_decay=0.05, clip_grad_norm=0.0, accumulate_steps=1))
+  c = run_config.stage_config(
+      "distill", arg, batch_size=4096, total_epochs=300, warmup_epochs=15,
+      base_lr=1.5e-4, min_lr=0.0,
+      optimizer=dict(b1=0.9, b2=0.95, weight_decay=0.05),
+      data=dict(crop_scale=(0.2, 1.0), color_jitter=0.4))
   # The trained student. drop path: constant on every block but the last.
   c.student = ml_collections.ConfigDict(dict(
       variant="base", width=placeholder(int), depth=placeholder(int),
@@ -96,14 +89,6 @@ def common(arg: str) -> ml_collections.ConfigDict:
       mae_weight=0.0,           # > 0 (masked input): + weight * MAE loss
       norm_pix_loss=True,
       decoder=dict(width=512, depth=8, num_heads=16)))
-  c.data = ml_collections.ConfigDict(dict(
-      name="imagenet2012", data_dir=placeholder(str), train_split="train",
-      eval_split="validation", image_size=224, num_workers=8,
-      crop_scale=(0.2, 1.0), color_jitter=0.4))
-  c.mesh = ml_collections.ConfigDict(dict(fsdp=1, num_devices=0))  # 0 = all
-  c.log_every = 50
-  c.checkpoint_every = 1000
-  c.keep_checkpoints = 3
   return c
 
 
