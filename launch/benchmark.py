@@ -26,10 +26,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-config_flags.DEFINE_config_file("config", None, "stage config file[:preset]",
-                                lock_config=True)
+from mimdistill import launch_flags  # noqa: E402
+
+FLAGS = launch_flags.define("stage config file[:preset]")
 flags.DEFINE_integer("steps", 10, "timed steps (or batches with --input-only)")
 flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
 flags.DEFINE_bool("input_only", False, "time the input pipeline alone")
@@ -37,17 +37,11 @@ flags.DEFINE_multi_string(
     "sweep", [], "key=v1,v2: one measurement per value (repeat the flag for "
     "a cartesian product), e.g. --sweep dtype=float32,bfloat16")
 flags.DEFINE_string("json_out", None, "also append the JSON lines to this file")
-flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first")
-flags.mark_flags_as_required(["config"])
-FLAGS = flags.FLAGS
 
 
 def main(argv):
   del argv
-  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
-  import jax
-  if FLAGS.multihost:
-    jax.distributed.initialize()
+  jax = launch_flags.start(logging.WARNING)
   from mimdistill.training import benchmark
 
   primary = jax.process_index() == 0

@@ -5,29 +5,22 @@ r"""Runs the whole pipeline (pre-training -> distillation -> fine-tuning).
 Rerunning the same command skips finished stages and resumes an interrupted
 one. On a multi-host pod pass --multihost.
 """
-import logging
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app  # noqa: E402
 
-config_flags.DEFINE_config_file("config", None, "pipeline config file[:preset]",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "pipeline directory (one subfolder per stage)")
-flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first")
-flags.mark_flags_as_required(["config", "workdir"])
-FLAGS = flags.FLAGS
+from mimdistill import launch_flags  # noqa: E402
+
+FLAGS = launch_flags.define("pipeline config file[:preset]",
+                            "pipeline directory (one subfolder per stage)")
 
 
 def main(argv):
   del argv
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-  import jax
-  if FLAGS.multihost:
-    jax.distributed.initialize()
+  launch_flags.start()
   from mimdistill.stages.pipeline import run_pipeline
   run_pipeline(FLAGS.config, FLAGS.workdir)
 
