@@ -27,6 +27,47 @@ def tfds_dir(tmp_path_factory):
   return tmp_path_factory.mktemp("tfds")
 
 
+@pytest.fixture(scope="session")
+def data_dir(tfds_dir):
+  """`tfds_dir` as a string, with the embedded dataset already prepared."""
+  from mimdistill.data import sources
+  sources.get_builder("embedded", str(tfds_dir)).prepare()
+  return str(tfds_dir)
+
+
+def data_config(data_dir, augment, **overrides):
+  """An input-pipeline config: embedded dataset, 32 px, batch 16, no
+  worker processes, seed 0."""
+  import ml_collections
+  fields = dict(name="embedded", data_dir=data_dir, image_size=32,
+                batch_size=16, num_workers=0, augment=augment, seed=0)
+  fields.update(overrides)
+  return ml_collections.ConfigDict(fields)
+
+
+def take(pipeline, n):
+  """The first `n` batches of a fresh iterator over `pipeline`."""
+  it = iter(pipeline)
+  batches = [next(it) for _ in range(n)]
+  it.close()
+  return batches
+
+
+def set_path(config, dotted: str, value) -> None:
+  """config['a']['b']['c'] = value for dotted = 'a.b.c'."""
+  *parents, leaf = dotted.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+
+
+# The run fields of a stage's end-to-end test: 3 steps of batch 16, no
+# warm-up, a fixed lr, a log line per step, one synchronous checkpoint.
+TINY_RUN = dict(batch_size=16, total_steps=3, warmup_epochs=0.0, lr=1e-3,
+                log_every=1, checkpoint_every=3, async_checkpoints=False)
+
+
 def tiny_pipeline_overrides(tfds_dir, distill_steps: int = 4) -> dict:
   """`<stage>.<field>: value` for the quickstart pipeline at test size: width
   32, depth 2, patch 8, batch 16, 4 steps per stage."""
@@ -55,9 +96,5 @@ def tiny_pipeline_config(tfds_dir, **kwargs):
   from configs import pipeline
   config = pipeline.get_config("quickstart")
   for key, value in tiny_pipeline_overrides(tfds_dir, **kwargs).items():
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    set_path(config, key, value)
   return config

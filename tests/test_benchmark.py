@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, set_path
 from mimdistill.stages import distill
 from mimdistill.training import benchmark
 from mimdistill.training import peak_flops
@@ -138,9 +138,7 @@ def _tiny_distill_config(options=()):
   c.teacher.update(width=32, depth=2, num_heads=2, patch_size=8, source="")
   c.student.update(width=32, depth=2, num_heads=2, patch_size=8)
   for key, value in options:
-    node, *path = key.split(".")
-    target = c[node] if path else c
-    target[path[0] if path else node] = value
+    set_path(c, key, value)
   return c
 
 

@@ -1,21 +1,21 @@
 """Tests of mimdistill.data: datasets, augmentations, the grain pipeline."""
 
+import functools
 import hashlib
 import io
 import json
 import os
-import shutil
 import sys
 import time
 
 import grain
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
+from conftest import data_config, take
 from mimdistill.data import class_folder
 from mimdistill.data import embedded_shapes
 from mimdistill.data import input_pipeline
@@ -26,27 +26,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR10 = os.path.join(REPO_ROOT, '..', 'shared', 'data', 'cifar10')
 
 
-@pytest.fixture(scope='session')
-def data_dir(tmp_path_factory):
-  """A TFDS data dir holding the prepared embedded dataset (once per run)."""
-  # One copy per test session, shared by the data test modules.
-  path = tmp_path_factory.getbasetemp() / 'tfds_embedded'
-  sources.get_builder('embedded', str(path)).prepare()
-  return str(path)
-
-
-def make_config(data_dir, **overrides):
-  fields = dict(name='embedded', data_dir=data_dir, image_size=32,
-                batch_size=16, num_workers=0, augment='mae', seed=0)
-  fields.update(overrides)
-  return ml_collections.ConfigDict(fields)
-
-
-def take(pipeline, n):
-  it = iter(pipeline)
-  batches = [next(it) for _ in range(n)]
-  it.close()
-  return batches
+make_config = functools.partial(data_config, augment='mae')
 
 
 def assert_batches_equal(a, b):

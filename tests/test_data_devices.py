@@ -4,14 +4,15 @@ tests/conftest.py sets XLA_FLAGS=--xla_force_host_platform_device_count=8
 before JAX starts; without it these tests are skipped.
 """
 
+import functools
+
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-import ml_collections
 import numpy as np
 import pytest
 
+from conftest import data_config
 from mimdistill.data import input_pipeline
-from mimdistill.data import sources
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8,
@@ -19,19 +20,7 @@ pytestmark = pytest.mark.skipif(
     'XLA_FLAGS=--xla_force_host_platform_device_count=8')
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  # One copy per test session, shared by the data test modules.
-  path = tmp_path_factory.getbasetemp() / 'tfds_embedded'
-  sources.get_builder('embedded', str(path)).prepare()
-  return str(path)
-
-
-def make_config(data_dir, **overrides):
-  fields = dict(name='embedded', data_dir=data_dir, image_size=32,
-                batch_size=16, num_workers=0, augment='distill', seed=0)
-  fields.update(overrides)
-  return ml_collections.ConfigDict(fields)
+make_config = functools.partial(data_config, augment='distill')
 
 
 def first_batch(pipeline):

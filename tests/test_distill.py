@@ -14,7 +14,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO, shared_path
+from conftest import REPO, TINY_RUN, set_path, shared_path
 from mimdistill.interop.official_names import official_names_of, official_to_flax
 from mimdistill.interop.pth_reader import load_pth
 from mimdistill.stages import distill, pretrain
@@ -31,14 +31,6 @@ TEACHER = dict(width=64, depth=1, num_heads=4, patch_size=4, image_size=32)
 STUDENT = dict(width=32, depth=1, num_heads=2, patch_size=4, image_size=32)
 
 
-def set_path(c, key, value):
-  node = c
-  *path, leaf = key.split(".")
-  for p in path:
-    node = node[p]
-  node[leaf] = value
-
-
 def tiny_config(arg="quickstart", tfds_dir=None, **overrides):
   c = tinymim_distill.get_config(arg)
   c.teacher.update(variant="custom", source="unused", **TEACHER)
@@ -46,13 +38,7 @@ def tiny_config(arg="quickstart", tfds_dir=None, **overrides):
   c.distill.decoder.update(width=32, depth=1, num_heads=2)
   c.data.update(data_dir=tfds_dir and str(tfds_dir), num_workers=0)
   c.mesh.num_devices = 1  # end-to-end runs; 8 devices are tested on the loop
-  c.batch_size = 16
-  c.total_steps = 3
-  c.warmup_epochs = 0.0
-  c.lr = 1e-3
-  c.log_every = 1
-  c.checkpoint_every = 3
-  c.async_checkpoints = False
+  c.update(TINY_RUN)
   for k, v in overrides.items():
     set_path(c, k, v)
   return c

@@ -1,41 +1,22 @@
 """Tests of the fine-tuning data: RandAugment, random erasing, mixup/cutmix,
 and the 'finetune' / 'linprobe' pipelines (timm 0.3.2 / MAE semantics)."""
 
+import functools
 import math
 import sys
 
-import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 
+from conftest import data_config, take
 from mimdistill.data import finetune_transforms as ft
 from mimdistill.data import input_pipeline
 from mimdistill.data import mixup
-from mimdistill.data import sources
 from mimdistill.data import transforms
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  # One copy per test session, shared by the data test modules.
-  path = tmp_path_factory.getbasetemp() / 'tfds_embedded'
-  sources.get_builder('embedded', str(path)).prepare()
-  return str(path)
-
-
-def make_config(data_dir, **overrides):
-  fields = dict(name='embedded', data_dir=data_dir, image_size=32,
-                batch_size=16, num_workers=0, augment='finetune', seed=0)
-  fields.update(overrides)
-  return ml_collections.ConfigDict(fields)
-
-
-def take(pipeline, n):
-  it = iter(pipeline)
-  batches = [next(it) for _ in range(n)]
-  it.close()
-  return batches
+make_config = functools.partial(data_config, augment='finetune')
 
 
 def random_image(seed=0, size=(32, 32)):

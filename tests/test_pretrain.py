@@ -10,10 +10,9 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO, shared_path
+from conftest import REPO, TINY_RUN, set_path, shared_path
 from mimdistill.stages import pretrain
 from mimdistill.training import checkpoints as ckpt_lib
 
@@ -26,20 +25,10 @@ def tiny_config(tfds_dir, **overrides):
   c.model.update(width=32, depth=1, num_heads=2, patch_size=8, image_size=32)
   c.model.decoder.update(width=32, depth=1, num_heads=2)
   c.data.update(data_dir=tfds_dir and str(tfds_dir), num_workers=0)
-  c.batch_size = 16
-  c.total_steps = 3
-  c.warmup_epochs = 0.0
-  c.lr = 1e-3
-  c.log_every = 1
-  c.checkpoint_every = 3
-  c.async_checkpoints = False
+  c.update(TINY_RUN)
   c.num_visualize = 2
   for k, v in overrides.items():
-    node = c
-    *path, leaf = k.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = v
+    set_path(c, k, v)
   return c
 
 
