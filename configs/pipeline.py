@@ -43,24 +43,25 @@ def _student_as_mae(pre, student):
     pre.model[key] = student[key]
 
 
+# preset -> the (stage-1, stage-2, stage-3) config presets it chains.
+_THREE_STAGES = {
+    "quickstart": ("quickstart", "quickstart", "quickstart"),
+    "cifar10": ("cifar10", "cifar10", "cifar10"),
+    "imagenet": ("large", "b_from_l", "base"),
+}
+
+
 def get_config(arg: str = "quickstart") -> ml_collections.ConfigDict:
   mae, distill, finetune = _load("mae_pretrain"), _load("tinymim_distill"), _load("finetune")
   baseline, _, preset = arg.partition(":") if ":" in arg else ("", "", arg)
   c = ml_collections.ConfigDict()
   c.preset = arg
   c.teacher_source = ""  # skip stage 1: distil from this .pth or workdir
-  if preset == "quickstart":
-    c.pretrain = mae.get_config("quickstart")
-    c.distill = distill.get_config("quickstart")
-    c.finetune = finetune.get_config("quickstart")
-  elif preset == "cifar10":
-    c.pretrain = mae.get_config("cifar10")
-    c.distill = distill.get_config("cifar10")
-    c.finetune = finetune.get_config("cifar10")
-  elif preset == "imagenet":
-    c.pretrain = mae.get_config("large")
-    c.distill = distill.get_config("b_from_l")
-    c.finetune = finetune.get_config("base")
+  if preset in _THREE_STAGES:
+    pre, dis, fin = _THREE_STAGES[preset]
+    c.pretrain = mae.get_config(pre)
+    c.distill = distill.get_config(dis)
+    c.finetune = finetune.get_config(fin)
   elif preset == "imagenet_chain":
     c.pretrain = mae.get_config("large")
     c.distill = distill.get_config("b_from_l")
