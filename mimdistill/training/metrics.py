@@ -7,7 +7,6 @@ tensorboardX's own GCS writer does; flushes happen at logging steps only.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -46,7 +45,7 @@ class MetricWriter:
       return
     record = {"step": int(step), "prefix": prefix, "time": time.time()}
     record.update({k: float(v) for k, v in metrics.items()})
-    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.write((json.dumps(record) + "\n").encode("utf-8"))
     self._jsonl.flush()
     for k, v in metrics.items():
       if math.isfinite(float(v)):
@@ -72,51 +71,32 @@ class MetricWriter:
       self._jsonl.close()
 
 
-class _RewrittenObject(io.StringIO):
-  """Append-mode text file for a bucket: keeps the object's text in memory
-  and rewrites the object on flush."""
+class _BucketObject:
+  """An append-only file in a bucket, for metrics.jsonl and the TensorBoard
+  events: the content is kept in memory and the whole object rewritten at
+  each flush."""
 
-  def __init__(self, path: epath.Path):
-    super().__init__(path.read_text() if path.exists() else "")
-    self.seek(0, io.SEEK_END)
-    self._path = path
-
-  def flush(self):
-    super().flush()
-    self._path.write_text(self.getvalue())
-
-  def close(self):
-    if not self.closed:
-      self.flush()
-    super().close()
-
-
-def _open_append(path: epath.Path):
-  if is_remote(path):
-    return _RewrittenObject(path)
-  return open(path, "a", encoding="utf-8")
-
-
-class _BucketEventFile:
-  """tensorboardX record sink that rewrites a bucket object through epath."""
-
-  def __init__(self, path: str):
+  def __init__(self, path: str | os.PathLike):
     self._path = epath.Path(path)
-    self._buffer = io.BytesIO()
+    self._data = bytearray(self._path.read_bytes() if self._path.exists() else b"")
 
   def write(self, data: bytes):
-    self._buffer.write(data)
+    self._data += data
 
   def flush(self):
-    self._path.write_bytes(self._buffer.getvalue())
+    self._path.write_bytes(bytes(self._data))
 
   def close(self):
     self.flush()
 
 
+def _open_append(path: epath.Path):
+  return _BucketObject(path) if is_remote(path) else open(path, "ab")
+
+
 class _BucketEventFactory:
   def open(self, path: str):
-    return _BucketEventFile(path)
+    return _BucketObject(path)
 
   def directory_check(self, path: str):
     pass  # buckets have no folders to create
