@@ -21,6 +21,7 @@ Append `,linprobe` for linear probing (LARS, blr 0.1, batch 16384, 90 epochs,
 frozen encoder, BatchNorm without affine before the head).
 Override anything: --config.init.source=W/distill --config.total_epochs=50 ...
 """
+
 import ml_collections
 from ml_collections.config_dict import placeholder
 
@@ -29,24 +30,46 @@ from mimdistill.training import run_config
 
 def common(arg: str) -> ml_collections.ConfigDict:
   c = run_config.stage_config(
-      "finetune", arg, batch_size=1024, total_epochs=100, warmup_epochs=5,
-      base_lr=5e-4, min_lr=1e-6,
-      optimizer=dict(b1=0.9, b2=0.999, weight_decay=0.05, layer_decay=0.75),
-      data=dict(auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25, remode="pixel",
-                recount=1, mixup=0.8, cutmix=1.0, mixup_switch_prob=0.5,
-                label_smoothing=0.1))
-  c.mode = "finetune"           # 'finetune' | 'linprobe'
+    "finetune",
+    arg,
+    batch_size=1024,
+    total_epochs=100,
+    warmup_epochs=5,
+    base_lr=5e-4,
+    min_lr=1e-6,
+    optimizer=dict(b1=0.9, b2=0.999, weight_decay=0.05, layer_decay=0.75),
+    data=dict(
+      auto_augment="rand-m9-mstd0.5-inc1",
+      reprob=0.25,
+      remode="pixel",
+      recount=1,
+      mixup=0.8,
+      cutmix=1.0,
+      mixup_switch_prob=0.5,
+      label_smoothing=0.1,
+    ),
+  )
+  c.mode = "finetune"  # 'finetune' | 'linprobe'
   c.eval_batch_size = 1024
-  c.num_classes = 0             # 0: from the dataset
-  c.ema_decay = 0.0             # > 0: EMA of weights, evaluated alongside
+  c.num_classes = 0  # 0: from the dataset
+  c.ema_decay = 0.0  # > 0: EMA of weights, evaluated alongside
   c.init = ml_collections.ConfigDict(dict(source=""))
-  c.model = ml_collections.ConfigDict(dict(
-      variant="base", width=placeholder(int), depth=placeholder(int),
-      num_heads=placeholder(int), patch_size=placeholder(int), image_size=224,
-      mlp_ratio=4.0, drop_path=0.1, global_pool=True,
-      fused_attention=False,    # jax.nn.dot_product_attention (cuDNN on GPU)
-      remat=False,              # recompute each block in the backward pass
-      scan_blocks=False))       # lax.scan over blocks: faster compile
+  c.model = ml_collections.ConfigDict(
+    dict(
+      variant="base",
+      width=placeholder(int),
+      depth=placeholder(int),
+      num_heads=placeholder(int),
+      patch_size=placeholder(int),
+      image_size=224,
+      mlp_ratio=4.0,
+      drop_path=0.1,
+      global_pool=True,
+      fused_attention=False,  # jax.nn.dot_product_attention (cuDNN on GPU)
+      remat=False,  # recompute each block in the backward pass
+      scan_blocks=False,
+    )
+  )  # lax.scan over blocks: faster compile
   c.eval_every = 2000
   return c
 
@@ -64,14 +87,24 @@ def _preset(c, name):
     c.warmup_epochs = 20.0
     c.optimizer.layer_decay = 1.0
   elif name == "quickstart":
-    c.model.update(variant="custom", width=48, depth=4, num_heads=3,
-                   patch_size=4, image_size=32, drop_path=0.1)
+    c.model.update(
+      variant="custom", width=48, depth=4, num_heads=3, patch_size=4, image_size=32, drop_path=0.1
+    )
     c.init.source = "workdirs/quickstart/distill"
     # 32-px shapes: a small crop often misses the shape, so crops stay large
     # and the heavier ImageNet augmentations are off.
-    c.data.update(name="embedded", train_split="train", eval_split="test",
-                  image_size=32, num_workers=0, auto_augment=None, reprob=0.0,
-                  mixup=0.0, cutmix=0.0, finetune_crop_scale=(0.6, 1.0))
+    c.data.update(
+      name="embedded",
+      train_split="train",
+      eval_split="test",
+      image_size=32,
+      num_workers=0,
+      auto_augment=None,
+      reprob=0.0,
+      mixup=0.0,
+      cutmix=0.0,
+      finetune_crop_scale=(0.6, 1.0),
+    )
     c.batch_size = 128
     c.eval_batch_size = 200
     c.total_epochs = 20.0  # 8 epochs reach ~20% top-1 here, 20 epochs ~44%
@@ -81,10 +114,16 @@ def _preset(c, name):
     c.eval_every = 156  # every 4 epochs: the accuracy curve has 5 points
     c.checkpoint_every = 100
   elif name == "cifar10":
-    c.model.update(variant="custom", width=96, depth=12, num_heads=3,
-                   patch_size=4, image_size=32, drop_path=0.1)
-    c.data.update(name="folder:../shared/data/cifar10", train_split="train",
-                  eval_split="test", image_size=32, num_workers=2)
+    c.model.update(
+      variant="custom", width=96, depth=12, num_heads=3, patch_size=4, image_size=32, drop_path=0.1
+    )
+    c.data.update(
+      name="folder:../shared/data/cifar10",
+      train_split="train",
+      eval_split="test",
+      image_size=32,
+      num_workers=2,
+    )
     c.batch_size = 256
     c.eval_batch_size = 500
     c.total_epochs = 100.0
@@ -114,13 +153,15 @@ PRESETS = ("quickstart", "cifar10", "tiny", "small", "base", "scratch")
 def get_config(arg: str = "quickstart") -> ml_collections.ConfigDict:
   parts = [p.strip() for p in (arg or "quickstart").split(",") if p.strip()]
   c = common(arg)
-  for i, part in enumerate(parts):
+  for part in parts:
     if part == "linprobe":
       _linprobe(c)
       continue
     try:
       _preset(c, part)
     except KeyError:
-      raise ValueError(f"unknown preset {part!r} in {arg!r} for finetune; use "
-                       f"{', '.join(PRESETS)} (optionally ',linprobe')") from None
+      raise ValueError(
+        f"unknown preset {part!r} in {arg!r} for finetune; use "
+        f"{', '.join(PRESETS)} (optionally ',linprobe')"
+      ) from None
   return c

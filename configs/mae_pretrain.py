@@ -8,6 +8,7 @@ Stage 1, MAE pre-training. Presets (`:<arg>`):
               wd 0.05, mask 0.75, norm_pix_loss, decoder 512-d x 8 blocks
 Override anything: --config.total_epochs=5 --config.batch_size=256 ...
 """
+
 import ml_collections
 from ml_collections.config_dict import placeholder
 
@@ -16,20 +17,34 @@ from mimdistill.training import run_config
 
 def common(arg: str) -> ml_collections.ConfigDict:
   c = run_config.stage_config(
-      "pretrain", arg, batch_size=4096, total_epochs=800, warmup_epochs=40,
-      base_lr=1.5e-4, min_lr=0.0,
-      optimizer=dict(b1=0.9, b2=0.95, weight_decay=0.05),
-      data=dict(crop_scale=(0.2, 1.0)))
+    "pretrain",
+    arg,
+    batch_size=4096,
+    total_epochs=800,
+    warmup_epochs=40,
+    base_lr=1.5e-4,
+    min_lr=0.0,
+    optimizer=dict(b1=0.9, b2=0.95, weight_decay=0.05),
+    data=dict(crop_scale=(0.2, 1.0)),
+  )
   c.mask_ratio = 0.75
   c.norm_pix_loss = True
-  c.model = ml_collections.ConfigDict(dict(
-      variant="large", width=placeholder(int), depth=placeholder(int),
-      num_heads=placeholder(int), patch_size=placeholder(int),
-      image_size=224, mlp_ratio=4.0, drop_path=0.0,
-      fused_attention=False,    # jax.nn.dot_product_attention (cuDNN on GPU)
-      remat=False,              # recompute each block in the backward pass
-      scan_blocks=False,        # lax.scan over blocks: faster compile
-      decoder=dict(width=512, depth=8, num_heads=16)))
+  c.model = ml_collections.ConfigDict(
+    dict(
+      variant="large",
+      width=placeholder(int),
+      depth=placeholder(int),
+      num_heads=placeholder(int),
+      patch_size=placeholder(int),
+      image_size=224,
+      mlp_ratio=4.0,
+      drop_path=0.0,
+      fused_attention=False,  # jax.nn.dot_product_attention (cuDNN on GPU)
+      remat=False,  # recompute each block in the backward pass
+      scan_blocks=False,  # lax.scan over blocks: faster compile
+      decoder=dict(width=512, depth=8, num_heads=16),
+    )
+  )
   c.num_visualize = 8
   return c
 
@@ -39,11 +54,11 @@ def get_config(arg: str = "quickstart") -> ml_collections.ConfigDict:
   if arg in ("base", "large", "huge"):
     c.model.variant = arg
   elif arg == "quickstart":
-    c.model.update(variant="custom", width=64, depth=4, num_heads=4,
-                   patch_size=4, image_size=32)
+    c.model.update(variant="custom", width=64, depth=4, num_heads=4, patch_size=4, image_size=32)
     c.model.decoder.update(width=64, depth=2, num_heads=4)
-    c.data.update(name="embedded", train_split="train", eval_split="test",
-                  image_size=32, num_workers=0)
+    c.data.update(
+      name="embedded", train_split="train", eval_split="test", image_size=32, num_workers=0
+    )
     c.batch_size = 128
     c.total_epochs = 12.0
     c.warmup_epochs = 1.0
@@ -51,17 +66,22 @@ def get_config(arg: str = "quickstart") -> ml_collections.ConfigDict:
     c.log_every = 10
     c.checkpoint_every = 100
   elif arg == "cifar10":
-    c.model.update(variant="custom", width=192, depth=12, num_heads=3,
-                   patch_size=4, image_size=32)
+    c.model.update(variant="custom", width=192, depth=12, num_heads=3, patch_size=4, image_size=32)
     c.model.decoder.update(width=128, depth=2, num_heads=4)
-    c.data.update(name="folder:../shared/data/cifar10", train_split="train",
-                  eval_split="test", image_size=32, num_workers=2)
+    c.data.update(
+      name="folder:../shared/data/cifar10",
+      train_split="train",
+      eval_split="test",
+      image_size=32,
+      num_workers=2,
+    )
     c.batch_size = 256
     c.total_epochs = 100.0
     c.warmup_epochs = 5.0
     c.log_every = 20
     c.checkpoint_every = 500
   else:
-    raise ValueError(f"unknown preset {arg!r} for mae_pretrain; use quickstart, "
-                     "cifar10, base, large or huge")
+    raise ValueError(
+      f"unknown preset {arg!r} for mae_pretrain; use quickstart, cifar10, base, large or huge"
+    )
   return c

@@ -21,6 +21,7 @@ Baselines (paper Table 1), same data and student as the preset after the colon:
 Stage fields are overridden as --config.<stage>.<field>=..., e.g.
 --config.distill.total_epochs=3.
 """
+
 import importlib.util
 import os
 
@@ -30,8 +31,9 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _load(name):
-  spec = importlib.util.spec_from_file_location(f"_mimdistill_{name}",
-                                                os.path.join(_HERE, f"{name}.py"))
+  spec = importlib.util.spec_from_file_location(
+    f"_mimdistill_{name}", os.path.join(_HERE, f"{name}.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -45,9 +47,9 @@ def _student_as_mae(pre, student):
 
 # preset -> the (stage-1, stage-2, stage-3) config presets it chains.
 _THREE_STAGES = {
-    "quickstart": ("quickstart", "quickstart", "quickstart"),
-    "cifar10": ("cifar10", "cifar10", "cifar10"),
-    "imagenet": ("large", "b_from_l", "base"),
+  "quickstart": ("quickstart", "quickstart", "quickstart"),
+  "cifar10": ("cifar10", "cifar10", "cifar10"),
+  "imagenet": ("large", "b_from_l", "base"),
 }
 
 
@@ -70,11 +72,12 @@ def get_config(arg: str = "quickstart") -> ml_collections.ConfigDict:
     c.finetune = finetune.get_config("tiny")  # 3 heads on the 6-head weights
     c.teacher_source = "mae_pretrain_vit_large.pth"
   else:
-    raise ValueError(f"unknown pipeline preset {preset!r}; use quickstart, "
-                     "cifar10, imagenet or imagenet_chain (optionally "
-                     "mae_baseline:<preset> or scratch_baseline:<preset>)")
-  order = [k for k in ("pretrain", "distill", "distill_s", "distill_t", "finetune")
-           if k in c]
+    raise ValueError(
+      f"unknown pipeline preset {preset!r}; use quickstart, "
+      "cifar10, imagenet or imagenet_chain (optionally "
+      "mae_baseline:<preset> or scratch_baseline:<preset>)"
+    )
+  order = [k for k in ("pretrain", "distill", "distill_s", "distill_t", "finetune") if k in c]
   if baseline == "mae_baseline":
     _student_as_mae(c.pretrain, c.distill.student)
     order = ["pretrain", "finetune"]
@@ -82,7 +85,6 @@ def get_config(arg: str = "quickstart") -> ml_collections.ConfigDict:
     order = ["finetune"]
     c.finetune.init.source = ""
   elif baseline:
-    raise ValueError(f"unknown baseline {baseline!r}; use mae_baseline or "
-                     "scratch_baseline")
+    raise ValueError(f"unknown baseline {baseline!r}; use mae_baseline or scratch_baseline")
   c.stages = ",".join(order)
   return c

@@ -41,6 +41,7 @@ to a preset (alone they modify b_from_l), e.g. `:cifar10,feature_attn`:
                       head in params['heads']['decoder'])
 Override anything: --config.total_epochs=5 --config.distill.relation_heads=8 ...
 """
+
 import ml_collections
 from ml_collections.config_dict import placeholder
 
@@ -51,15 +52,27 @@ FEATURES = ("output", "attn", "attn_residual", "ffn", "ffn_residual", "q", "k", 
 
 def common(arg: str) -> ml_collections.ConfigDict:
   c = run_config.stage_config(
-      "distill", arg, batch_size=4096, total_epochs=300, warmup_epochs=15,
-      base_lr=1.5e-4, min_lr=0.0,
-      optimizer=dict(b1=0.9, b2=0.95, weight_decay=0.05),
-      data=dict(crop_scale=(0.2, 1.0), color_jitter=0.4))
+    "distill",
+    arg,
+    batch_size=4096,
+    total_epochs=300,
+    warmup_epochs=15,
+    base_lr=1.5e-4,
+    min_lr=0.0,
+    optimizer=dict(b1=0.9, b2=0.95, weight_decay=0.05),
+    data=dict(crop_scale=(0.2, 1.0), color_jitter=0.4),
+  )
   # The trained student. drop path: constant on every block but the last.
-  c.student = ml_collections.ConfigDict(dict(
-      variant="base", width=placeholder(int), depth=placeholder(int),
-      num_heads=placeholder(int), patch_size=placeholder(int),
-      image_size=224, mlp_ratio=4.0, drop_path=0.1,
+  c.student = ml_collections.ConfigDict(
+    dict(
+      variant="base",
+      width=placeholder(int),
+      depth=placeholder(int),
+      num_heads=placeholder(int),
+      patch_size=placeholder(int),
+      image_size=224,
+      mlp_ratio=4.0,
+      drop_path=0.1,
       drop_path_schedule="constant_but_last",
       # Speed options (numerics of the official code with all False):
       # jax.nn.dot_product_attention (cuDNN on GPU) in the blocks before the
@@ -67,34 +80,51 @@ def common(arg: str) -> ml_collections.ConfigDict:
       # block in the backward pass; scan_blocks runs the blocks before the
       # last under one lax.scan (compile time; same params, other but
       # equally distributed drop-path masks).
-      fused_attention=False, remat=False, scan_blocks=False))
+      fused_attention=False,
+      remat=False,
+      scan_blocks=False,
+    )
+  )
   # The frozen teacher: architecture, where its weights come from, and the
   # target block (1-based; 0 = 18 for a depth-24 teacher, else its last).
-  c.teacher = ml_collections.ConfigDict(dict(
-      variant="large", width=placeholder(int), depth=placeholder(int),
-      num_heads=placeholder(int), patch_size=placeholder(int),
-      image_size=224, mlp_ratio=4.0, source="", block=0,
-      fused_attention=False,    # in the blocks before the target block
-      scan_blocks=False))       # lax.scan over those blocks (compile time)
-  c.distill = ml_collections.ConfigDict(dict(
-      target="relation",        # 'relation' | 'cls' | 'feature'
-      relation_heads=0,         # R; 0 = the teacher's heads
-      relation_set="qk_vv",     # 'qk_vv' | 'qq_kk_vv'
-      softmax=True,             # False: regress the raw relation logits
-      raw_loss="mse",           # without softmax: 'mse' | 'smooth_l1'
-      feature="output",         # feature type of target 'feature'
-      beta=2.0,                 # smooth-L1 beta
-      student_input="raw",      # 'raw' | 'masked'
+  c.teacher = ml_collections.ConfigDict(
+    dict(
+      variant="large",
+      width=placeholder(int),
+      depth=placeholder(int),
+      num_heads=placeholder(int),
+      patch_size=placeholder(int),
+      image_size=224,
+      mlp_ratio=4.0,
+      source="",
+      block=0,
+      fused_attention=False,  # in the blocks before the target block
+      scan_blocks=False,
+    )
+  )  # lax.scan over those blocks (compile time)
+  c.distill = ml_collections.ConfigDict(
+    dict(
+      target="relation",  # 'relation' | 'cls' | 'feature'
+      relation_heads=0,  # R; 0 = the teacher's heads
+      relation_set="qk_vv",  # 'qk_vv' | 'qq_kk_vv'
+      softmax=True,  # False: regress the raw relation logits
+      raw_loss="mse",  # without softmax: 'mse' | 'smooth_l1'
+      feature="output",  # feature type of target 'feature'
+      beta=2.0,  # smooth-L1 beta
+      student_input="raw",  # 'raw' | 'masked'
       mask_ratio=0.75,
-      mae_weight=0.0,           # > 0 (masked input): + weight * MAE loss
+      mae_weight=0.0,  # > 0 (masked input): + weight * MAE loss
       norm_pix_loss=True,
-      decoder=dict(width=512, depth=8, num_heads=16)))
+      decoder=dict(width=512, depth=8, num_heads=16),
+    )
+  )
   return c
 
 
 def _custom(section, width, depth, heads, patch, image):
-  section.update(variant="custom", width=width, depth=depth, num_heads=heads,
-                 patch_size=patch, image_size=image)
+  section.update(
+    variant="custom", width=width, depth=depth, num_heads=heads, patch_size=patch, image_size=image
+  )
 
 
 def _preset(c: ml_collections.ConfigDict, name: str) -> None:
@@ -116,8 +146,9 @@ def _preset(c: ml_collections.ConfigDict, name: str) -> None:
     c.teacher.source = "workdirs/quickstart/pretrain"  # README command 1
     _custom(c.student, 48, 4, 3, 4, 32)  # R = 4 teacher heads != 3 own heads
     c.distill.decoder.update(width=64, depth=2, num_heads=4)
-    c.data.update(name="embedded", train_split="train", eval_split="test",
-                  image_size=32, num_workers=0)
+    c.data.update(
+      name="embedded", train_split="train", eval_split="test", image_size=32, num_workers=0
+    )
     c.batch_size = 128
     c.total_epochs = 7.0
     c.warmup_epochs = 1.0
@@ -129,8 +160,13 @@ def _preset(c: ml_collections.ConfigDict, name: str) -> None:
     _custom(c.teacher, 192, 12, 3, 4, 32)
     _custom(c.student, 96, 12, 3, 4, 32)
     c.distill.decoder.update(width=128, depth=2, num_heads=4)
-    c.data.update(name="folder:../shared/data/cifar10", train_split="train",
-                  eval_split="test", image_size=32, num_workers=2)
+    c.data.update(
+      name="folder:../shared/data/cifar10",
+      train_split="train",
+      eval_split="test",
+      image_size=32,
+      num_workers=2,
+    )
     c.batch_size = 256
     c.total_epochs = 100.0
     c.warmup_epochs = 5.0
@@ -150,10 +186,10 @@ def _ablation(c: ml_collections.ConfigDict, name: str) -> None:
     d.target = "cls"
   elif name == "feature":
     d.target = "feature"
-  elif name.startswith("feature_") and name[len("feature_"):] in FEATURES:
-    d.target, d.feature = "feature", name[len("feature_"):]
-  elif name.startswith("block") and name[len("block"):].isdigit():
-    c.teacher.block = int(name[len("block"):])
+  elif name.startswith("feature_") and name[len("feature_") :] in FEATURES:
+    d.target, d.feature = "feature", name[len("feature_") :]
+  elif name.startswith("block") and name[len("block") :].isdigit():
+    c.teacher.block = int(name[len("block") :])
   elif name == "masked":
     d.student_input = "masked"
   elif name == "masked_mae":
@@ -163,9 +199,16 @@ def _ablation(c: ml_collections.ConfigDict, name: str) -> None:
 
 
 PRESETS = ("quickstart", "cifar10", "b_from_l", "s_from_b", "t_from_s")
-ABLATIONS = ("qq_kk_vv", "no_softmax", "cls", "feature",
-             *(f"feature_{f}" for f in FEATURES), "block<k>", "masked",
-             "masked_mae")
+ABLATIONS = (
+  "qq_kk_vv",
+  "no_softmax",
+  "cls",
+  "feature",
+  *(f"feature_{f}" for f in FEATURES),
+  "block<k>",
+  "masked",
+  "masked_mae",
+)
 
 
 def get_config(arg: str = "quickstart") -> ml_collections.ConfigDict:
@@ -179,7 +222,8 @@ def get_config(arg: str = "quickstart") -> ml_collections.ConfigDict:
       _ablation(c, mod)
     except KeyError:
       raise ValueError(
-          f"unknown preset/ablation {mod!r} in {arg!r} for tinymim_distill; "
-          f"presets: {', '.join(PRESETS)}; ablations (comma-separated after a "
-          f"preset): {', '.join(ABLATIONS)}") from None
+        f"unknown preset/ablation {mod!r} in {arg!r} for tinymim_distill; "
+        f"presets: {', '.join(PRESETS)}; ablations (comma-separated after a "
+        f"preset): {', '.join(ABLATIONS)}"
+      ) from None
   return c

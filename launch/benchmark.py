@@ -18,6 +18,7 @@ Prints one JSON line per measurement (each `--sweep` combination), then a
 short table. `--input-only` times the stage's real train input pipeline
 alone (host batches/s with the configured `data.num_workers`).
 """
+
 import json
 import logging
 import os
@@ -34,8 +35,11 @@ flags.DEFINE_integer("steps", 10, "timed steps (or batches with --input-only)")
 flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
 flags.DEFINE_bool("input_only", False, "time the input pipeline alone")
 flags.DEFINE_multi_string(
-    "sweep", [], "key=v1,v2: one measurement per value (repeat the flag for "
-    "a cartesian product), e.g. --sweep dtype=float32,bfloat16")
+  "sweep",
+  [],
+  "key=v1,v2: one measurement per value (repeat the flag for "
+  "a cartesian product), e.g. --sweep dtype=float32,bfloat16",
+)
 flags.DEFINE_string("json_out", None, "also append the JSON lines to this file")
 
 
@@ -48,11 +52,9 @@ def main(argv):
   records = []
   for name, config in benchmark.variants(FLAGS.config, FLAGS.sweep):
     if FLAGS.input_only:
-      record = benchmark.measure_input(config, steps=FLAGS.steps,
-                                       warmup=FLAGS.warmup, variant=name)
+      record = benchmark.measure_input(config, steps=FLAGS.steps, warmup=FLAGS.warmup, variant=name)
     else:
-      record = benchmark.measure_step(config, steps=FLAGS.steps,
-                                      warmup=FLAGS.warmup, variant=name)
+      record = benchmark.measure_step(config, steps=FLAGS.steps, warmup=FLAGS.warmup, variant=name)
     records.append(record)
     if primary:
       line = json.dumps(record)

@@ -15,6 +15,7 @@ plus the baseline of a child that only imports the converter (Python, JAX,
 Orbax, tensorstore). The target is a peak below 1.5x the file size. The
 files (about 12 GB in all) are deleted at the end unless --keep.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,20 +36,29 @@ from pth_writer import write_state_dict  # noqa: E402  (tests/pth_writer.py)
 
 WIDTH, DEPTH, PATCH, IMAGE, CHANS = 1280, 32, 14, 224, 3
 BLOCK_LEAVES = {
-    "norm1.weight": (WIDTH,), "norm1.bias": (WIDTH,),
-    "attn.qkv.weight": (3 * WIDTH, WIDTH), "attn.qkv.bias": (3 * WIDTH,),
-    "attn.proj.weight": (WIDTH, WIDTH), "attn.proj.bias": (WIDTH,),
-    "norm2.weight": (WIDTH,), "norm2.bias": (WIDTH,),
-    "mlp.fc1.weight": (4 * WIDTH, WIDTH), "mlp.fc1.bias": (4 * WIDTH,),
-    "mlp.fc2.weight": (WIDTH, 4 * WIDTH), "mlp.fc2.bias": (WIDTH,),
+  "norm1.weight": (WIDTH,),
+  "norm1.bias": (WIDTH,),
+  "attn.qkv.weight": (3 * WIDTH, WIDTH),
+  "attn.qkv.bias": (3 * WIDTH,),
+  "attn.proj.weight": (WIDTH, WIDTH),
+  "attn.proj.bias": (WIDTH,),
+  "norm2.weight": (WIDTH,),
+  "norm2.bias": (WIDTH,),
+  "mlp.fc1.weight": (4 * WIDTH, WIDTH),
+  "mlp.fc1.bias": (4 * WIDTH,),
+  "mlp.fc2.weight": (WIDTH, 4 * WIDTH),
+  "mlp.fc2.bias": (WIDTH,),
 }
 
 
 def vit_h_shapes() -> dict[str, tuple[int, ...]]:
   grid = IMAGE // PATCH
-  shapes = {"cls_token": (1, 1, WIDTH), "pos_embed": (1, 1 + grid * grid, WIDTH),
-            "patch_embed.proj.weight": (WIDTH, CHANS, PATCH, PATCH),
-            "patch_embed.proj.bias": (WIDTH,)}
+  shapes = {
+    "cls_token": (1, 1, WIDTH),
+    "pos_embed": (1, 1 + grid * grid, WIDTH),
+    "patch_embed.proj.weight": (WIDTH, CHANS, PATCH, PATCH),
+    "patch_embed.proj.bias": (WIDTH,),
+  }
   for i in range(DEPTH):
     shapes.update({f"blocks.{i}.{k}": v for k, v in BLOCK_LEAVES.items()})
   shapes.update({"norm.weight": (WIDTH,), "norm.bias": (WIDTH,)})
@@ -57,9 +67,14 @@ def vit_h_shapes() -> dict[str, tuple[int, ...]]:
 
 def write_synthetic(path: pathlib.Path) -> int:
   """Writes the checkpoint one tensor at a time; returns the file size."""
+
   def lazy(i, shape):
-    return (lambda: np.random.default_rng(i).standard_normal(shape, np.float32) * 0.02,
-            shape, np.float32)
+    return (
+      lambda: np.random.default_rng(i).standard_normal(shape, np.float32) * 0.02,
+      shape,
+      np.float32,
+    )
+
   state = {name: lazy(i, shape) for i, (name, shape) in enumerate(vit_h_shapes().items())}
   write_state_dict(path, state, extra={"epoch": 399})
   return path.stat().st_size
@@ -78,8 +93,9 @@ CHILD = textwrap.dedent("""
 
 
 def run_child(src: str, dst: str) -> dict:
-  result = subprocess.run([sys.executable, "-c", CHILD, src, dst], cwd=REPO,
-                          capture_output=True, text=True)
+  result = subprocess.run(
+    [sys.executable, "-c", CHILD, src, dst], cwd=REPO, capture_output=True, text=True
+  )
   if result.returncode:
     raise RuntimeError(f"conversion {src} -> {dst} failed:\n{result.stderr[-3000:]}")
   return json.loads(result.stdout.strip().splitlines()[-1])
@@ -89,11 +105,16 @@ def spot_check(pth: pathlib.Path, st: pathlib.Path):
   """A few tensors of the round trip equal the original."""
   from mimdistill.interop.convert import read_safetensors
   from mimdistill.interop.pth_reader import load_pth
+
   a = load_pth(pth).tensors
   b, _ = read_safetensors(st)
   assert list(a) == list(b), "names differ"
-  for name in ("cls_token", "blocks.0.attn.qkv.weight", "blocks.31.mlp.fc2.weight",
-               "patch_embed.proj.weight"):
+  for name in (
+    "cls_token",
+    "blocks.0.attn.qkv.weight",
+    "blocks.31.mlp.fc2.weight",
+    "patch_embed.proj.weight",
+  ):
     assert np.array_equal(a[name], b[name]), name
 
 
@@ -111,20 +132,26 @@ def main(argv=None) -> int:
     size = write_synthetic(pth)
     print(f"wrote {pth}: {size / 2**30:.2f} GiB in {time.time() - t0:.0f} s", flush=True)
     base = run_child("-", "-")
-    print(f"{'baseline (imports only)':<28} peak RSS {base['peak_rss'] / 2**30:5.2f} GiB",
-          flush=True)
-    rows = [("pth -> safetensors", pth, work / "a.safetensors"),
-            ("pth -> orbax", pth, work / "b_orbax"),
-            ("orbax -> safetensors", work / "b_orbax", work / "c.safetensors"),
-            ("safetensors -> orbax", work / "a.safetensors", work / "d_orbax"),
-            ("orbax -> orbax", work / "b_orbax", work / "e_orbax")]
+    print(
+      f"{'baseline (imports only)':<28} peak RSS {base['peak_rss'] / 2**30:5.2f} GiB", flush=True
+    )
+    rows = [
+      ("pth -> safetensors", pth, work / "a.safetensors"),
+      ("pth -> orbax", pth, work / "b_orbax"),
+      ("orbax -> safetensors", work / "b_orbax", work / "c.safetensors"),
+      ("safetensors -> orbax", work / "a.safetensors", work / "d_orbax"),
+      ("orbax -> orbax", work / "b_orbax", work / "e_orbax"),
+    ]
     results = {"file_bytes": size, "baseline_peak_rss": base["peak_rss"]}
     for label, src, dst in rows:
       out = run_child(str(src), str(dst))
       ratio = out["peak_rss"] / size
       results[label] = {**out, "ratio": ratio}
-      print(f"{label:<28} peak RSS {out['peak_rss'] / 2**30:5.2f} GiB = {ratio:.2f} x file "
-            f"({out['seconds']:.0f} s)", flush=True)
+      print(
+        f"{label:<28} peak RSS {out['peak_rss'] / 2**30:5.2f} GiB = {ratio:.2f} x file "
+        f"({out['seconds']:.0f} s)",
+        flush=True,
+      )
     spot_check(pth, work / "c.safetensors")
     print("round trip .pth -> orbax -> .safetensors: spot-checked tensors equal")
     worst = max(v["ratio"] for v in results.values() if isinstance(v, dict))

@@ -5,6 +5,7 @@ r"""Runs the whole pipeline (pre-training -> distillation -> fine-tuning).
 Rerunning the same command skips finished stages and resumes an interrupted
 one. On a multi-host pod pass --multihost.
 """
+
 import os
 import sys
 
@@ -14,14 +15,16 @@ from absl import app  # noqa: E402
 
 from mimdistill import launch_flags  # noqa: E402
 
-FLAGS = launch_flags.define("pipeline config file[:preset]",
-                            "pipeline directory (one subfolder per stage)")
+FLAGS = launch_flags.define(
+  "pipeline config file[:preset]", "pipeline directory (one subfolder per stage)"
+)
 
 
 def main(argv):
   del argv
   launch_flags.start()
   from mimdistill.stages.pipeline import run_pipeline
+
   run_pipeline(FLAGS.config, FLAGS.workdir)
 
 

@@ -46,6 +46,7 @@ Overrides for the config (`--config.batch_size=1024`, one token each) are
 passed through to the job; so is everything after `--`. Multi-worker ssh needs
 your key in the agent first: `ssh-add ~/.ssh/google_compute_engine`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,10 +64,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Runtime images for JAX (https://cloud.google.com/tpu/docs/runtimes).
 RUNTIME_VERSIONS = {
-    "v4": "tpu-ubuntu2204-base",
-    "v5p": "v2-alpha-tpuv5",
-    "v5litepod": "v2-alpha-tpuv5-lite",
-    "v6e": "v2-alpha-tpuv6e",
+  "v4": "tpu-ubuntu2204-base",
+  "v5p": "v2-alpha-tpuv5",
+  "v5litepod": "v2-alpha-tpuv5-lite",
+  "v6e": "v2-alpha-tpuv6e",
 }
 # v5e/v6e types count chips and come in these sizes; v4/v5p types count
 # TensorCores (2 per chip, 4 chips = 8 cores per worker VM).
@@ -89,9 +90,9 @@ class LaunchError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class SliceType:
-  family: str      # v4 | v5p | v5litepod | v6e
-  size: int        # the number in the accelerator type
-  workers: int     # TPU VMs in the slice
+  family: str  # v4 | v5p | v5litepod | v6e
+  size: int  # the number in the accelerator type
+  workers: int  # TPU VMs in the slice
 
   @property
   def multihost(self) -> bool:
@@ -113,23 +114,26 @@ def parse_accelerator_type(value: str) -> SliceType:
     elif re.fullmatch(r"v[23]-\d+", low):
       hint = " (v2/v3 are not supported by this launcher)"
     raise LaunchError(
-        f"--accelerator-type {value!r} is not a Cloud TPU type this launcher "
-        f"knows{hint}. Use <generation>-<size> with generation v4, v5p, "
-        f"v5litepod (v5e) or v6e, e.g. {TYPE_EXAMPLES}.")
+      f"--accelerator-type {value!r} is not a Cloud TPU type this launcher "
+      f"knows{hint}. Use <generation>-<size> with generation v4, v5p, "
+      f"v5litepod (v5e) or v6e, e.g. {TYPE_EXAMPLES}."
+    )
   family, size = m.group(1), int(m.group(2))
   if family in ("v4", "v5p"):
     if size < 8 or size % 8:
       raise LaunchError(
-          f"--accelerator-type {value}: {family}-N counts TensorCores, 8 per "
-          f"worker VM, so N must be a multiple of 8 ({family}-8, {family}-16, "
-          f"{family}-32, ...).")
+        f"--accelerator-type {value}: {family}-N counts TensorCores, 8 per "
+        f"worker VM, so N must be a multiple of 8 ({family}-8, {family}-16, "
+        f"{family}-32, ...)."
+      )
     workers = size // 8
   else:
     if size not in CHIP_SIZES:
       raise LaunchError(
-          f"--accelerator-type {value}: {family}-N counts chips; N must be one "
-          f"of {', '.join(map(str, CHIP_SIZES))}.")
-    workers = 1 if size <= 8 else size // 4   # multi-host slices: 4 chips/VM
+        f"--accelerator-type {value}: {family}-N counts chips; N must be one "
+        f"of {', '.join(map(str, CHIP_SIZES))}."
+      )
+    workers = 1 if size <= 8 else size // 4  # multi-host slices: 4 chips/VM
   return SliceType(family, size, workers)
 
 
@@ -141,6 +145,7 @@ def default_version(slice_type: SliceType) -> str:
 @dataclasses.dataclass(frozen=True)
 class Step:
   """One command. `unless`: a check whose success skips `argv` (--reuse)."""
+
   name: str
   argv: tuple[str, ...]
   unless: tuple[str, ...] | None = None
@@ -165,18 +170,22 @@ def _where(opts) -> list[str]:
 
 
 def _ssh(opts, worker: str, command: str) -> tuple[str, ...]:
-  return tuple(_gcloud_tpu("ssh") + [opts.name] + _where(opts)
-               + [f"--worker={worker}", "--command", command])
+  return tuple(
+    _gcloud_tpu("ssh") + [opts.name] + _where(opts) + [f"--worker={worker}", "--command", command]
+  )
 
 
 def describe_argv(opts) -> tuple[str, ...]:
-  return tuple(_gcloud_tpu("describe") + [opts.name] + _where(opts)
-               + ["--format=value(state)"])
+  return tuple(_gcloud_tpu("describe") + [opts.name] + _where(opts) + ["--format=value(state)"])
 
 
 def create_argv(opts) -> tuple[str, ...]:
-  argv = _gcloud_tpu("create") + [opts.name] + _where(opts) + [
-      f"--accelerator-type={opts.accelerator_type}", f"--version={opts.version}"]
+  argv = (
+    _gcloud_tpu("create")
+    + [opts.name]
+    + _where(opts)
+    + [f"--accelerator-type={opts.accelerator_type}", f"--version={opts.version}"]
+  )
   if opts.spot:
     argv.append("--spot")
   if opts.preemptible:
@@ -185,8 +194,7 @@ def create_argv(opts) -> tuple[str, ...]:
 
 
 def delete_argv(opts) -> tuple[str, ...]:
-  return tuple(_gcloud_tpu("delete") + [opts.name] + _where(opts)
-               + ["--quiet"])
+  return tuple(_gcloud_tpu("delete") + [opts.name] + _where(opts) + ["--quiet"])
 
 
 def job_argv(opts) -> list[str]:
@@ -200,30 +208,41 @@ def job_argv(opts) -> list[str]:
 def install_command(opts) -> str:
   d = shlex.quote(opts.remote_dir)
   if opts.git_url:
-    fetch = (f"rm -rf {d} && git clone --quiet {shlex.quote(opts.git_url)} {d}"
-             f" && git -C {d} checkout --quiet {shlex.quote(opts.ref)}")
+    fetch = (
+      f"rm -rf {d} && git clone --quiet {shlex.quote(opts.git_url)} {d}"
+      f" && git -C {d} checkout --quiet {shlex.quote(opts.ref)}"
+    )
   else:
-    fetch = (f"rm -rf {d} && mkdir -p {d} && tar -xzf {REMOTE_TARBALL} -C {d}")
-  jax_spec = f'"{opts.jax_spec}"' if re.fullmatch(r"[\w.\[\],<>=!~-]+", opts.jax_spec) \
-      else shlex.quote(opts.jax_spec)
+    fetch = f"rm -rf {d} && mkdir -p {d} && tar -xzf {REMOTE_TARBALL} -C {d}"
+  jax_spec = (
+    f'"{opts.jax_spec}"'
+    if re.fullmatch(r"[\w.\[\],<>=!~-]+", opts.jax_spec)
+    else shlex.quote(opts.jax_spec)
+  )
   pip = f"{opts.python} -m pip install --quiet"
   # [gcs]: gcsfs and google-cloud-storage, for the gs:// workdir.
-  return f"{fetch} && cd {d} && {pip} -U {jax_spec} && {pip} -e \".[gcs]\""
+  return f'{fetch} && cd {d} && {pip} -U {jax_spec} && {pip} -e ".[gcs]"'
 
 
 def start_command(opts) -> str:
   if opts.restart:
-    check = (f"if {_JOB_RUNNING}; then kill $(cat {JOB_PID}); "
-             f"for i in $(seq 60); do {_JOB_RUNNING} || break; sleep 1; done; "
-             f"if {_JOB_RUNNING}; then kill -9 $(cat {JOB_PID}); sleep 2; fi; fi")
+    check = (
+      f"if {_JOB_RUNNING}; then kill $(cat {JOB_PID}); "
+      f"for i in $(seq 60); do {_JOB_RUNNING} || break; sleep 1; done; "
+      f"if {_JOB_RUNNING}; then kill -9 $(cat {JOB_PID}); sleep 2; fi; fi"
+    )
   else:
-    check = (f"if {_JOB_RUNNING}; then echo \"mimdistill: a job is still "
-             f"running on $(hostname) (pid $(cat {JOB_PID})): reattach with "
-             f"--tail-only, or stop it with --restart\" >&2; exit 3; fi")
+    check = (
+      f'if {_JOB_RUNNING}; then echo "mimdistill: a job is still '
+      f"running on $(hostname) (pid $(cat {JOB_PID})): reattach with "
+      f'--tail-only, or stop it with --restart" >&2; exit 3; fi'
+    )
   env = "".join(f"export {shlex.quote(kv)} && " for kv in opts.env)
   job = shlex.join(job_argv(opts))
-  return (f"{check}; (cd {shlex.quote(opts.remote_dir)} && {env}exec nohup {job})"
-          f" > {JOB_LOG} 2>&1 < /dev/null & echo $! > {JOB_PID}")
+  return (
+    f"{check}; (cd {shlex.quote(opts.remote_dir)} && {env}exec nohup {job})"
+    f" > {JOB_LOG} 2>&1 < /dev/null & echo $! > {JOB_PID}"
+  )
 
 
 def tail_command() -> str:
@@ -231,8 +250,7 @@ def tail_command() -> str:
   return f"tail --pid=$(cat {JOB_PID}) -n +1 -F {JOB_LOG}"
 
 
-def build_plan(opts, *, reuse: bool | None = None,
-               install: bool | None = None) -> list[Step]:
+def build_plan(opts, *, reuse: bool | None = None, install: bool | None = None) -> list[Step]:
   """The commands, in order. Pure: reads only `opts` (see parse_args).
 
   `reuse`/`install` override --reuse/--skip-install (the resume loop re-creates
@@ -243,16 +261,34 @@ def build_plan(opts, *, reuse: bool | None = None,
   install = (not opts.skip_install) if install is None else install
   plan = []
   if install and not opts.git_url:
-    plan.append(Step("archive", (
-        "git", "-C", str(opts.repo), "archive", "--format=tar.gz",
-        f"--output={opts.tarball}", opts.ref)))
-  plan.append(Step("create", create_argv(opts),
-                   unless=describe_argv(opts) if reuse else None))
+    plan.append(
+      Step(
+        "archive",
+        (
+          "git",
+          "-C",
+          str(opts.repo),
+          "archive",
+          "--format=tar.gz",
+          f"--output={opts.tarball}",
+          opts.ref,
+        ),
+      )
+    )
+  plan.append(Step("create", create_argv(opts), unless=describe_argv(opts) if reuse else None))
   if install:
     if not opts.git_url:
-      plan.append(Step("copy", tuple(
-          _gcloud_tpu("scp") + [opts.tarball, f"{opts.name}:{REMOTE_TARBALL}"]
-          + _where(opts) + ["--worker=all"])))
+      plan.append(
+        Step(
+          "copy",
+          tuple(
+            _gcloud_tpu("scp")
+            + [opts.tarball, f"{opts.name}:{REMOTE_TARBALL}"]
+            + _where(opts)
+            + ["--worker=all"]
+          ),
+        )
+      )
     plan.append(Step("install", _ssh(opts, "all", install_command(opts))))
   plan.append(Step("start", _ssh(opts, "all", start_command(opts))))
   if not opts.no_tail:
@@ -265,75 +301,118 @@ def build_plan(opts, *, reuse: bool | None = None,
 # --------------------------------------------------------------- the options --
 def make_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog="launch/tpu_pod.py", allow_abbrev=False,
-      description=__doc__.split("\n\n", 1)[0].split("\n", 1)[0],
-      epilog="Overrides: --config.KEY=VALUE (one token each) or anything after "
-             "`--` is passed to the job. See the module docstring for details.",
-      formatter_class=argparse.RawDescriptionHelpFormatter)
+    prog="launch/tpu_pod.py",
+    allow_abbrev=False,
+    description=__doc__.split("\n\n", 1)[0].split("\n", 1)[0],
+    epilog="Overrides: --config.KEY=VALUE (one token each) or anything after "
+    "`--` is passed to the job. See the module docstring for details.",
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   g = p.add_argument_group("slice")
-  g.add_argument("--name", default=None,
-                 help="TPU VM name (default: mimdistill-<accelerator type>)")
+  g.add_argument(
+    "--name", default=None, help="TPU VM name (default: mimdistill-<accelerator type>)"
+  )
   g.add_argument("--zone", required=True, help="e.g. us-central2-b (v4), us-east5-a")
-  g.add_argument("--project", default=None,
-                 help="GCP project (default: gcloud's configured project)")
-  g.add_argument("--accelerator-type", required=True,
-                 help=f"gcloud accelerator type: {TYPE_EXAMPLES}, ...")
-  g.add_argument("--version", default=None,
-                 help="TPU runtime image (default inferred from the type: "
-                      + ", ".join(f"{k} -> {v}" for k, v in RUNTIME_VERSIONS.items())
-                      + ")")
+  g.add_argument(
+    "--project", default=None, help="GCP project (default: gcloud's configured project)"
+  )
+  g.add_argument(
+    "--accelerator-type", required=True, help=f"gcloud accelerator type: {TYPE_EXAMPLES}, ..."
+  )
+  g.add_argument(
+    "--version",
+    default=None,
+    help="TPU runtime image (default inferred from the type: "
+    + ", ".join(f"{k} -> {v}" for k, v in RUNTIME_VERSIONS.items())
+    + ")",
+  )
   cap = g.add_mutually_exclusive_group()
   cap.add_argument("--spot", action="store_true", help="create a Spot slice")
-  cap.add_argument("--preemptible", action="store_true",
-                   help="create a preemptible slice")
-  g.add_argument("--reuse", action="store_true",
-                 help="use the slice if it exists (describe first); a "
-                      "preempted one is deleted and re-created")
-  g.add_argument("--resume-loop", action="store_true",
-                 help="when the slice was preempted, re-create it and restart "
-                      "the job (it resumes from the workdir's checkpoints)")
-  g.add_argument("--max-restarts", type=int, default=20,
-                 help="--resume-loop gives up after this many re-creations")
-  g.add_argument("--delete-after", action="store_true",
-                 help="delete the slice once the job on worker 0 has ended")
+  cap.add_argument("--preemptible", action="store_true", help="create a preemptible slice")
+  g.add_argument(
+    "--reuse",
+    action="store_true",
+    help="use the slice if it exists (describe first); a preempted one is deleted and re-created",
+  )
+  g.add_argument(
+    "--resume-loop",
+    action="store_true",
+    help="when the slice was preempted, re-create it and restart "
+    "the job (it resumes from the workdir's checkpoints)",
+  )
+  g.add_argument(
+    "--max-restarts",
+    type=int,
+    default=20,
+    help="--resume-loop gives up after this many re-creations",
+  )
+  g.add_argument(
+    "--delete-after",
+    action="store_true",
+    help="delete the slice once the job on worker 0 has ended",
+  )
   j = p.add_argument_group("job")
-  j.add_argument("--config", default=None,
-                 help="config file[:preset], relative to the repository root, "
-                      "e.g. configs/mae_pretrain.py:base or "
-                      "configs/pipeline.py:<preset> with --pipeline")
-  j.add_argument("--pipeline", action="store_true",
-                 help="run launch/pipeline.py (all stages) instead of "
-                      "launch/train.py (one stage)")
-  j.add_argument("--workdir", default=None,
-                 help="gs://bucket/path (required on multi-worker slices)")
-  j.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                 help="environment for the job, e.g. TFDS_DATA_DIR=gs://b/tfds "
-                      "(repeatable)")
-  j.add_argument("--restart", action="store_true",
-                 help="stop a job still running on the slice before starting")
-  j.add_argument("--python", default="python3",
-                 help="python on the workers (default python3)")
+  j.add_argument(
+    "--config",
+    default=None,
+    help="config file[:preset], relative to the repository root, "
+    "e.g. configs/mae_pretrain.py:base or "
+    "configs/pipeline.py:<preset> with --pipeline",
+  )
+  j.add_argument(
+    "--pipeline",
+    action="store_true",
+    help="run launch/pipeline.py (all stages) instead of launch/train.py (one stage)",
+  )
+  j.add_argument(
+    "--workdir", default=None, help="gs://bucket/path (required on multi-worker slices)"
+  )
+  j.add_argument(
+    "--env",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="environment for the job, e.g. TFDS_DATA_DIR=gs://b/tfds (repeatable)",
+  )
+  j.add_argument(
+    "--restart", action="store_true", help="stop a job still running on the slice before starting"
+  )
+  j.add_argument("--python", default="python3", help="python on the workers (default python3)")
   s = p.add_argument_group("package")
-  s.add_argument("--git-url", default=None,
-                 help="workers clone this repository instead of receiving a "
-                      "`git archive` of this checkout")
-  s.add_argument("--ref", default="HEAD",
-                 help="commit/branch/tag to archive or check out (default HEAD)")
-  s.add_argument("--tarball", default=None,
-                 help="local path of the source tarball (default in $TMPDIR)")
-  s.add_argument("--remote-dir", default="mimdistill",
-                 help="directory under the workers' home (default mimdistill)")
-  s.add_argument("--jax-spec", default="jax[tpu]",
-                 help='pip requirement for JAX (default "jax[tpu]")')
-  s.add_argument("--skip-install", action="store_true",
-                 help="do not copy/install (the slice already has the package)")
+  s.add_argument(
+    "--git-url",
+    default=None,
+    help="workers clone this repository instead of receiving a `git archive` of this checkout",
+  )
+  s.add_argument(
+    "--ref", default="HEAD", help="commit/branch/tag to archive or check out (default HEAD)"
+  )
+  s.add_argument(
+    "--tarball", default=None, help="local path of the source tarball (default in $TMPDIR)"
+  )
+  s.add_argument(
+    "--remote-dir",
+    default="mimdistill",
+    help="directory under the workers' home (default mimdistill)",
+  )
+  s.add_argument(
+    "--jax-spec", default="jax[tpu]", help='pip requirement for JAX (default "jax[tpu]")'
+  )
+  s.add_argument(
+    "--skip-install",
+    action="store_true",
+    help="do not copy/install (the slice already has the package)",
+  )
   a = p.add_argument_group("actions")
-  a.add_argument("--no-tail", action="store_true",
-                 help="start the job and return without tailing its log")
-  a.add_argument("--tail-only", action="store_true",
-                 help="only tail the log of worker 0 (reattach)")
-  a.add_argument("--dry-run", action="store_true",
-                 help="print the exact commands, one per line; run nothing")
+  a.add_argument(
+    "--no-tail", action="store_true", help="start the job and return without tailing its log"
+  )
+  a.add_argument(
+    "--tail-only", action="store_true", help="only tail the log of worker 0 (reattach)"
+  )
+  a.add_argument(
+    "--dry-run", action="store_true", help="print the exact commands, one per line; run nothing"
+  )
   return p
 
 
@@ -343,65 +422,71 @@ def parse_args(argv: list[str]):
   passthrough = []
   if "--" in argv:
     i = argv.index("--")
-    argv, passthrough = argv[:i], argv[i + 1:]
+    argv, passthrough = argv[:i], argv[i + 1 :]
   opts, unknown = parser.parse_known_args(argv)
   for tok in unknown:
     if not tok.startswith("--config."):
-      raise LaunchError(f"unknown option {tok!r}; config overrides look like "
-                        "--config.KEY=VALUE, other job arguments go after `--`")
+      raise LaunchError(
+        f"unknown option {tok!r}; config overrides look like "
+        "--config.KEY=VALUE, other job arguments go after `--`"
+      )
     if "=" not in tok:
-      raise LaunchError(f"{tok!r}: write config overrides as one token, "
-                        f"{tok}=VALUE")
+      raise LaunchError(f"{tok!r}: write config overrides as one token, {tok}=VALUE")
   opts.overrides = unknown + passthrough
 
   opts.slice_type = parse_accelerator_type(opts.accelerator_type)
   opts.version = opts.version or default_version(opts.slice_type)
   opts.name = opts.name or f"mimdistill-{opts.accelerator_type}"
   if not re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", opts.name):
-    raise LaunchError(f"--name {opts.name!r}: TPU names are lower-case letters, "
-                      "digits and hyphens, start with a letter, at most 63 "
-                      "characters (e.g. mimdistill-v4-32)")
+    raise LaunchError(
+      f"--name {opts.name!r}: TPU names are lower-case letters, "
+      "digits and hyphens, start with a letter, at most 63 "
+      "characters (e.g. mimdistill-v4-32)"
+    )
   if not re.fullmatch(r"[a-z]+-[a-z]+\d+-[a-z]", opts.zone):
-    raise LaunchError(f"--zone {opts.zone!r} is not a zone name such as "
-                      "us-central2-b")
+    raise LaunchError(f"--zone {opts.zone!r} is not a zone name such as us-central2-b")
   for kv in opts.env:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", kv, re.S):
-      raise LaunchError(f"--env {kv!r}: write KEY=VALUE, e.g. "
-                        "TFDS_DATA_DIR=gs://my-bucket/tfds")
+      raise LaunchError(f"--env {kv!r}: write KEY=VALUE, e.g. TFDS_DATA_DIR=gs://my-bucket/tfds")
   if opts.max_restarts < 0:
     raise LaunchError(f"--max-restarts {opts.max_restarts}: must be >= 0")
   if opts.tail_only and (opts.delete_after or opts.no_tail):
     raise LaunchError("--tail-only only tails; drop --delete-after/--no-tail")
   if opts.delete_after and opts.no_tail:
-    raise LaunchError("--delete-after waits for the job by tailing its log; "
-                      "drop --no-tail (or delete the slice yourself later)")
+    raise LaunchError(
+      "--delete-after waits for the job by tailing its log; "
+      "drop --no-tail (or delete the slice yourself later)"
+    )
   if opts.resume_loop and opts.no_tail:
-    raise LaunchError("--resume-loop watches the job by tailing its log; drop "
-                      "--no-tail")
+    raise LaunchError("--resume-loop watches the job by tailing its log; drop --no-tail")
   if not re.fullmatch(r"[\w][\w./-]*", opts.remote_dir) or ".." in opts.remote_dir:
-    raise LaunchError(f"--remote-dir {opts.remote_dir!r}: give a plain path "
-                      "relative to the workers' home, e.g. mimdistill")
+    raise LaunchError(
+      f"--remote-dir {opts.remote_dir!r}: give a plain path "
+      "relative to the workers' home, e.g. mimdistill"
+    )
   if opts.git_url and opts.git_url.startswith("git+"):
-    opts.git_url = opts.git_url[len("git+"):]
+    opts.git_url = opts.git_url[len("git+") :]
   opts.repo = REPO
   opts.tarball = opts.tarball or os.path.join(
-      tempfile.gettempdir(), f"{opts.name}-{REMOTE_TARBALL}")
+    tempfile.gettempdir(), f"{opts.name}-{REMOTE_TARBALL}"
+  )
 
   if not opts.tail_only:
     if not opts.config:
       raise LaunchError(
-          "--config is required, e.g. --config configs/mae_pretrain.py:base, or "
-          "--config configs/pipeline.py:<preset> --pipeline for all stages")
+        "--config is required, e.g. --config configs/mae_pretrain.py:base, or "
+        "--config configs/pipeline.py:<preset> --pipeline for all stages"
+      )
     if not opts.workdir:
-      raise LaunchError("--workdir is required, e.g. --workdir "
-                        "gs://YOUR_BUCKET/mimdistill/run1")
+      raise LaunchError("--workdir is required, e.g. --workdir gs://YOUR_BUCKET/mimdistill/run1")
     if opts.slice_type.multihost and not opts.workdir.startswith("gs://"):
       raise LaunchError(
-          f"--workdir {opts.workdir!r}: a {opts.accelerator_type} slice has "
-          f"{opts.slice_type.workers} worker VMs, which must all write one "
-          "shared workdir; use a GCS path such as "
-          "gs://YOUR_BUCKET/mimdistill/run1 (also what a re-created spot slice "
-          "resumes from)")
+        f"--workdir {opts.workdir!r}: a {opts.accelerator_type} slice has "
+        f"{opts.slice_type.workers} worker VMs, which must all write one "
+        "shared workdir; use a GCS path such as "
+        "gs://YOUR_BUCKET/mimdistill/run1 (also what a re-created spot slice "
+        "resumes from)"
+      )
     if os.path.basename(opts.config.split(":", 1)[0]) == "pipeline.py":
       opts.pipeline = True
   return opts
@@ -414,26 +499,38 @@ def warnings_for(opts) -> list[str]:
     return out
   transient = opts.spot or opts.preemptible or opts.delete_after
   if transient and not opts.workdir.startswith("gs://"):
-    out.append(f"--workdir {opts.workdir} is on the slice's disk: it is lost "
-               "when the slice is preempted or deleted; use gs://...")
+    out.append(
+      f"--workdir {opts.workdir} is on the slice's disk: it is lost "
+      "when the slice is preempted or deleted; use gs://..."
+    )
   if opts.git_url or opts.skip_install:
     return out
   config_file = opts.config.split(":", 1)[0]
   try:
-    present = subprocess.run(
+    present = (
+      subprocess.run(
         ["git", "-C", str(opts.repo), "cat-file", "-e", f"{opts.ref}:{config_file}"],
-        capture_output=True).returncode == 0
+        capture_output=True,
+      ).returncode
+      == 0
+    )
     dirty = subprocess.run(
-        ["git", "-C", str(opts.repo), "status", "--porcelain", "--untracked-files=no"],
-        capture_output=True, text=True).stdout.strip()
-  except OSError:       # no git here: the archive step will say so
+      ["git", "-C", str(opts.repo), "status", "--porcelain", "--untracked-files=no"],
+      capture_output=True,
+      text=True,
+    ).stdout.strip()
+  except OSError:  # no git here: the archive step will say so
     return out
   if not present:
-    out.append(f"{config_file} is not in {opts.ref} of {opts.repo}: the "
-               "workers will not have it (commit it, or fix --config)")
+    out.append(
+      f"{config_file} is not in {opts.ref} of {opts.repo}: the "
+      "workers will not have it (commit it, or fix --config)"
+    )
   if dirty and opts.ref == "HEAD":
-    out.append("this checkout has uncommitted changes; the workers get HEAD "
-               "only (git archive): commit them first")
+    out.append(
+      "this checkout has uncommitted changes; the workers get HEAD "
+      "only (git archive): commit them first"
+    )
   return out
 
 
@@ -443,17 +540,19 @@ def _run(step: Step, check: bool = True) -> int:
   try:
     rc = subprocess.call(step.argv)
   except FileNotFoundError:
-    what = ("git (the source tarball is a `git archive`; or use --git-url)"
-            if step.argv[0] == "git" else
-            "the Google Cloud CLI (https://cloud.google.com/sdk/docs/install, "
-            "then `gcloud auth login`)")
-    raise LaunchError(f"{step.argv[0]} not found on PATH: install {what}, or "
-                      "use --dry-run to only print the commands") from None
+    what = (
+      "git (the source tarball is a `git archive`; or use --git-url)"
+      if step.argv[0] == "git"
+      else "the Google Cloud CLI (https://cloud.google.com/sdk/docs/install, "
+      "then `gcloud auth login`)"
+    )
+    raise LaunchError(
+      f"{step.argv[0]} not found on PATH: install {what}, or "
+      "use --dry-run to only print the commands"
+    ) from None
   if check and rc != 0:
-    hint = (" (if the slice exists already, add --reuse)"
-            if step.name == "create" else "")
-    raise LaunchError(f"step {step.name!r} failed with exit status {rc}{hint}: "
-                      f"{step.shell()}")
+    hint = " (if the slice exists already, add --reuse)" if step.name == "create" else ""
+    raise LaunchError(f"step {step.name!r} failed with exit status {rc}{hint}: {step.shell()}")
   return rc
 
 
@@ -462,13 +561,13 @@ def slice_state(opts) -> str | None:
   try:
     r = subprocess.run(describe_argv(opts), capture_output=True, text=True)
   except FileNotFoundError:
-    raise LaunchError("gcloud not found on PATH: install the Google Cloud CLI "
-                      "or use --dry-run") from None
+    raise LaunchError(
+      "gcloud not found on PATH: install the Google Cloud CLI or use --dry-run"
+    ) from None
   if r.returncode != 0:
     if re.search(r"NOT_FOUND|not found|was not found", r.stderr, re.I):
       return None
-    raise LaunchError(f"`{shlex.join(describe_argv(opts))}` failed: "
-                      f"{r.stderr.strip()}")
+    raise LaunchError(f"`{shlex.join(describe_argv(opts))}` failed: {r.stderr.strip()}")
   return r.stdout.strip() or "UNKNOWN"
 
 
@@ -483,13 +582,13 @@ def ensure_slice(opts, step: Step, poll_s: float = 30.0) -> None:
     print(f"slice {opts.name} exists and is READY: reusing it", file=sys.stderr)
     return
   if state in _DEAD_STATES:
-    print(f"slice {opts.name} is {state}: deleting and re-creating it",
-          file=sys.stderr)
+    print(f"slice {opts.name} is {state}: deleting and re-creating it", file=sys.stderr)
     _run(Step("delete", delete_argv(opts)))
   elif state is not None:
     raise LaunchError(
-        f"slice {opts.name} is {state}: start it (`gcloud compute tpus tpu-vm "
-        f"start {opts.name} {' '.join(_where(opts))}`) or delete it, then rerun")
+      f"slice {opts.name} is {state}: start it (`gcloud compute tpus tpu-vm "
+      f"start {opts.name} {' '.join(_where(opts))}`) or delete it, then rerun"
+    )
   _run(Step("create", step.argv))
 
 
@@ -513,8 +612,9 @@ def execute(opts) -> int:
     return _run(build_plan(opts)[0], check=False)
   restarts = 0
   while True:
-    plan = build_plan(opts, reuse=opts.reuse or restarts > 0,
-                      install=(not opts.skip_install) or restarts > 0)
+    plan = build_plan(
+      opts, reuse=opts.reuse or restarts > 0, install=(not opts.skip_install) or restarts > 0
+    )
     try:
       tail_rc = run_round(opts, plan)
       failure = None
@@ -526,19 +626,27 @@ def execute(opts) -> int:
       break
     state = slice_state(opts)
     if state == "READY" and failure is None:
-      break                       # the job on worker 0 ended (or tail was stopped)
+      break  # the job on worker 0 ended (or tail was stopped)
     if state == "READY" or restarts >= opts.max_restarts:
       raise failure or LaunchError(
-          f"slice {opts.name} is {state} after {restarts} re-creations "
-          "(--max-restarts); rerun the same command to continue")
+        f"slice {opts.name} is {state} after {restarts} re-creations "
+        "(--max-restarts); rerun the same command to continue"
+      )
     restarts += 1
-    print(f"slice {opts.name} is {state or 'gone'} (preempted): re-creating it "
-          f"({restarts}/{opts.max_restarts}); the job resumes from the latest "
-          f"checkpoint in {opts.workdir}", file=sys.stderr, flush=True)
+    print(
+      f"slice {opts.name} is {state or 'gone'} (preempted): re-creating it "
+      f"({restarts}/{opts.max_restarts}); the job resumes from the latest "
+      f"checkpoint in {opts.workdir}",
+      file=sys.stderr,
+      flush=True,
+    )
   if opts.delete_after:
     if tail_rc not in (0, None):
-      print(f"the tail ended with status {tail_rc}; NOT deleting {opts.name} "
-            "(the job may still run: --tail-only to reattach)", file=sys.stderr)
+      print(
+        f"the tail ended with status {tail_rc}; NOT deleting {opts.name} "
+        "(the job may still run: --tail-only to reattach)",
+        file=sys.stderr,
+      )
       return tail_rc
     _run(Step("delete", delete_argv(opts)))
   return tail_rc or 0
@@ -551,8 +659,11 @@ def main(argv: list[str] | None = None) -> int:
     for w in warnings_for(opts):
       print(f"warning: {w}", file=sys.stderr)
     if opts.dry_run:
-      print(f"# {opts.accelerator_type}: {opts.slice_type.workers} worker VM(s), "
-            f"runtime {opts.version}", file=sys.stderr)
+      print(
+        f"# {opts.accelerator_type}: {opts.slice_type.workers} worker VM(s), "
+        f"runtime {opts.version}",
+        file=sys.stderr,
+      )
       for step in build_plan(opts):
         print(step.shell())
       return 0
@@ -561,8 +672,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tpu_pod.py: error: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
-    print("\ninterrupted: the job keeps running on the slice; reattach with "
-          "--tail-only (the slice is not deleted)", file=sys.stderr)
+    print(
+      "\ninterrupted: the job keeps running on the slice; reattach with "
+      "--tail-only (the slice is not deleted)",
+      file=sys.stderr,
+    )
     return 130
 
 

@@ -7,6 +7,7 @@ r"""Runs one stage from a config file.
 A rerun with the same --workdir resumes from the latest checkpoint. On a
 multi-host pod pass --multihost (calls jax.distributed.initialize()).
 """
+
 import os
 import sys
 
@@ -16,14 +17,14 @@ from absl import app  # noqa: E402
 
 from mimdistill import launch_flags  # noqa: E402
 
-FLAGS = launch_flags.define("stage config file[:preset]",
-                            "output/resume directory for this stage")
+FLAGS = launch_flags.define("stage config file[:preset]", "output/resume directory for this stage")
 
 
 def main(argv):
   del argv
   jax = launch_flags.start()
   from mimdistill.stages import registry
+
   summary = registry.run_stage(FLAGS.config, FLAGS.workdir)
   if jax.process_index() == 0:
     print({k: v for k, v in summary.items()})

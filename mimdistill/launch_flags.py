@@ -1,5 +1,6 @@
 """The flags and start-up that the launch scripts share (absl flags, an
 ml_collections config file with `--config.<field>=` overrides)."""
+
 from __future__ import annotations
 
 import logging
@@ -27,6 +28,7 @@ def start(level: int = logging.INFO):
   anything touches the devices); returns the jax module."""
   logging.basicConfig(level=level, format="%(asctime)s %(message)s")
   import jax
+
   if flags.FLAGS.multihost:
     jax.distributed.initialize()
   return jax

@@ -5,6 +5,7 @@ goes through `as_path`, an `etils.epath.Path`, so a `gs://bucket/run` workdir
 on a Cloud TPU pod works like a local folder. `pathlib` would silently turn
 `gs://b/x` into the local folder `./gs:/b/x`.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,11 +27,11 @@ def as_path(path: str | os.PathLike) -> epath.Path:
   """`path` as an epath.Path; local paths made absolute (Orbax requires it)."""
   text = os.fspath(path)
   if not text:
-    raise ValueError("empty path; give a folder such as workdirs/run or "
-                     "gs://bucket/run")
+    raise ValueError("empty path; give a folder such as workdirs/run or gs://bucket/run")
   if text.startswith(_UNSUPPORTED_SCHEMES):
-    raise ValueError(f"{text}: only local paths and gs:// buckets are "
-                     "supported; use a gs:// or local workdir")
+    raise ValueError(
+      f"{text}: only local paths and gs:// buckets are supported; use a gs:// or local workdir"
+    )
   if is_remote(text):
     _check_bucket_backend(text)
     return epath.Path(text)
@@ -39,8 +40,8 @@ def as_path(path: str | os.PathLike) -> epath.Path:
 
 def _check_bucket_backend(text: str) -> None:
   import fsspec
+
   try:
     fsspec.get_filesystem_class("gcs")  # what epath asks for behind gs://
   except (ImportError, ValueError):
-    raise ImportError(f"{text} is in Cloud Storage, which needs gcsfs: "
-                      f"{INSTALL_HINT}") from None
+    raise ImportError(f"{text} is in Cloud Storage, which needs gcsfs: {INSTALL_HINT}") from None

@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices (set before JAX is imported anywhere) and
 the location of the shared fixtures/data, which a user's clone lacks."""
+
 import os
 import pathlib
 
@@ -15,8 +16,10 @@ SHARED = REPO.parent / "shared"
 def shared_path(*parts: str) -> pathlib.Path:
   path = SHARED.joinpath(*parts)
   if not path.exists():
-    pytest.skip(f"{path} is absent: ../shared (fixtures and data from the "
-                "developers' checkout) is not next to this clone")
+    pytest.skip(
+      f"{path} is absent: ../shared (fixtures and data from the "
+      "developers' checkout) is not next to this clone"
+    )
   return path
 
 
@@ -31,6 +34,7 @@ def tfds_dir(tmp_path_factory):
 def data_dir(tfds_dir):
   """`tfds_dir` as a string, with the embedded dataset already prepared."""
   from mimdistill.data import sources
+
   sources.get_builder("embedded", str(tfds_dir)).prepare()
   return str(tfds_dir)
 
@@ -39,8 +43,16 @@ def data_config(data_dir, augment, **overrides):
   """An input-pipeline config: embedded dataset, 32 px, batch 16, no
   worker processes, seed 0."""
   import ml_collections
-  fields = dict(name="embedded", data_dir=data_dir, image_size=32,
-                batch_size=16, num_workers=0, augment=augment, seed=0)
+
+  fields = dict(
+    name="embedded",
+    data_dir=data_dir,
+    image_size=32,
+    batch_size=16,
+    num_workers=0,
+    augment=augment,
+    seed=0,
+  )
   fields.update(overrides)
   return ml_collections.ConfigDict(fields)
 
@@ -64,8 +76,15 @@ def set_path(config, dotted: str, value) -> None:
 
 # The run fields of a stage's end-to-end test: 3 steps of batch 16, no
 # warm-up, a fixed lr, a log line per step, one synchronous checkpoint.
-TINY_RUN = dict(batch_size=16, total_steps=3, warmup_epochs=0.0, lr=1e-3,
-                log_every=1, checkpoint_every=3, async_checkpoints=False)
+TINY_RUN = dict(
+  batch_size=16,
+  total_steps=3,
+  warmup_epochs=0.0,
+  lr=1e-3,
+  log_every=1,
+  checkpoint_every=3,
+  async_checkpoints=False,
+)
 
 
 def tiny_pipeline_overrides(tfds_dir, distill_steps: int = 4) -> dict:
@@ -73,27 +92,42 @@ def tiny_pipeline_overrides(tfds_dir, distill_steps: int = 4) -> dict:
   32, depth 2, patch 8, batch 16, 4 steps per stage."""
   o = {}
   for stage in ("pretrain", "distill", "finetune"):
-    o.update({f"{stage}.data.data_dir": str(tfds_dir), f"{stage}.batch_size": 16,
-              f"{stage}.log_every": 1})
-  o.update({"pretrain.total_steps": 4, "pretrain.checkpoint_every": 4,
-            "pretrain.num_visualize": 2,
-            "distill.total_steps": distill_steps, "distill.checkpoint_every": 4,
-            "finetune.total_steps": 4, "finetune.checkpoint_every": 4,
-            "finetune.eval_batch_size": 200})
-  for model in ("pretrain.model", "distill.teacher", "distill.student",
-                "finetune.model"):
-    o.update({f"{model}.width": 32, f"{model}.depth": 2, f"{model}.num_heads": 2,
-              f"{model}.patch_size": 8})
-  o.update({"pretrain.model.decoder.width": 32, "pretrain.model.decoder.depth": 1,
-            "pretrain.model.decoder.num_heads": 2})
+    o.update(
+      {f"{stage}.data.data_dir": str(tfds_dir), f"{stage}.batch_size": 16, f"{stage}.log_every": 1}
+    )
+  o.update(
+    {
+      "pretrain.total_steps": 4,
+      "pretrain.checkpoint_every": 4,
+      "pretrain.num_visualize": 2,
+      "distill.total_steps": distill_steps,
+      "distill.checkpoint_every": 4,
+      "finetune.total_steps": 4,
+      "finetune.checkpoint_every": 4,
+      "finetune.eval_batch_size": 200,
+    }
+  )
+  for model in ("pretrain.model", "distill.teacher", "distill.student", "finetune.model"):
+    o.update(
+      {f"{model}.width": 32, f"{model}.depth": 2, f"{model}.num_heads": 2, f"{model}.patch_size": 8}
+    )
+  o.update(
+    {
+      "pretrain.model.decoder.width": 32,
+      "pretrain.model.decoder.depth": 1,
+      "pretrain.model.decoder.num_heads": 2,
+    }
+  )
   return o
 
 
 def tiny_pipeline_config(tfds_dir, **kwargs):
   """configs/pipeline.py:quickstart with `tiny_pipeline_overrides` applied."""
   import sys
+
   sys.path.insert(0, str(REPO))
   from configs import pipeline
+
   config = pipeline.get_config("quickstart")
   for key, value in tiny_pipeline_overrides(tfds_dir, **kwargs).items():
     set_path(config, key, value)

@@ -1,15 +1,16 @@
 """The benchmark command and the speed options (no timing assertions).
 
-  * `launch/benchmark.py` runs for each stage's quickstart config (tiny
-    overrides, 2 steps) and prints one valid JSON line per measurement with
-    the expected keys, then a table; a distillation teacher without a source
-    is randomly initialised and the output says so;
-  * `--input-only`'s measurement of the real input pipeline;
-  * the speed options keep the params layout and the numerics: remat is
-    exact, fused attention matches plain attention, bfloat16 keeps float32
-    params and float32 losses;
-  * the peak FLOP/s table.
+* `launch/benchmark.py` runs for each stage's quickstart config (tiny
+  overrides, 2 steps) and prints one valid JSON line per measurement with
+  the expected keys, then a table; a distillation teacher without a source
+  is randomly initialised and the output says so;
+* `--input-only`'s measurement of the real input pipeline;
+* the speed options keep the params layout and the numerics: remat is
+  exact, fused attention matches plain attention, bfloat16 keeps float32
+  params and float32 losses;
+* the peak FLOP/s table.
 """
+
 import functools
 import json
 import os
@@ -20,45 +21,75 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import REPO, set_path
+
 from mimdistill.stages import distill
-from mimdistill.training import benchmark
-from mimdistill.training import peak_flops
+from mimdistill.training import benchmark, peak_flops
 
 sys.path.insert(0, str(REPO))
 from configs import tinymim_distill  # noqa: E402
 
 TINY = {
-    "pretrain": ["--config.model.width=32", "--config.model.depth=1",
-                 "--config.model.num_heads=2", "--config.model.patch_size=8",
-                 "--config.model.decoder.width=32",
-                 "--config.model.decoder.depth=1",
-                 "--config.model.decoder.num_heads=2"],
-    "distill": ["--config.teacher.width=32", "--config.teacher.depth=1",
-                "--config.teacher.num_heads=2", "--config.teacher.patch_size=8",
-                "--config.student.width=32", "--config.student.depth=1",
-                "--config.student.num_heads=2", "--config.student.patch_size=8",
-                "--config.teacher.source=", "--sweep", "dtype=float32,bfloat16"],
-    "finetune": ["--config.model.width=32", "--config.model.depth=1",
-                 "--config.model.num_heads=2", "--config.model.patch_size=8",
-                 "--config.num_classes=10"],
+  "pretrain": [
+    "--config.model.width=32",
+    "--config.model.depth=1",
+    "--config.model.num_heads=2",
+    "--config.model.patch_size=8",
+    "--config.model.decoder.width=32",
+    "--config.model.decoder.depth=1",
+    "--config.model.decoder.num_heads=2",
+  ],
+  "distill": [
+    "--config.teacher.width=32",
+    "--config.teacher.depth=1",
+    "--config.teacher.num_heads=2",
+    "--config.teacher.patch_size=8",
+    "--config.student.width=32",
+    "--config.student.depth=1",
+    "--config.student.num_heads=2",
+    "--config.student.patch_size=8",
+    "--config.teacher.source=",
+    "--sweep",
+    "dtype=float32,bfloat16",
+  ],
+  "finetune": [
+    "--config.model.width=32",
+    "--config.model.depth=1",
+    "--config.model.num_heads=2",
+    "--config.model.patch_size=8",
+    "--config.num_classes=10",
+  ],
 }
-CONFIGS = {"pretrain": "mae_pretrain.py", "distill": "tinymim_distill.py",
-           "finetune": "finetune.py"}
+CONFIGS = {
+  "pretrain": "mae_pretrain.py",
+  "distill": "tinymim_distill.py",
+  "finetune": "finetune.py",
+}
 
 
 def _launch(stage, tfds_dir):
-  cmd = [sys.executable, str(REPO / "launch" / "benchmark.py"),
-         "--config", str(REPO / "configs" / CONFIGS[stage]) + ":quickstart",
-         "--steps", "2", "--warmup", "1", "--config.batch_size=8",
-         f"--config.data.data_dir={tfds_dir}", *TINY[stage]]
+  cmd = [
+    sys.executable,
+    str(REPO / "launch" / "benchmark.py"),
+    "--config",
+    str(REPO / "configs" / CONFIGS[stage]) + ":quickstart",
+    "--steps",
+    "2",
+    "--warmup",
+    "1",
+    "--config.batch_size=8",
+    f"--config.data.data_dir={tfds_dir}",
+    *TINY[stage],
+  ]
   # Timings are not asserted: compile fast (the default level gives better
   # step times but costs about twice the compile time on a CPU).
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1 "
-             "--xla_backend_optimization_level=0")
-  return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0",
+  )
+  return subprocess.Popen(
+    cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
 
 
 @pytest.fixture(scope="module")
@@ -111,17 +142,18 @@ def test_input_only_measures_the_pipeline(tfds_dir):
 
 def test_sweeps_make_one_config_per_combination():
   config = tinymim_distill.get_config("quickstart")
-  out = benchmark.variants(config, ["dtype=float32,bfloat16",
-                                    "student.fused_attention=false,true"])
+  out = benchmark.variants(config, ["dtype=float32,bfloat16", "student.fused_attention=false,true"])
   assert [name for name, _ in out] == [
-      "dtype=float32 student.fused_attention=false",
-      "dtype=float32 student.fused_attention=true",
-      "dtype=bfloat16 student.fused_attention=false",
-      "dtype=bfloat16 student.fused_attention=true"]
+    "dtype=float32 student.fused_attention=false",
+    "dtype=float32 student.fused_attention=true",
+    "dtype=bfloat16 student.fused_attention=false",
+    "dtype=bfloat16 student.fused_attention=true",
+  ]
   assert out[3][1].student.fused_attention is True
   assert config.dtype == "float32"  # the original is untouched
   (_, off), (name, on) = benchmark.variants(
-      config, ["student.fused_attention+teacher.fused_attention=false,true"])
+    config, ["student.fused_attention+teacher.fused_attention=false,true"]
+  )
   assert name == "student.fused_attention+teacher.fused_attention=true"
   assert on.student.fused_attention and on.teacher.fused_attention
   assert not off.student.fused_attention and not off.teacher.fused_attention
@@ -142,7 +174,7 @@ def _tiny_distill_config(options=()):
   return c
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _variables():
   """Teacher and student variables: the options change no param, so one
   initialisation (jitted: eager init is slower) serves every variant."""
@@ -150,9 +182,9 @@ def _variables():
   dummy = jnp.zeros((1, 32, 32, 3))
   teacher, student = distill.build_teacher(c), distill.build_student(c)
   t_vars = jax.jit(teacher.init)(jax.random.PRNGKey(1), dummy)
-  s_vars = jax.jit(functools.partial(
-      student.init, method=distill.DistillStudent.init_all))(
-          jax.random.PRNGKey(2), dummy)
+  s_vars = jax.jit(functools.partial(student.init, method=distill.DistillStudent.init_all))(
+    jax.random.PRNGKey(2), dummy
+  )
   return t_vars, s_vars
 
 
@@ -160,7 +192,7 @@ def _student_grads(**options):
   return _student_grads_cached(tuple(sorted(options.items())))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _student_grads_cached(options):
   """Loss and gradient of the distillation loss for the tiny student with
   `options` ((config path, value), ...); same teacher and student weights."""
@@ -168,34 +200,33 @@ def _student_grads_cached(options):
   t_vars, s_vars = _variables()
   teacher, student = distill.build_teacher(c), distill.build_student(c)
   # The layout the options' modules would create is the shared one.
-  abstract = jax.eval_shape(functools.partial(
-      student.init, method=distill.DistillStudent.init_all),
-      jax.random.PRNGKey(2), jnp.zeros((1, 32, 32, 3)))
-  assert (jax.tree_util.tree_structure(abstract)
-          == jax.tree_util.tree_structure(s_vars))
+  abstract = jax.eval_shape(
+    functools.partial(student.init, method=distill.DistillStudent.init_all),
+    jax.random.PRNGKey(2),
+    jnp.zeros((1, 32, 32, 3)),
+  )
+  assert jax.tree_util.tree_structure(abstract) == jax.tree_util.tree_structure(s_vars)
   images = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3))
   loss_fn = distill.make_loss_fn(distill.make_plan(c), student, teacher)
   batch = {"image": images, "image_student": images * 0.9}
 
   def loss(params):
-    return loss_fn(params, s_vars["fixed"], batch, jax.random.PRNGKey(3),
-                   t_vars)[0]
+    return loss_fn(params, s_vars["fixed"], batch, jax.random.PRNGKey(3), t_vars)[0]
+
   value, grads = jax.jit(jax.value_and_grad(loss))(s_vars["params"])
   return abstract["params"], value, grads
 
 
 def test_remat_and_fused_attention_keep_layout_and_numerics():
   params, loss, grads = _student_grads()
-  params2, loss2, grads2 = _student_grads(**{
-      "student.remat": True, "student.fused_attention": True,
-      "teacher.fused_attention": True})
+  params2, loss2, grads2 = _student_grads(
+    **{"student.remat": True, "student.fused_attention": True, "teacher.fused_attention": True}
+  )
   # Same param names (blocks_<i>) and shapes: checkpoints stay compatible.
-  assert (jax.tree_util.tree_structure(params)
-          == jax.tree_util.tree_structure(params2))
+  assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(params2)
   assert "blocks_1" in params["encoder"]
   np.testing.assert_allclose(loss2, loss, rtol=1e-5)
-  for a, b in zip(jax.tree_util.tree_leaves(grads),
-                  jax.tree_util.tree_leaves(grads2)):
+  for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads2)):
     np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-4)
 
 
@@ -203,17 +234,21 @@ def test_scan_blocks_flops_are_those_of_the_unrolled_step():
   # XLA counts a scan body once; the benchmark counts the unrolled step.
   records = []
   for scan in (False, True):
-    c = _tiny_distill_config((("student.depth", 3), ("teacher.depth", 3),
-                              ("student.scan_blocks", scan),
-                              ("teacher.scan_blocks", scan)))
+    c = _tiny_distill_config(
+      (
+        ("student.depth", 3),
+        ("teacher.depth", 3),
+        ("student.scan_blocks", scan),
+        ("teacher.scan_blocks", scan),
+      )
+    )
     c.batch_size = 8
     c.mesh.num_devices = 1
     records.append(benchmark.measure_step(c, steps=1, warmup=0))
   plain, scanned = records
   assert scanned["scan_blocks"] and scanned["teacher_scan_blocks"]
   assert "scan_blocks: FLOPs counted on the unrolled step" in scanned["notes"]
-  np.testing.assert_allclose(scanned["gflops_per_image"],
-                             plain["gflops_per_image"], rtol=1e-6)
+  np.testing.assert_allclose(scanned["gflops_per_image"], plain["gflops_per_image"], rtol=1e-6)
 
 
 def test_bfloat16_keeps_float32_params_and_losses():
@@ -229,13 +264,15 @@ def test_bfloat16_keeps_float32_params_and_losses():
 # -----------------------------------------------------------------------------
 # Peak FLOP/s
 # -----------------------------------------------------------------------------
-@pytest.mark.parametrize("kind,dtype,precision,expected", [
+@pytest.mark.parametrize(
+  "kind,dtype,precision,expected",
+  [
     ("TPU v4", "bfloat16", None, 275e12),
     ("TPU v5 lite", "bfloat16", None, 197e12),
     ("TPU v5p", "bfloat16", None, 459e12),
     ("TPU v5", "bfloat16", None, 459e12),
     ("TPU v6 lite", "bfloat16", None, 918e12),
-    ("TPU v4", "float32", None, 275e12),        # default: one bf16 pass
+    ("TPU v4", "float32", None, 275e12),  # default: one bf16 pass
     ("TPU v4", "float32", "highest", None),
     ("NVIDIA A100-SXM4-80GB", "bfloat16", None, 312e12),
     ("NVIDIA A100-SXM4-80GB", "float32", None, 156e12),  # TF32
@@ -245,6 +282,7 @@ def test_bfloat16_keeps_float32_params_and_losses():
     ("NVIDIA H200", "bfloat16", None, 989.4e12),
     ("cpu", "bfloat16", None, None),
     ("Some Future Chip", "bfloat16", None, None),
-])
+  ],
+)
 def test_peak_flops(kind, dtype, precision, expected):
   assert peak_flops.peak_flops(kind, dtype, precision) == expected

@@ -7,18 +7,18 @@ pointed at the same folder. Everything above that layer is the real code: the
 pipeline, Orbax checkpoints, metrics, TensorBoard events, figures, lineage,
 resume, reading a bucket workdir as a teacher and converting from it.
 """
+
 import importlib
 import importlib.util
 import json
 
-import fsspec
 import pytest
+from conftest import tiny_pipeline_config
 from etils.epath import backend as epath_backend
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
 from orbax.checkpoint._src.path import gcs_utils
 
-from conftest import tiny_pipeline_config
 from mimdistill import paths
 from mimdistill.interop import convert
 from mimdistill.stages.pipeline import run_pipeline
@@ -31,6 +31,7 @@ _FSSPEC_REGISTRY = importlib.import_module("fsspec.registry")._registry
 
 class _LocalBucket(DirFileSystem):
   """Cloud Storage played by a local folder (`root`, set by the fixture)."""
+
   protocol = ("gs", "gcs")
   cachable = False
   root = None
@@ -43,7 +44,7 @@ class _LocalBucket(DirFileSystem):
     path = str(path)
     for prefix in ("gs://", "gcs://"):
       if path.startswith(prefix):
-        return path[len(prefix):]
+        return path[len(prefix) :]
     return path
 
 
@@ -55,8 +56,11 @@ def bucket(tmp_path_factory):
   with pytest.MonkeyPatch.context() as mp:
     for name in ("gs", "gcs"):
       mp.setitem(_FSSPEC_REGISTRY, name, _LocalBucket)
-    mp.setattr(gcs_utils, "get_kvstore_for_gcs",
-               lambda path: {"driver": "file", "path": str(root / str(path)[5:])})
+    mp.setattr(
+      gcs_utils,
+      "get_kvstore_for_gcs",
+      lambda path: {"driver": "file", "path": str(root / str(path)[5:])},
+    )
     # Orbax asks google-cloud-storage whether the bucket has folders.
     mp.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
     epath_backend.fsspec_backend._get_filesystem.cache_clear()
@@ -87,18 +91,20 @@ def test_pipeline_writes_everything_into_the_bucket(bucket_pipeline):
     assert [l["step"] for l in lines if l["prefix"] == "train"] == list(range(1, steps + 1))
     events = list((stage / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 100, name
-  for png in ("pretrain/reconstructions.png", "distill/relation_maps.png",
-              "finetune/learning_curves.png", "finetune/confusion_matrix.png"):
+  for png in (
+    "pretrain/reconstructions.png",
+    "distill/relation_maps.png",
+    "finetune/learning_curves.png",
+    "finetune/confusion_matrix.png",
+  ):
     assert (local / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
   assert (local / "finetune" / "best").is_dir()
   parents = [s["lineage"]["parent"]["path"] for s in summary["stages"][1:]]
-  assert parents == [f"{BUCKET}/pretrain/checkpoints/4",
-                     f"{BUCKET}/distill/checkpoints/4"]
+  assert parents == [f"{BUCKET}/pretrain/checkpoints/4", f"{BUCKET}/distill/checkpoints/4"]
   assert json.loads((local / "summary.json").read_text())["workdir"] == BUCKET
 
 
-def test_rerun_skips_finished_stages_and_a_longer_stage_resumes(
-    bucket_pipeline, tfds_dir, caplog):
+def test_rerun_skips_finished_stages_and_a_longer_stage_resumes(bucket_pipeline, tfds_dir, caplog):
   summary, local, _ = bucket_pipeline
   again = run_pipeline(tiny_pipeline_config(tfds_dir), BUCKET)
   assert all(s.get("skipped") for s in again["stages"])
@@ -107,11 +113,13 @@ def test_rerun_skips_finished_stages_and_a_longer_stage_resumes(
   config.total_steps = 6
   config.checkpoint_every = 6
   from mimdistill.stages import pretrain
+
   with caplog.at_level("INFO"):
     pretrain.run(config, f"{BUCKET}/pretrain")
   assert f"resumed pretrain from step 4 of {BUCKET}/pretrain" in caplog.text
-  steps = [json.loads(l)["step"] for l in
-           (local / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+  steps = [
+    json.loads(l)["step"] for l in (local / "pretrain" / "metrics.jsonl").read_text().splitlines()
+  ]
   assert steps == [1, 2, 3, 4, 5, 6]
   assert ckpt_lib.Checkpointer(f"{BUCKET}/pretrain", every_steps=1).latest_step() == 6
 
@@ -125,7 +133,8 @@ def test_bucket_workdir_as_source(bucket_pipeline, tmp_path):
   assert out.stat().st_size > 0 and report.to_json()
   tensors, _ = convert.read_safetensors(str(out))
   assert tensors["blocks.0.attn.qkv.weight"].shape == tuple(
-      encoder["blocks_0"]["attn"]["qkv"]["kernel"].shape[::-1])
+    encoder["blocks_0"]["attn"]["qkv"]["kernel"].shape[::-1]
+  )
   with pytest.raises(ValueError, match="convert to a local path, then copy it"):
     convert.convert(str(out), f"{BUCKET}/copy.safetensors")
 
@@ -135,6 +144,7 @@ def test_bad_bucket_paths_are_named():
     paths.as_path("s3://bucket/run")
   with pytest.raises(ValueError, match="must be on a local disk"):
     from mimdistill.interop.encoder_source import read_encoder
+
     read_encoder("gs://bucket/mae_pretrain_vit_large.pth", what="teacher.source")
 
 

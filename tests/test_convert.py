@@ -5,6 +5,7 @@ Test checkpoints are tiny official-format `.pth` files written without torch
 `models_mae` / `models_vit`, TinyMIM, timm `VisionTransformer`) and are
 spelled out here independently of the code under test.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,31 +19,74 @@ import textwrap
 import ml_dtypes
 import numpy as np
 import pytest
-
 from conftest import REPO, shared_path
 from pth_writer import Evil, tensor, write_pth, write_state_dict
 
 from mimdistill import convert as cli
-from mimdistill.interop.convert import (SafetensorsError, convert, load_converted,
-                                        read_safetensors, read_source)
+from mimdistill.interop.convert import (
+  SafetensorsError,
+  convert,
+  load_converted,
+  read_safetensors,
+  read_source,
+)
 from mimdistill.interop.layouts import LayoutError, detect
 from mimdistill.interop.official_names import official_to_flax
-from mimdistill.interop.pth_reader import (CheckpointReadError, CorruptCheckpointError,
-                                           UnsafeCheckpointError, load_pth)
+from mimdistill.interop.pth_reader import (
+  CheckpointReadError,
+  CorruptCheckpointError,
+  UnsafeCheckpointError,
+  load_pth,
+)
 
-BLOCK = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias",
-         "attn.proj.weight", "attn.proj.bias", "norm2.weight", "norm2.bias",
-         "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")
+BLOCK = (
+  "norm1.weight",
+  "norm1.bias",
+  "attn.qkv.weight",
+  "attn.qkv.bias",
+  "attn.proj.weight",
+  "attn.proj.bias",
+  "norm2.weight",
+  "norm2.bias",
+  "mlp.fc1.weight",
+  "mlp.fc1.bias",
+  "mlp.fc2.weight",
+  "mlp.fc2.bias",
+)
 
 
 def _block(prefix: str, d: int) -> dict[str, tuple]:
-  return dict(zip(BLOCK, [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,),
-                          (4 * d, d), (4 * d,), (d, 4 * d), (d,)]))
+  return dict(
+    zip(
+      BLOCK,
+      [
+        (d,),
+        (d,),
+        (3 * d, d),
+        (3 * d,),
+        (d, d),
+        (d,),
+        (d,),
+        (d,),
+        (4 * d, d),
+        (4 * d,),
+        (d, 4 * d),
+        (d,),
+      ],
+    )
+  )
 
 
-def official_shapes(kind: str, d: int = 32, depth: int = 2, p: int = 4, image: int = 16,
-                    chans: int = 3, dec: tuple[int, int] = (16, 1), classes: int = 5
-                    ) -> dict[str, tuple]:
+def official_shapes(
+  kind: str,
+  d: int = 32,
+  depth: int = 2,
+  p: int = 4,
+  image: int = 16,
+  chans: int = 3,
+  dec: tuple[int, int] = (16, 1),
+  classes: int = 5,
+) -> dict[str, tuple]:
   """State-dict shapes, in the official modules' order, of:
   'encoder' (MAE pre-trained encoder / TinyMIM student), 'mae' (with decoder),
   'finetune' (models_vit, global pool: fc_norm, no norm), 'finetune_cls'
@@ -60,9 +104,14 @@ def official_shapes(kind: str, d: int = 32, depth: int = 2, p: int = 4, image: i
     shapes.update({"decoder_embed.weight": (dec[0], d), "decoder_embed.bias": (dec[0],)})
     for i in range(dec[1]):
       shapes.update({f"decoder_blocks.{i}.{k}": v for k, v in _block("", dec[0]).items()})
-    shapes.update({"decoder_norm.weight": (dec[0],), "decoder_norm.bias": (dec[0],),
-                   "decoder_pred.weight": (p * p * chans, dec[0]),
-                   "decoder_pred.bias": (p * p * chans,)})
+    shapes.update(
+      {
+        "decoder_norm.weight": (dec[0],),
+        "decoder_norm.bias": (dec[0],),
+        "decoder_pred.weight": (p * p * chans, dec[0]),
+        "decoder_pred.bias": (p * p * chans,),
+      }
+    )
   if kind in ("finetune", "finetune_cls", "timm"):
     shapes.update({"head.weight": (classes, d), "head.bias": (classes,)})
   if kind == "finetune":
@@ -84,11 +133,11 @@ def assert_same_tensors(got: dict, want: dict, *, order: bool = True):
 
 
 KINDS = {  # kind -> (expected layout, writer kwargs)
-    "encoder": ("vit", {}),
-    "mae": ("mae", {}),
-    "finetune": ("classifier", {}),
-    "finetune_cls": ("classifier", {}),
-    "timm": ("classifier", {"wrap": None}),  # timm state dicts are saved bare
+  "encoder": ("vit", {}),
+  "mae": ("mae", {}),
+  "finetune": ("classifier", {}),
+  "finetune_cls": ("classifier", {}),
+  "timm": ("classifier", {"wrap": None}),  # timm state dicts are saved bare
 }
 
 
@@ -125,7 +174,10 @@ def test_round_trip_bit_exact(tmp_path, kind):
     flat_want = _flat(want)
     assert sorted(flat_got) == sorted(flat_want)
     for key, value in flat_want.items():
-      assert flat_got[key].dtype == value.dtype and flat_got[key].tobytes() == np.ascontiguousarray(value).tobytes(), key
+      assert (
+        flat_got[key].dtype == value.dtype
+        and flat_got[key].tobytes() == np.ascontiguousarray(value).tobytes()
+      ), key
 
   # .pth -> .safetensors directly, and a workdir source to a workdir.
   convert(pth, tmp_path / "c.safetensors")
@@ -172,10 +224,19 @@ def test_safetensors_files_are_standard(tmp_path):
 def test_detection_of_a_vit_b_like_model():
   shapes = official_shapes("finetune", d=768, depth=3, p=16, image=224, classes=1000)
   spec = detect(shapes)
-  assert (spec.layout, spec.width, spec.depth, spec.patch_size, spec.image_size,
-          spec.in_chans, spec.mlp_ratio, spec.pooling, spec.num_classes,
-          spec.final_norm, spec.pos_embed) == (
-              "classifier", 768, 3, 16, 224, 3, 4.0, "avg", 1000, False, "learned")
+  assert (
+    spec.layout,
+    spec.width,
+    spec.depth,
+    spec.patch_size,
+    spec.image_size,
+    spec.in_chans,
+    spec.mlp_ratio,
+    spec.pooling,
+    spec.num_classes,
+    spec.final_norm,
+    spec.pos_embed,
+  ) == ("classifier", 768, 3, 16, 224, 3, 4.0, "avg", 1000, False, "learned")
   assert spec.num_heads == 12 and spec.assumed == ("num_heads",)
   assert "heads=12 (assumed)" in spec.describe()
   assert detect(shapes, num_heads=6).assumed == ()
@@ -211,8 +272,9 @@ def test_unknown_heads_are_required_for_orbax_only(tmp_path, capsys):
 def test_report_lists_skipped_and_missing(tmp_path):
   state = random_state(official_shapes("mae"))
   del state["pos_embed"], state["decoder_pos_embed"]  # fixed buffers some files drop
-  pth = write_state_dict(tmp_path / "m.pth", state,
-                         extra={"optimizer": {"state": {}, "param_groups": []}, "epoch": 7})
+  pth = write_state_dict(
+    tmp_path / "m.pth", state, extra={"optimizer": {"state": {}, "param_groups": []}, "epoch": 7}
+  )
   report = convert(pth, tmp_path / "w", num_heads=4, decoder_num_heads=4, image_size=16)
   assert set(report.skipped) == {"optimizer", "epoch"}
   assert set(report.missing) == {"pos_embed", "decoder_pos_embed"}
@@ -221,6 +283,7 @@ def test_report_lists_skipped_and_missing(tmp_path):
   assert "optimizer: dict" in text and "pos_embed: computed" in text
   # The computed buffers are MAE's sin-cos tables and are exported.
   from mimdistill.models.pos_embed import sincos_2d
+
   convert(tmp_path / "w", tmp_path / "m.safetensors")
   got, _ = read_safetensors(tmp_path / "m.safetensors")
   np.testing.assert_array_equal(got["pos_embed"][0], sincos_2d(32, 4))
@@ -233,21 +296,27 @@ def test_report_lists_skipped_and_missing(tmp_path):
 
 def test_layout_vit_keeps_only_the_encoder(tmp_path):
   state = random_state(official_shapes("mae"))
-  report = convert(write_state_dict(tmp_path / "m.pth", state), tmp_path / "enc.safetensors",
-                   layout="vit", num_heads=4)
+  report = convert(
+    write_state_dict(tmp_path / "m.pth", state),
+    tmp_path / "enc.safetensors",
+    layout="vit",
+    num_heads=4,
+  )
   assert report.spec.layout == "vit" and report.spec.decoder is None
   assert "decoder_embed.weight" in report.skipped and "mask_token" in report.skipped
   got, _ = read_safetensors(tmp_path / "enc.safetensors")
-  assert_same_tensors(got, {k: v for k, v in state.items()
-                            if not k.startswith(("decoder", "mask_token"))})
+  assert_same_tensors(
+    got, {k: v for k, v in state.items() if not k.startswith(("decoder", "mask_token"))}
+  )
   with pytest.raises(LayoutError, match="layout='classifier' was asked for"):
     convert(tmp_path / "m.pth", tmp_path / "x", layout="classifier", num_heads=4)
 
 
 def test_ddp_prefix_and_state_dict_key(tmp_path):
   state = random_state(official_shapes("encoder"))
-  pth = write_state_dict(tmp_path / "ddp.pth", {f"module.{k}": v for k, v in state.items()},
-                         wrap="state_dict")
+  pth = write_state_dict(
+    tmp_path / "ddp.pth", {f"module.{k}": v for k, v in state.items()}, wrap="state_dict"
+  )
   convert(pth, tmp_path / "e.safetensors")
   assert_same_tensors(read_safetensors(tmp_path / "e.safetensors")[0], state)
 
@@ -256,24 +325,33 @@ def test_workdir_of_a_stage_converts(tmp_path):
   """A training workdir: TrainState {step, params, fixed, opt_state, rng} with
   extra params (distillation heads) that no official model has."""
   import orbax.checkpoint as ocp
+
   state = random_state(official_shapes("encoder"))
   variables, _ = official_to_flax(state, "mae")
   variables["params"]["heads"] = {"proj": {"kernel": np.ones((32, 8), np.float32)}}
-  train_state = {"step": np.int32(5), **variables, "opt_state": {"mu": np.zeros(3)},
-                 "rng": np.zeros(2, np.uint32)}
-  with ocp.CheckpointManager(tmp_path / "wd" / "checkpoints",
-                             options=ocp.CheckpointManagerOptions(create=True)) as m:
+  train_state = {
+    "step": np.int32(5),
+    **variables,
+    "opt_state": {"mu": np.zeros(3)},
+    "rng": np.zeros(2, np.uint32),
+  }
+  with ocp.CheckpointManager(
+    tmp_path / "wd" / "checkpoints", options=ocp.CheckpointManagerOptions(create=True)
+  ) as m:
     m.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(train_state)))
     m.wait_until_finished()
-  (tmp_path / "wd" / "config.json").write_text(json.dumps(
-      {"config": {}, "signature": {"model": {"num_heads": 2}}}))
+  (tmp_path / "wd" / "config.json").write_text(
+    json.dumps({"config": {}, "signature": {"model": {"num_heads": 2}}})
+  )
   report = convert(tmp_path / "wd", tmp_path / "s.safetensors")
   assert report.src_kind == "workdir" and report.spec.num_heads == 2
   assert "params/heads" in report.skipped
   assert_same_tensors(read_safetensors(tmp_path / "s.safetensors")[0], state, order=False)
   # A step folder and a bare Orbax tree of variables are sources too.
-  assert convert(tmp_path / "wd" / "checkpoints" / "5", tmp_path / "t.safetensors",
-                 num_heads=2).src_kind == "orbax"
+  assert (
+    convert(tmp_path / "wd" / "checkpoints" / "5", tmp_path / "t.safetensors", num_heads=2).src_kind
+    == "orbax"
+  )
   ocp.PyTreeCheckpointer().save(tmp_path / "bare", variables)
   convert(tmp_path / "bare", tmp_path / "u.safetensors")
   assert_same_tensors(read_safetensors(tmp_path / "u.safetensors")[0], state, order=False)
@@ -283,6 +361,7 @@ def test_converted_folder_is_a_teacher_source(tmp_path):
   """Stage 2 reads a converted folder like a stage-1 workdir."""
   from mimdistill.stages.distill import read_teacher_source
   from mimdistill.training.checkpoints import restore_subtree
+
   state = random_state(official_shapes("mae"))
   convert(write_state_dict(tmp_path / "m.pth", state), tmp_path / "t", num_heads=4)
   variables, record = read_teacher_source(str(tmp_path / "t"))
@@ -310,16 +389,20 @@ def _nhwc(x):
 
 def test_fixture_finetune_logits_and_safetensors_round_trip(tmp_path, capsys):
   import jax
+
   folder = _fixture("finetune")
   args = json.loads((folder / "config.json").read_text())["model"]
-  assert cli.main([str(folder / "vit.pth"), str(tmp_path / "W"),
-                   "--num-heads", str(args["num_heads"])]) == 0
+  assert (
+    cli.main([str(folder / "vit.pth"), str(tmp_path / "W"), "--num-heads", str(args["num_heads"])])
+    == 0
+  )
   out = capsys.readouterr().out
   assert "layout=classifier width=48 depth=3 heads=3 patch=4 image_size=32" in out
   assert "pooling=avg num_classes=10" in out
   loaded = load_converted(tmp_path / "W")
-  logits = jax.jit(loaded.module().apply)(loaded.apply_variables(),
-                                          _nhwc(np.load(folder / "inputs.npz")["images"]))
+  logits = jax.jit(loaded.module().apply)(
+    loaded.apply_variables(), _nhwc(np.load(folder / "inputs.npz")["images"])
+  )
   np.testing.assert_allclose(logits, np.load(folder / "expected.npz")["logits"], atol=1e-5)
   # Acceptance: `convert <official .pth> W` then `convert W out.safetensors`.
   assert cli.main([str(tmp_path / "W"), str(tmp_path / "out.safetensors")]) == 0
@@ -329,18 +412,24 @@ def test_fixture_finetune_logits_and_safetensors_round_trip(tmp_path, capsys):
 
 def test_fixture_mae_outputs(tmp_path):
   import jax
+
   folder = _fixture("mae")
   config = json.loads((folder / "config.json").read_text())
   args = config["model"]
   for name in ("mae_full.pth", "mae_training_style.pth"):
-    report = convert(folder / name, tmp_path / name, num_heads=args["num_heads"],
-                     decoder_num_heads=args["decoder_num_heads"])
+    report = convert(
+      folder / name,
+      tmp_path / name,
+      num_heads=args["num_heads"],
+      decoder_num_heads=args["decoder_num_heads"],
+    )
     assert report.spec.decoder.depth == args["decoder_depth"]
   assert set(report.skipped) == {"optimizer", "epoch", "scaler", "args"}
   loaded = load_converted(tmp_path / "mae_training_style.pth")
   inputs, expected = np.load(folder / "inputs.npz"), np.load(folder / "expected.npz")
   out = jax.jit(loaded.module().apply, static_argnums=3)(
-      loaded.apply_variables(), _nhwc(inputs["images"]), inputs["noise"], config["mask_ratio"])
+    loaded.apply_variables(), _nhwc(inputs["images"]), inputs["noise"], config["mask_ratio"]
+  )
   np.testing.assert_allclose(out.latent, expected["latent"], atol=1e-5)
   np.testing.assert_allclose(out.pred, expected["pred"], atol=1e-5)
 
@@ -348,25 +437,30 @@ def test_fixture_mae_outputs(tmp_path):
 def test_fixture_tinymim_relations(tmp_path):
   import jax
   import jax.numpy as jnp
+
   from mimdistill.models.vit import ViTEncoder
   from mimdistill.objectives.relations import relations
+
   folder = _fixture("tinymim")
   config = json.loads((folder / "config.json").read_text())
   images = jnp.asarray(_nhwc(np.load(folder / "inputs.npz")["images"]))
   expected = np.load(folder / "expected.npz")
   heads = config["teacher"]["num_heads"]
-  for who, block in (("teacher", config["teacher"]["intermediate"]),
-                     ("student", config["student_relation_block"])):
-    report = convert(folder / f"{who}.pth", tmp_path / who,
-                     num_heads=config[who]["num_heads"])
+  for who, block in (
+    ("teacher", config["teacher"]["intermediate"]),
+    ("student", config["student_relation_block"]),
+  ):
+    report = convert(folder / f"{who}.pth", tmp_path / who, num_heads=config[who]["num_heads"])
     assert report.spec.layout == "vit" and report.spec.depth == config[who]["depth"]
     loaded = load_converted(tmp_path / who)
-    apply = functools.partial(loaded.module().apply, block=block, heads=heads,
-                              method=ViTEncoder.relation_qkv)
+    apply = functools.partial(
+      loaded.module().apply, block=block, heads=heads, method=ViTEncoder.relation_qkv
+    )
     qkv = jax.jit(apply)(loaded.apply_variables(), images)
     for name, logits in relations(qkv).items():  # the fixture holds softmaxes
-      np.testing.assert_allclose(jax.nn.softmax(logits, axis=-1), expected[f"{who}_{name}"],
-                                 atol=1e-5)
+      np.testing.assert_allclose(
+        jax.nn.softmax(logits, axis=-1), expected[f"{who}_{name}"], atol=1e-5
+      )
 
 
 def test_every_fixture_pth_converts(tmp_path):
@@ -393,8 +487,10 @@ def test_untrusted_fixture_is_refused(tmp_path, monkeypatch, capsys):
 
 
 def test_hostile_pickle_built_here_is_refused(tmp_path):
-  state = {"cls_token": tensor(np.zeros((1, 1, 8), np.float32)),
-           "evil": Evil("builtins", "exec", "open('pwned', 'w')")}
+  state = {
+    "cls_token": tensor(np.zeros((1, 1, 8), np.float32)),
+    "evil": Evil("builtins", "exec", "open('pwned', 'w')"),
+  }
   path = write_pth(tmp_path / "evil.pth", {"model": state})
   with pytest.raises(UnsafeCheckpointError, match="builtins.exec"):
     convert(path, tmp_path / "w")
@@ -434,9 +530,13 @@ def test_truncated_and_corrupt_safetensors(tmp_path):
 
 
 def test_not_a_vit_and_incomplete_and_unknown_tensors(tmp_path):
-  other = write_state_dict(tmp_path / "resnet.pth",
-                           {"conv1.weight": np.zeros((8, 3, 7, 7), np.float32),
-                            "fc.weight": np.zeros((10, 8), np.float32)})
+  other = write_state_dict(
+    tmp_path / "resnet.pth",
+    {
+      "conv1.weight": np.zeros((8, 3, 7, 7), np.float32),
+      "fc.weight": np.zeros((10, 8), np.float32),
+    },
+  )
   with pytest.raises(LayoutError, match="not a ViT state dict"):
     convert(other, tmp_path / "w")
 
@@ -573,6 +673,7 @@ def test_torch_loads_exports_strictly(tmp_path):
   child process: this test session must stay torch-free (test_parity checks)."""
   try:
     import importlib.util
+
     if importlib.util.find_spec("torch") is None or importlib.util.find_spec("safetensors") is None:
       pytest.skip("torch or safetensors is not installed")
   except ValueError:
@@ -589,8 +690,13 @@ def test_torch_loads_exports_strictly(tmp_path):
     convert(fixtures / "vit.pth", tmp_path / "ft", num_heads=3)
     convert(tmp_path / "ft", tmp_path / "ft.safetensors")
     args += [str(tmp_path / "ft.safetensors"), str(fixtures / "inputs.npz")]
-  result = subprocess.run([sys.executable, "-c", TORCH_CHECK, *args], capture_output=True,
-                          text=True, timeout=300, cwd=REPO)
+  result = subprocess.run(
+    [sys.executable, "-c", TORCH_CHECK, *args],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=REPO,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.split() == ["strict", "ok", str(len(args) // 2)]
 
@@ -605,15 +711,21 @@ def test_converted_student_fine_tunes_with_stage_3(tfds_dir, tmp_path, monkeypat
   from configs import finetune as finetune_configs
   from mimdistill.stages import finetune
   from mimdistill.training.checkpoints import restore_subtree
+
   state = random_state(official_shapes("encoder", d=32, depth=1, p=8, image=32))
-  convert(write_state_dict(tmp_path / "student.pth", state), tmp_path / "student",
-          num_heads=4)
+  convert(write_state_dict(tmp_path / "student.pth", state), tmp_path / "student", num_heads=4)
   c = finetune_configs.get_config("quickstart")
   c.model.update(width=32, depth=1, num_heads=2, patch_size=8, image_size=32)
   c.init.source = str(tmp_path / "student")
   c.data.update(data_dir=str(tfds_dir), eval_split="test[:16]")
-  c.update(batch_size=16, eval_batch_size=16, total_steps=1, log_every=1,
-           checkpoint_every=1, async_checkpoints=False)
+  c.update(
+    batch_size=16,
+    eval_batch_size=16,
+    total_steps=1,
+    log_every=1,
+    checkpoint_every=1,
+    async_checkpoints=False,
+  )
   summary = finetune.run(c, tmp_path / "ft")
   assert summary["parent"]["path"].endswith("student/checkpoints/0")
   # Step 1 moved the weights only a little: they started from the student's.

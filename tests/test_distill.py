@@ -2,6 +2,7 @@
 teacher that is never trained, saved or run past its target block, sharding
 equivalence, every ablation target on real images, early errors, teachers
 from a stage-1 workdir, a stage-2 workdir (sequential) and an official .pth."""
+
 import copy
 import json
 import re
@@ -13,8 +14,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-
 from conftest import REPO, TINY_RUN, set_path, shared_path
+
 from mimdistill.interop.official_names import official_names_of, official_to_flax
 from mimdistill.interop.pth_reader import load_pth
 from mimdistill.stages import distill, pretrain
@@ -48,13 +49,13 @@ def random_teacher(config):
   """A randomly initialised teacher, pruned like a loaded one."""
   spec_depth = config.teacher.depth
   full = distill.build_teacher(config, spec_depth)
-  variables = jax.device_get(full.init(jax.random.PRNGKey(7),
-                                       jnp.zeros((1, 32, 32, 3))))
+  variables = jax.device_get(full.init(jax.random.PRNGKey(7), jnp.zeros((1, 32, 32, 3))))
   return distill.build_teacher(config), distill.prune_teacher(variables, config)
 
 
 class FixedBatches:
   """The same batch forever (no grain iterator to checkpoint)."""
+
   grain_iterator = None
 
   def __init__(self, batch):
@@ -71,15 +72,16 @@ def random_batch(n=16, seed=0):
   rng = np.random.default_rng(seed)
   image = rng.normal(size=(n, 32, 32, 3)).astype(np.float32)
   jitter = image + 0.1 * rng.normal(size=image.shape).astype(np.float32)
-  return {"image": image, "image_student": jitter,
-          "label": np.zeros((n,), np.int32)}
+  return {"image": image, "image_student": jitter, "label": np.zeros((n,), np.int32)}
 
 
 @pytest.fixture(scope="module")
 def cifar_batch():
   """16 CIFAR-10 training images with the distillation augmentation."""
   from PIL import Image
+
   from mimdistill.data.transforms import DistillTrain
+
   root = shared_path("data", "cifar10", "train")
   files = [f for d in sorted(root.iterdir())[:8] for f in sorted(d.iterdir())[:2]]
   transform = DistillTrain(32)
@@ -89,8 +91,7 @@ def cifar_batch():
 
 
 def leaves(tree):
-  return dict(zip(jax.tree_util.tree_leaves(path_names(tree)),
-                  jax.tree_util.tree_leaves(tree)))
+  return dict(zip(jax.tree_util.tree_leaves(path_names(tree)), jax.tree_util.tree_leaves(tree)))
 
 
 def compiled_steps(config, teacher, teacher_vars, batch, steps):
@@ -105,7 +106,8 @@ def compiled_steps(config, teacher, teacher_vars, batch, steps):
   @jax.jit
   def step(params, opt_state, rng):
     (loss, parts), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
-        params, fixed, batch, rng, teacher_vars)
+      params, fixed, batch, rng, teacher_vars
+    )
     updates, opt_state = tx.update(grads, opt_state, params)
     return dict(parts, loss=loss), grads, optax.apply_updates(params, updates), opt_state
 
@@ -114,8 +116,7 @@ def compiled_steps(config, teacher, teacher_vars, batch, steps):
     m, grads, params, opt_state = step(params, opt_state, jax.random.PRNGKey(i))
     metrics.append({k: float(v) for k, v in m.items()})
     first = grads if first is None else first
-  frozen = distill.frozen_patterns(distill.make_plan(config),
-                                   config.student.depth)
+  frozen = distill.frozen_patterns(distill.make_plan(config), config.student.depth)
   return metrics, first, frozen
 
 
@@ -137,12 +138,16 @@ def test_frozen_params_teacher_untouched_unsaved_and_8_devices_match_1(tmp_path)
     task = distill.build_task(config, student, teacher, teacher_vars, 100)
     mesh = shard_lib.make_mesh(1, devices=jax.devices()[:n])
     states[n] = loop_lib.train(
-        task, FixedBatches(random_batch()), tmp_path / str(n),
-        loop_lib.LoopConfig(seed=config.seed, log_every=1, checkpoint_every=3,
-                            async_checkpoints=False), mesh=mesh)
+      task,
+      FixedBatches(random_batch()),
+      tmp_path / str(n),
+      loop_lib.LoopConfig(
+        seed=config.seed, log_every=1, checkpoint_every=3, async_checkpoints=False
+      ),
+      mesh=mesh,
+    )
   one, eight = (jax.device_get(states[n].params) for n in (1, 8))
-  jax.tree_util.tree_map(
-      lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), one, eight)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), one, eight)
 
   # Frozen student params: no update and no weight decay; all others move.
   init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))
@@ -152,19 +157,30 @@ def test_frozen_params_teacher_untouched_unsaved_and_8_devices_match_1(tmp_path)
   is_frozen = lambda name: any(re.fullmatch(p, name) for p in frozen)
   frozen_names = [n for n in init if is_frozen(n)]
   assert sorted(frozen_names) == sorted(
-      [f"encoder/blocks_1/{m}" for m in ("attn/proj/bias", "attn/proj/kernel",
-                                         "mlp/fc1/bias", "mlp/fc1/kernel",
-                                         "mlp/fc2/bias", "mlp/fc2/kernel",
-                                         "norm2/bias", "norm2/scale")]
-      + ["encoder/norm/bias", "encoder/norm/scale"])
+    [
+      f"encoder/blocks_1/{m}"
+      for m in (
+        "attn/proj/bias",
+        "attn/proj/kernel",
+        "mlp/fc1/bias",
+        "mlp/fc1/kernel",
+        "mlp/fc2/bias",
+        "mlp/fc2/kernel",
+        "norm2/bias",
+        "norm2/scale",
+      )
+    ]
+    + ["encoder/norm/bias", "encoder/norm/scale"]
+  )
   for name in init:
     if is_frozen(name):
       np.testing.assert_array_equal(final[name], init[name], err_msg=name)
     else:
       assert not np.array_equal(final[name], init[name]), name
   # ... and no optimizer state (like a PyTorch param without grad).
-  opt_paths = " ".join(jax.tree_util.keystr(p) for p, _ in
-                       jax.tree_util.tree_flatten_with_path(states[8].opt_state)[0])
+  opt_paths = " ".join(
+    jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(states[8].opt_state)[0]
+  )
   assert "['encoder']['blocks_0']['mlp']['fc1']['kernel']" in opt_paths
   for name in frozen_names:
     assert "".join(f"['{k}']" for k in name.split("/")) not in opt_paths, name
@@ -177,9 +193,10 @@ def test_frozen_params_teacher_untouched_unsaved_and_8_devices_match_1(tmp_path)
   state_shapes = {np.shape(x) for x in jax.tree_util.tree_leaves(states[8])}
   assert not teacher_shapes & state_shapes
   with ocp.CheckpointManager(
-      ckpt_lib.checkpoint_dir(tmp_path / "8"),
-      options=ocp.CheckpointManagerOptions(read_only=True),
-      item_handlers={"state": ocp.PyTreeCheckpointHandler()}) as manager:
+    ckpt_lib.checkpoint_dir(tmp_path / "8"),
+    options=ocp.CheckpointManagerOptions(read_only=True),
+    item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+  ) as manager:
     meta = manager.item_metadata(3)["state"]
   meta = meta.tree if hasattr(meta, "tree") else meta
   saved = {tuple(getattr(x, "shape", ())) for x in jax.tree_util.tree_leaves(meta)}
@@ -195,10 +212,12 @@ def test_teacher_forward_stops_at_target_block():
     teacher, variables = random_teacher(config)
     plan = distill.make_plan(config)
     assert sorted(k for k in variables["params"] if k.startswith("blocks_")) == [
-        f"blocks_{i}" for i in range(block)]
+      f"blocks_{i}" for i in range(block)
+    ]
     assert ("norm" in variables["params"]) == (block == 2)
-    jaxpr = str(jax.make_jaxpr(
-        lambda v: distill.teacher_outputs(teacher, v, images, plan))(variables))
+    jaxpr = str(
+      jax.make_jaxpr(lambda v: distill.teacher_outputs(teacher, v, images, plan))(variables)  # noqa: B023
+    )
     counts[block] = jaxpr.count("dot_general")
   # Block k: (k-1) full blocks of 6 matmuls (qkv, q.k, attn.v, proj, fc1,
   # fc2) + block k's qkv; nothing of block k+1.
@@ -210,9 +229,14 @@ def test_teacher_forward_stops_at_target_block():
 # -----------------------------------------------------------------------------
 # Each component of a combined entry is checked on its own ('masked_mae':
 # relations on a masked input + the MAE loss).
-ABLATIONS = ["quickstart", "quickstart,qq_kk_vv,block1", "quickstart,no_softmax",
-             "no_softmax_smooth_l1", "quickstart,cls", "quickstart,masked_mae"] + [
-                 f"quickstart,feature_{f}" for f in tinymim_distill.FEATURES]
+ABLATIONS = [
+  "quickstart",
+  "quickstart,qq_kk_vv,block1",
+  "quickstart,no_softmax",
+  "no_softmax_smooth_l1",
+  "quickstart,cls",
+  "quickstart,masked_mae",
+] + [f"quickstart,feature_{f}" for f in tinymim_distill.FEATURES]
 
 
 @pytest.mark.parametrize("arg", ABLATIONS)
@@ -224,8 +248,7 @@ def test_ablation_lowers_loss_and_freezes_exactly_the_unused(arg, cifar_batch):
     arg, overrides["distill.raw_loss"] = "quickstart,no_softmax", "smooth_l1"
   config = tiny_config(arg, **overrides)
   teacher, teacher_vars = random_teacher(config)
-  metrics, grads, frozen = compiled_steps(config, teacher, teacher_vars,
-                                          cifar_batch, steps=5)
+  metrics, grads, frozen = compiled_steps(config, teacher, teacher_vars, cifar_batch, steps=5)
   for name in metrics[0]:
     losses = [m[name] for m in metrics]
     assert np.isfinite(losses).all(), (name, losses)
@@ -263,13 +286,24 @@ def test_teacher_source_errors(tmp_path):
     distill.load_teacher(tiny_config(**{"teacher.source": str(tmp_path / "t.pth")}))
   pth = shared_path("fixtures", "tinymim", "teacher.pth")
   # The fixture teacher is 64 wide with 6 blocks; the config says 1 block.
-  with pytest.raises(ValueError, match=r"another architecture.*unexpected params/blocks_1; unexpected params/blocks_2"):
+  with pytest.raises(
+    ValueError,
+    match=r"another architecture.*unexpected params/blocks_1; unexpected params/blocks_2",
+  ):
     distill.load_teacher(tiny_config(**{"teacher.source": str(pth)}))
 
 
 def test_presets_validate_and_quickstart_teacher_is_stage1_quickstart():
-  for arg in ("quickstart", "cifar10", "b_from_l", "s_from_b", "t_from_s",
-              "cls", "cifar10,feature_attn,block6", "t_from_s,masked_mae"):
+  for arg in (
+    "quickstart",
+    "cifar10",
+    "b_from_l",
+    "s_from_b",
+    "t_from_s",
+    "cls",
+    "cifar10,feature_attn,block6",
+    "t_from_s,masked_mae",
+  ):
     c = tinymim_distill.get_config(arg)
     c.teacher.source = "somewhere"
     c.data.name = "embedded"
@@ -294,14 +328,18 @@ def test_official_pth_teacher_matches_official_losses():
   folder = shared_path("fixtures", "tinymim")
   fx = json.loads((folder / "config.json").read_text())
   t, s = fx["teacher"], fx["student"]
-  config = tiny_config(**{"teacher.source": str(folder / "teacher.pth"),
-                          "teacher.depth": t["depth"],
-                          "teacher.block": t["intermediate"],
-                          "student.width": s["embed_dim"],
-                          "student.depth": s["depth"],
-                          "student.num_heads": s["num_heads"],
-                          "student.drop_path": 0.0,
-                          "distill.relation_heads": s["last_heads"]})
+  config = tiny_config(
+    **{
+      "teacher.source": str(folder / "teacher.pth"),
+      "teacher.depth": t["depth"],
+      "teacher.block": t["intermediate"],
+      "student.width": s["embed_dim"],
+      "student.depth": s["depth"],
+      "student.num_heads": s["num_heads"],
+      "student.drop_path": 0.0,
+      "distill.relation_heads": s["last_heads"],
+    }
+  )
   distill.validate(config)
   teacher, teacher_vars, record = distill.load_teacher(config)
   assert record["kind"] == "pth" and record["path"].endswith("teacher.pth")
@@ -318,21 +356,23 @@ def test_official_pth_teacher_matches_official_losses():
   plan = distill.make_plan(config)
   loss_fn = distill.make_loss_fn(plan, student, teacher)
   _, losses = jax.jit(loss_fn)(
-      params, fixed, {"image": t_images, "image_student": images},
-      jax.random.PRNGKey(0), teacher_vars)
+    params, fixed, {"image": t_images, "image_student": images}, jax.random.PRNGKey(0), teacher_vars
+  )
   np.testing.assert_allclose(losses["qk"], expected["qk_loss"], rtol=1e-4)
   np.testing.assert_allclose(losses["vv"], expected["vv_loss"], rtol=1e-4)
   frozen = distill.frozen_patterns(plan, s["depth"])
   names = official_names_of({"params": path_names(params)}, "classifier")
-  frozen_official = sorted(off for off, flax_name in names.items()
-                           if any(re.fullmatch(p, flax_name) for p in frozen))
+  frozen_official = sorted(
+    off for off, flax_name in names.items() if any(re.fullmatch(p, flax_name) for p in frozen)
+  )
   want = sorted(n for n in fx["params_without_grad"] if n != "pos_embed")
   assert frozen_official == want
   # A small student distils from that teacher (R = 4 at block 4 of 6).
   small = tiny_config(**{"student.drop_path": 0.0})
   small.teacher.update(config.teacher.to_dict())
-  metrics, _, _ = compiled_steps(small, teacher, teacher_vars,
-                                 {"image": t_images, "image_student": images}, 4)
+  metrics, _, _ = compiled_steps(
+    small, teacher, teacher_vars, {"image": t_images, "image_student": images}, 4
+  )
   assert metrics[-1]["loss"] < metrics[0]["loss"], metrics
 
 
@@ -351,8 +391,7 @@ def stage1_workdir(tfds_dir, tmp_path_factory):
   return workdir
 
 
-def test_distill_from_stage1_then_sequential_link(stage1_workdir, tfds_dir,
-                                                  tmp_path):
+def test_distill_from_stage1_then_sequential_link(stage1_workdir, tfds_dir, tmp_path):
   # Link 1: the stage-1 encoder -> student (R = 4 teacher heads).
   first = tmp_path / "link1"
   c1 = tiny_config(tfds_dir=tfds_dir, **{"teacher.source": str(stage1_workdir)})
@@ -369,16 +408,25 @@ def test_distill_from_stage1_then_sequential_link(stage1_workdir, tfds_dir,
   # Link 2: that student (2 heads) -> a smaller one with R = 8 relation heads,
   # a head count neither model has (the official code cannot run this).
   second = tmp_path / "link2"
-  c2 = tiny_config(tfds_dir=tfds_dir, total_steps=2, checkpoint_every=2,
-                   **{"teacher.source": f"{first}:3",
-                      "teacher.width": 32, "teacher.num_heads": 2,
-                      "student.width": 16, "student.num_heads": 1,
-                      "distill.relation_heads": 8})
+  c2 = tiny_config(
+    tfds_dir=tfds_dir,
+    total_steps=2,
+    checkpoint_every=2,
+    **{
+      "teacher.source": f"{first}:3",
+      "teacher.width": 32,
+      "teacher.num_heads": 2,
+      "student.width": 16,
+      "student.num_heads": 1,
+      "distill.relation_heads": 8,
+    },
+  )
   summary = distill.run(c2, second)
   assert np.isfinite(summary["final_loss"])
   parent = json.loads((second / "lineage.json").read_text())["parent"]
   assert parent["step"] == 3 and parent["source"] == f"{first}:3"
   # A stage-1 teacher config that does not match the checkpoint is refused.
   with pytest.raises(ValueError, match=r"another architecture.*config.json says: width=64"):
-    distill.load_teacher(tiny_config(**{"teacher.source": str(stage1_workdir),
-                                        "teacher.width": 128}))
+    distill.load_teacher(
+      tiny_config(**{"teacher.source": str(stage1_workdir), "teacher.width": 128})
+    )

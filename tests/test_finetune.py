@@ -1,5 +1,6 @@
 """Stage 3 and the pipeline: exact masked evaluation on 8 devices, init from
 earlier stages (and the errors around it), kill-and-resume of the pipeline."""
+
 import json
 import os
 import pathlib
@@ -10,11 +11,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
-
 from conftest import REPO, tiny_pipeline_overrides
+
 from mimdistill.data import input_pipeline
 from mimdistill.models.classifier import ViTClassifier
 from mimdistill.stages import finetune, pretrain
@@ -35,12 +35,19 @@ def test_eval_on_8_devices_counts_every_example_once(tfds_dir):
   split = "test[:997]"
   model = ViTClassifier(num_classes=10, **TINY)
   variables = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)))
-  cfg = dict(name="embedded", data_dir=str(tfds_dir), image_size=32,
-             batch_size=64, augment="eval", num_workers=0)
+  cfg = dict(
+    name="embedded",
+    data_dir=str(tfds_dir),
+    image_size=32,
+    batch_size=64,
+    augment="eval",
+    num_workers=0,
+  )
   mesh = shard_lib.make_mesh()
   assert mesh.devices.size == 8
-  eval_data = input_pipeline.make_dataset(cfg, split=split, train=False, mesh=mesh,
-                                          data_axis=shard_lib.BATCH_AXES)
+  eval_data = input_pipeline.make_dataset(
+    cfg, split=split, train=False, mesh=mesh, data_axis=shard_lib.BATCH_AXES
+  )
   got = make_evaluator(lambda v, x: model.apply(v, x), eval_data)(variables)
 
   # Reference: every real example exactly once, numpy top-k.
@@ -56,8 +63,7 @@ def test_eval_on_8_devices_counts_every_example_once(tfds_dir):
   top5 = np.argsort(-logits, axis=1)[:, :5]
   assert got["count"] == 997
   np.testing.assert_allclose(got["top1"], np.mean(top5[:, 0] == labels), atol=1e-6)
-  np.testing.assert_allclose(got["top5"], np.mean((top5 == labels[:, None]).any(1)),
-                             atol=1e-6)
+  np.testing.assert_allclose(got["top5"], np.mean((top5 == labels[:, None]).any(1)), atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +72,14 @@ def pretrain_workdir(tfds_dir, tmp_path_factory):
   c.model.update(**TINY)
   c.model.decoder.update(width=32, depth=1, num_heads=2)
   c.data.update(data_dir=str(tfds_dir))
-  c.update(batch_size=16, total_steps=2, log_every=1, checkpoint_every=2,
-           async_checkpoints=False, num_visualize=2)
+  c.update(
+    batch_size=16,
+    total_steps=2,
+    log_every=1,
+    checkpoint_every=2,
+    async_checkpoints=False,
+    num_visualize=2,
+  )
   workdir = tmp_path_factory.mktemp("pre")
   pretrain.run(c, workdir)
   return workdir
@@ -78,8 +90,14 @@ def tiny_finetune(tfds_dir, source, **model):
   c.model.update(**{**TINY, **model})
   c.init.source = str(source)
   c.data.update(data_dir=str(tfds_dir))
-  c.update(batch_size=16, eval_batch_size=200, total_steps=3, log_every=1,
-           checkpoint_every=3, async_checkpoints=False)
+  c.update(
+    batch_size=16,
+    eval_batch_size=200,
+    total_steps=3,
+    log_every=1,
+    checkpoint_every=3,
+    async_checkpoints=False,
+  )
   return c
 
 
@@ -103,8 +121,7 @@ def test_finetune_from_pretrain_workdir(pretrain_workdir, tfds_dir, tmp_path, ca
   assert pre["attn"]["qkv"]["kernel"].shape == (32, 96)
 
 
-def test_finetune_with_other_head_count_and_classes(pretrain_workdir, tfds_dir,
-                                                    tmp_path, caplog):
+def test_finetune_with_other_head_count_and_classes(pretrain_workdir, tfds_dir, tmp_path, caplog):
   """Heads may differ from pre-training (ViT-T: 6 -> 3); a head of another
   class count is re-initialised and logged."""
   caplog.set_level("INFO", logger="mimdistill")
@@ -123,11 +140,18 @@ def test_finetune_errors(pretrain_workdir, tfds_dir, tmp_path):
 
 
 def _pipeline(workdir, tfds_dir):
-  overrides = [f"--config.{k}={v}" for k, v in
-               tiny_pipeline_overrides(tfds_dir, distill_steps=40).items()]
-  cmd = [sys.executable, str(REPO / "launch" / "pipeline.py"), "--config",
-         str(REPO / "configs" / "pipeline.py") + ":quickstart",
-         "--workdir", str(workdir), *overrides]
+  overrides = [
+    f"--config.{k}={v}" for k, v in tiny_pipeline_overrides(tfds_dir, distill_steps=40).items()
+  ]
+  cmd = [
+    sys.executable,
+    str(REPO / "launch" / "pipeline.py"),
+    "--config",
+    str(REPO / "configs" / "pipeline.py") + ":quickstart",
+    "--workdir",
+    str(workdir),
+    *overrides,
+  ]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   log = open(str(workdir) + ".log", "a")
   proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -158,8 +182,9 @@ def test_pipeline_killed_in_stage_2_resumes(tfds_dir, tmp_path):
   assert "pretrain already finished" in log
   assert f"resumed distill from step {killed_at}" in log
   assert (workdir / "pretrain" / "metrics.jsonl").read_text() == pre_lines
-  distill_steps = [json.loads(l)["step"] for l in
-                   (workdir / "distill" / "metrics.jsonl").read_text().splitlines()]
+  distill_steps = [
+    json.loads(l)["step"] for l in (workdir / "distill" / "metrics.jsonl").read_text().splitlines()
+  ]
   assert distill_steps[-1] == 40
   summary = json.loads((workdir / "summary.json").read_text())
   names = [s["name"] for s in summary["stages"]]
@@ -175,8 +200,14 @@ def test_linear_probe_trains_only_the_head(pretrain_workdir, tfds_dir, tmp_path)
   c.model.update(**TINY)
   c.init.source = str(pretrain_workdir)
   c.data.update(data_dir=str(tfds_dir))
-  c.update(batch_size=16, eval_batch_size=200, total_steps=3, log_every=1,
-           checkpoint_every=3, async_checkpoints=False)
+  c.update(
+    batch_size=16,
+    eval_batch_size=200,
+    total_steps=3,
+    log_every=1,
+    checkpoint_every=3,
+    async_checkpoints=False,
+  )
   summary = finetune.run(c, tmp_path)
   assert 0.0 <= summary["top1"] <= 1.0
   pre, _ = restore_subtree(str(pretrain_workdir), ("params", "encoder", "blocks_0"))

@@ -8,15 +8,16 @@ checkpoints), so the test is about sharding only. With fsdp > 1 the student
 params, the optimizer state and the teacher's params are split over the
 `fsdp` axis.
 """
+
 import functools
 import sys
 
 import jax
 import numpy as np
 import pytest
+from conftest import REPO
 from jax.sharding import PartitionSpec as P
 
-from conftest import REPO
 from mimdistill.data.input_pipeline import to_global
 from mimdistill.stages import distill
 from mimdistill.training import loop as loop_lib
@@ -32,8 +33,7 @@ BATCH = 16
 
 def tiny_config():
   c = tinymim_distill.get_config("quickstart")
-  c.teacher.update(width=64, depth=2, num_heads=4, patch_size=8, image_size=32,
-                   source="")
+  c.teacher.update(width=64, depth=2, num_heads=4, patch_size=8, image_size=32, source="")
   c.student.update(width=32, depth=2, num_heads=2, patch_size=8, image_size=32)
   c.data.image_size = 32
   c.batch_size = BATCH
@@ -53,37 +53,39 @@ def setup():
   # would cost more than the whole comparison needs).
   rng = np.random.default_rng(7)
   teacher_vars = jax.tree_util.tree_map_with_path(
-      lambda path, a: (float("scale" in jax.tree_util.keystr(path))
-                       + 0.05 * rng.standard_normal(a.shape)).astype(np.float32),
-      jax.eval_shape(teacher.init, jax.random.PRNGKey(7), dummy))
+    lambda path, a: (
+      float("scale" in jax.tree_util.keystr(path)) + 0.05 * rng.standard_normal(a.shape)
+    ).astype(np.float32),
+    jax.eval_shape(teacher.init, jax.random.PRNGKey(7), dummy),
+  )
   student = distill.build_student(config)
-  task = distill.build_task(config, student, teacher, teacher_vars,
-                            steps_per_epoch=100)
+  task = distill.build_task(config, student, teacher, teacher_vars, steps_per_epoch=100)
   rng = np.random.default_rng(0)
   batches = []
   for _ in range(STEPS):
     image = rng.standard_normal((BATCH, 32, 32, 3), dtype=np.float32)
-    batches.append({"image": image,
-                    "image_student": image * np.float32(0.9) + np.float32(0.05),
-                    "label": np.zeros((BATCH,), np.int32)})
+    batches.append(
+      {
+        "image": image,
+        "image_student": image * np.float32(0.9) + np.float32(0.05),
+        "label": np.zeros((BATCH,), np.int32),
+      }
+    )
   # Initialised once; every mesh starts from these values (the loop's jitted
   # init gives the same on any mesh: keys do not depend on the sharding).
-  init = jax.device_get(jax.jit(loop_lib.make_init_state(task))(
-      jax.random.PRNGKey(0)))
+  init = jax.device_get(jax.jit(loop_lib.make_init_state(task))(jax.random.PRNGKey(0)))
   return task, batches, init
 
 
 def run_steps(task, batches, init, mesh, fsdp):
-  _, state_sharding, tx = loop_lib.plan_state(task, mesh, fsdp,
-                                              jax.random.PRNGKey(0))
+  _, state_sharding, tx = loop_lib.plan_state(task, mesh, fsdp, jax.random.PRNGKey(0))
   state = jax.device_put(init, state_sharding)
   inputs_sharding = shard_lib.tree_shardings(task.inputs, mesh, fsdp=fsdp > 1)
   inputs = jax.device_put(task.inputs, inputs_sharding)
   update = loop_lib.jit_update(task, tx, mesh, state_sharding, inputs_sharding)
   losses = []
   for batch in batches:
-    state, metrics = update(state, to_global(batch, mesh, shard_lib.BATCH_AXES),
-                            inputs)
+    state, metrics = update(state, to_global(batch, mesh, shard_lib.BATCH_AXES), inputs)
     losses.append(float(metrics["loss"]))
   return state, inputs, losses
 
@@ -91,15 +93,13 @@ def run_steps(task, batches, init, mesh, fsdp):
 @pytest.fixture(scope="module")
 def one_device(setup):
   task, batches, init = setup
-  state, _, losses = run_steps(task, batches, init,
-                               shard_lib.make_mesh(1, num_devices=1), 1)
+  state, _, losses = run_steps(task, batches, init, shard_lib.make_mesh(1, num_devices=1), 1)
   return jax.device_get(state.params), losses
 
 
 def _fsdp_split(tree) -> int:
   """How many leaves are split over the fsdp axis."""
-  return sum(shard_lib.FSDP in tuple(x.sharding.spec)
-             for x in jax.tree_util.tree_leaves(tree))
+  return sum(shard_lib.FSDP in tuple(x.sharding.spec) for x in jax.tree_util.tree_leaves(tree))
 
 
 def assert_params_match(one, other, atol=1e-5):
@@ -112,16 +112,18 @@ def assert_params_match(one, other, atol=1e-5):
     b, name = flat_b[path], jax.tree_util.keystr(path)
     a, b = np.asarray(a), np.asarray(b)
     if name.endswith("['qkv']['bias']"):
-      k = np.s_[a.shape[-1] // 3: 2 * a.shape[-1] // 3]
-      np.testing.assert_allclose(np.delete(a, k), np.delete(b, k), atol=atol,
-                                 rtol=0, err_msg=name)
+      k = np.s_[a.shape[-1] // 3 : 2 * a.shape[-1] // 3]
+      np.testing.assert_allclose(np.delete(a, k), np.delete(b, k), atol=atol, rtol=0, err_msg=name)
       assert np.abs(a[k] - b[k]).max() <= 2 * STEPS * LR, name
     else:
       np.testing.assert_allclose(a, b, atol=atol, rtol=0, err_msg=name)
 
 
-@pytest.mark.parametrize("data,fsdp", [(8, 1), (4, 2), (2, 4), (1, 8)],
-                         ids=["data8", "data4_fsdp2", "data2_fsdp4", "fsdp8"])
+@pytest.mark.parametrize(
+  "data,fsdp",
+  [(8, 1), (4, 2), (2, 4), (1, 8)],
+  ids=["data8", "data4_fsdp2", "data2_fsdp4", "fsdp8"],
+)
 def test_mesh_shape_matches_one_device(setup, one_device, data, fsdp):
   assert jax.device_count() == 8
   task, batches, init = setup

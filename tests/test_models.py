@@ -1,4 +1,5 @@
 """Model invariants: shapes, masking, relations, truncated forward, init."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,9 +33,12 @@ def test_truncated_forward_is_prefix_of_full(encoder):
   model, variables = encoder
   # Block 1 alone equals the first block of a depth-1 model with the same weights.
   partial = model.apply(variables, IMAGES, stop_after=1)
-  shallow = ViTEncoder(width=32, depth=1, num_heads=4, patch_size=8, image_size=32,
-                       final_norm=False)
-  params = {k: v for k, v in variables["params"].items() if k in ("patch_embed", "cls_token", "blocks_0")}
+  shallow = ViTEncoder(
+    width=32, depth=1, num_heads=4, patch_size=8, image_size=32, final_norm=False
+  )
+  params = {
+    k: v for k, v in variables["params"].items() if k in ("patch_embed", "cls_token", "blocks_0")
+  }
   direct = shallow.apply({"params": params, "fixed": variables["fixed"]}, IMAGES)
   np.testing.assert_allclose(partial, direct, atol=1e-6)
 
@@ -50,8 +54,7 @@ def test_truncated_jaxpr_has_no_later_blocks(encoder):
 def test_relations_rows_sum_to_one_with_other_head_count(encoder):
   model, variables = encoder
   for heads in (1, 2, 4, 8):  # R independent of the block's 4 attention heads
-    q, k, v = model.apply(variables, IMAGES, block=2, heads=heads,
-                          method=ViTEncoder.relation_qkv)
+    q, k, v = model.apply(variables, IMAGES, block=2, heads=heads, method=ViTEncoder.relation_qkv)
     assert q.shape == (2, heads, 17, 32 // heads)
     rel = relations((q, k, v))
     for logits in rel.values():
@@ -92,8 +95,16 @@ def test_patchify_roundtrip_and_order():
 
 
 def test_mae_forward_shapes():
-  model = MAE(width=32, depth=1, num_heads=4, decoder_width=32, decoder_depth=1,
-              decoder_heads=4, patch_size=8, image_size=32)
+  model = MAE(
+    width=32,
+    depth=1,
+    num_heads=4,
+    decoder_width=32,
+    decoder_depth=1,
+    decoder_heads=4,
+    patch_size=8,
+    image_size=32,
+  )
   noise = jax.random.uniform(KEY, (2, 16))
   variables = model.init(KEY, IMAGES, noise, 0.75)
   assert set(variables["params"]) == {"encoder", "decoder"}

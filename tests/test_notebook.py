@@ -3,6 +3,7 @@ parameters cell is replaced by a few steps and tiny widths, the official
 checkpoint it loads is a tiny official-format .pth written here. Checks that
 no cell errored, that the figures are shown (image/png outputs) and that the
 workdir holds what the stages write."""
+
 import base64
 import io
 import os
@@ -11,21 +12,21 @@ import time
 import jax
 import numpy as np
 import pytest
-
 from conftest import REPO
 
 NOTEBOOK = REPO / "launch" / "colab" / "quickstart.ipynb"
 
 try:
+  import ipykernel  # noqa: F401  (the python3 kernel nbclient starts)
   import nbclient
   import nbformat
-  import ipykernel  # noqa: F401  (the python3 kernel nbclient starts)
 except ImportError as e:
   pytestmark = pytest.mark.skip(
-      reason=f"executing the notebook needs nbclient, nbformat and ipykernel ({e}); "
-             "pip install -e '.[test]'")
+    reason=f"executing the notebook needs nbclient, nbformat and ipykernel ({e}); "
+    "pip install -e '.[test]'"
+  )
 
-TINY_PARAMETERS = '''
+TINY_PARAMETERS = """
 WORKDIR = {workdir!r}
 REPO_URL = ""
 DATASET = "embedded"
@@ -45,22 +46,31 @@ NUM_DEVICES = 1
 DTYPE = "float32"
 OFFICIAL_CHECKPOINT = {official!r}
 OFFICIAL_NUM_HEADS = 2
-'''
+"""
 
 # Cell tag -> how many figures (image/png outputs) it must show.
-FIGURES = {"reconstructions": 1, "relation-maps": 1, "relation-maps-custom": 1,
-           "finetune": 2, "curves": 1, "curves-inline": 1}
+FIGURES = {
+  "reconstructions": 1,
+  "relation-maps": 1,
+  "relation-maps-custom": 1,
+  "finetune": 2,
+  "curves": 1,
+  "curves-inline": 1,
+}
 
 
 def official_teacher_pth(path):
   """A tiny MAE-pretrain-format .pth (official names, encoder only)."""
   from pth_writer import write_state_dict
+
   from mimdistill.interop.official_names import flax_to_official
   from mimdistill.models.vit import ViTEncoder
+
   enc = ViTEncoder(width=32, depth=2, num_heads=2, patch_size=4, image_size=32)
   variables = jax.device_get(enc.init(jax.random.PRNGKey(3), np.zeros((1, 32, 32, 3))))
-  tensors = {k: np.ascontiguousarray(v, np.float32)
-             for k, v in flax_to_official(variables, "vit").items()}
+  tensors = {
+    k: np.ascontiguousarray(v, np.float32) for k, v in flax_to_official(variables, "vit").items()
+  }
   write_state_dict(path, tensors, extra={"epoch": 799})
   return path
 
@@ -77,22 +87,22 @@ def images_of(cell):
 def test_quickstart_notebook_runs_headless(tfds_dir, tmp_path, monkeypatch):
   nb = nbformat.read(NOTEBOOK, as_version=4)
   params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-  assert len(params) == 1 and params[0] is next(c for c in nb.cells
-                                                if c.cell_type == "code")
+  assert len(params) == 1 and params[0] is next(c for c in nb.cells if c.cell_type == "code")
   workdir = tmp_path / "run"
   official = official_teacher_pth(tmp_path / "mae_pretrain_tiny.pth")
-  params[0].source = TINY_PARAMETERS.format(workdir=str(workdir),
-                                            data_dir=str(tfds_dir),
-                                            official=str(official))
+  params[0].source = TINY_PARAMETERS.format(
+    workdir=str(workdir), data_dir=str(tfds_dir), official=str(official)
+  )
   # The kernel is a fresh process: one CPU device, the repo importable
   # without installing anything (the install cell must then do nothing).
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-      [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+  monkeypatch.setenv(
+    "PYTHONPATH", os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+  )
   client = nbclient.NotebookClient(
-      nb, timeout=300, kernel_name="python3",
-      resources={"metadata": {"path": str(tmp_path)}})
+    nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+  )
   t0 = time.time()
   try:
     client.execute()
@@ -108,6 +118,7 @@ def test_quickstart_notebook_runs_headless(tfds_dir, tmp_path, monkeypatch):
   assert "mimdistill from" in install and "pip" not in install
 
   from PIL import Image
+
   by_tag = {t: c for c in code for t in c.metadata.get("tags", [])}
   for tag, count in FIGURES.items():
     pngs = images_of(by_tag[tag])
@@ -120,11 +131,18 @@ def test_quickstart_notebook_runs_headless(tfds_dir, tmp_path, monkeypatch):
   assert "detected: layout=vit width=32 depth=2 heads=2" in text, text
   assert "teacher ready: block 2 of 2" in text, text
 
-  for rel in ("summary.json", "pretrain/reconstructions.png",
-              "distill/relation_maps.png", "relation_maps_custom.png",
-              "finetune/learning_curves.png", "finetune/confusion_matrix.png",
-              "learning_curves_all.png", "pretrain/metrics.jsonl",
-              "distill/metrics.jsonl", "finetune/metrics.jsonl",
-              "finetune/stage_done.json"):
+  for rel in (
+    "summary.json",
+    "pretrain/reconstructions.png",
+    "distill/relation_maps.png",
+    "relation_maps_custom.png",
+    "finetune/learning_curves.png",
+    "finetune/confusion_matrix.png",
+    "learning_curves_all.png",
+    "pretrain/metrics.jsonl",
+    "distill/metrics.jsonl",
+    "finetune/metrics.jsonl",
+    "finetune/stage_done.json",
+  ):
     path = workdir / rel
     assert path.is_file() and path.stat().st_size > 0, rel

@@ -1,11 +1,11 @@
 """Runs the parity command on every fixture folder in ../shared/fixtures."""
-import io
+
 import pathlib
 import sys
 
 import pytest
-
 from conftest import SHARED
+
 from mimdistill.parity.__main__ import available_kinds, main
 
 FIXTURES = SHARED / "fixtures"
@@ -16,6 +16,7 @@ def test_every_fixture_kind_has_a_checker():
   if not FOLDERS:
     pytest.skip(f"{FIXTURES} is absent (no ../shared next to this clone)")
   import json
+
   kinds = {json.loads((p / "config.json").read_text())["kind"] for p in FOLDERS}
   assert kinds <= set(available_kinds())
 
@@ -34,19 +35,24 @@ def test_parity(folder: pathlib.Path, capsys, monkeypatch, tmp_path):
 def test_parity_command_never_imports_torch(tmp_path):
   """In a fresh process: other tests (tensorboardX) may import torch here."""
   import subprocess
+
   if not FOLDERS:
     pytest.skip(f"{FIXTURES} is absent (no ../shared next to this clone)")
   # The kinds that read .pth files and are cheap to run.
   folders = [str(p) for p in FOLDERS if p.name in ("untrusted", "finetune")]
-  code = ("import sys; from mimdistill.parity.__main__ import main; "
-          f"rc = main({folders!r}); "
-          "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
+  code = (
+    "import sys; from mimdistill.parity.__main__ import main; "
+    f"rc = main({folders!r}); "
+    "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)"
+  )
   import os
+
   from conftest import REPO
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      [str(REPO), os.environ.get("PYTHONPATH", "")]))
-  out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
-                       capture_output=True, text=True)
+
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+  out = subprocess.run(
+    [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+  )
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
 
 
@@ -54,7 +60,9 @@ def test_parity_fails_on_a_wrong_expectation(tmp_path, capsys):
   """The command must be able to fail: a perturbed expected output fails."""
   import json
   import shutil
+
   import numpy as np
+
   src = FIXTURES / "posembed"
   if not src.is_dir():
     pytest.skip(f"{src} is absent")

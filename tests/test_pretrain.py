@@ -1,5 +1,6 @@
 """Stage 1 end to end on tiny models: sharding equivalence, exact resume after
 SIGKILL, no TensorFlow, early config errors, loss going down on real images."""
+
 import json
 import os
 import pathlib
@@ -11,8 +12,8 @@ import time
 import jax
 import numpy as np
 import pytest
-
 from conftest import REPO, TINY_RUN, set_path, shared_path
+
 from mimdistill.stages import pretrain
 from mimdistill.training import checkpoints as ckpt_lib
 
@@ -74,22 +75,28 @@ def assert_params_match(one, other, atol):
     name = jax.tree_util.keystr(path)
     if name.endswith("['qkv']['bias']"):
       third = a.shape[-1] // 3
-      np.testing.assert_allclose(np.delete(a, np.s_[third:2 * third]),
-                                 np.delete(b, np.s_[third:2 * third]), atol=atol,
-                                 err_msg=name)
-      assert np.abs(a[third:2 * third] - b[third:2 * third]).max() <= 3 * 1e-3 * 2
+      np.testing.assert_allclose(
+        np.delete(a, np.s_[third : 2 * third]),
+        np.delete(b, np.s_[third : 2 * third]),
+        atol=atol,
+        err_msg=name,
+      )
+      assert np.abs(a[third : 2 * third] - b[third : 2 * third]).max() <= 3 * 1e-3 * 2
     else:
       np.testing.assert_allclose(a, b, atol=atol, rtol=0, err_msg=name)
 
 
-@pytest.mark.parametrize("override,message", [
+@pytest.mark.parametrize(
+  "override,message",
+  [
     ({"data.name": "no_such_dataset_xyz"}, "no_such_dataset_xyz"),
     ({"data.name": "folder:/nonexistent/folder"}, "/nonexistent/folder"),
     ({"batch_size": 12}, "not divisible by the 8 devices"),
     ({"mask_ratio": 1.0}, "mask_ratio=1.0"),
     ({"model.patch_size": 5}, "not divisible by patch_size=5"),
     ({"model.variant": "gigantic"}, "unknown model variant 'gigantic'"),
-])
+  ],
+)
 def test_config_errors_before_compiling(tfds_dir, tmp_path, override, message):
   with pytest.raises((ValueError, FileNotFoundError), match=message):
     pretrain.validate(tiny_config(tfds_dir, **override))
@@ -102,16 +109,28 @@ def test_workdir_of_another_model_is_refused(single_device_run, tfds_dir):
 
 
 def _launch(workdir, tfds_dir, steps):
-  cmd = [sys.executable, str(REPO / "launch" / "train.py"),
-         "--config", str(REPO / "configs" / "mae_pretrain.py") + ":quickstart",
-         "--workdir", str(workdir),
-         "--config.model.width=32", "--config.model.depth=1",
-         "--config.model.num_heads=2", "--config.model.patch_size=8",
-         "--config.model.decoder.width=32", "--config.model.decoder.depth=1",
-         "--config.model.decoder.num_heads=2", f"--config.data.data_dir={tfds_dir}",
-         "--config.batch_size=16", f"--config.total_steps={steps}",
-         "--config.checkpoint_every=4", "--config.log_every=1", "--config.lr=0.001",
-         "--config.num_visualize=2"]
+  cmd = [
+    sys.executable,
+    str(REPO / "launch" / "train.py"),
+    "--config",
+    str(REPO / "configs" / "mae_pretrain.py") + ":quickstart",
+    "--workdir",
+    str(workdir),
+    "--config.model.width=32",
+    "--config.model.depth=1",
+    "--config.model.num_heads=2",
+    "--config.model.patch_size=8",
+    "--config.model.decoder.width=32",
+    "--config.model.decoder.depth=1",
+    "--config.model.decoder.num_heads=2",
+    f"--config.data.data_dir={tfds_dir}",
+    "--config.batch_size=16",
+    f"--config.total_steps={steps}",
+    "--config.checkpoint_every=4",
+    "--config.log_every=1",
+    "--config.lr=0.001",
+    "--config.num_visualize=2",
+  ]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   # Logs go to a file: a pipe nobody reads would fill up and block the run.
   log = open(pathlib.Path(str(workdir) + ".log"), "a")
@@ -157,8 +176,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tfds_dir, tmp_path):
   assert proc.wait(timeout=300) == 0, _tail(proc)
   a, b = final_params(ref), final_params(killed)
   # Same process layout and program on both runs: bit-for-bit equal is expected.
-  jax.tree_util.tree_map(
-      lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=0), a, b)
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=0), a, b)
   # Same batches after the resume: per-step losses agree.
   la, lb = _losses(ref), _losses(killed)
   for step in range(saved + 1, steps + 1):
@@ -168,9 +186,16 @@ def test_sigkill_then_resume_equals_uninterrupted(tfds_dir, tmp_path):
 def test_short_run_on_cifar10_folders_lowers_loss(tfds_dir, tmp_path):
   root = shared_path("data", "cifar10")
   # The default TFDS data dir: the folder is prepared once per machine.
-  config = tiny_config(None, **{"data.name": f"folder:{root}",
-                                    "total_steps": 30, "batch_size": 64,
-                                    "checkpoint_every": 30, "log_every": 5})
+  config = tiny_config(
+    None,
+    **{
+      "data.name": f"folder:{root}",
+      "total_steps": 30,
+      "batch_size": 64,
+      "checkpoint_every": 30,
+      "log_every": 5,
+    },
+  )
   pretrain.run(config, tmp_path)
   losses = _losses(tmp_path)
   first, last = losses[5], losses[30]

@@ -30,16 +30,16 @@ import pytest
 
 from mimdistill.interop import pth_reader
 from mimdistill.interop.pth_reader import (
-    CheckpointNotFoundError,
-    CheckpointReadError,
-    CorruptCheckpointError,
-    LegacyFormatError,
-    NoTensorsFoundError,
-    PickledNamespace,
-    UnsafeCheckpointError,
-    load_pth,
-    read_pickle_tree,
-    summarize,
+  CheckpointNotFoundError,
+  CheckpointReadError,
+  CorruptCheckpointError,
+  LegacyFormatError,
+  NoTensorsFoundError,
+  PickledNamespace,
+  UnsafeCheckpointError,
+  load_pth,
+  read_pickle_tree,
+  summarize,
 )
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
@@ -49,17 +49,19 @@ MARKER = "untrusted_pickle_ran.txt"
 
 
 def _fixture(*parts: str) -> pathlib.Path:
-    path = FIXTURES.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"reference fixture {path} is absent (expected the shared/ folder next to the "
-                    "repository root)")
-    return path
+  path = FIXTURES.joinpath(*parts)
+  if not path.exists():
+    pytest.skip(
+      f"reference fixture {path} is absent (expected the shared/ folder next to the "
+      "repository root)"
+    )
+  return path
 
 
 def _fixture_pths() -> list[pathlib.Path]:
-    if not FIXTURES.is_dir():
-        return []
-    return sorted(p for p in FIXTURES.rglob("*.pth") if p != UNTRUSTED)
+  if not FIXTURES.is_dir():
+    return []
+  return sorted(p for p in FIXTURES.rglob("*.pth") if p != UNTRUSTED)
 
 
 # ---------------------------------------------------------------------------
@@ -70,159 +72,173 @@ def _fixture_pths() -> list[pathlib.Path]:
 # The torch-free writer of official-format .pth files is shared with the
 # convert tests.
 from pth_writer import (  # noqa: E402
-    Evil, FakeNamespace, FakeParameter, FakeStorage, FakeTensor, G,
-    _TorchLikePickler, _storage_bytes, tensor, write_pth, write_raw_pth)
+  Evil,
+  FakeNamespace,
+  FakeParameter,
+  FakeStorage,
+  FakeTensor,
+  _TorchLikePickler,
+  tensor,
+  write_pth,
+  write_raw_pth,
+)
+
+_ABSENT = pytest.param(
+  None,
+  marks=pytest.mark.skip(
+    reason=f"reference fixtures {FIXTURES} are absent (expected shared/ next to the repo root)"
+  ),
+)
 
 
-_ABSENT = pytest.param(None, marks=pytest.mark.skip(
-    reason=f"reference fixtures {FIXTURES} are absent (expected shared/ next to the repo root)"))
-
-
-@pytest.mark.parametrize("path", _fixture_pths() or [_ABSENT],
-                         ids=lambda p: f"{p.parent.name}/{p.name}" if p else "absent")
+@pytest.mark.parametrize(
+  "path", _fixture_pths() or [_ABSENT], ids=lambda p: f"{p.parent.name}/{p.name}" if p else "absent"
+)
 def test_every_fixture_loads_identically_with_and_without_mmap(path):
-    mapped = load_pth(path)
-    read = load_pth(path, mmap=False)
-    assert mapped.source_key == "model"
-    assert mapped.tensors and list(mapped.tensors) == list(read.tensors)
-    for name, value in mapped.tensors.items():
-        assert isinstance(value, np.ndarray) and value.dtype == np.float32, name
-        assert value.flags.c_contiguous, name
-        assert value.tobytes() == read.tensors[name].tobytes(), name
-    # mmap views are read-only views of the file; the read path gives owned memory.
-    assert not any(v.flags.writeable for v in mapped.tensors.values() if v.size)
-    assert all(v.flags.writeable for v in read.tensors.values())
+  mapped = load_pth(path)
+  read = load_pth(path, mmap=False)
+  assert mapped.source_key == "model"
+  assert mapped.tensors and list(mapped.tensors) == list(read.tensors)
+  for name, value in mapped.tensors.items():
+    assert isinstance(value, np.ndarray) and value.dtype == np.float32, name
+    assert value.flags.c_contiguous, name
+    assert value.tobytes() == read.tensors[name].tobytes(), name
+  # mmap views are read-only views of the file; the read path gives owned memory.
+  assert not any(v.flags.writeable for v in mapped.tensors.values() if v.size)
+  assert all(v.flags.writeable for v in read.tensors.values())
 
 
 def test_fixture_list_is_not_empty():
-    if not FIXTURES.is_dir():
-        pytest.skip(f"reference fixtures folder {FIXTURES} is absent")
-    assert len(_fixture_pths()) >= 5
+  if not FIXTURES.is_dir():
+    pytest.skip(f"reference fixtures folder {FIXTURES} is absent")
+  assert len(_fixture_pths()) >= 5
 
 
 def test_mae_full_shapes_and_names():
-    ckpt = load_pth(_fixture("mae", "mae_full.pth"))
-    assert ckpt.tensors["cls_token"].shape == (1, 1, 64)
-    assert ckpt.tensors["patch_embed.proj.weight"].shape == (64, 3, 4, 4)
-    assert ckpt.tensors["pos_embed"].shape == (1, 65, 64)
-    assert ckpt.tensors["decoder_pos_embed"].shape == (1, 65, 32)
-    assert ckpt.tensors["blocks.0.attn.qkv.weight"].shape == (192, 64)
-    assert ckpt.skipped == {} and ckpt.metadata == {} and ckpt.stripped_prefix is None
-    assert ckpt.path.endswith("mae_full.pth")
+  ckpt = load_pth(_fixture("mae", "mae_full.pth"))
+  assert ckpt.tensors["cls_token"].shape == (1, 1, 64)
+  assert ckpt.tensors["patch_embed.proj.weight"].shape == (64, 3, 4, 4)
+  assert ckpt.tensors["pos_embed"].shape == (1, 65, 64)
+  assert ckpt.tensors["decoder_pos_embed"].shape == (1, 65, 32)
+  assert ckpt.tensors["blocks.0.attn.qkv.weight"].shape == (192, 64)
+  assert ckpt.skipped == {} and ckpt.metadata == {} and ckpt.stripped_prefix is None
+  assert ckpt.path.endswith("mae_full.pth")
 
 
 def test_training_style_matches_full_bit_for_bit():
-    full = load_pth(_fixture("mae", "mae_full.pth"))
-    training = load_pth(_fixture("mae", "mae_training_style.pth"))
-    assert list(full.tensors) == list(training.tensors)
-    for name, value in full.tensors.items():
-        other = training.tensors[name]
-        assert value.dtype == other.dtype and value.shape == other.shape, name
-        assert value.tobytes() == other.tobytes(), name
+  full = load_pth(_fixture("mae", "mae_full.pth"))
+  training = load_pth(_fixture("mae", "mae_training_style.pth"))
+  assert list(full.tensors) == list(training.tensors)
+  for name, value in full.tensors.items():
+    other = training.tensors[name]
+    assert value.dtype == other.dtype and value.shape == other.shape, name
+    assert value.tobytes() == other.tobytes(), name
 
 
 def test_training_style_reports_skipped_keys_and_metadata():
-    ckpt = load_pth(_fixture("mae", "mae_training_style.pth"))
-    assert ckpt.source_key == "model"
-    assert set(ckpt.skipped) == {"optimizer", "epoch", "scaler", "args"}
-    assert ckpt.skipped["optimizer"] == "dict with 2 entries (state, param_groups)"
-    assert ckpt.skipped["epoch"] == "int 3"
-    assert ckpt.skipped["scaler"].startswith("dict with 1 entry")
-    assert ckpt.skipped["args"].startswith("argparse.Namespace (")
-    assert ckpt.metadata["epoch"] == 3
-    assert ckpt.metadata["args"]["epochs"] == 10
-    assert ckpt.metadata["args"]["blr"] == pytest.approx(1.5e-4)
-    text = summarize(ckpt)
-    assert "cls_token" in text and "(1, 1, 64)" in text
-    assert "optimizer: dict with 2 entries" in text and "epoch: int 3" in text
+  ckpt = load_pth(_fixture("mae", "mae_training_style.pth"))
+  assert ckpt.source_key == "model"
+  assert set(ckpt.skipped) == {"optimizer", "epoch", "scaler", "args"}
+  assert ckpt.skipped["optimizer"] == "dict with 2 entries (state, param_groups)"
+  assert ckpt.skipped["epoch"] == "int 3"
+  assert ckpt.skipped["scaler"].startswith("dict with 1 entry")
+  assert ckpt.skipped["args"].startswith("argparse.Namespace (")
+  assert ckpt.metadata["epoch"] == 3
+  assert ckpt.metadata["args"]["epochs"] == 10
+  assert ckpt.metadata["args"]["blr"] == pytest.approx(1.5e-4)
+  text = summarize(ckpt)
+  assert "cls_token" in text and "(1, 1, 64)" in text
+  assert "optimizer: dict with 2 entries" in text and "epoch: int 3" in text
 
 
 def test_training_style_full_tree():
-    tree = read_pickle_tree(_fixture("mae", "mae_training_style.pth"))
-    assert set(tree) == {"model", "optimizer", "epoch", "scaler", "args"}
-    assert isinstance(tree["args"], PickledNamespace) and tree["args"].epochs == 10
-    assert tree["optimizer"]["param_groups"][0]["params"] == [0, 1]
-    assert tree["scaler"] == {"scale": 65536.0}
+  tree = read_pickle_tree(_fixture("mae", "mae_training_style.pth"))
+  assert set(tree) == {"model", "optimizer", "epoch", "scaler", "args"}
+  assert isinstance(tree["args"], PickledNamespace) and tree["args"].epochs == 10
+  assert tree["optimizer"]["param_groups"][0]["params"] == [0, 1]
+  assert tree["scaler"] == {"scale": 65536.0}
 
 
 def test_untrusted_fixture_is_refused_and_nothing_runs(tmp_path, monkeypatch):
-    path = _fixture("untrusted", "untrusted.pth")
-    monkeypatch.chdir(tmp_path)  # the payload would write the marker into the cwd
-    for reader in (load_pth, read_pickle_tree):
-        with pytest.raises(UnsafeCheckpointError, match=r"'(posix|os)\.system'") as info:
-            reader(path)
-        message = str(info.value)
-        assert str(path) in message
-        assert "NOT executed" in message and "Only tensors" in message
-        assert isinstance(info.value, CheckpointReadError) and isinstance(info.value, ValueError)
-    assert not (tmp_path / MARKER).exists()
-    assert list(tmp_path.iterdir()) == []
+  path = _fixture("untrusted", "untrusted.pth")
+  monkeypatch.chdir(tmp_path)  # the payload would write the marker into the cwd
+  for reader in (load_pth, read_pickle_tree):
+    with pytest.raises(UnsafeCheckpointError, match=r"'(posix|os)\.system'") as info:
+      reader(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert "NOT executed" in message and "Only tensors" in message
+    assert isinstance(info.value, CheckpointReadError) and isinstance(info.value, ValueError)
+  assert not (tmp_path / MARKER).exists()
+  assert list(tmp_path.iterdir()) == []
 
 
 def test_truncated_fixture(tmp_path):
-    source = _fixture("mae", "mae_full.pth")
-    data = source.read_bytes()
-    cut = tmp_path / "cut.pth"
-    cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CorruptCheckpointError, match="truncated") as info:
-        load_pth(cut)
-    assert str(cut) in str(info.value) and "re-download" in str(info.value).lower()
+  source = _fixture("mae", "mae_full.pth")
+  data = source.read_bytes()
+  cut = tmp_path / "cut.pth"
+  cut.write_bytes(data[: len(data) // 2])
+  with pytest.raises(CorruptCheckpointError, match="truncated") as info:
+    load_pth(cut)
+  assert str(cut) in str(info.value) and "re-download" in str(info.value).lower()
 
 
 def test_corrupted_data_pkl_fails_crc(tmp_path):
-    source = _fixture("mae", "mae_full.pth")
-    bad = tmp_path / "bad.pth"
-    shutil.copyfile(source, bad)
-    with zipfile.ZipFile(bad) as zf:
-        info = next(i for i in zf.infolist() if i.filename.endswith("/data.pkl"))
-    raw = bytearray(bad.read_bytes())
-    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
-    start = info.header_offset + 30 + name_len + extra_len
-    middle = start + info.file_size // 2
-    raw[middle:middle + 16] = b"\xff" * 16
-    bad.write_bytes(bytes(raw))
-    with pytest.raises(CorruptCheckpointError, match=r"data\.pkl.*corrupt"):
-        load_pth(bad)
+  source = _fixture("mae", "mae_full.pth")
+  bad = tmp_path / "bad.pth"
+  shutil.copyfile(source, bad)
+  with zipfile.ZipFile(bad) as zf:
+    info = next(i for i in zf.infolist() if i.filename.endswith("/data.pkl"))
+  raw = bytearray(bad.read_bytes())
+  name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
+  start = info.header_offset + 30 + name_len + extra_len
+  middle = start + info.file_size // 2
+  raw[middle : middle + 16] = b"\xff" * 16
+  bad.write_bytes(bytes(raw))
+  with pytest.raises(CorruptCheckpointError, match=r"data\.pkl.*corrupt"):
+    load_pth(bad)
 
 
 def test_random_bytes_are_not_a_checkpoint(tmp_path):
-    junk = tmp_path / "junk.pth"
-    junk.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
-    with pytest.raises(CorruptCheckpointError, match="not a zip archive"):
-        load_pth(junk)
+  junk = tmp_path / "junk.pth"
+  junk.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+  with pytest.raises(CorruptCheckpointError, match="not a zip archive"):
+    load_pth(junk)
 
 
 def test_missing_file(tmp_path):
-    missing = tmp_path / "nope.pth"
-    with pytest.raises(CheckpointNotFoundError, match="nope.pth") as info:
-        load_pth(missing)
-    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, CheckpointReadError)
+  missing = tmp_path / "nope.pth"
+  with pytest.raises(CheckpointNotFoundError, match="nope.pth") as info:
+    load_pth(missing)
+  assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, CheckpointReadError)
 
 
 def test_empty_file_and_directory(tmp_path):
-    empty = tmp_path / "empty.pth"
-    empty.write_bytes(b"")
-    with pytest.raises(CorruptCheckpointError, match="empty"):
-        load_pth(empty)
-    with pytest.raises(CheckpointReadError, match="directory"):
-        load_pth(tmp_path)
+  empty = tmp_path / "empty.pth"
+  empty.write_bytes(b"")
+  with pytest.raises(CorruptCheckpointError, match="empty"):
+    load_pth(empty)
+  with pytest.raises(CheckpointReadError, match="directory"):
+    load_pth(tmp_path)
 
 
 def test_legacy_format_is_detected(tmp_path):
-    legacy = tmp_path / "legacy.pth"
-    # What torch < 1.6 wrote first: pickle.dumps(MAGIC_NUMBER, protocol=2), then more pickles.
-    legacy.write_bytes(pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + pickle.dumps(1001, protocol=2))
-    with pytest.raises(LegacyFormatError, match="legacy") as info:
-        load_pth(legacy)
-    assert "torch.save(torch.load(" in str(info.value)
+  legacy = tmp_path / "legacy.pth"
+  # What torch < 1.6 wrote first: pickle.dumps(MAGIC_NUMBER, protocol=2), then more pickles.
+  legacy.write_bytes(
+    pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + pickle.dumps(1001, protocol=2)
+  )
+  with pytest.raises(LegacyFormatError, match="legacy") as info:
+    load_pth(legacy)
+  assert "torch.save(torch.load(" in str(info.value)
 
 
 def test_bare_pickle_is_not_executed(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    bare = tmp_path / "bare.pth"
-    bare.write_bytes(pickle.dumps({"w": 1}, protocol=2))
-    with pytest.raises(CorruptCheckpointError, match="bare pickle"):
-        load_pth(bare)
+  monkeypatch.chdir(tmp_path)
+  bare = tmp_path / "bare.pth"
+  bare.write_bytes(pickle.dumps({"w": 1}, protocol=2))
+  with pytest.raises(CorruptCheckpointError, match="bare pickle"):
+    load_pth(bare)
 
 
 # ---------------------------------------------------------------------------
@@ -232,280 +248,316 @@ def test_bare_pickle_is_not_executed(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("mmap", [True, False])
 def test_transposed_tensor(tmp_path, mmap):
-    storage = FakeStorage("", np.arange(6, dtype=np.float32))
-    path = write_pth(tmp_path / "t.pth", {"model": {"w_t": FakeTensor(storage, 0, (3, 2), (1, 3))}})
-    w = load_pth(path, mmap=mmap).tensors["w_t"]
-    np.testing.assert_array_equal(w, np.arange(6, dtype=np.float32).reshape(2, 3).T)
-    assert w.flags.c_contiguous  # non-contiguous views are copied
+  storage = FakeStorage("", np.arange(6, dtype=np.float32))
+  path = write_pth(tmp_path / "t.pth", {"model": {"w_t": FakeTensor(storage, 0, (3, 2), (1, 3))}})
+  w = load_pth(path, mmap=mmap).tensors["w_t"]
+  np.testing.assert_array_equal(w, np.arange(6, dtype=np.float32).reshape(2, 3).T)
+  assert w.flags.c_contiguous  # non-contiguous views are copied
 
 
 @pytest.mark.parametrize("mmap", [True, False])
 def test_shared_storage_with_offsets(tmp_path, mmap):
-    storage = FakeStorage("", np.arange(10, dtype=np.int64))
-    model = {
-        "head": FakeTensor(storage, 0, (2,)),
-        "body": FakeTensor(storage, 2, (2, 3)),
-        "strided": FakeTensor(storage, 1, (3,), (3,)),
-    }
-    path = write_pth(tmp_path / "s.pth", {"model": model})
-    t = load_pth(path, mmap=mmap).tensors
-    np.testing.assert_array_equal(t["head"], [0, 1])
-    np.testing.assert_array_equal(t["body"], np.arange(2, 8).reshape(2, 3))
-    np.testing.assert_array_equal(t["strided"], [1, 4, 7])
-    with zipfile.ZipFile(path) as zf:  # one storage record serves all three tensors
-        assert [n for n in zf.namelist() if "/data/" in n] == ["archive/data/0"]
+  storage = FakeStorage("", np.arange(10, dtype=np.int64))
+  model = {
+    "head": FakeTensor(storage, 0, (2,)),
+    "body": FakeTensor(storage, 2, (2, 3)),
+    "strided": FakeTensor(storage, 1, (3,), (3,)),
+  }
+  path = write_pth(tmp_path / "s.pth", {"model": model})
+  t = load_pth(path, mmap=mmap).tensors
+  np.testing.assert_array_equal(t["head"], [0, 1])
+  np.testing.assert_array_equal(t["body"], np.arange(2, 8).reshape(2, 3))
+  np.testing.assert_array_equal(t["strided"], [1, 4, 7])
+  with zipfile.ZipFile(path) as zf:  # one storage record serves all three tensors
+    assert [n for n in zf.namelist() if "/data/" in n] == ["archive/data/0"]
 
 
 DTYPE_CASES = {
-    "float16": np.array([[1.5, -2.25, 65504.0]], dtype=np.float16),
-    "bfloat16": np.array([1.0, -3.5, 1e30, 0.0078125], dtype=ml_dtypes.bfloat16),
-    "int64": np.array([-(2**62), 0, 7, 2**40], dtype=np.int64),
-    "bool": np.array([True, False, False, True, True]),
-    "float64": np.array([np.pi, -1e-300]),
-    "int32": np.array([-5, 2**31 - 1], dtype=np.int32),
-    "int8": np.array([-128, 127], dtype=np.int8),
-    "uint8": np.array([0, 255], dtype=np.uint8),
+  "float16": np.array([[1.5, -2.25, 65504.0]], dtype=np.float16),
+  "bfloat16": np.array([1.0, -3.5, 1e30, 0.0078125], dtype=ml_dtypes.bfloat16),
+  "int64": np.array([-(2**62), 0, 7, 2**40], dtype=np.int64),
+  "bool": np.array([True, False, False, True, True]),
+  "float64": np.array([np.pi, -1e-300]),
+  "int32": np.array([-5, 2**31 - 1], dtype=np.int32),
+  "int8": np.array([-128, 127], dtype=np.int8),
+  "uint8": np.array([0, 255], dtype=np.uint8),
 }
 
 
 @pytest.mark.parametrize("byteorder", ["little", "big"])
 @pytest.mark.parametrize("dtype_name", sorted(DTYPE_CASES))
 def test_dtypes_round_trip(tmp_path, dtype_name, byteorder):
-    value = DTYPE_CASES[dtype_name]
-    path = write_pth(tmp_path / "d.pth", {"model": {"x": tensor(value, size=value.shape)}},
-                     byteorder=byteorder)
-    for mmap in (True, False):
-        got = load_pth(path, mmap=mmap).tensors["x"]
-        assert got.dtype == value.dtype and got.shape == value.shape
-        assert got.dtype.isnative  # big-endian files come back in native order
-        assert got.tobytes() == value.tobytes()
+  value = DTYPE_CASES[dtype_name]
+  path = write_pth(
+    tmp_path / "d.pth", {"model": {"x": tensor(value, size=value.shape)}}, byteorder=byteorder
+  )
+  for mmap in (True, False):
+    got = load_pth(path, mmap=mmap).tensors["x"]
+    assert got.dtype == value.dtype and got.shape == value.shape
+    assert got.dtype.isnative  # big-endian files come back in native order
+    assert got.tobytes() == value.tobytes()
 
 
 def test_compressed_and_unaligned_entries_fall_back(tmp_path):
-    value = np.arange(12, dtype=np.float32).reshape(3, 4)
-    obj = {"model": {"x": tensor(value, size=(3, 4))}}
-    for name, kwargs in {"deflated": {"compress": True}, "unaligned": {"align": None}}.items():
-        path = write_pth(tmp_path / f"{name}.pth", obj, **kwargs)
-        for mmap in (True, False):
-            np.testing.assert_array_equal(load_pth(path, mmap=mmap).tensors["x"], value)
+  value = np.arange(12, dtype=np.float32).reshape(3, 4)
+  obj = {"model": {"x": tensor(value, size=(3, 4))}}
+  for name, kwargs in {"deflated": {"compress": True}, "unaligned": {"align": None}}.items():
+    path = write_pth(tmp_path / f"{name}.pth", obj, **kwargs)
+    for mmap in (True, False):
+      np.testing.assert_array_equal(load_pth(path, mmap=mmap).tensors["x"], value)
 
 
 def test_module_prefix_is_stripped(tmp_path):
-    state = collections.OrderedDict(
-        [("module.blocks.0.w", tensor(np.ones(2, np.float32))),
-         ("module.norm.b", tensor(np.zeros(3, np.float32)))])
-    ckpt = load_pth(write_pth(tmp_path / "ddp.pth", {"model": state}))
-    assert list(ckpt.tensors) == ["blocks.0.w", "norm.b"]
-    assert ckpt.stripped_prefix == "module."
-    assert "stripped prefix 'module.'" in summarize(ckpt)
+  state = collections.OrderedDict(
+    [
+      ("module.blocks.0.w", tensor(np.ones(2, np.float32))),
+      ("module.norm.b", tensor(np.zeros(3, np.float32))),
+    ]
+  )
+  ckpt = load_pth(write_pth(tmp_path / "ddp.pth", {"model": state}))
+  assert list(ckpt.tensors) == ["blocks.0.w", "norm.b"]
+  assert ckpt.stripped_prefix == "module."
+  assert "stripped prefix 'module.'" in summarize(ckpt)
 
 
 def test_prefix_kept_unless_every_name_has_it(tmp_path):
-    state = {"module.a": tensor(np.ones(1, np.float32)), "b": tensor(np.ones(1, np.float32))}
-    ckpt = load_pth(write_pth(tmp_path / "mixed.pth", {"model": state}))
-    assert set(ckpt.tensors) == {"module.a", "b"} and ckpt.stripped_prefix is None
+  state = {"module.a": tensor(np.ones(1, np.float32)), "b": tensor(np.ones(1, np.float32))}
+  ckpt = load_pth(write_pth(tmp_path / "mixed.pth", {"model": state}))
+  assert set(ckpt.tensors) == {"module.a", "b"} and ckpt.stripped_prefix is None
 
 
 def test_parameter_legacy_rebuild_and_dtype_storage_types(tmp_path):
-    data = np.arange(4, dtype=np.float32)
-    model = {
-        "param": FakeParameter(tensor(data)),
-        "legacy": tensor(data, rebuild="_rebuild_tensor"),
-        # storage type given as a torch dtype (GLOBAL 'torch float32')
-        "by_dtype": FakeTensor(FakeStorage("", data, storage_type="float32")),
-        # an untyped storage: uint8 bytes, numel counted in bytes
-        "untyped": FakeTensor(FakeStorage("", np.frombuffer(b"\x01\x02\x03", np.uint8),
-                                          storage_type="UntypedStorage")),
-    }
-    t = load_pth(write_pth(tmp_path / "p.pth", {"model": model})).tensors
-    for name in ("param", "legacy", "by_dtype"):
-        np.testing.assert_array_equal(t[name], data)
-    np.testing.assert_array_equal(t["untyped"], [1, 2, 3])
-    assert t["untyped"].dtype == np.uint8
+  data = np.arange(4, dtype=np.float32)
+  model = {
+    "param": FakeParameter(tensor(data)),
+    "legacy": tensor(data, rebuild="_rebuild_tensor"),
+    # storage type given as a torch dtype (GLOBAL 'torch float32')
+    "by_dtype": FakeTensor(FakeStorage("", data, storage_type="float32")),
+    # an untyped storage: uint8 bytes, numel counted in bytes
+    "untyped": FakeTensor(
+      FakeStorage("", np.frombuffer(b"\x01\x02\x03", np.uint8), storage_type="UntypedStorage")
+    ),
+  }
+  t = load_pth(write_pth(tmp_path / "p.pth", {"model": model})).tensors
+  for name in ("param", "legacy", "by_dtype"):
+    np.testing.assert_array_equal(t[name], data)
+  np.testing.assert_array_equal(t["untyped"], [1, 2, 3])
+  assert t["untyped"].dtype == np.uint8
 
 
 def test_numpy_scalars_namespace_and_builtins_are_allowed(tmp_path):
-    obj = {
-        "model": {"w": tensor(np.ones(2, np.float32))},
-        "epoch": np.int64(5),
-        "best_acc": np.float64(0.25),
-        "args": FakeNamespace(lr=0.1, tags={"a", "b"}, blob=b"\x00\xff", empty=b"", z=1 + 2j),
-        "history": [1, 2.5, "x", None, (True,)],
-    }
-    ckpt = load_pth(write_pth(tmp_path / "n.pth", obj))
-    assert ckpt.metadata["epoch"] == 5 and ckpt.metadata["best_acc"] == 0.25
-    assert ckpt.skipped["epoch"] == "numpy.int64 5"
-    assert ckpt.metadata["args"] == {"lr": 0.1, "tags": {"a", "b"}, "blob": b"\x00\xff",
-                                     "empty": b"", "z": 1 + 2j}
-    assert ckpt.skipped["history"] == "list of 5 items"
-    plain_args = write_pth(tmp_path / "a.pth", {"model": {"w": tensor(np.ones(1, np.float32))},
-                                                 "args": {"lr": 0.5}})
-    assert load_pth(plain_args).metadata == {"args": {"lr": 0.5}}
-    tree = read_pickle_tree(tmp_path / "n.pth")
-    assert type(tree["epoch"]) is np.int64 and isinstance(tree["args"], PickledNamespace)
+  obj = {
+    "model": {"w": tensor(np.ones(2, np.float32))},
+    "epoch": np.int64(5),
+    "best_acc": np.float64(0.25),
+    "args": FakeNamespace(lr=0.1, tags={"a", "b"}, blob=b"\x00\xff", empty=b"", z=1 + 2j),
+    "history": [1, 2.5, "x", None, (True,)],
+  }
+  ckpt = load_pth(write_pth(tmp_path / "n.pth", obj))
+  assert ckpt.metadata["epoch"] == 5 and ckpt.metadata["best_acc"] == 0.25
+  assert ckpt.skipped["epoch"] == "numpy.int64 5"
+  assert ckpt.metadata["args"] == {
+    "lr": 0.1,
+    "tags": {"a", "b"},
+    "blob": b"\x00\xff",
+    "empty": b"",
+    "z": 1 + 2j,
+  }
+  assert ckpt.skipped["history"] == "list of 5 items"
+  plain_args = write_pth(
+    tmp_path / "a.pth", {"model": {"w": tensor(np.ones(1, np.float32))}, "args": {"lr": 0.5}}
+  )
+  assert load_pth(plain_args).metadata == {"args": {"lr": 0.5}}
+  tree = read_pickle_tree(tmp_path / "n.pth")
+  assert type(tree["epoch"]) is np.int64 and isinstance(tree["args"], PickledNamespace)
 
 
-@pytest.mark.parametrize("module,name", [("builtins", "eval"), ("__builtin__", "exec"),
-                                         ("os", "system"), ("numpy.core.multiarray", "_reconstruct"),
-                                         ("torch", "load"), ("argparse", "ArgumentParser")])
+@pytest.mark.parametrize(
+  "module,name",
+  [
+    ("builtins", "eval"),
+    ("__builtin__", "exec"),
+    ("os", "system"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("torch", "load"),
+    ("argparse", "ArgumentParser"),
+  ],
+)
 def test_other_globals_are_refused_before_running(tmp_path, monkeypatch, module, name):
-    monkeypatch.chdir(tmp_path)
-    code = "open('evil_ran.txt', 'w').write('x')"
-    obj = {"model": {"w": tensor(np.ones(2, np.float32))}, "extra": Evil(module, name, code)}
-    path = write_pth(tmp_path / "evil.pth", obj)
-    with pytest.raises(UnsafeCheckpointError, match=rf"'{module}\.{name}'") as info:
-        load_pth(path)
-    assert str(path) in str(info.value) and "NOT executed" in str(info.value)
-    assert not (tmp_path / "evil_ran.txt").exists()
+  monkeypatch.chdir(tmp_path)
+  code = "open('evil_ran.txt', 'w').write('x')"
+  obj = {"model": {"w": tensor(np.ones(2, np.float32))}, "extra": Evil(module, name, code)}
+  path = write_pth(tmp_path / "evil.pth", obj)
+  with pytest.raises(UnsafeCheckpointError, match=rf"'{module}\.{name}'") as info:
+    load_pth(path)
+  assert str(path) in str(info.value) and "NOT executed" in str(info.value)
+  assert not (tmp_path / "evil_ran.txt").exists()
 
 
 def _raw_pickle_case(tmp_path, body: bytes) -> pathlib.Path:
-    return write_raw_pth(tmp_path / "raw.pth", b"\x80\x02" + body + b".")
+  return write_raw_pth(tmp_path / "raw.pth", b"\x80\x02" + body + b".")
 
 
 def test_stack_global_and_inst_opcodes_are_refused(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    # protocol 4 STACK_GLOBAL builtins.exec, then REDUCE
-    code = b"open('evil_ran.txt', 'w')"
-    stack_global = b"\x8c\x08builtins\x8c\x04exec\x93\x8c" + bytes([len(code)]) + code + b"\x85R"
-    with pytest.raises(UnsafeCheckpointError, match=r"'builtins\.exec'"):
-        load_pth(_raw_pickle_case(tmp_path, stack_global))
-    # protocol 0 INST: calls os.system(...) directly
-    inst = b"(S'touch evil_ran.txt'\nios\nsystem\n"
-    with pytest.raises(UnsafeCheckpointError, match=r"'os\.system'"):
-        load_pth(_raw_pickle_case(tmp_path, inst))
-    assert not (tmp_path / "evil_ran.txt").exists()
+  monkeypatch.chdir(tmp_path)
+  # protocol 4 STACK_GLOBAL builtins.exec, then REDUCE
+  code = b"open('evil_ran.txt', 'w')"
+  stack_global = b"\x8c\x08builtins\x8c\x04exec\x93\x8c" + bytes([len(code)]) + code + b"\x85R"
+  with pytest.raises(UnsafeCheckpointError, match=r"'builtins\.exec'"):
+    load_pth(_raw_pickle_case(tmp_path, stack_global))
+  # protocol 0 INST: calls os.system(...) directly
+  inst = b"(S'touch evil_ran.txt'\nios\nsystem\n"
+  with pytest.raises(UnsafeCheckpointError, match=r"'os\.system'"):
+    load_pth(_raw_pickle_case(tmp_path, inst))
+  assert not (tmp_path / "evil_ran.txt").exists()
 
 
 def test_build_cannot_tamper_with_allowed_globals(tmp_path):
-    # GLOBAL torch._utils._rebuild_tensor_v2, then BUILD (None, {'_fn': 1}): setattr on our stand-in.
-    body = b"ctorch._utils\n_rebuild_tensor_v2\n(N}U\x03_fnK\x01stb"
-    with pytest.raises(CorruptCheckpointError, match="could not be unpickled"):
-        load_pth(_raw_pickle_case(tmp_path, body))
-    # ... and on the Namespace stand-in class itself.
-    body = b"cargparse\nNamespace\n(N}U\x0b__setstate__K\x01stb"
-    with pytest.raises(CorruptCheckpointError):
-        load_pth(_raw_pickle_case(tmp_path, body))
-    # The allow-listed objects still work afterwards.
-    path = write_pth(tmp_path / "ok.pth", {"model": {"w": tensor(np.arange(3, dtype=np.float32))},
-                                           "args": FakeNamespace(a=1)})
-    ckpt = load_pth(path)
-    np.testing.assert_array_equal(ckpt.tensors["w"], [0, 1, 2])
-    assert ckpt.metadata["args"] == {"a": 1}
+  # GLOBAL torch._utils._rebuild_tensor_v2, then BUILD (None, {'_fn': 1}): setattr on our stand-in.
+  body = b"ctorch._utils\n_rebuild_tensor_v2\n(N}U\x03_fnK\x01stb"
+  with pytest.raises(CorruptCheckpointError, match="could not be unpickled"):
+    load_pth(_raw_pickle_case(tmp_path, body))
+  # ... and on the Namespace stand-in class itself.
+  body = b"cargparse\nNamespace\n(N}U\x0b__setstate__K\x01stb"
+  with pytest.raises(CorruptCheckpointError):
+    load_pth(_raw_pickle_case(tmp_path, body))
+  # The allow-listed objects still work afterwards.
+  path = write_pth(
+    tmp_path / "ok.pth",
+    {"model": {"w": tensor(np.arange(3, dtype=np.float32))}, "args": FakeNamespace(a=1)},
+  )
+  ckpt = load_pth(path)
+  np.testing.assert_array_equal(ckpt.tensors["w"], [0, 1, 2])
+  assert ckpt.metadata["args"] == {"a": 1}
 
 
 def test_object_numpy_dtype_is_refused(tmp_path):
-    # numpy.core.multiarray.scalar(numpy.dtype('O8'), ...) would build an object scalar.
-    body = (b"cnumpy.core.multiarray\nscalar\ncnumpy\ndtype\nX\x02\x00\x00\x00O8\x89\x88\x87R"
-            b"C\x08\x00\x00\x00\x00\x00\x00\x00\x00\x86R")
-    with pytest.raises(UnsafeCheckpointError, match="'O8' is not allowed"):
-        read_pickle_tree(_raw_pickle_case(tmp_path, body))
+  # numpy.core.multiarray.scalar(numpy.dtype('O8'), ...) would build an object scalar.
+  body = (
+    b"cnumpy.core.multiarray\nscalar\ncnumpy\ndtype\nX\x02\x00\x00\x00O8\x89\x88\x87R"
+    b"C\x08\x00\x00\x00\x00\x00\x00\x00\x00\x86R"
+  )
+  with pytest.raises(UnsafeCheckpointError, match="'O8' is not allowed"):
+    read_pickle_tree(_raw_pickle_case(tmp_path, body))
 
 
 def test_missing_storage_entry_names_tensor_and_entry(tmp_path):
-    obj = {"model": {"ok": tensor(np.ones(2, np.float32)), "cls_token": tensor(np.ones(4, np.float32))}}
-    path = write_pth(tmp_path / "m.pth", obj, omit=("1",))
-    with pytest.raises(CorruptCheckpointError) as info:
-        load_pth(path)
-    message = str(info.value)
-    assert "'model.cls_token'" in message and "'archive/data/1'" in message and "missing" in message
+  obj = {
+    "model": {"ok": tensor(np.ones(2, np.float32)), "cls_token": tensor(np.ones(4, np.float32))}
+  }
+  path = write_pth(tmp_path / "m.pth", obj, omit=("1",))
+  with pytest.raises(CorruptCheckpointError) as info:
+    load_pth(path)
+  message = str(info.value)
+  assert "'model.cls_token'" in message and "'archive/data/1'" in message and "missing" in message
 
 
 @pytest.mark.parametrize("mmap", [True, False])
 def test_short_storage_entry_names_tensor_and_entry(tmp_path, mmap):
-    obj = {"model": {"pos_embed": tensor(np.ones((1, 5, 4), np.float32), size=(1, 5, 4))}}
-    path = write_pth(tmp_path / "short.pth", obj, truncate={"0": 40})
-    with pytest.raises(CorruptCheckpointError) as info:
-        load_pth(path, mmap=mmap)
-    message = str(info.value)
-    assert "'model.pos_embed'" in message and "'archive/data/0'" in message
-    assert "40 bytes" in message and "needs 80" in message
+  obj = {"model": {"pos_embed": tensor(np.ones((1, 5, 4), np.float32), size=(1, 5, 4))}}
+  path = write_pth(tmp_path / "short.pth", obj, truncate={"0": 40})
+  with pytest.raises(CorruptCheckpointError) as info:
+    load_pth(path, mmap=mmap)
+  message = str(info.value)
+  assert "'model.pos_embed'" in message and "'archive/data/0'" in message
+  assert "40 bytes" in message and "needs 80" in message
 
 
 def test_tensor_extent_beyond_storage(tmp_path):
-    storage = FakeStorage("", np.ones(4, np.float32))
-    path = write_pth(tmp_path / "x.pth", {"model": {"big": FakeTensor(storage, 2, (2, 2), (2, 1))}})
-    with pytest.raises(CorruptCheckpointError, match=r"'model\.big'.*element 5.*only 4 elements"):
-        load_pth(path)
+  storage = FakeStorage("", np.ones(4, np.float32))
+  path = write_pth(tmp_path / "x.pth", {"model": {"big": FakeTensor(storage, 2, (2, 2), (2, 1))}})
+  with pytest.raises(CorruptCheckpointError, match=r"'model\.big'.*element 5.*only 4 elements"):
+    load_pth(path)
 
 
 def test_malformed_pickle_with_valid_crc(tmp_path):
-    buf = io.BytesIO()
-    _TorchLikePickler(buf).dump({"model": {"w": 1}})
-    path = write_raw_pth(tmp_path / "p.pth", buf.getvalue()[:-6])  # cut before STOP
-    with pytest.raises(CorruptCheckpointError, match="could not be unpickled"):
-        load_pth(path)
+  buf = io.BytesIO()
+  _TorchLikePickler(buf).dump({"model": {"w": 1}})
+  path = write_raw_pth(tmp_path / "p.pth", buf.getvalue()[:-6])  # cut before STOP
+  with pytest.raises(CorruptCheckpointError, match="could not be unpickled"):
+    load_pth(path)
 
 
 def test_zip_without_data_pkl(tmp_path):
-    path = tmp_path / "other.zip.pth"
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr("weights/readme.txt", "hello")
-    with pytest.raises(CorruptCheckpointError, match=r"data\.pkl.*not a torch\.save checkpoint"):
-        load_pth(path)
+  path = tmp_path / "other.zip.pth"
+  with zipfile.ZipFile(path, "w") as zf:
+    zf.writestr("weights/readme.txt", "hello")
+  with pytest.raises(CorruptCheckpointError, match=r"data\.pkl.*not a torch\.save checkpoint"):
+    load_pth(path)
 
 
 def test_bad_byteorder_record(tmp_path):
-    path = write_pth(tmp_path / "b.pth", {"model": {"w": tensor(np.ones(1, np.float32))}},
-                     byteorder="middle")
-    with pytest.raises(CorruptCheckpointError, match="'middle'"):
-        load_pth(path)
+  path = write_pth(
+    tmp_path / "b.pth", {"model": {"w": tensor(np.ones(1, np.float32))}}, byteorder="middle"
+  )
+  with pytest.raises(CorruptCheckpointError, match="'middle'"):
+    load_pth(path)
 
 
 def test_no_tensors_lists_top_level_keys(tmp_path):
-    path = write_pth(tmp_path / "none.pth", {"epoch": 3, "note": "hello"})
-    with pytest.raises(NoTensorsFoundError, match=r"epoch: int 3.*note: str 'hello'"):
-        load_pth(path)
-    path = write_pth(tmp_path / "list.pth", [tensor(np.ones(1, np.float32))])
-    with pytest.raises(NoTensorsFoundError, match="not a dict"):
-        load_pth(path)
-    np.testing.assert_array_equal(read_pickle_tree(path)[0], [1.0])
+  path = write_pth(tmp_path / "none.pth", {"epoch": 3, "note": "hello"})
+  with pytest.raises(NoTensorsFoundError, match=r"epoch: int 3.*note: str 'hello'"):
+    load_pth(path)
+  path = write_pth(tmp_path / "list.pth", [tensor(np.ones(1, np.float32))])
+  with pytest.raises(NoTensorsFoundError, match="not a dict"):
+    load_pth(path)
+  np.testing.assert_array_equal(read_pickle_tree(path)[0], [1.0])
 
 
 def test_key_selection(tmp_path):
-    a, b = np.ones(2, np.float32), np.zeros(3, np.float32)
-    both = write_pth(tmp_path / "both.pth", {"state_dict": {"s": tensor(b)}, "model": {"m": tensor(a)}})
-    assert load_pth(both).source_key == "model"
-    ckpt = load_pth(both, key="state_dict")
-    assert ckpt.source_key == "state_dict" and list(ckpt.tensors) == ["s"]
-    assert ckpt.skipped == {"model": "dict with 1 entry (m)"}
+  a, b = np.ones(2, np.float32), np.zeros(3, np.float32)
+  both = write_pth(
+    tmp_path / "both.pth", {"state_dict": {"s": tensor(b)}, "model": {"m": tensor(a)}}
+  )
+  assert load_pth(both).source_key == "model"
+  ckpt = load_pth(both, key="state_dict")
+  assert ckpt.source_key == "state_dict" and list(ckpt.tensors) == ["s"]
+  assert ckpt.skipped == {"model": "dict with 1 entry (m)"}
 
-    pair = write_pth(tmp_path / "pair.pth", {"teacher": {"t": tensor(a)}, "student": {"s": tensor(b)}})
-    with pytest.raises(NoTensorsFoundError, match=r"teacher: dict.*key="):
-        load_pth(pair)
-    assert list(load_pth(pair, key="teacher").tensors) == ["t"]
-    with pytest.raises(NoTensorsFoundError, match="'ema' is not in the checkpoint"):
-        load_pth(pair, key="ema")
+  pair = write_pth(
+    tmp_path / "pair.pth", {"teacher": {"t": tensor(a)}, "student": {"s": tensor(b)}}
+  )
+  with pytest.raises(NoTensorsFoundError, match=r"teacher: dict.*key="):
+    load_pth(pair)
+  assert list(load_pth(pair, key="teacher").tensors) == ["t"]
+  with pytest.raises(NoTensorsFoundError, match="'ema' is not in the checkpoint"):
+    load_pth(pair, key="ema")
 
-    flat = write_pth(tmp_path / "flat.pth", collections.OrderedDict([("w", tensor(a)), ("step", 7)]))
-    ckpt = load_pth(flat)
-    assert ckpt.source_key is None and list(ckpt.tensors) == ["w"]
-    assert ckpt.skipped == {"step": "int 7"}
+  flat = write_pth(tmp_path / "flat.pth", collections.OrderedDict([("w", tensor(a)), ("step", 7)]))
+  ckpt = load_pth(flat)
+  assert ckpt.source_key is None and list(ckpt.tensors) == ["w"]
+  assert ckpt.skipped == {"step": "int 7"}
 
 
 def test_state_dict_metadata_attribute_is_tolerated(tmp_path):
-    # torch's state_dict() is an OrderedDict with a `_metadata` attribute set by BUILD.
-    state = collections.OrderedDict([("w", tensor(np.ones(2, np.float32)))])
-    state._metadata = collections.OrderedDict([("", {"version": 1})])
-    ckpt = load_pth(write_pth(tmp_path / "md.pth", {"model": state}))
-    assert list(ckpt.tensors) == ["w"]
+  # torch's state_dict() is an OrderedDict with a `_metadata` attribute set by BUILD.
+  state = collections.OrderedDict([("w", tensor(np.ones(2, np.float32)))])
+  state._metadata = collections.OrderedDict([("", {"version": 1})])
+  ckpt = load_pth(write_pth(tmp_path / "md.pth", {"model": state}))
+  assert list(ckpt.tensors) == ["w"]
 
 
 def test_summarize_lists_tensors_and_skipped(tmp_path):
-    obj = {"model": {"a.weight": tensor(np.ones((2, 3), np.float16), size=(2, 3))}, "epoch": 1}
-    text = summarize(load_pth(write_pth(tmp_path / "s.pth", obj)))
-    assert "weights from 'model': 1 tensors, 6 values" in text
-    assert "a.weight" in text and "float16" in text and "(2, 3)" in text
-    assert "epoch: int 1" in text
+  obj = {"model": {"a.weight": tensor(np.ones((2, 3), np.float16), size=(2, 3))}, "epoch": 1}
+  text = summarize(load_pth(write_pth(tmp_path / "s.pth", obj)))
+  assert "weights from 'model': 1 tensors, 6 values" in text
+  assert "a.weight" in text and "float16" in text and "(2, 3)" in text
+  assert "epoch: int 1" in text
 
 
 def test_torch_never_imported(tmp_path):
-    # In a fresh interpreter: other test modules of the suite may import torch
-    # into this one, which would say nothing about the reader.
-    built = write_pth(tmp_path / "built.pth", {"model": {"w": tensor(np.ones(2, np.float32))},
-                                               "args": FakeNamespace(a=1), "epoch": np.int64(1)})
-    paths = [str(p) for p in _fixture_pths()] + [str(built)]
-    script = textwrap.dedent("""
+  # In a fresh interpreter: other test modules of the suite may import torch
+  # into this one, which would say nothing about the reader.
+  built = write_pth(
+    tmp_path / "built.pth",
+    {
+      "model": {"w": tensor(np.ones(2, np.float32))},
+      "args": FakeNamespace(a=1),
+      "epoch": np.int64(1),
+    },
+  )
+  paths = [str(p) for p in _fixture_pths()] + [str(built)]
+  script = textwrap.dedent("""
         import sys
         from mimdistill.interop.pth_reader import load_pth, read_pickle_tree
         for path in sys.argv[1:]:
@@ -514,11 +566,19 @@ def test_torch_never_imported(tmp_path):
         assert "torch" not in sys.modules, "the reader imported torch"
         print("ok", len(sys.argv) - 1)
     """)
-    repo = pathlib.Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, "-c", script, *paths], cwd=repo, env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["ok", str(len(paths))]
-    assert "torch" not in pth_reader.__dict__
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  env = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])),
+  }
+  result = subprocess.run(
+    [sys.executable, "-c", script, *paths],
+    cwd=repo,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.split() == ["ok", str(len(paths))]
+  assert "torch" not in pth_reader.__dict__

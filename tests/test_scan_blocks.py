@@ -16,6 +16,7 @@ Variables are passed to the jitted functions as arguments, never closed
 over: XLA would constant-fold closed-over weights, which moves float32
 results by an ulp or so between two otherwise identical programs.
 """
+
 import functools
 import itertools
 import sys
@@ -23,8 +24,8 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from conftest import REPO
+
 from mimdistill.models.classifier import ViTClassifier
 from mimdistill.models.mae import MAE
 from mimdistill.models.vit import Block, ViTEncoder, _drop_path
@@ -48,12 +49,12 @@ def _pair(cls, **kw):
   return cls(**kw), cls(**kw, scan_blocks=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mae_vars():
   return jax.jit(lambda k: MAE(**MAE_KW).init(k, IMAGES, NOISE, 0.75))(KEY)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _encoder_vars():
   """The MAE's encoder: a `ViTEncoder(**ENC)`'s variables (one jitted init
   per test file is enough; each costs seconds on a CPU)."""
@@ -82,39 +83,52 @@ def _mae_loss(model, variables, train=False):
 # Same params, same numerics without drop path
 # -----------------------------------------------------------------------------
 def test_params_layout_is_unchanged():
-  for cls, kw, args in ((ViTEncoder, ENC, (IMAGES,)),
-                        (MAE, MAE_KW, (IMAGES, NOISE, 0.75)),
-                        (ViTClassifier, CLS_KW, (IMAGES,))):
+  for cls, kw, args in (
+    (ViTEncoder, ENC, (IMAGES,)),
+    (MAE, MAE_KW, (IMAGES, NOISE, 0.75)),
+    (ViTClassifier, CLS_KW, (IMAGES,)),
+  ):
     plain, scanned = _pair(cls, **kw)
-    a = jax.eval_shape(lambda: plain.init(KEY, *args))
-    b = jax.eval_shape(lambda: scanned.init(KEY, *args))
+    a = jax.eval_shape(lambda: plain.init(KEY, *args))  # noqa: B023
+    b = jax.eval_shape(lambda: scanned.init(KEY, *args))  # noqa: B023
     assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    assert (jax.tree_util.tree_map(lambda x: x.shape, a)
-            == jax.tree_util.tree_map(lambda x: x.shape, b))
+    assert jax.tree_util.tree_map(lambda x: x.shape, a) == jax.tree_util.tree_map(
+      lambda x: x.shape, b
+    )
   assert {"blocks_0", "blocks_2"} <= set(a["params"]["encoder"])
 
 
 def test_eval_forwards_match_unrolled():
   def encoder_outputs(m, v):
-    return (m.apply(v, IMAGES),
-            m.apply(v, IMAGES, stop_after=2),
-            m.apply(v, IMAGES, block=3, heads=2, method=ViTEncoder.relation_qkv),
-            m.apply(v, IMAGES, block=3, method=ViTEncoder.block_features))
-  outs = [jax.jit(functools.partial(encoder_outputs, m))(_encoder_vars())
-          for m in _pair(ViTEncoder, **ENC)]
+    return (
+      m.apply(v, IMAGES),
+      m.apply(v, IMAGES, stop_after=2),
+      m.apply(v, IMAGES, block=3, heads=2, method=ViTEncoder.relation_qkv),
+      m.apply(v, IMAGES, block=3, method=ViTEncoder.block_features),
+    )
+
+  outs = [
+    jax.jit(functools.partial(encoder_outputs, m))(_encoder_vars())
+    for m in _pair(ViTEncoder, **ENC)
+  ]
   _close(*outs)
 
   # The classifier from the MAE encoder (learned pos_embed, no final norm).
   plain, scanned = _pair(ViTClassifier, **CLS_KW)
   enc = _encoder_vars()
-  cv = {"params": {
-      "encoder": {**{k: v for k, v in enc["params"].items() if k != "norm"},
-                  "pos_embed": enc["fixed"]["pos_embed"]},
+  cv = {
+    "params": {
+      "encoder": {
+        **{k: v for k, v in enc["params"].items() if k != "norm"},
+        "pos_embed": enc["fixed"]["pos_embed"],
+      },
       "fc_norm": {"scale": jnp.ones(32), "bias": jnp.zeros(32)},
-      "head": {"kernel": jax.random.normal(KEY, (32, 5)),
-               "bias": jnp.zeros(5)}}}
-  assert (jax.tree_util.tree_structure(cv) == jax.tree_util.tree_structure(
-      jax.eval_shape(plain.init, KEY, IMAGES)))
+      "head": {"kernel": jax.random.normal(KEY, (32, 5)), "bias": jnp.zeros(5)},
+    }
+  }
+  assert jax.tree_util.tree_structure(cv) == jax.tree_util.tree_structure(
+    jax.eval_shape(plain.init, KEY, IMAGES)
+  )
   _close(jax.jit(plain.apply)(cv, IMAGES), jax.jit(scanned.apply)(cv, IMAGES))
 
 
@@ -127,12 +141,14 @@ def test_distill_student_forward_matches_unrolled():
   scanned = distill.build_student(_with(c, "student.scan_blocks", True))
   assert scanned.encoder.scan_blocks and not student.encoder.scan_blocks
   v = {c: {"encoder": x} for c, x in _encoder_vars().items()}
-  assert (jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(
-      jax.eval_shape(functools.partial(
-          student.init, method=distill.DistillStudent.init_all),
-          KEY, IMAGES)))
-  outs = [jax.jit(lambda v, m=m: m.apply(v, IMAGES, relation_heads=2))(v)
-          for m in (student, scanned)]
+  assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(
+    jax.eval_shape(
+      functools.partial(student.init, method=distill.DistillStudent.init_all), KEY, IMAGES
+    )
+  )
+  outs = [
+    jax.jit(lambda v, m=m: m.apply(v, IMAGES, relation_heads=2))(v) for m in (student, scanned)
+  ]
   _close(*outs)
 
 
@@ -142,19 +158,21 @@ def test_mae_eval_loss_and_train_gradients_match_unrolled_without_drop_path():
   @functools.partial(jax.jit, static_argnums=0)
   def eval_loss_and_grads(model, variables):
     loss = lambda p: _mae_loss(model, {**variables, "params": p}, train=True)
-    return (_mae_loss(model, variables),
-            jax.value_and_grad(loss)(variables["params"]))
+    return (_mae_loss(model, variables), jax.value_and_grad(loss)(variables["params"]))
 
   (ev, (loss, grads)), (ev_s, (loss_s, grads_s)) = [
-      eval_loss_and_grads(m, variables) for m in _pair(MAE, **MAE_KW)]
+    eval_loss_and_grads(m, variables) for m in _pair(MAE, **MAE_KW)
+  ]
   np.testing.assert_allclose(ev_s, ev, rtol=1e-6)
   np.testing.assert_allclose(loss_s, loss, rtol=1e-6)
   _rel_close(grads, grads_s, 1e-5)
   # Every scanned block, encoder and decoder, receives a gradient.
   for part, depth in (("encoder", 3), ("decoder", 2)):
     for i in range(depth):
-      assert all(np.abs(np.asarray(x)).max() > 0 for x in
-                 jax.tree_util.tree_leaves(grads_s[part][f"blocks_{i}"]))
+      assert all(
+        np.abs(np.asarray(x)).max() > 0
+        for x in jax.tree_util.tree_leaves(grads_s[part][f"blocks_{i}"])
+      )
 
 
 # -----------------------------------------------------------------------------
@@ -163,8 +181,7 @@ def test_mae_eval_loss_and_train_gradients_match_unrolled_without_drop_path():
 def test_drop_path_helper_is_per_sample_and_rescaled():
   y = jnp.ones((4000, 3, 2))
   keep = np.float32(0.8)
-  per_sample = np.asarray(_drop_path(y, keep, jax.random.PRNGKey(3))
-                          ).reshape(4000, -1)
+  per_sample = np.asarray(_drop_path(y, keep, jax.random.PRNGKey(3))).reshape(4000, -1)
   # One decision per sample: all of its tokens and channels alike.
   assert (per_sample == per_sample[:, :1]).all()
   assert set(np.unique(per_sample)) == {0.0, np.float32(1.0) / keep}
@@ -176,28 +193,35 @@ def test_drop_path_helper_is_per_sample_and_rescaled():
   np.testing.assert_array_equal(g, 0 * y)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _scan_runner(rate, *, remat=False, depth=3, batch=2):
   """A scan-mode encoder (drop path `rate` on every block, no final norm),
   its images, and a jitted `(params, key) -> ((sum of squares, output),
   grads)` in training mode. The params are `_encoder_vars()` (a depth-2
   encoder ignores blocks_2)."""
-  images = IMAGES if batch == 2 else jax.random.normal(
-      jax.random.PRNGKey(5), (batch, 32, 32, 3))
-  model = ViTEncoder(**dict(ENC, depth=depth), final_norm=False,
-                     drop_path=(rate,) * depth, scan_blocks=True, remat=remat)
+  images = IMAGES if batch == 2 else jax.random.normal(jax.random.PRNGKey(5), (batch, 32, 32, 3))
+  model = ViTEncoder(
+    **dict(ENC, depth=depth),
+    final_norm=False,
+    drop_path=(rate,) * depth,
+    scan_blocks=True,
+    remat=remat,
+  )
 
   def loss(params, key):
-    out = model.apply({**_encoder_vars(), "params": params}, images,
-                      train=True, rngs={"drop_path": key})
-    return (out ** 2).sum(), out
+    out = model.apply(
+      {**_encoder_vars(), "params": params}, images, train=True, rngs={"drop_path": key}
+    )
+    return (out**2).sum(), out
+
   return model, images, jax.jit(jax.value_and_grad(loss, has_aux=True))
 
 
 def _tokens(model, images, v):
   """The blocks' input: patch tokens with CLS."""
-  return model.apply(v, model.apply(v, images, method=ViTEncoder.embed_patches),
-                     method=ViTEncoder.prepend_cls)
+  return model.apply(
+    v, model.apply(v, images, method=ViTEncoder.embed_patches), method=ViTEncoder.prepend_cls
+  )
 
 
 def test_scanned_drop_path_determinism_and_extremes():
@@ -214,10 +238,8 @@ def test_scanned_drop_path_determinism_and_extremes():
   _close(eval_out, jax.jit(lambda v: model0.apply(v, images, train=True))(v))
   # Rate 1: every residual branch dropped, each block is the identity.
   model1 = _scan_runner(1.0)[0]
-  one = jax.jit(lambda v, k: model1.apply(v, images, train=True,
-                                          rngs={"drop_path": k}))(v, key1)
-  np.testing.assert_array_equal(
-      one, jax.jit(functools.partial(_tokens, model, images))(v))
+  one = jax.jit(lambda v, k: model1.apply(v, images, train=True, rngs={"drop_path": k}))(v, key1)
+  np.testing.assert_array_equal(one, jax.jit(functools.partial(_tokens, model, images))(v))
 
 
 def test_scanned_drop_path_keeps_or_drops_each_branch_per_sample():
@@ -233,10 +255,14 @@ def test_scanned_drop_path_keeps_or_drops_each_branch_per_sample():
   def combination(v, scales):
     x = _tokens(model, images, v)
     for i in range(depth):
-      x = block.apply({"params": v["params"][f"blocks_{i}"]}, x,
-                      lambda y, branch: y * scales[2 * i + branch],
-                      method=Block.residual_forward)
+      x = block.apply(
+        {"params": v["params"][f"blocks_{i}"]},
+        x,
+        lambda y, branch: y * scales[2 * i + branch],  # noqa: B023
+        method=Block.residual_forward,
+      )
     return x
+
   combos = itertools.product((0.0, 1.0 / (1 - rate)), repeat=2 * depth)
   candidates = np.stack([combination(v, jnp.asarray(c)) for c in combos])
   err = np.abs(candidates - out[None]).max(axis=(2, 3))
@@ -252,29 +278,29 @@ def test_remat_with_scan_gives_the_same_values():
   np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
   _close(out, out_r)
   _rel_close(grads, grads_r, 1e-5)
-  assert all(np.isfinite(np.asarray(g)).all()
-             for g in jax.tree_util.tree_leaves(grads))
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))
 
 
 # -----------------------------------------------------------------------------
 # It is a scan
 # -----------------------------------------------------------------------------
 def test_scan_has_the_block_body_once():
-  text = [str(jax.make_jaxpr(lambda v, m=m: m.apply(v, IMAGES))(_encoder_vars()))
-          for m in _pair(ViTEncoder, **ENC)]
+  text = [
+    str(jax.make_jaxpr(lambda v, m=m: m.apply(v, IMAGES))(_encoder_vars()))
+    for m in _pair(ViTEncoder, **ENC)
+  ]
   plain, scanned = text
   assert "scan[" in scanned and "scan[" not in plain
   # 6 matmuls per block (qkv, q.k, attn.v, proj, fc1, fc2) x 3 vs once.
   dots_plain, dots_scan = plain.count("dot_general["), scanned.count("dot_general[")
-  assert dots_plain >= 18 and dots_scan <= dots_plain // 2, (dots_plain,
-                                                              dots_scan)
+  assert dots_plain >= 18 and dots_scan <= dots_plain // 2, (dots_plain, dots_scan)
 
 
 # -----------------------------------------------------------------------------
 # Stages and benchmark sweeps
 # -----------------------------------------------------------------------------
 def _with(config, key, value):
-  (_, out), = benchmark.variants(config, [f"{key}={str(value).lower()}"])
+  ((_, out),) = benchmark.variants(config, [f"{key}={str(value).lower()}"])
   return out
 
 
@@ -282,7 +308,8 @@ def test_configs_and_sweeps_pass_scan_blocks_to_the_models():
   c = tinymim_distill.get_config("quickstart")
   assert not c.student.scan_blocks and not c.teacher.scan_blocks
   (_, off), (name, on) = benchmark.variants(
-      c, ["student.scan_blocks+teacher.scan_blocks=false,true"])
+    c, ["student.scan_blocks+teacher.scan_blocks=false,true"]
+  )
   assert name == "student.scan_blocks+teacher.scan_blocks=true"
   for cfg in (on, off):
     cfg.teacher.update(width=32, depth=3, num_heads=2, patch_size=8)
@@ -292,6 +319,5 @@ def test_configs_and_sweeps_pass_scan_blocks_to_the_models():
   assert not distill.build_teacher(off).scan_blocks
   pre = _with(mae_pretrain.get_config("quickstart"), "model.scan_blocks", True)
   assert pretrain.build_model(pre).scan_blocks
-  fine = _with(finetune_config.get_config("quickstart"), "model.scan_blocks",
-               True)
+  fine = _with(finetune_config.get_config("quickstart"), "model.scan_blocks", True)
   assert finetune.build_model(fine, 10).scan_blocks

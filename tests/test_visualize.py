@@ -1,23 +1,34 @@
 """The plotting functions on synthetic arrays, and the PNGs the stages write
 (relation maps after stage 2, learning curves and confusion matrix after
 stage 3) after a tiny pipeline run."""
+
 import json
 import pathlib
 import sys
 
 import numpy as np
 import pytest
+from conftest import REPO
 from PIL import Image
 
-from conftest import REPO
 from mimdistill.visualize import confusion, curves
 from mimdistill.visualize import relation_maps as rm
 
 sys.path.insert(0, str(REPO))
 from configs import pipeline as pipeline_configs  # noqa: E402
 
-NAMES = ("circle", "square", "triangle", "cross", "ring", "stripes",
-         "checkerboard", "gradient", "dots", "star")
+NAMES = (
+  "circle",
+  "square",
+  "triangle",
+  "cross",
+  "ring",
+  "stripes",
+  "checkerboard",
+  "gradient",
+  "dots",
+  "star",
+)
 
 
 def png_size(path):
@@ -82,11 +93,18 @@ def write_metrics(workdir, steps=30, eval_every=10, resume_at=None):
   for s in range(1, steps + 1):
     lines.append(dict(step=s, prefix="train", loss=2.0 / s, lr=1e-3 * min(1, s / 5)))
     if s % eval_every == 0:
-      lines.append(dict(step=s, prefix="eval", loss=1.0 / s, top1=s / steps,
-                        top5=min(1.0, 2 * s / steps), count=100))
+      lines.append(
+        dict(
+          step=s,
+          prefix="eval",
+          loss=1.0 / s,
+          top1=s / steps,
+          top5=min(1.0, 2 * s / steps),
+          count=100,
+        )
+      )
   if resume_at:  # a resumed run logs the steps after its checkpoint again
-    lines += [dict(step=s, prefix="train", loss=-1.0, lr=0.0)
-              for s in range(resume_at, steps + 1)]
+    lines += [dict(step=s, prefix="train", loss=-1.0, lr=0.0) for s in range(resume_at, steps + 1)]
   text = "\n".join(json.dumps(l) for l in lines) + '\n{"step": 9, "pre'
   (workdir / "metrics.jsonl").write_text(text)
   return workdir
@@ -112,10 +130,9 @@ def test_plot_learning_curves(tmp_path):
   b = tmp_path / "b"
   b.mkdir()
   (b / "metrics.jsonl").write_text(
-      "".join(json.dumps(dict(step=s, prefix="train", loss=1.0, lr=1e-4)) + "\n"
-              for s in range(1, 5)))
-  png_size(curves.plot_learning_curves({"distill": b, "finetune": a},
-                                       tmp_path / "two.png"))
+    "".join(json.dumps(dict(step=s, prefix="train", loss=1.0, lr=1e-4)) + "\n" for s in range(1, 5))
+  )
+  png_size(curves.plot_learning_curves({"distill": b, "finetune": a}, tmp_path / "two.png"))
 
 
 # -----------------------------------------------------------------------------
@@ -126,14 +143,17 @@ def test_confusion_counts_respect_the_padding_mask():
   logits = rng.normal(size=(40, 10)).astype(np.float32)
   labels = rng.integers(0, 10, size=40).astype(np.int32)
   mask = (np.arange(40) < 37).astype(np.float32)  # 3 padded examples
-  batches = [{"image": logits[i:i + 8], "label": labels[i:i + 8],
-              "mask": mask[i:i + 8]} for i in range(0, 40, 8)]
+  batches = [
+    {"image": logits[i : i + 8], "label": labels[i : i + 8], "mask": mask[i : i + 8]}
+    for i in range(0, 40, 8)
+  ]
   got = confusion.confusion_counts(lambda v, x: x * v, 1.0, batches, 10)
   want = confusion.confusion_from_predictions(labels[:37], logits[:37].argmax(1), 10)
   np.testing.assert_array_equal(got, want)
   assert got.sum() == 37
   np.testing.assert_array_equal(
-      confusion.confusion_from_predictions(labels, logits.argmax(1), 10, mask), want)
+    confusion.confusion_from_predictions(labels, logits.argmax(1), 10, mask), want
+  )
 
 
 def test_plot_confusion_matrix(tmp_path):
@@ -141,8 +161,7 @@ def test_plot_confusion_matrix(tmp_path):
   w, h = png_size(confusion.plot_confusion_matrix(counts, NAMES, tmp_path / "c.png"))
   assert 500 < w < 1200 and 450 < h < 1100
   # A head wider than the dataset's names (num_classes=12): numbered classes.
-  png_size(confusion.plot_confusion_matrix(np.eye(12, dtype=int), NAMES[:10],
-                                           tmp_path / "c12.png"))
+  png_size(confusion.plot_confusion_matrix(np.eye(12, dtype=int), NAMES[:10], tmp_path / "c12.png"))
   with pytest.raises(ValueError, match="square"):
     confusion.plot_confusion_matrix(np.zeros((2, 3)), None, tmp_path / "bad.png")
 
@@ -156,8 +175,7 @@ def tiny_pipeline(tfds_dir):
     s = c[name]
     s.data.data_dir = str(tfds_dir)
     s.mesh.num_devices = 1
-    s.update(batch_size=16, total_steps=2, log_every=1, checkpoint_every=2,
-             async_checkpoints=False)
+    s.update(batch_size=16, total_steps=2, log_every=1, checkpoint_every=2, async_checkpoints=False)
   arch = dict(width=32, depth=1, num_heads=2, patch_size=8)
   c.pretrain.model.update(**arch)
   c.pretrain.model.decoder.update(width=32, depth=1, num_heads=2)
@@ -172,6 +190,7 @@ def tiny_pipeline(tfds_dir):
 
 def test_stages_write_their_pngs(tfds_dir, tmp_path):
   from mimdistill.stages.pipeline import run_pipeline
+
   run_pipeline(tiny_pipeline(tfds_dir), tmp_path)
   w, h = png_size(tmp_path / "distill" / "relation_maps.png")
   assert w > 1.8 * h and h > 200  # 2 images x (image + 4 queries x 2 maps)

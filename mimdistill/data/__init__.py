@@ -7,7 +7,6 @@ Modules: `input_pipeline` (the entry point `make_dataset`, device placement
 TensorFlow-free preparation).
 """
 
-from mimdistill.data.input_pipeline import BatchIterator
-from mimdistill.data.input_pipeline import make_dataset
-from mimdistill.data.input_pipeline import Pipeline
-from mimdistill.data.input_pipeline import to_global
+from mimdistill.data.input_pipeline import BatchIterator, Pipeline, make_dataset, to_global
+
+__all__ = ["BatchIterator", "Pipeline", "make_dataset", "to_global"]

@@ -16,15 +16,25 @@ same `tfds.data_source` + grain path as ImageNet.
 import io
 
 import numpy as np
-from PIL import Image
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from mimdistill.data import local_builder
 
-CLASS_NAMES = ('circle', 'square', 'triangle', 'cross', 'ring', 'stripes',
-               'checkerboard', 'gradient', 'dots', 'star')
+CLASS_NAMES = (
+  "circle",
+  "square",
+  "triangle",
+  "cross",
+  "ring",
+  "stripes",
+  "checkerboard",
+  "gradient",
+  "dots",
+  "star",
+)
 IMAGE_SIZE = 32
-SPLIT_SIZES = {'train': 5000, 'test': 1000}
+SPLIT_SIZES = {"train": 5000, "test": 1000}
 SEED = 20230131  # Fixed: the dataset is part of the package, not a user choice.
 
 # Shapes are rasterised on a grid this many times finer than the image and
@@ -32,11 +42,10 @@ SEED = 20230131  # Fixed: the dataset is part of the package, not a user choice.
 _SUPERSAMPLE = 2
 # Every split gets its own random stream, so adding a split never changes
 # the images of another.
-_SPLIT_STREAM = {'train': 0, 'test': 1}
+_SPLIT_STREAM = {"train": 0, "test": 1}
 
 
-def _shape_mask(label: int, rng: np.random.Generator,
-                size: int) -> tuple[np.ndarray, np.ndarray]:
+def _shape_mask(label: int, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
   """(coverage, pattern) of a random shape of class `label`.
 
   Both float32[size, size] in [0, 1]: `coverage` is the anti-aliased fraction
@@ -46,7 +55,7 @@ def _shape_mask(label: int, rng: np.random.Generator,
   """
   n = size * _SUPERSAMPLE
   coords = (np.arange(n, dtype=np.float32) + 0.5) / _SUPERSAMPLE
-  y, x = np.meshgrid(coords, coords, indexing='ij')
+  y, x = np.meshgrid(coords, coords, indexing="ij")
   radius = rng.uniform(0.2, 0.4) * size
   cx, cy = rng.uniform(radius * 0.8, size - radius * 0.8, size=2)
   angle = rng.uniform(0, 2 * np.pi)
@@ -59,40 +68,38 @@ def _shape_mask(label: int, rng: np.random.Generator,
   pattern = np.ones_like(u)
 
   name = CLASS_NAMES[label]
-  if name == 'circle':
+  if name == "circle":
     inside = rho <= 1.0
-  elif name == 'square':
+  elif name == "square":
     inside = in_square
-  elif name == 'triangle':
+  elif name == "triangle":
     # Equilateral triangle: inside all three half-planes whose outward normals
     # point at 90, 210 and 330 degrees.
     inside = np.ones_like(u, dtype=bool)
     for theta in (np.pi / 2, np.pi * 7 / 6, np.pi * 11 / 6):
       inside &= u * np.cos(theta) + v * np.sin(theta) <= 0.6
-  elif name == 'cross':
+  elif name == "cross":
     arm = 0.3
-    inside = (((np.abs(u) <= arm) & (np.abs(v) <= 1.0)) |
-              ((np.abs(v) <= arm) & (np.abs(u) <= 1.0)))
-  elif name == 'ring':
+    inside = ((np.abs(u) <= arm) & (np.abs(v) <= 1.0)) | ((np.abs(v) <= arm) & (np.abs(u) <= 1.0))
+  elif name == "ring":
     inside = (rho <= 1.0) & (rho >= rng.uniform(0.45, 0.65))
-  elif name == 'stripes':
+  elif name == "stripes":
     inside = in_square
     pattern = (np.sin(u * np.pi * rng.uniform(1.5, 2.5)) > 0).astype(np.float32)
-  elif name == 'checkerboard':
+  elif name == "checkerboard":
     inside = in_square
     cells = rng.integers(2, 4)
-    pattern = ((np.floor((u + 1) * cells) + np.floor((v + 1) * cells)) % 2
-               ).astype(np.float32)
-  elif name == 'gradient':
+    pattern = ((np.floor((u + 1) * cells) + np.floor((v + 1) * cells)) % 2).astype(np.float32)
+  elif name == "gradient":
     inside = in_square
     pattern = np.clip((u + 0.85) / 1.7, 0.0, 1.0)
-  elif name == 'dots':
+  elif name == "dots":
     inside = np.zeros_like(u, dtype=bool)
     for _ in range(rng.integers(4, 8)):
       r = np.sqrt(rng.uniform(0, 0.8))
       t = rng.uniform(0, 2 * np.pi)
-      inside |= (u - r * np.cos(t)) ** 2 + (v - r * np.sin(t)) ** 2 <= 0.25 ** 2
-  elif name == 'star':
+      inside |= (u - r * np.cos(t)) ** 2 + (v - r * np.sin(t)) ** 2 <= 0.25**2
+  elif name == "star":
     # Five-pointed star: fold the polar angle into one 72-degree sector with
     # its tip on the +x axis, then test against the tip-to-inner-vertex edge.
     inner = 0.45
@@ -108,8 +115,7 @@ def _shape_mask(label: int, rng: np.random.Generator,
   def downsample(a):
     return a.reshape(size, _SUPERSAMPLE, size, _SUPERSAMPLE).mean(axis=(1, 3))
 
-  return (downsample(inside.astype(np.float32)),
-          downsample(pattern.astype(np.float32) * inside))
+  return (downsample(inside.astype(np.float32)), downsample(pattern.astype(np.float32) * inside))
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -128,13 +134,14 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
   # Low-frequency texture: coarse random grid upsampled bicubically.
   cells = int(rng.integers(2, 6))
   coarse = rng.uniform(-60, 60, size=(cells, cells, 3)).astype(np.float32)
-  channels = [np.asarray(Image.fromarray(coarse[..., c], mode='F').resize(
-      (size, size), Image.BICUBIC)) for c in range(3)]
+  channels = [
+    np.asarray(Image.fromarray(coarse[..., c], mode="F").resize((size, size), Image.BICUBIC))
+    for c in range(3)
+  ]
   return c0 + np.stack(channels, axis=-1)
 
 
-def render(label: int, rng: np.random.Generator,
-           size: int = IMAGE_SIZE) -> np.ndarray:
+def render(label: int, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
   """One image of class `label`: uint8[size, size, 3]."""
   image = _background(rng, size)
   coverage, pattern = _shape_mask(label, rng, size)
@@ -147,8 +154,7 @@ def render(label: int, rng: np.random.Generator,
       break
   fg2 = rng.uniform(0, 255, size=3).astype(np.float32)
   # `pattern` is already multiplied by coverage; renormalise inside the shape.
-  weight = np.divide(pattern, coverage, out=np.zeros_like(pattern),
-                     where=coverage > 0)[..., None]
+  weight = np.divide(pattern, coverage, out=np.zeros_like(pattern), where=coverage > 0)[..., None]
   shape_colour = fg2 + (fg - fg2) * weight
   image = image * (1 - coverage[..., None]) + shape_colour * coverage[..., None]
   image += rng.normal(0, rng.uniform(2, 15), size=image.shape)
@@ -163,12 +169,12 @@ def generate(split: str, num_examples: int | None = None, seed: int = SEED):
   (seed, split, index), so any single image can be regenerated on its own.
   """
   if split not in SPLIT_SIZES:
-    raise ValueError(f'Unknown split {split!r} of {ShapesBuilder.name}; '
-                     f'use one of {sorted(SPLIT_SIZES)}.')
+    raise ValueError(
+      f"Unknown split {split!r} of {ShapesBuilder.name}; use one of {sorted(SPLIT_SIZES)}."
+    )
   num_examples = SPLIT_SIZES[split] if num_examples is None else num_examples
   for index in range(num_examples):
-    rng = np.random.default_rng(
-        np.random.SeedSequence([seed, _SPLIT_STREAM[split], index]))
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_STREAM[split], index]))
     label = index % len(CLASS_NAMES)
     yield index, label, render(label, rng)
 
@@ -177,30 +183,31 @@ def encode_png(image: np.ndarray) -> bytes:
   buffer = io.BytesIO()
   # PNG is lossless and deterministic for a given Pillow build, so the stored
   # bytes (not only the pixels) are reproducible.
-  Image.fromarray(image).save(buffer, format='PNG')
+  Image.fromarray(image).save(buffer, format="PNG")
   return buffer.getvalue()
 
 
 class ShapesBuilder(local_builder.LocalBuilder):
   """TFDS builder of the embedded shapes dataset (`mimdistill_shapes`)."""
 
-  name = 'mimdistill_shapes'
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  name = "mimdistill_shapes"
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
 
   def _info(self) -> tfds.core.DatasetInfo:
     # DatasetInfo is built directly (not `dataset_info_from_configs`), which
     # would look for metadata files next to this module.
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(
-                shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format='png'),
-            'label': tfds.features.ClassLabel(names=CLASS_NAMES),
-            'id': tfds.features.Text(),
-        }),
-        supervised_keys=('image', 'label'),
+      builder=self,
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format="png"),
+          "label": tfds.features.ClassLabel(names=CLASS_NAMES),
+          "id": tfds.features.Text(),
+        }
+      ),
+      supervised_keys=("image", "label"),
     )
 
   def _split_generators(self, dl_manager):
@@ -209,7 +216,7 @@ class ShapesBuilder(local_builder.LocalBuilder):
 
   def _generate_examples(self, split):
     for index, label, image in generate(split):
-      key = f'{split}_{index:05d}'
+      key = f"{split}_{index:05d}"
       # Bytes are passed through as-is by tfds.features.Image: encoding here
       # with PIL keeps TensorFlow out of the preparation.
-      yield key, {'image': encode_png(image), 'label': label, 'id': key}
+      yield key, {"image": encode_png(image), "label": label, "id": key}

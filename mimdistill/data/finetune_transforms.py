@@ -22,15 +22,16 @@ Mixup/CutMix acts on whole batches: see `mixup`.
 
 import math
 import re
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 from mimdistill.data import transforms
 
-DEFAULT_AUTO_AUGMENT = 'rand-m9-mstd0.5-inc1'
-RE_MODES = ('const', 'rand', 'pixel')
+DEFAULT_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
+RE_MODES = ("const", "rand", "pixel")
 
 # ---------------------------------------------------------------------------
 # RandAugment (timm.data.auto_augment, 0.3.2)
@@ -41,14 +42,17 @@ _HPARAMS_DEFAULT = dict(translate_const=250, img_mean=_FILL)
 _BILINEAR = Image.Resampling.BILINEAR
 _BICUBIC = Image.Resampling.BICUBIC
 _RANDOM_INTERPOLATION = (_BILINEAR, _BICUBIC)
-_INTERPOLATIONS = {'bilinear': _BILINEAR, 'bicubic': _BICUBIC,
-                   'lanczos': Image.Resampling.LANCZOS,
-                   'hamming': Image.Resampling.HAMMING}
+_INTERPOLATIONS = {
+  "bilinear": _BILINEAR,
+  "bicubic": _BICUBIC,
+  "lanczos": Image.Resampling.LANCZOS,
+  "hamming": Image.Resampling.HAMMING,
+}
 
 
 def pil_interpolation(method):
   """timm `_pil_interp`: a name (or 'random') -> PIL filter(s)."""
-  if method == 'random':
+  if method == "random":
     return _RANDOM_INTERPOLATION
   if isinstance(method, str):
     # timm maps every other name to bilinear.
@@ -57,8 +61,7 @@ def pil_interpolation(method):
 
 
 def _affine(img, matrix, fill, resample):
-  return img.transform(img.size, Image.Transform.AFFINE, matrix,
-                       resample=resample, fillcolor=fill)
+  return img.transform(img.size, Image.Transform.AFFINE, matrix, resample=resample, fillcolor=fill)
 
 
 # Operations: (img, *level args, fill=, resample=) -> img. Only the geometric
@@ -109,9 +112,9 @@ def solarize(img, thresh, **_):
 
 def solarize_add(img, add, thresh=128, **_):
   lut = [min(255, i + add) if i < thresh else i for i in range(256)]
-  if img.mode not in ('L', 'RGB'):
+  if img.mode not in ("L", "RGB"):
     return img
-  return img.point(lut * 3 if img.mode == 'RGB' else lut)
+  return img.point(lut * 3 if img.mode == "RGB" else lut)
 
 
 def posterize(img, bits_to_keep, **_):
@@ -147,101 +150,137 @@ def _randomly_negate(v, rng):
 
 
 def _rotate_level_to_arg(level, _hparams, rng):
-  return _randomly_negate(level / _MAX_LEVEL * 30.0, rng),  # [-30, 30]
+  return (_randomly_negate(level / _MAX_LEVEL * 30.0, rng),)  # [-30, 30]
 
 
 def _enhance_level_to_arg(level, _hparams, _rng):
-  return level / _MAX_LEVEL * 1.8 + 0.1,  # [0.1, 1.9]
+  return (level / _MAX_LEVEL * 1.8 + 0.1,)  # [0.1, 1.9]
 
 
 def _enhance_increasing_level_to_arg(level, _hparams, rng):
   # 1.0 is 'no change'; the blend moves away from it as the level grows.
-  return 1.0 + _randomly_negate(level / _MAX_LEVEL * 0.9, rng),
+  return (1.0 + _randomly_negate(level / _MAX_LEVEL * 0.9, rng),)
 
 
 def _shear_level_to_arg(level, _hparams, rng):
-  return _randomly_negate(level / _MAX_LEVEL * 0.3, rng),  # [-0.3, 0.3]
+  return (_randomly_negate(level / _MAX_LEVEL * 0.3, rng),)  # [-0.3, 0.3]
 
 
 def _translate_abs_level_to_arg(level, hparams, rng):
-  return _randomly_negate(
-      level / _MAX_LEVEL * float(hparams['translate_const']), rng),
+  return (_randomly_negate(level / _MAX_LEVEL * float(hparams["translate_const"]), rng),)
 
 
 def _translate_rel_level_to_arg(level, hparams, rng):
-  pct = hparams.get('translate_pct', 0.45)  # [-0.45, 0.45]
-  return _randomly_negate(level / _MAX_LEVEL * pct, rng),
+  pct = hparams.get("translate_pct", 0.45)  # [-0.45, 0.45]
+  return (_randomly_negate(level / _MAX_LEVEL * pct, rng),)
 
 
 def _posterize_level_to_arg(level, _hparams, _rng):
-  return int(level / _MAX_LEVEL * 4),  # Keep 0..4 bits: decreasing severity.
+  return (int(level / _MAX_LEVEL * 4),)  # Keep 0..4 bits: decreasing severity.
 
 
 def _posterize_increasing_level_to_arg(level, hparams, rng):
-  return 4 - _posterize_level_to_arg(level, hparams, rng)[0],  # 4..0 bits.
+  return (4 - _posterize_level_to_arg(level, hparams, rng)[0],)  # 4..0 bits.
 
 
 def _posterize_original_level_to_arg(level, _hparams, _rng):
-  return int(level / _MAX_LEVEL * 4) + 4,  # 4..8 bits.
+  return (int(level / _MAX_LEVEL * 4) + 4,)  # 4..8 bits.
 
 
 def _solarize_level_to_arg(level, _hparams, _rng):
-  return int(level / _MAX_LEVEL * 256),  # Threshold 0..256.
+  return (int(level / _MAX_LEVEL * 256),)  # Threshold 0..256.
 
 
 def _solarize_increasing_level_to_arg(level, hparams, rng):
-  return 256 - _solarize_level_to_arg(level, hparams, rng)[0],
+  return (256 - _solarize_level_to_arg(level, hparams, rng)[0],)
 
 
 def _solarize_add_level_to_arg(level, _hparams, _rng):
-  return int(level / _MAX_LEVEL * 110),  # [0, 110]
+  return (int(level / _MAX_LEVEL * 110),)  # [0, 110]
 
 
 # name -> (op, level_to_arg or None, geometric: uses fill and resample)
 OPS: dict[str, tuple[Callable, Callable | None, bool]] = {
-    'AutoContrast': (auto_contrast, None, False),
-    'Equalize': (equalize, None, False),
-    'Invert': (invert, None, False),
-    'Rotate': (rotate, _rotate_level_to_arg, True),
-    'Posterize': (posterize, _posterize_level_to_arg, False),
-    'PosterizeIncreasing': (posterize, _posterize_increasing_level_to_arg,
-                            False),
-    'PosterizeOriginal': (posterize, _posterize_original_level_to_arg, False),
-    'Solarize': (solarize, _solarize_level_to_arg, False),
-    'SolarizeIncreasing': (solarize, _solarize_increasing_level_to_arg, False),
-    'SolarizeAdd': (solarize_add, _solarize_add_level_to_arg, False),
-    'Color': (color, _enhance_level_to_arg, False),
-    'ColorIncreasing': (color, _enhance_increasing_level_to_arg, False),
-    'Contrast': (contrast, _enhance_level_to_arg, False),
-    'ContrastIncreasing': (contrast, _enhance_increasing_level_to_arg, False),
-    'Brightness': (brightness, _enhance_level_to_arg, False),
-    'BrightnessIncreasing': (brightness, _enhance_increasing_level_to_arg,
-                             False),
-    'Sharpness': (sharpness, _enhance_level_to_arg, False),
-    'SharpnessIncreasing': (sharpness, _enhance_increasing_level_to_arg,
-                            False),
-    'ShearX': (shear_x, _shear_level_to_arg, True),
-    'ShearY': (shear_y, _shear_level_to_arg, True),
-    'TranslateX': (translate_x_abs, _translate_abs_level_to_arg, True),
-    'TranslateY': (translate_y_abs, _translate_abs_level_to_arg, True),
-    'TranslateXRel': (translate_x_rel, _translate_rel_level_to_arg, True),
-    'TranslateYRel': (translate_y_rel, _translate_rel_level_to_arg, True),
+  "AutoContrast": (auto_contrast, None, False),
+  "Equalize": (equalize, None, False),
+  "Invert": (invert, None, False),
+  "Rotate": (rotate, _rotate_level_to_arg, True),
+  "Posterize": (posterize, _posterize_level_to_arg, False),
+  "PosterizeIncreasing": (posterize, _posterize_increasing_level_to_arg, False),
+  "PosterizeOriginal": (posterize, _posterize_original_level_to_arg, False),
+  "Solarize": (solarize, _solarize_level_to_arg, False),
+  "SolarizeIncreasing": (solarize, _solarize_increasing_level_to_arg, False),
+  "SolarizeAdd": (solarize_add, _solarize_add_level_to_arg, False),
+  "Color": (color, _enhance_level_to_arg, False),
+  "ColorIncreasing": (color, _enhance_increasing_level_to_arg, False),
+  "Contrast": (contrast, _enhance_level_to_arg, False),
+  "ContrastIncreasing": (contrast, _enhance_increasing_level_to_arg, False),
+  "Brightness": (brightness, _enhance_level_to_arg, False),
+  "BrightnessIncreasing": (brightness, _enhance_increasing_level_to_arg, False),
+  "Sharpness": (sharpness, _enhance_level_to_arg, False),
+  "SharpnessIncreasing": (sharpness, _enhance_increasing_level_to_arg, False),
+  "ShearX": (shear_x, _shear_level_to_arg, True),
+  "ShearY": (shear_y, _shear_level_to_arg, True),
+  "TranslateX": (translate_x_abs, _translate_abs_level_to_arg, True),
+  "TranslateY": (translate_y_abs, _translate_abs_level_to_arg, True),
+  "TranslateXRel": (translate_x_rel, _translate_rel_level_to_arg, True),
+  "TranslateYRel": (translate_y_rel, _translate_rel_level_to_arg, True),
 }
 
 RAND_TRANSFORMS = (
-    'AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize',
-    'SolarizeAdd', 'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX',
-    'ShearY', 'TranslateXRel', 'TranslateYRel')
+  "AutoContrast",
+  "Equalize",
+  "Invert",
+  "Rotate",
+  "Posterize",
+  "Solarize",
+  "SolarizeAdd",
+  "Color",
+  "Contrast",
+  "Brightness",
+  "Sharpness",
+  "ShearX",
+  "ShearY",
+  "TranslateXRel",
+  "TranslateYRel",
+)
 # 'inc1': severity increases with the magnitude for every op.
 RAND_INCREASING_TRANSFORMS = (
-    'AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing',
-    'SolarizeIncreasing', 'SolarizeAdd', 'ColorIncreasing',
-    'ContrastIncreasing', 'BrightnessIncreasing', 'SharpnessIncreasing',
-    'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
+  "AutoContrast",
+  "Equalize",
+  "Invert",
+  "Rotate",
+  "PosterizeIncreasing",
+  "SolarizeIncreasing",
+  "SolarizeAdd",
+  "ColorIncreasing",
+  "ContrastIncreasing",
+  "BrightnessIncreasing",
+  "SharpnessIncreasing",
+  "ShearX",
+  "ShearY",
+  "TranslateXRel",
+  "TranslateYRel",
+)
 # 'w0': timm's experimental op weights, listed in RAND_TRANSFORMS order (timm
 # applies them by position to whichever op list is in use).
-_RAND_CHOICE_WEIGHTS_0 = (0.025, 0.005, 0.0, 0.3, 0.0, 0.005, 0.005, 0.025,
-                          0.005, 0.005, 0.025, 0.2, 0.2, 0.1, 0.1)
+_RAND_CHOICE_WEIGHTS_0 = (
+  0.025,
+  0.005,
+  0.0,
+  0.3,
+  0.0,
+  0.005,
+  0.005,
+  0.025,
+  0.005,
+  0.005,
+  0.025,
+  0.2,
+  0.2,
+  0.1,
+  0.1,
+)
 
 
 class AugmentOp:
@@ -253,18 +292,18 @@ class AugmentOp:
   filters to choose from at random per call, timm's default).
   """
 
-  def __init__(self, name: str, prob: float = 0.5, magnitude: float = 10,
-               hparams: dict[str, Any] | None = None):
+  def __init__(
+    self, name: str, prob: float = 0.5, magnitude: float = 10, hparams: dict[str, Any] | None = None
+  ):
     if name not in OPS:
-      raise ValueError(f'Unknown RandAugment op {name!r}; ops: {sorted(OPS)}.')
+      raise ValueError(f"Unknown RandAugment op {name!r}; ops: {sorted(OPS)}.")
     hparams = dict(hparams or _HPARAMS_DEFAULT)
     self.name, self.prob, self.magnitude = name, prob, magnitude
     self.op, self.level_fn, self.geometric = OPS[name]
     self.hparams = hparams
-    self.fill = tuple(hparams.get('img_mean', _FILL))
-    self.resample = pil_interpolation(
-        hparams.get('interpolation', _RANDOM_INTERPOLATION))
-    self.magnitude_std = hparams.get('magnitude_std', 0) or 0
+    self.fill = tuple(hparams.get("img_mean", _FILL))
+    self.resample = pil_interpolation(hparams.get("interpolation", _RANDOM_INTERPOLATION))
+    self.magnitude_std = hparams.get("magnitude_std", 0) or 0
 
   def sample_magnitude(self, rng: np.random.Generator) -> float:
     magnitude = self.magnitude
@@ -277,8 +316,7 @@ class AugmentOp:
       return ()
     return self.level_fn(magnitude, self.hparams, rng)
 
-  def __call__(self, img: Image.Image,
-               rng: np.random.Generator) -> Image.Image:
+  def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
     if self.prob < 1.0 and rng.random() > self.prob:
       return img
     args = self.level_args(self.sample_magnitude(rng), rng)
@@ -288,36 +326,35 @@ class AugmentOp:
     return self.op(img, *args, fill=self.fill, resample=resample)
 
   def __repr__(self) -> str:
-    return (f'AugmentOp({self.name}, p={self.prob}, m={self.magnitude}, '
-            f'mstd={self.magnitude_std})')
+    return f"AugmentOp({self.name}, p={self.prob}, m={self.magnitude}, mstd={self.magnitude_std})"
 
 
 class RandAugment:
   """timm `RandAugment`: `num_layers` ops drawn with replacement (without
   when weighted), each applied by its own `AugmentOp` (probability 0.5)."""
 
-  def __init__(self, ops: Sequence[AugmentOp], num_layers: int = 2,
-               choice_weights: Sequence[float] | None = None):
+  def __init__(
+    self,
+    ops: Sequence[AugmentOp],
+    num_layers: int = 2,
+    choice_weights: Sequence[float] | None = None,
+  ):
     self.ops, self.num_layers = list(ops), num_layers
-    self.choice_weights = (None if choice_weights is None
-                           else np.asarray(choice_weights, np.float64))
+    self.choice_weights = None if choice_weights is None else np.asarray(choice_weights, np.float64)
 
-  def __call__(self, img: Image.Image,
-               rng: np.random.Generator) -> Image.Image:
-    chosen = rng.choice(len(self.ops), self.num_layers,
-                        replace=self.choice_weights is None,
-                        p=self.choice_weights)
+  def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    chosen = rng.choice(
+      len(self.ops), self.num_layers, replace=self.choice_weights is None, p=self.choice_weights
+    )
     for i in chosen:
       img = self.ops[i](img, rng)
     return img
 
   def __repr__(self) -> str:
-    return f'RandAugment(n={self.num_layers}, ops={self.ops})'
+    return f"RandAugment(n={self.num_layers}, ops={self.ops})"
 
 
-def rand_augment_transform(config_str: str,
-                           hparams: dict[str, Any] | None = None
-                           ) -> RandAugment:
+def rand_augment_transform(config_str: str, hparams: dict[str, Any] | None = None) -> RandAugment:
   """timm `rand_augment_transform`: 'rand-m9-mstd0.5-inc1' and the like.
 
   Sections after 'rand': m<int> magnitude (default 10), n<int> ops per image
@@ -325,45 +362,46 @@ def rand_augment_transform(config_str: str,
   op weights (only 0).
   """
   hparams = dict(_HPARAMS_DEFAULT if hparams is None else hparams)
-  parts = config_str.split('-')
-  if parts[0] != 'rand':
+  parts = config_str.split("-")
+  if parts[0] != "rand":
     raise ValueError(
-        f'auto_augment={config_str!r}: only RandAugment ("rand-...", e.g. '
-        f'{DEFAULT_AUTO_AUGMENT!r}) is implemented.')
+      f'auto_augment={config_str!r}: only RandAugment ("rand-...", e.g. '
+      f"{DEFAULT_AUTO_AUGMENT!r}) is implemented."
+    )
   magnitude, num_layers, weight_idx = _MAX_LEVEL, 2, None
   names = RAND_TRANSFORMS
   for part in parts[1:]:
-    pieces = re.split(r'(\d.*)', part)
+    pieces = re.split(r"(\d.*)", part)
     if len(pieces) < 2:
       continue
     key, val = pieces[:2]
     try:
-      if key == 'mstd':
-        hparams.setdefault('magnitude_std', float(val))
-      elif key == 'inc':
+      if key == "mstd":
+        hparams.setdefault("magnitude_std", float(val))
+      elif key == "inc":
         # timm tests bool(val) of the string, true even for 'inc0'; here
         # inc0 selects the standard set.
         if int(val):
           names = RAND_INCREASING_TRANSFORMS
-      elif key == 'm':
+      elif key == "m":
         magnitude = int(val)
-      elif key == 'n':
+      elif key == "n":
         num_layers = int(val)
-      elif key == 'w':
+      elif key == "w":
         weight_idx = int(val)
       else:
         raise ValueError
     except ValueError:
       raise ValueError(
-          f'auto_augment={config_str!r}: bad section {part!r} (sections: '
-          'm<int>, n<int>, mstd<float>, inc<0|1>, w0).') from None
+        f"auto_augment={config_str!r}: bad section {part!r} (sections: "
+        "m<int>, n<int>, mstd<float>, inc<0|1>, w0)."
+      ) from None
   weights = None
   if weight_idx is not None:
     if weight_idx != 0:
-      raise ValueError(f'auto_augment={config_str!r}: only weights w0 exist.')
+      raise ValueError(f"auto_augment={config_str!r}: only weights w0 exist.")
     weights = np.asarray(_RAND_CHOICE_WEIGHTS_0) / sum(_RAND_CHOICE_WEIGHTS_0)
-  ops = [AugmentOp(name, prob=0.5, magnitude=magnitude, hparams=hparams)
-         for name in names]
+  ops = [AugmentOp(name, prob=0.5, magnitude=magnitude, hparams=hparams) for name in names]
   return RandAugment(ops, num_layers, choice_weights=weights)
 
 
@@ -382,30 +420,39 @@ class RandomErasing:
   colour per rectangle, 'pixel' N(0, 1) per pixel and channel.
   """
 
-  def __init__(self, probability: float = 0.5, min_area: float = 0.02,
-               max_area: float = 1 / 3, min_aspect: float = 0.3,
-               max_aspect: float | None = None, mode: str = 'const',
-               min_count: int = 1, max_count: int | None = None):
-    mode = (mode or 'const').lower()
+  def __init__(
+    self,
+    probability: float = 0.5,
+    min_area: float = 0.02,
+    max_area: float = 1 / 3,
+    min_aspect: float = 0.3,
+    max_aspect: float | None = None,
+    mode: str = "const",
+    min_count: int = 1,
+    max_count: int | None = None,
+  ):
+    mode = (mode or "const").lower()
     if mode not in RE_MODES:
-      raise ValueError(f'Random erasing mode {mode!r} is not one of '
-                       f'{RE_MODES}.')
-    self.probability, self.min_area, self.max_area = (probability, min_area,
-                                                      max_area)
+      raise ValueError(f"Random erasing mode {mode!r} is not one of {RE_MODES}.")
+    self.probability, self.min_area, self.max_area = (probability, min_area, max_area)
     max_aspect = max_aspect or 1 / min_aspect
     self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect))
     self.min_count = min_count
     self.max_count = max_count or min_count
     self.mode = mode
 
-  def boxes(self, rng: np.random.Generator, img_h: int,
-            img_w: int) -> list[tuple[int, int, int, int]]:
+  def boxes(
+    self, rng: np.random.Generator, img_h: int, img_w: int
+  ) -> list[tuple[int, int, int, int]]:
     """The (top, left, h, w) rectangles of one call (random draws only)."""
     if rng.random() > self.probability:
       return []
     area = img_h * img_w
-    count = (self.min_count if self.min_count == self.max_count else
-             int(rng.integers(self.min_count, self.max_count + 1)))
+    count = (
+      self.min_count
+      if self.min_count == self.max_count
+      else int(rng.integers(self.min_count, self.max_count + 1))
+    )
     boxes = []
     for _ in range(count):
       for _ in range(10):
@@ -420,32 +467,36 @@ class RandomErasing:
           break
     return boxes
 
-  def __call__(self, array: np.ndarray,
-               rng: np.random.Generator) -> np.ndarray:
+  def __call__(self, array: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Erases in place (float HWC) and returns `array`."""
     img_h, img_w, chan = array.shape
     for top, left, h, w in self.boxes(rng, img_h, img_w):
-      if self.mode == 'pixel':
+      if self.mode == "pixel":
         fill = rng.standard_normal((h, w, chan), dtype=np.float32)
-      elif self.mode == 'rand':
+      elif self.mode == "rand":
         fill = rng.standard_normal((1, 1, chan), dtype=np.float32)
       else:
         fill = 0.0
-      array[top:top + h, left:left + w, :] = fill
+      array[top : top + h, left : left + w, :] = fill
     return array
 
   def __repr__(self) -> str:
-    return (f'RandomErasing(p={self.probability}, mode={self.mode}, '
-            f'count=({self.min_count}, {self.max_count}))')
+    return (
+      f"RandomErasing(p={self.probability}, mode={self.mode}, "
+      f"count=({self.min_count}, {self.max_count}))"
+    )
 
 
 # ---------------------------------------------------------------------------
 # Crops
 # ---------------------------------------------------------------------------
 def mae_random_resized_crop_params(
-    rng: np.random.Generator, width: int, height: int,
-    scale: Sequence[float] = (0.08, 1.0),
-    ratio: Sequence[float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+  rng: np.random.Generator,
+  width: int,
+  height: int,
+  scale: Sequence[float] = (0.08, 1.0),
+  ratio: Sequence[float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
   """MAE `util/crop.RandomResizedCrop.get_params`: (top, left, h, w).
 
   One draw, no retry loop (as BYOL's TF code): the crop is clipped to the
@@ -480,32 +531,36 @@ class FinetuneTrain:
   'random' picks bilinear or bicubic per op); the crop is always bicubic.
   """
 
-  def __init__(self, size: int, scale: Sequence[float] = (0.08, 1.0),
-               auto_augment: str | None = DEFAULT_AUTO_AUGMENT,
-               interpolation: str = 'bicubic',
-               color_jitter: float | None = None,
-               re_prob: float = 0.25, re_mode: str = 'pixel',
-               re_count: int = 1):
+  def __init__(
+    self,
+    size: int,
+    scale: Sequence[float] = (0.08, 1.0),
+    auto_augment: str | None = DEFAULT_AUTO_AUGMENT,
+    interpolation: str = "bicubic",
+    color_jitter: float | None = None,
+    re_prob: float = 0.25,
+    re_mode: str = "pixel",
+    re_count: int = 1,
+  ):
     self.size, self.scale = size, tuple(scale)
     self.rand_augment = None
     self.color_jitter = None
     if auto_augment:
       hparams = dict(
-          translate_const=int(size * 0.45),
-          img_mean=tuple(min(255, round(255 * float(x)))
-                         for x in transforms.IMAGENET_MEAN))
-      if interpolation and interpolation != 'random':
-        hparams['interpolation'] = pil_interpolation(interpolation)
+        translate_const=int(size * 0.45),
+        img_mean=tuple(min(255, round(255 * float(x))) for x in transforms.IMAGENET_MEAN),
+      )
+      if interpolation and interpolation != "random":
+        hparams["interpolation"] = pil_interpolation(interpolation)
       self.rand_augment = rand_augment_transform(auto_augment, hparams)
     elif color_jitter is not None:
       # timm: colour jitter only when there is no auto-augment.
       self.color_jitter = (float(color_jitter),) * 3
     self.random_erasing = (
-        RandomErasing(re_prob, mode=re_mode, max_count=re_count)
-        if re_prob > 0 else None)
+      RandomErasing(re_prob, mode=re_mode, max_count=re_count) if re_prob > 0 else None
+    )
 
-  def __call__(self, image: Image.Image,
-               rng: np.random.Generator) -> dict[str, np.ndarray]:
+  def __call__(self, image: Image.Image, rng: np.random.Generator) -> dict[str, np.ndarray]:
     image = transforms.random_resized_crop(image, rng, self.size, self.scale)
     image = transforms.random_horizontal_flip(image, rng)
     if self.rand_augment is not None:
@@ -515,7 +570,7 @@ class FinetuneTrain:
     array = transforms.to_normalized_array(image)
     if self.random_erasing is not None:
       array = self.random_erasing(array, rng)
-    return {'image': array}
+    return {"image": array}
 
 
 class LinprobeTrain:
@@ -525,11 +580,10 @@ class LinprobeTrain:
   def __init__(self, size: int, scale: Sequence[float] = (0.08, 1.0)):
     self.size, self.scale = size, tuple(scale)
 
-  def __call__(self, image: Image.Image,
-               rng: np.random.Generator) -> dict[str, np.ndarray]:
-    top, left, h, w = mae_random_resized_crop_params(
-        rng, image.width, image.height, self.scale)
+  def __call__(self, image: Image.Image, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    top, left, h, w = mae_random_resized_crop_params(rng, image.width, image.height, self.scale)
     image = image.crop((left, top, left + w, top + h)).resize(
-        (self.size, self.size), transforms.BICUBIC)
+      (self.size, self.size), transforms.BICUBIC
+    )
     image = transforms.random_horizontal_flip(image, rng)
-    return {'image': transforms.to_normalized_array(image)}
+    return {"image": transforms.to_normalized_array(image)}

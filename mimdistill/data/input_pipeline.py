@@ -51,49 +51,47 @@ process), so it goes into the training checkpoint next to the model:
 
 import dataclasses
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
-from absl import flags
 import grain
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
+from absl import flags
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from mimdistill.data import finetune_transforms
+from mimdistill.data import finetune_transforms, sources, transforms
 from mimdistill.data import mixup as mixup_lib
-from mimdistill.data import sources
-from mimdistill.data import transforms
 
-AUGMENTS = ('mae', 'distill', 'eval', 'finetune', 'linprobe')
+AUGMENTS = ("mae", "distill", "eval", "finetune", "linprobe")
 _REQUIRED = object()
 
 
 # ---------------------------------------------------------------------------
 # Device placement
 # ---------------------------------------------------------------------------
-def to_global(batch: Any, mesh: Mesh,
-              data_axis: str | tuple[str, ...] = 'data'):
+def to_global(batch: Any, mesh: Mesh, data_axis: str | tuple[str, ...] = "data"):
   """Host-local numpy batch tree -> global jax.Arrays sharded on `data_axis`.
 
   Each host passes its own rows; the global batch is their concatenation
   (over processes), split over the devices of the mesh's data axis.
   """
   sharding = NamedSharding(mesh, P(data_axis))
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
-def data_parallelism(mesh: Mesh | None,
-                     data_axis: str | tuple[str, ...] = 'data') -> int:
+def data_parallelism(mesh: Mesh | None, data_axis: str | tuple[str, ...] = "data") -> int:
   """Number of devices a batch is split over (all devices without a mesh)."""
   if mesh is None:
     return jax.device_count()
   axes = (data_axis,) if isinstance(data_axis, str) else tuple(data_axis)
   for axis in axes:
     if axis not in mesh.shape:
-      raise ValueError(f'Mesh axes {tuple(mesh.shape)} have no data axis '
-                       f'{axis!r}; pass data_axis=<one of them>.')
+      raise ValueError(
+        f"Mesh axes {tuple(mesh.shape)} have no data axis {axis!r}; pass data_axis=<one of them>."
+      )
   return math.prod(mesh.shape[axis] for axis in axes)
 
 
@@ -117,12 +115,13 @@ class _PaddedSource:
     return self._source[index] if index < len(self._source) else {}
 
   def __repr__(self) -> str:
-    return f'_PaddedSource({self._source!r}, length={self._length})'
+    return f"_PaddedSource({self._source!r}, length={self._length})"
 
 
 @dataclasses.dataclass(frozen=True)
 class _Preprocess:
   """(stream position, record) -> example dict; picklable for workers."""
+
   transform: transforms.Transform
   seed: int
   image_size: int
@@ -135,63 +134,63 @@ class _Preprocess:
     # function of (seed, index): independent of workers, threads, resumption.
     rng = np.random.default_rng(np.random.SeedSequence([self.seed, index]))
     if not record:  # Eval padding: a black image, masked out.
-      example = self.transform(
-          Image.new('RGB', (self.image_size, self.image_size)), rng)
+      example = self.transform(Image.new("RGB", (self.image_size, self.image_size)), rng)
       label, mask = 0, 0.0
     else:
-      example = self.transform(sources.decode_image(record[self.image_key]),
-                               rng)
+      example = self.transform(sources.decode_image(record[self.image_key]), rng)
       label, mask = record[self.label_key], 1.0
-    example['label'] = np.int32(label)
+    example["label"] = np.int32(label)
     if self.with_mask:
-      example['mask'] = np.float32(mask)
+      example["mask"] = np.float32(mask)
     return example
 
 
 def make_transform(config, augment: str) -> transforms.Transform:
-  size = _get(config, 'image_size')
-  if augment == 'mae':
-    return transforms.MaeTrain(size, scale=_get(config, 'crop_scale',
-                                                (0.2, 1.0)))
-  if augment == 'distill':
-    jitter = _get(config, 'color_jitter', 0.4)
+  size = _get(config, "image_size")
+  if augment == "mae":
+    return transforms.MaeTrain(size, scale=_get(config, "crop_scale", (0.2, 1.0)))
+  if augment == "distill":
+    jitter = _get(config, "color_jitter", 0.4)
     return transforms.DistillTrain(
-        size, scale=_get(config, 'crop_scale', (0.2, 1.0)),
-        jitter=(jitter, jitter, jitter))
-  if augment == 'eval':
-    return transforms.Eval(size, crop_pct=_get(
-        config, 'crop_pct', transforms.DEFAULT_CROP_PCT))
-  if augment == 'finetune':
+      size, scale=_get(config, "crop_scale", (0.2, 1.0)), jitter=(jitter, jitter, jitter)
+    )
+  if augment == "eval":
+    return transforms.Eval(size, crop_pct=_get(config, "crop_pct", transforms.DEFAULT_CROP_PCT))
+  if augment == "finetune":
     return finetune_transforms.FinetuneTrain(
-        size, scale=_get(config, 'finetune_crop_scale', (0.08, 1.0)),
-        auto_augment=_get(config, 'auto_augment',
-                          finetune_transforms.DEFAULT_AUTO_AUGMENT),
-        color_jitter=_get(config, 'finetune_color_jitter', None),
-        re_prob=_get(config, 'reprob', 0.25),
-        re_mode=_get(config, 'remode', 'pixel'),
-        re_count=_get(config, 'recount', 1))
-  if augment == 'linprobe':
+      size,
+      scale=_get(config, "finetune_crop_scale", (0.08, 1.0)),
+      auto_augment=_get(config, "auto_augment", finetune_transforms.DEFAULT_AUTO_AUGMENT),
+      color_jitter=_get(config, "finetune_color_jitter", None),
+      re_prob=_get(config, "reprob", 0.25),
+      re_mode=_get(config, "remode", "pixel"),
+      re_count=_get(config, "recount", 1),
+    )
+  if augment == "linprobe":
     return finetune_transforms.LinprobeTrain(
-        size, scale=_get(config, 'finetune_crop_scale', (0.08, 1.0)))
-  raise ValueError(f'config.augment={augment!r} is not one of {AUGMENTS}.')
+      size, scale=_get(config, "finetune_crop_scale", (0.08, 1.0))
+    )
+  raise ValueError(f"config.augment={augment!r} is not one of {AUGMENTS}.")
 
 
 def make_mixup(config, num_classes: int | None) -> mixup_lib.Mixup:
   """The fine-tuning batch mixing of the data `config` (timm `Mixup`)."""
-  num_classes = _get(config, 'num_classes', None) or num_classes
+  num_classes = _get(config, "num_classes", None) or num_classes
   if not num_classes:
     raise ValueError(
-        "augment='finetune' emits soft targets and needs the class count: "
-        'set config.num_classes (the dataset has no ClassLabel).')
+      "augment='finetune' emits soft targets and needs the class count: "
+      "set config.num_classes (the dataset has no ClassLabel)."
+    )
   return mixup_lib.Mixup(
-      num_classes=int(num_classes),
-      mixup_alpha=_get(config, 'mixup', 0.8),
-      cutmix_alpha=_get(config, 'cutmix', 1.0),
-      cutmix_minmax=_get(config, 'cutmix_minmax', None),
-      prob=_get(config, 'mixup_prob', 1.0),
-      switch_prob=_get(config, 'mixup_switch_prob', 0.5),
-      mode=_get(config, 'mixup_mode', 'batch'),
-      label_smoothing=_get(config, 'label_smoothing', 0.1))
+    num_classes=int(num_classes),
+    mixup_alpha=_get(config, "mixup", 0.8),
+    cutmix_alpha=_get(config, "cutmix", 1.0),
+    cutmix_minmax=_get(config, "cutmix_minmax", None),
+    prob=_get(config, "mixup_prob", 1.0),
+    switch_prob=_get(config, "mixup_switch_prob", 0.5),
+    mode=_get(config, "mixup_mode", "batch"),
+    label_smoothing=_get(config, "label_smoothing", 0.1),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,13 +201,15 @@ class _MixBatch:
   it is independent of workers and resumption. Its SeedSequence has a
   spawn key, which keeps it apart from the per-example streams.
   """
+
   mixup: mixup_lib.Mixup
   seed: int
   process_index: int
 
   def __call__(self, index: int, batch):
-    rng = np.random.default_rng(np.random.SeedSequence(
-        [self.seed, self.process_index, index], spawn_key=(1,)))
+    rng = np.random.default_rng(
+      np.random.SeedSequence([self.seed, self.process_index, index], spawn_key=(1,))
+    )
     return self.mixup(batch, rng)
 
 
@@ -222,8 +223,7 @@ class BatchIterator(Iterator[Any]):
   batches): hand it to `grain.checkpoint.CheckpointSave/Restore`.
   """
 
-  def __init__(self, grain_iterator, mesh: Mesh | None,
-               data_axis: str | tuple[str, ...]):
+  def __init__(self, grain_iterator, mesh: Mesh | None, data_axis: str | tuple[str, ...]):
     self.grain_iterator = grain_iterator
     self._mesh, self._data_axis = mesh, data_axis
 
@@ -258,6 +258,7 @@ class Pipeline:
   Train pipelines repeat for `num_epochs` (None: forever); eval pipelines
   yield `steps_per_epoch` padded batches, then stop.
   """
+
   dataset: grain.IterDataset  # Host-local numpy batches.
   num_examples: int  # In the split (all hosts together).
   class_names: tuple[str, ...] | None
@@ -279,48 +280,60 @@ def _get(config, key: str, default=_REQUIRED):
   """config[key] for ConfigDicts and dicts alike; a clear error if missing."""
   value = config.get(key, default)
   if value is _REQUIRED:
-    raise ValueError(f'The data config has no field {key!r}; set '
-                     f'config.{key} (fields: name, data_dir, image_size, '
-                     'batch_size, num_workers, augment, seed).')
+    raise ValueError(
+      f"The data config has no field {key!r}; set "
+      f"config.{key} (fields: name, data_dir, image_size, "
+      "batch_size, num_workers, augment, seed)."
+    )
   return value
 
 
-def _validate(config, *, seed: int, mesh: Mesh | None,
-              data_axis: str | tuple[str, ...], process_count: int,
-              train: bool = True) -> None:
+def _validate(
+  config,
+  *,
+  seed: int,
+  mesh: Mesh | None,
+  data_axis: str | tuple[str, ...],
+  process_count: int,
+  train: bool = True,
+) -> None:
   """Every check that needs no dataset: fail before any preparation."""
-  sources.check_name(_get(config, 'name'))
-  augment = _get(config, 'augment')
+  sources.check_name(_get(config, "name"))
+  augment = _get(config, "augment")
   if augment not in AUGMENTS:
-    raise ValueError(f'config.augment={augment!r} is not one of {AUGMENTS}.')
-  size = _get(config, 'image_size')
+    raise ValueError(f"config.augment={augment!r} is not one of {AUGMENTS}.")
+  size = _get(config, "image_size")
   if not isinstance(size, int) or size <= 0:
-    raise ValueError(f'config.image_size={size!r} must be a positive int.')
+    raise ValueError(f"config.image_size={size!r} must be a positive int.")
   if not isinstance(seed, int) or seed < 0:
-    raise ValueError(f'The data seed {seed!r} must be an int >= 0.')
-  workers = _get(config, 'num_workers', 0)
+    raise ValueError(f"The data seed {seed!r} must be an int >= 0.")
+  workers = _get(config, "num_workers", 0)
   if not isinstance(workers, int) or workers < 0:
-    raise ValueError(f'config.num_workers={workers!r} must be an int >= 0 '
-                     '(0 = augment in the training process).')
-  if augment in ('finetune', 'linprobe'):
+    raise ValueError(
+      f"config.num_workers={workers!r} must be an int >= 0 (0 = augment in the training process)."
+    )
+  if augment in ("finetune", "linprobe"):
     make_transform(config, augment)  # Parses and checks the recipe fields.
-  batch = _get(config, 'batch_size')
+  batch = _get(config, "batch_size")
   devices = data_parallelism(mesh, data_axis)
   if not isinstance(batch, int) or batch <= 0 or batch % devices:
     raise ValueError(
-        f'config.batch_size={batch!r} (the global batch) must be a positive '
-        f'multiple of the {devices} devices it is split over.')
+      f"config.batch_size={batch!r} (the global batch) must be a positive "
+      f"multiple of the {devices} devices it is split over."
+    )
   if batch % process_count:
     raise ValueError(
-        f'config.batch_size={batch} (the global batch) must be divisible by '
-        f'the {process_count} processes (hosts).')
-  if augment == 'finetune' and train:
+      f"config.batch_size={batch} (the global batch) must be divisible by "
+      f"the {process_count} processes (hosts)."
+    )
+  if augment == "finetune" and train:
     mix = make_mixup(config, num_classes=1)  # Checks the mixing fields.
     if mix.active and (batch // process_count) % 2:
       raise ValueError(
-          f'Mixup/CutMix pairs each host\'s batch with its reverse: '
-          f'config.batch_size={batch} over {process_count} hosts gives an '
-          'odd host batch; make it even.')
+        f"Mixup/CutMix pairs each host's batch with its reverse: "
+        f"config.batch_size={batch} over {process_count} hosts gives an "
+        "odd host batch; make it even."
+      )
 
 
 def _allow_unparsed_absl_flags() -> None:
@@ -335,11 +348,17 @@ def _allow_unparsed_absl_flags() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-def make_dataset(config, *, split: str, train: bool, seed: int | None = None,
-                 mesh: Mesh | None = None,
-                 data_axis: str | tuple[str, ...] = 'data',
-                 process_index: int | None = None,
-                 process_count: int | None = None) -> Pipeline:
+def make_dataset(
+  config,
+  *,
+  split: str,
+  train: bool,
+  seed: int | None = None,
+  mesh: Mesh | None = None,
+  data_axis: str | tuple[str, ...] = "data",
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> Pipeline:
   """The batches of `split` for this host, per the data `config`.
 
   Args:
@@ -385,73 +404,86 @@ def make_dataset(config, *, split: str, train: bool, seed: int | None = None,
   if process_count is None:
     process_count = jax.process_count()
   if seed is None:
-    seed = config.get('seed', 0)
-  _validate(config, seed=seed, mesh=mesh, data_axis=data_axis,
-            process_count=process_count, train=train)
+    seed = config.get("seed", 0)
+  _validate(
+    config, seed=seed, mesh=mesh, data_axis=data_axis, process_count=process_count, train=train
+  )
 
-  builder = sources.get_builder(_get(config, 'name'),
-                                _get(config, 'data_dir', None))
+  builder = sources.get_builder(_get(config, "name"), _get(config, "data_dir", None))
   sources.ensure_prepared(builder)
-  image_key = _get(config, 'image_key', 'image')
-  label_key = _get(config, 'label_key', 'label')
+  image_key = _get(config, "image_key", "image")
+  label_key = _get(config, "label_key", "label")
   source = sources.open_split(builder, split, image_key)
   class_names = sources.class_names(builder, label_key)
   num_examples = len(source)
-  global_batch = _get(config, 'batch_size')
+  global_batch = _get(config, "batch_size")
   local_batch = global_batch // process_count
 
   if train:
-    num_epochs = _get(config, 'num_epochs', None)
+    num_epochs = _get(config, "num_epochs", None)
     steps_per_epoch = num_examples // global_batch
     if steps_per_epoch == 0:
       raise ValueError(
-          f'Split {split!r} has {num_examples} examples, fewer than one '
-          f'global batch (config.batch_size={global_batch}); lower it.')
+        f"Split {split!r} has {num_examples} examples, fewer than one "
+        f"global batch (config.batch_size={global_batch}); lower it."
+      )
     # grain's shuffle draws a new global permutation for every epoch.
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
     if num_epochs is not None:
       # Whole global batches only, so every host yields as many batches.
-      ds = ds[:num_examples * num_epochs // global_batch * global_batch]
+      ds = ds[: num_examples * num_epochs // global_batch * global_batch]
   else:
     steps_per_epoch = -(-num_examples // global_batch)
-    ds = grain.MapDataset.source(
-        _PaddedSource(source, steps_per_epoch * global_batch))
+    ds = grain.MapDataset.source(_PaddedSource(source, steps_per_epoch * global_batch))
 
   # Augment before taking this host's share, so that the rng is indexed by
   # the position in the global stream (the map is lazy: each host only
   # computes its own elements).
-  ds = ds.map_with_index(_Preprocess(
-      make_transform(config, _get(config, 'augment')), seed=seed,
-      image_size=_get(config, 'image_size'), image_key=image_key,
-      label_key=label_key, with_mask=not train))
+  ds = ds.map_with_index(
+    _Preprocess(
+      make_transform(config, _get(config, "augment")),
+      seed=seed,
+      image_size=_get(config, "image_size"),
+      image_key=image_key,
+      label_key=label_key,
+      with_mask=not train,
+    )
+  )
   ds = ds[process_index::process_count]
   # Batching before `mp_prefetch` makes each worker produce whole batches,
   # so batch contents do not depend on the number of workers.
   ds = ds.batch(local_batch, drop_remainder=train)
-  if train and _get(config, 'augment') == 'finetune':
+  if train and _get(config, "augment") == "finetune":
     # Mixup/CutMix and the soft targets, on this host's batch.
-    ds = ds.map_with_index(_MixBatch(
-        make_mixup(config, class_names and len(class_names)), seed=seed,
-        process_index=process_index))
+    ds = ds.map_with_index(
+      _MixBatch(
+        make_mixup(config, class_names and len(class_names)), seed=seed, process_index=process_index
+      )
+    )
 
-  prefetch = _get(config, 'prefetch', 2)
-  read_threads = _get(config, 'read_threads', 2)
+  prefetch = _get(config, "prefetch", 2)
+  read_threads = _get(config, "read_threads", 2)
   # Threads augment whole batches (PIL releases the GIL); each needs a slot.
-  ds = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=read_threads,
-      prefetch_buffer_size=max(prefetch, read_threads)))
-  workers = _get(config, 'num_workers', 0)
+  ds = ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(prefetch, read_threads))
+  )
+  workers = _get(config, "num_workers", 0)
   if workers > 0:
     _allow_unparsed_absl_flags()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=workers, per_worker_buffer_size=prefetch))
+    ds = ds.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch)
+    )
   # A thread keeps `prefetch` batches ready while the step runs; grain's
   # iterator state still points just after the last batch handed out.
-  ds = grain.experimental.ThreadPrefetchIterDataset(
-      ds, prefetch_buffer_size=prefetch)
+  ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
 
   return Pipeline(
-      dataset=ds, num_examples=num_examples,
-      class_names=class_names,
-      global_batch_size=global_batch, local_batch_size=local_batch,
-      steps_per_epoch=steps_per_epoch, mesh=mesh, data_axis=data_axis)
+    dataset=ds,
+    num_examples=num_examples,
+    class_names=class_names,
+    global_batch_size=global_batch,
+    local_batch_size=local_batch,
+    steps_per_epoch=steps_per_epoch,
+    mesh=mesh,
+    data_axis=data_axis,
+  )

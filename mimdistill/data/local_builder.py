@@ -11,12 +11,10 @@ tensorflow-datasets 4.9):
     needs the `importlib_resources` package, which TFDS does not declare).
 """
 
-import os
-
-from absl import logging
 import tensorflow_datasets as tfds
+from absl import logging
 
-FILE_FORMAT = 'array_record'
+FILE_FORMAT = "array_record"
 
 
 class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -33,12 +31,12 @@ class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Writes the dataset into its data dir once; later calls are no-ops."""
     if self.is_prepared():
       return
-    logging.info('Preparing %s into %s (once).', self.info.full_name,
-                 self.data_dir)
+    logging.info("Preparing %s into %s (once).", self.info.full_name, self.data_dir)
     try:
       self.download_and_prepare(
-          file_format=FILE_FORMAT,
-          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        file_format=FILE_FORMAT,
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+      )
     except (OSError, ValueError):
       # Several processes (hosts on a shared disk, test workers) may prepare
       # the same dataset at once; TFDS writes into a temporary dir and renames

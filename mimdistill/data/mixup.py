@@ -22,27 +22,31 @@ process's batch, and every random draw comes from the generator handed in.
 """
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-MODES = ('batch',)
+MODES = ("batch",)
 
 
-def one_hot(labels: np.ndarray, num_classes: int, on_value: float = 1.0,
-            off_value: float = 0.0) -> np.ndarray:
+def one_hot(
+  labels: np.ndarray, num_classes: int, on_value: float = 1.0, off_value: float = 0.0
+) -> np.ndarray:
   """float32[B, num_classes]: `on_value` at the labels, else `off_value`."""
   labels = np.asarray(labels).reshape(-1).astype(np.int64)
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-    raise ValueError(f'Labels {labels.min()}..{labels.max()} do not fit '
-                     f'num_classes={num_classes}; set config.num_classes.')
+    raise ValueError(
+      f"Labels {labels.min()}..{labels.max()} do not fit "
+      f"num_classes={num_classes}; set config.num_classes."
+    )
   out = np.full((labels.size, num_classes), off_value, dtype=np.float32)
   out[np.arange(labels.size), labels] = on_value
   return out
 
 
-def mixup_target(labels: np.ndarray, num_classes: int, lam: float = 1.0,
-                 smoothing: float = 0.0) -> np.ndarray:
+def mixup_target(
+  labels: np.ndarray, num_classes: int, lam: float = 1.0, smoothing: float = 0.0
+) -> np.ndarray:
   """timm `mixup_target`: smoothed one-hot of `labels` mixed with its flip."""
   off_value = smoothing / num_classes
   on_value = 1.0 - smoothing + off_value
@@ -52,8 +56,9 @@ def mixup_target(labels: np.ndarray, num_classes: int, lam: float = 1.0,
   return y1 * np.float32(lam) + y2 * np.float32(1.0 - lam)
 
 
-def rand_bbox(img_shape: Sequence[int], lam: float, rng: np.random.Generator,
-              margin: float = 0.0) -> tuple[int, int, int, int]:
+def rand_bbox(
+  img_shape: Sequence[int], lam: float, rng: np.random.Generator, margin: float = 0.0
+) -> tuple[int, int, int, int]:
   """timm `rand_bbox` for an image of shape (H, W): (y_lo, y_hi, x_lo, x_hi).
 
   The box has sides int(H * sqrt(1 - lam)), int(W * sqrt(1 - lam)) around a
@@ -72,8 +77,9 @@ def rand_bbox(img_shape: Sequence[int], lam: float, rng: np.random.Generator,
   return yl, yh, xl, xh
 
 
-def rand_bbox_minmax(img_shape: Sequence[int], minmax: Sequence[float],
-                     rng: np.random.Generator) -> tuple[int, int, int, int]:
+def rand_bbox_minmax(
+  img_shape: Sequence[int], minmax: Sequence[float], rng: np.random.Generator
+) -> tuple[int, int, int, int]:
   """timm `rand_bbox_minmax`: sides a uniform fraction in [min, max)."""
   img_h, img_w = img_shape
   cut_h = int(rng.integers(int(img_h * minmax[0]), int(img_h * minmax[1])))
@@ -83,10 +89,13 @@ def rand_bbox_minmax(img_shape: Sequence[int], minmax: Sequence[float],
   return yl, yl + cut_h, xl, xl + cut_w
 
 
-def cutmix_bbox_and_lam(img_shape: Sequence[int], lam: float,
-                        rng: np.random.Generator,
-                        ratio_minmax: Sequence[float] | None = None,
-                        correct_lam: bool = True):
+def cutmix_bbox_and_lam(
+  img_shape: Sequence[int],
+  lam: float,
+  rng: np.random.Generator,
+  ratio_minmax: Sequence[float] | None = None,
+  correct_lam: bool = True,
+):
   """timm `cutmix_bbox_and_lam`: the box and lam = its complement's share."""
   if ratio_minmax is not None:
     box = rand_bbox_minmax(img_shape, ratio_minmax, rng)
@@ -107,36 +116,37 @@ class Mixup:
   LabelSmoothingCrossEntropy uses), so the loss is the same soft-target
   cross-entropy either way.
   """
+
   num_classes: int
   mixup_alpha: float = 1.0
   cutmix_alpha: float = 0.0
   cutmix_minmax: tuple[float, float] | None = None
   prob: float = 1.0
   switch_prob: float = 0.5
-  mode: str = 'batch'
+  mode: str = "batch"
   correct_lam: bool = True
   label_smoothing: float = 0.1
 
   def __post_init__(self):
     if self.mode not in MODES:
-      raise ValueError(f'Mixup mode {self.mode!r} is not one of {MODES}.')
+      raise ValueError(f"Mixup mode {self.mode!r} is not one of {MODES}.")
     if not isinstance(self.num_classes, int) or self.num_classes <= 0:
-      raise ValueError(f'Mixup needs num_classes > 0, got '
-                       f'{self.num_classes!r}.')
-    for name in ('mixup_alpha', 'cutmix_alpha'):
+      raise ValueError(f"Mixup needs num_classes > 0, got {self.num_classes!r}.")
+    for name in ("mixup_alpha", "cutmix_alpha"):
       if getattr(self, name) < 0:
-        raise ValueError(f'{name}={getattr(self, name)} must be >= 0.')
-    for name in ('prob', 'switch_prob', 'label_smoothing'):
+        raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
+    for name in ("prob", "switch_prob", "label_smoothing"):
       if not 0 <= getattr(self, name) <= 1:
-        raise ValueError(f'{name}={getattr(self, name)} must be in [0, 1].')
+        raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1].")
     if self.cutmix_minmax is not None:
       minmax = tuple(float(v) for v in self.cutmix_minmax)
       if len(minmax) != 2 or not 0 <= minmax[0] < minmax[1] <= 1:
-        raise ValueError(f'cutmix_minmax={self.cutmix_minmax!r} must be '
-                         '(min, max) with 0 <= min < max <= 1.')
-      object.__setattr__(self, 'cutmix_minmax', minmax)
+        raise ValueError(
+          f"cutmix_minmax={self.cutmix_minmax!r} must be (min, max) with 0 <= min < max <= 1."
+        )
+      object.__setattr__(self, "cutmix_minmax", minmax)
       # timm forces cutmix on (alpha 1) when minmax is set.
-      object.__setattr__(self, 'cutmix_alpha', 1.0)
+      object.__setattr__(self, "cutmix_alpha", 1.0)
 
   @property
   def active(self) -> bool:
@@ -156,8 +166,7 @@ class Mixup:
       lam = float(rng.beta(alpha, alpha))
     return lam, use_cutmix
 
-  def mix(self, images: np.ndarray, labels: np.ndarray,
-          rng: np.random.Generator):
+  def mix(self, images: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
     """(float[B, H, W, C], int[B]) -> (mixed images, float32[B, N], info).
 
     `info`: {'lam': the final (corrected) lam, 'cutmix': bool, 'box':
@@ -165,27 +174,26 @@ class Mixup:
     """
     if self.active and len(images) % 2:
       # As timm: an odd batch would mix its middle example with itself.
-      raise ValueError(f'Mixup/CutMix needs an even batch, got {len(images)}.')
+      raise ValueError(f"Mixup/CutMix needs an even batch, got {len(images)}.")
     lam, use_cutmix = self.params(rng)
     box = None
     if lam != 1.0:
       if use_cutmix:
         box, lam = cutmix_bbox_and_lam(
-            images.shape[1:3], lam, rng, ratio_minmax=self.cutmix_minmax,
-            correct_lam=self.correct_lam)
+          images.shape[1:3], lam, rng, ratio_minmax=self.cutmix_minmax, correct_lam=self.correct_lam
+        )
         yl, yh, xl, xh = box
         mixed = images.copy()
         mixed[:, yl:yh, xl:xh] = images[::-1, yl:yh, xl:xh]
       else:
-        mixed = (images * images.dtype.type(lam) +
-                 images[::-1] * images.dtype.type(1.0 - lam))
+        mixed = images * images.dtype.type(lam) + images[::-1] * images.dtype.type(1.0 - lam)
       images = mixed
     targets = mixup_target(labels, self.num_classes, lam, self.label_smoothing)
-    return images, targets, {'lam': float(lam), 'cutmix': use_cutmix,
-                             'box': box}
+    return images, targets, {"lam": float(lam), "cutmix": use_cutmix, "box": box}
 
-  def __call__(self, batch: dict[str, np.ndarray],
-               rng: np.random.Generator) -> dict[str, np.ndarray]:
+  def __call__(
+    self, batch: dict[str, np.ndarray], rng: np.random.Generator
+  ) -> dict[str, np.ndarray]:
     """A new batch: 'image' mixed, 'label_soft' added, the rest unchanged."""
-    images, targets, _ = self.mix(batch['image'], batch['label'], rng)
-    return {**batch, 'image': images, 'label_soft': targets}
+    images, targets, _ = self.mix(batch["image"], batch["label"], rng)
+    return {**batch, "image": images, "label_soft": targets}

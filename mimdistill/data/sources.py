@@ -20,49 +20,51 @@ import io
 import os
 
 import numpy as np
-from PIL import Image
 import tensorflow_datasets as tfds
+from PIL import Image
 from tensorflow_datasets.core import file_adapters
 
-from mimdistill.data import class_folder
-from mimdistill.data import embedded_shapes
-from mimdistill.data import local_builder
+from mimdistill.data import class_folder, embedded_shapes, local_builder
 
-EMBEDDED = 'embedded'
-FOLDER_PREFIX = 'folder:'
+EMBEDDED = "embedded"
+FOLDER_PREFIX = "folder:"
 
 
 def check_name(name: str) -> None:
   """Cheap validation of a dataset name (no builder, no I/O beyond a stat)."""
   if not isinstance(name, str) or not name:
     raise ValueError(
-        f"Dataset name {name!r} is not a string; use 'embedded', "
-        "'folder:<path>' or a TFDS dataset name.")
+      f"Dataset name {name!r} is not a string; use 'embedded', "
+      "'folder:<path>' or a TFDS dataset name."
+    )
   if name.startswith(FOLDER_PREFIX):
-    root = name[len(FOLDER_PREFIX):]
+    root = name[len(FOLDER_PREFIX) :]
     if not os.path.isdir(root):
       raise FileNotFoundError(
-          f'Dataset folder {root!r} (from name {name!r}) does not exist; '
-          f"pass 'folder:<path>' with <path>/<split>/<class>/*.jpg.")
+        f"Dataset folder {root!r} (from name {name!r}) does not exist; "
+        f"pass 'folder:<path>' with <path>/<split>/<class>/*.jpg."
+      )
 
 
 def get_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   """The TFDS builder that `name` refers to; prepares nothing."""
   check_name(name)
-  kwargs = {'data_dir': data_dir}
+  kwargs = {"data_dir": data_dir}
   if name == EMBEDDED:
-    return embedded_shapes.ShapesBuilder(
-        file_format=local_builder.FILE_FORMAT, **kwargs)
+    return embedded_shapes.ShapesBuilder(file_format=local_builder.FILE_FORMAT, **kwargs)
   if name.startswith(FOLDER_PREFIX):
     return class_folder.ClassFolderBuilder(
-        config=class_folder.config_for(name[len(FOLDER_PREFIX):]),
-        file_format=local_builder.FILE_FORMAT, **kwargs)
+      config=class_folder.config_for(name[len(FOLDER_PREFIX) :]),
+      file_format=local_builder.FILE_FORMAT,
+      **kwargs,
+    )
   try:
     return tfds.builder(name, **kwargs)
   except tfds.core.registered.DatasetNotFoundError:
     raise ValueError(
-        f"Unknown dataset name {name!r}: use 'embedded', 'folder:<path>' or a "
-        'TFDS dataset name (see tfds.list_builders()).') from None
+      f"Unknown dataset name {name!r}: use 'embedded', 'folder:<path>' or a "
+      "TFDS dataset name (see tfds.list_builders())."
+    ) from None
 
 
 def ensure_prepared(builder: tfds.core.DatasetBuilder) -> None:
@@ -75,11 +77,12 @@ def ensure_prepared(builder: tfds.core.DatasetBuilder) -> None:
   formats = builder.info.available_file_formats()
   if not formats & file_adapters.FileFormat.with_random_access():
     raise ValueError(
-        f'TFDS dataset {builder.info.full_name!r} at {builder.data_dir} is '
-        f'prepared only as {sorted(f.value for f in formats)}, which cannot '
-        'be read with random access. Convert it once (needs TensorFlow): '
-        f'`tfds convert_format --dataset_version_dir={builder.data_dir} '
-        '--out_file_format=array_record`.')
+      f"TFDS dataset {builder.info.full_name!r} at {builder.data_dir} is "
+      f"prepared only as {sorted(f.value for f in formats)}, which cannot "
+      "be read with random access. Convert it once (needs TensorFlow): "
+      f"`tfds convert_format --dataset_version_dir={builder.data_dir} "
+      "--out_file_format=array_record`."
+    )
 
 
 def check_available(name: str, data_dir: str | None) -> None:
@@ -95,24 +98,25 @@ def _not_prepared_error(builder: tfds.core.DatasetBuilder) -> str:
   data_dir = os.fspath(builder.data_dir_root)
   name = builder.name
   if builder.builder_config is not None:
-    name += f'/{builder.builder_config.name}'
+    name += f"/{builder.builder_config.name}"
   return (
-      f'TFDS dataset {builder.info.full_name!r} is not prepared in '
-      f'{data_dir}. Prepare it once in array_record format, where TensorFlow '
-      f'is installed: `tfds build {name} --data_dir={data_dir} '
-      '--file_format=array_record` (an existing '
-      'TFRecord copy can be converted with `tfds convert_format`); or use '
-      "name='embedded' / 'folder:<path>'.")
+    f"TFDS dataset {builder.info.full_name!r} is not prepared in "
+    f"{data_dir}. Prepare it once in array_record format, where TensorFlow "
+    f"is installed: `tfds build {name} --data_dir={data_dir} "
+    "--file_format=array_record` (an existing "
+    "TFRecord copy can be converted with `tfds convert_format`); or use "
+    "name='embedded' / 'folder:<path>'."
+  )
 
 
-def open_split(builder: tfds.core.DatasetBuilder, split: str,
-               image_key: str = 'image'):
+def open_split(builder: tfds.core.DatasetBuilder, split: str, image_key: str = "image"):
   """Random-access source of `split` whose `image_key` holds encoded bytes."""
   features = builder.info.features
   if image_key not in features:
     raise KeyError(
-        f'Dataset {builder.info.full_name!r} has no feature {image_key!r}; '
-        f'its features are {sorted(features)}: set config.image_key.')
+      f"Dataset {builder.info.full_name!r} has no feature {image_key!r}; "
+      f"its features are {sorted(features)}: set config.image_key."
+    )
   decoders = None
   if isinstance(features[image_key], tfds.features.Image):
     # Keep the encoded bytes: PIL decodes them in the pipeline's workers.
@@ -121,12 +125,14 @@ def open_split(builder: tfds.core.DatasetBuilder, split: str,
     return builder.as_data_source(split=split, decoders=decoders)
   except (KeyError, ValueError) as e:
     raise ValueError(
-        f'Dataset {builder.info.full_name!r} has no split {split!r} '
-        f'({e}); its splits are {sorted(builder.info.splits)}.') from None
+      f"Dataset {builder.info.full_name!r} has no split {split!r} "
+      f"({e}); its splits are {sorted(builder.info.splits)}."
+    ) from None
 
 
-def class_names(builder: tfds.core.DatasetBuilder,
-                label_key: str = 'label') -> tuple[str, ...] | None:
+def class_names(
+  builder: tfds.core.DatasetBuilder, label_key: str = "label"
+) -> tuple[str, ...] | None:
   """Class names of `label_key` if it is a ClassLabel, else None."""
   feature = builder.info.features[label_key]
   if isinstance(feature, tfds.features.ClassLabel):
@@ -140,7 +146,6 @@ def decode_image(value) -> Image.Image:
     image = Image.open(io.BytesIO(value))
   else:
     array = np.asarray(value)
-    image = Image.fromarray(array[..., 0] if array.shape[-1:] == (1,)
-                            else array)
+    image = Image.fromarray(array[..., 0] if array.shape[-1:] == (1,) else array)
   # Grayscale, CMYK and palette images exist in ImageNet and user folders.
-  return image.convert('RGB')
+  return image.convert("RGB")

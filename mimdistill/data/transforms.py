@@ -14,7 +14,7 @@ as torchvision's `ToTensor()` + `Normalize(...)` do.
 """
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageEnhance
@@ -31,9 +31,12 @@ BICUBIC = Image.Resampling.BICUBIC  # torchvision interpolation=3
 # Geometric transforms
 # ---------------------------------------------------------------------------
 def random_resized_crop_params(
-    rng: np.random.Generator, width: int, height: int,
-    scale: Sequence[float] = (0.08, 1.0),
-    ratio: Sequence[float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+  rng: np.random.Generator,
+  width: int,
+  height: int,
+  scale: Sequence[float] = (0.08, 1.0),
+  ratio: Sequence[float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
   """torchvision `RandomResizedCrop.get_params`: returns (top, left, h, w).
 
   Ten attempts at an area fraction uniform in `scale` and an aspect ratio
@@ -66,19 +69,22 @@ def random_resized_crop_params(
   return (height - h) // 2, (width - w) // 2, h, w
 
 
-def random_resized_crop(image: Image.Image, rng: np.random.Generator,
-                        size: int, scale: Sequence[float] = (0.08, 1.0),
-                        ratio: Sequence[float] = (3 / 4, 4 / 3)) -> Image.Image:
+def random_resized_crop(
+  image: Image.Image,
+  rng: np.random.Generator,
+  size: int,
+  scale: Sequence[float] = (0.08, 1.0),
+  ratio: Sequence[float] = (3 / 4, 4 / 3),
+) -> Image.Image:
   """torchvision `RandomResizedCrop(size, scale, ratio, interpolation=3)`."""
-  top, left, h, w = random_resized_crop_params(
-      rng, image.width, image.height, scale, ratio)
+  top, left, h, w = random_resized_crop_params(rng, image.width, image.height, scale, ratio)
   # Crop, then resize: `F.resized_crop` on PIL images does exactly this.
-  return image.crop((left, top, left + w, top + h)).resize((size, size),
-                                                            BICUBIC)
+  return image.crop((left, top, left + w, top + h)).resize((size, size), BICUBIC)
 
 
-def random_horizontal_flip(image: Image.Image, rng: np.random.Generator,
-                           p: float = 0.5) -> Image.Image:
+def random_horizontal_flip(
+  image: Image.Image, rng: np.random.Generator, p: float = 0.5
+) -> Image.Image:
   """torchvision `RandomHorizontalFlip(p)`."""
   if rng.random() < p:
     return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -111,15 +117,19 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
 def _jitter_range(strength: float) -> tuple[float, float] | None:
   """torchvision's factor range [max(0, 1 - x), 1 + x]; None if disabled."""
   if strength < 0:
-    raise ValueError(f'Colour jitter strength must be >= 0, got {strength}.')
+    raise ValueError(f"Colour jitter strength must be >= 0, got {strength}.")
   if strength == 0:
     return None
   return max(0.0, 1.0 - strength), 1.0 + strength
 
 
-def color_jitter(image: Image.Image, rng: np.random.Generator,
-                 brightness: float = 0.0, contrast: float = 0.0,
-                 saturation: float = 0.0) -> Image.Image:
+def color_jitter(
+  image: Image.Image,
+  rng: np.random.Generator,
+  brightness: float = 0.0,
+  contrast: float = 0.0,
+  saturation: float = 0.0,
+) -> Image.Image:
   """torchvision `ColorJitter(brightness, contrast, saturation)` (no hue).
 
   The enabled adjustments run in a random order, each with a factor uniform
@@ -127,9 +137,9 @@ def color_jitter(image: Image.Image, rng: np.random.Generator,
   `PIL.ImageEnhance` (Brightness, Contrast, Color), as done here.
   """
   adjustments = [
-      (ImageEnhance.Brightness, _jitter_range(brightness)),
-      (ImageEnhance.Contrast, _jitter_range(contrast)),
-      (ImageEnhance.Color, _jitter_range(saturation)),
+    (ImageEnhance.Brightness, _jitter_range(brightness)),
+    (ImageEnhance.Contrast, _jitter_range(contrast)),
+    (ImageEnhance.Color, _jitter_range(saturation)),
   ]
   for i in rng.permutation(len(adjustments)):
     enhancer, bounds = adjustments[i]
@@ -158,11 +168,10 @@ class MaeTrain:
   def __init__(self, size: int, scale: Sequence[float] = (0.2, 1.0)):
     self.size, self.scale = size, tuple(scale)
 
-  def __call__(self, image: Image.Image,
-               rng: np.random.Generator) -> dict[str, np.ndarray]:
+  def __call__(self, image: Image.Image, rng: np.random.Generator) -> dict[str, np.ndarray]:
     image = random_resized_crop(image, rng, self.size, self.scale)
     image = random_horizontal_flip(image, rng)
-    return {'image': to_normalized_array(image)}
+    return {"image": to_normalized_array(image)}
 
 
 class DistillTrain:
@@ -172,19 +181,17 @@ class DistillTrain:
   ColorJitter(b, c, s) applied on top.
   """
 
-  def __init__(self, size: int, scale: Sequence[float] = (0.2, 1.0),
-               jitter: Sequence[float] = (0.4, 0.4, 0.4)):
+  def __init__(
+    self, size: int, scale: Sequence[float] = (0.2, 1.0), jitter: Sequence[float] = (0.4, 0.4, 0.4)
+  ):
     self.size, self.scale = size, tuple(scale)
     self.brightness, self.contrast, self.saturation = jitter
 
-  def __call__(self, image: Image.Image,
-               rng: np.random.Generator) -> dict[str, np.ndarray]:
+  def __call__(self, image: Image.Image, rng: np.random.Generator) -> dict[str, np.ndarray]:
     image = random_resized_crop(image, rng, self.size, self.scale)
     image = random_horizontal_flip(image, rng)
-    student = color_jitter(image, rng, self.brightness, self.contrast,
-                           self.saturation)
-    return {'image': to_normalized_array(image),
-            'image_student': to_normalized_array(student)}
+    student = color_jitter(image, rng, self.brightness, self.contrast, self.saturation)
+    return {"image": to_normalized_array(image), "image_student": to_normalized_array(student)}
 
 
 class Eval:
@@ -193,11 +200,12 @@ class Eval:
   def __init__(self, size: int, crop_pct: float = DEFAULT_CROP_PCT):
     self.size, self.crop_pct = size, crop_pct
 
-  def __call__(self, image: Image.Image,
-               rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+  def __call__(
+    self, image: Image.Image, rng: np.random.Generator | None = None
+  ) -> dict[str, np.ndarray]:
     del rng  # Deterministic.
     image = resize_shorter_side(image, int(self.size / self.crop_pct))
-    return {'image': to_normalized_array(center_crop(image, self.size))}
+    return {"image": to_normalized_array(center_crop(image, self.size))}
 
 
 Transform = Callable[[Image.Image, np.random.Generator], dict[str, np.ndarray]]

@@ -32,6 +32,7 @@ OS (`madvise(MADV_DONTNEED)`) once it has been copied or written, so a
 conversion holds at most one copy of the weights (the Orbax tree, whose
 writer is throttled) plus one tensor. See `launch/measure_convert_memory.py`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,20 +43,28 @@ import os
 import pathlib
 import shutil
 import struct
-from typing import Any, Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from typing import Any
 
 import numpy as np
 from etils import epath
 
 from mimdistill.interop import layouts
 from mimdistill.interop.layouts import LayoutError, ModelSpec
-from mimdistill.interop.official_names import (iter_official_to_flax, official_name,
-                                               to_official_leaf)
+from mimdistill.interop.official_names import iter_official_to_flax, official_name, to_official_leaf
 from mimdistill.interop.pth_reader import CheckpointReadError, CorruptCheckpointError, load_pth
 from mimdistill.paths import is_remote
 
-__all__ = ["ConvertReport", "Converted", "SafetensorsError", "convert", "load_converted",
-           "read_safetensors", "read_source", "write_safetensors"]
+__all__ = [
+  "ConvertReport",
+  "Converted",
+  "SafetensorsError",
+  "convert",
+  "load_converted",
+  "read_safetensors",
+  "read_source",
+  "write_safetensors",
+]
 
 FORMAT = "mimdistill-converted"
 FORMAT_VERSION = 1
@@ -113,11 +122,22 @@ def _consume(mapping: MutableMapping[str, Any], names) -> Iterator[tuple[str, An
 # -----------------------------------------------------------------------------
 def _st_dtypes() -> dict[str, np.dtype]:
   import ml_dtypes
-  return {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32),
-          "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
-          "I64": np.dtype(np.int64), "I32": np.dtype(np.int32), "I16": np.dtype(np.int16),
-          "I8": np.dtype(np.int8), "U64": np.dtype(np.uint64), "U32": np.dtype(np.uint32),
-          "U16": np.dtype(np.uint16), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_)}
+
+  return {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U64": np.dtype(np.uint64),
+    "U32": np.dtype(np.uint32),
+    "U16": np.dtype(np.uint16),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+  }
 
 
 _MAX_HEADER = 100 << 20
@@ -134,13 +154,15 @@ def read_safetensors(path, *, mmap: bool = True) -> tuple[dict[str, np.ndarray],
   with open(path, "rb") as f:
     head = f.read(8)
     if len(head) < 8:
-      raise SafetensorsError(f"{path!r} is {size} bytes: too short for a safetensors file "
-                             f"(truncated?); {hint}")
+      raise SafetensorsError(
+        f"{path!r} is {size} bytes: too short for a safetensors file (truncated?); {hint}"
+      )
     (n,) = struct.unpack("<Q", head)
     if n < 2 or n > min(_MAX_HEADER, size - 8):
       raise SafetensorsError(
-          f"{path!r}: header length {n} does not fit the file ({size} bytes); it is "
-          f"truncated or not a safetensors file; {hint}")
+        f"{path!r}: header length {n} does not fit the file ({size} bytes); it is "
+        f"truncated or not a safetensors file; {hint}"
+      )
     raw = f.read(n)
   try:
     header = json.loads(raw.decode("utf-8"))
@@ -160,23 +182,29 @@ def read_safetensors(path, *, mmap: bool = True) -> tuple[dict[str, np.ndarray],
       shape = tuple(int(s) for s in info["shape"])
       begin, end = (int(x) for x in info["data_offsets"])
     except (KeyError, TypeError, ValueError) as exc:
-      raise SafetensorsError(f"{path!r}: tensor {name!r} has a malformed header entry "
-                             f"{info!r:.200} ({exc!r}); {hint}") from None
+      raise SafetensorsError(
+        f"{path!r}: tensor {name!r} has a malformed header entry {info!r:.200} ({exc!r}); {hint}"
+      ) from None
     numel = int(np.prod(shape, dtype=np.int64))
     if any(s < 0 for s in shape) or end - begin != numel * dtype.itemsize or begin < 0:
-      raise SafetensorsError(f"{path!r}: tensor {name!r} {info['dtype']} {shape} does not match "
-                             f"its byte range [{begin}, {end}); {hint}")
+      raise SafetensorsError(
+        f"{path!r}: tensor {name!r} {info['dtype']} {shape} does not match "
+        f"its byte range [{begin}, {end}); {hint}"
+      )
     if end > data_size:
       raise SafetensorsError(
-          f"{path!r}: tensor {name!r} needs bytes up to {end} but the file holds only "
-          f"{data_size} data bytes: it is truncated; {hint}")
+        f"{path!r}: tensor {name!r} needs bytes up to {end} but the file holds only "
+        f"{data_size} data bytes: it is truncated; {hint}"
+      )
     entries.append((begin, end, name, dtype, shape))
   entries.sort()
   pos = 0
   for begin, end, name, _, _ in entries:
     if begin != pos:
-      raise SafetensorsError(f"{path!r}: tensor {name!r} starts at byte {begin}, expected "
-                             f"{pos} (overlapping or gapped data); the file is corrupt; {hint}")
+      raise SafetensorsError(
+        f"{path!r}: tensor {name!r} starts at byte {begin}, expected "
+        f"{pos} (overlapping or gapped data); the file is corrupt; {hint}"
+      )
     pos = end
   if mmap and data_size:
     with open(path, "rb") as f:
@@ -186,7 +214,7 @@ def read_safetensors(path, *, mmap: bool = True) -> tuple[dict[str, np.ndarray],
       buf = np.frombuffer(f.read(), np.uint8) if data_size else b""
   tensors = {}
   position = {name: i for i, name in enumerate(header)}
-  for begin, end, name, dtype, shape in sorted(entries, key=lambda e: position[e[2]]):
+  for begin, _end, name, dtype, shape in sorted(entries, key=lambda e: position[e[2]]):
     numel = int(np.prod(shape, dtype=np.int64))
     if numel == 0:
       tensors[name] = np.empty(shape, dtype)
@@ -195,8 +223,13 @@ def read_safetensors(path, *, mmap: bool = True) -> tuple[dict[str, np.ndarray],
   return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 
-def write_safetensors(path, tensors: MutableMapping[str, Any], *,
-                      metadata: Mapping[str, str] | None = None, consume: bool = False) -> None:
+def write_safetensors(
+  path,
+  tensors: MutableMapping[str, Any],
+  *,
+  metadata: Mapping[str, str] | None = None,
+  consume: bool = False,
+) -> None:
   """Writes `name -> array` (any orientation: one tensor is made contiguous at
   a time) to `path` atomically. `consume=True` pops each entry once written,
   freeing it (and drops the pages of memory-mapped sources)."""
@@ -209,8 +242,11 @@ def write_safetensors(path, tensors: MutableMapping[str, Any], *,
     if dtype not in names_by_dtype:
       raise ValueError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot hold")
     nbytes = int(np.prod(value.shape, dtype=np.int64)) * dtype.itemsize
-    header[name] = {"dtype": names_by_dtype[dtype], "shape": list(value.shape),
-                    "data_offsets": [offset, offset + nbytes]}
+    header[name] = {
+      "dtype": names_by_dtype[dtype],
+      "shape": list(value.shape),
+      "data_offsets": [offset, offset + nbytes],
+    }
     offset += nbytes
   if metadata:
     header = {"__metadata__": dict(metadata), **header}
@@ -222,7 +258,7 @@ def write_safetensors(path, tensors: MutableMapping[str, Any], *,
       f.write(struct.pack("<Q", len(raw)))
       f.write(raw)
       items = _consume(tensors, list(tensors)) if consume else list(tensors.items())
-      for name, value in items:
+      for _name, value in items:
         source = value = _materialize(value)
         value = np.ascontiguousarray(value)
         if value.size:
@@ -241,13 +277,14 @@ def write_safetensors(path, tensors: MutableMapping[str, Any], *,
 @dataclasses.dataclass
 class Source:
   """A checkpoint read into official names (values may be lazy views)."""
-  kind: str                          # 'pth' | 'safetensors' | 'workdir' | 'orbax'
+
+  kind: str  # 'pth' | 'safetensors' | 'workdir' | 'orbax'
   path: str
   tensors: dict[str, np.ndarray]
   skipped: dict[str, str] = dataclasses.field(default_factory=dict)
   metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
   hints: dict[str, Any] = dataclasses.field(default_factory=dict)  # detect() defaults
-  order: list[str] | None = None     # the original official order, when known
+  order: list[str] | None = None  # the original official order, when known
 
 
 _ENCODER_PARTS = ("encoder", "decoder", "fc_norm", "head")
@@ -292,8 +329,8 @@ class _GroupedRestore:
   """Restores the leaves of an Orbax tree one group (block) at a time."""
 
   def __init__(self, restore: Callable[[dict], dict], entries: dict[str, tuple]):
-    self._restore = restore      # nested item of metadata -> nested numpy
-    self._entries = entries      # official name -> (path in the tree, leaf key)
+    self._restore = restore  # nested item of metadata -> nested numpy
+    self._entries = entries  # official name -> (path in the tree, leaf key)
     self._cache: dict[str, np.ndarray] = {}
     self._done: set[str] = set()
 
@@ -328,8 +365,9 @@ def _official_shape(leaf: str, shape) -> tuple[int, ...]:
   return tuple(to_official_leaf(leaf, dummy).shape)
 
 
-def _lazy_official(tree: Mapping[str, Any], restore: Callable[[dict], dict]
-                   ) -> tuple[dict, dict, dict]:
+def _lazy_official(
+  tree: Mapping[str, Any], restore: Callable[[dict], dict]
+) -> tuple[dict, dict, dict]:
   """Official-named lazy tensors of a metadata tree of Flax variables (or of a
   TrainState `{step, params, fixed, opt_state, rng}`) of any stage's model;
   parts no official model has are skipped and never read."""
@@ -347,11 +385,15 @@ def _lazy_official(tree: Mapping[str, Any], restore: Callable[[dict], dict]
     params, fixed = {"encoder": params}, ({"encoder": fixed} if fixed else {})
   if "encoder" not in params:
     raise LayoutError(
-        f"the checkpoint's params ({', '.join(sorted(params)) or 'none'}) hold no ViT encoder "
-        "(expected params/encoder or params/cls_token)")
+      f"the checkpoint's params ({', '.join(sorted(params)) or 'none'}) hold no ViT encoder "
+      "(expected params/encoder or params/cls_token)"
+    )
   for part in sorted(set(params) - set(_ENCODER_PARTS)):
-    skipped[f"params/{part}"] = ("not part of an official model (distillation heads)"
-                                 if part == "heads" else "not part of an official model")
+    skipped[f"params/{part}"] = (
+      "not part of an official model (distillation heads)"
+      if part == "heads"
+      else "not part of an official model"
+    )
   for part in sorted(set(fixed) - {"encoder", "decoder"}):
     skipped[f"fixed/{part}"] = "not part of an official model"
   params = {k: v for k, v in params.items() if k in _ENCODER_PARTS}
@@ -363,6 +405,7 @@ def _lazy_official(tree: Mapping[str, Any], restore: Callable[[dict], dict]
     hints["pos_embed"] = "fixed"
 
   import jax
+
   entries, shapes = {}, {}
   for collection, subtree in (("params", params), ("fixed", fixed)):
     for keys, meta in jax.tree_util.tree_flatten_with_path(subtree)[0]:
@@ -372,14 +415,18 @@ def _lazy_official(tree: Mapping[str, Any], restore: Callable[[dict], dict]
       entries[name] = ((*roots[collection], *stored), path[-1], meta)
       shapes[name] = (_official_shape(path[-1], meta.shape), meta.dtype)
   loader = _GroupedRestore(restore, entries)
-  tensors = {name: LazyTensor(shape, dtype, functools.partial(loader.load, name))
-             for name, (shape, dtype) in shapes.items()}
+  tensors = {
+    name: LazyTensor(shape, dtype, functools.partial(loader.load, name))
+    for name, (shape, dtype) in shapes.items()
+  }
   return tensors, skipped, hints
 
 
 def _is_orbax_dir(path: epath.Path) -> bool:
-  return any((path / marker).exists() for marker in
-             ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt", "checkpoint"))
+  return any(
+    (path / marker).exists()
+    for marker in ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt", "checkpoint")
+  )
 
 
 def _handler():
@@ -390,12 +437,17 @@ def _handler():
   float weights), at most SAVE_CONCURRENT_GB of reads or writes in flight."""
   import jax
   import orbax.checkpoint as ocp
+
   registry = ocp.type_handlers.create_type_handler_registry(
-      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
-      (jax.Array, ocp.type_handlers.ArrayHandler()))
-  return ocp.PyTreeCheckpointHandler(save_concurrent_gb=SAVE_CONCURRENT_GB,
-                                     restore_concurrent_gb=SAVE_CONCURRENT_GB,
-                                     use_compression=False, type_handler_registry=registry)
+    (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+    (jax.Array, ocp.type_handlers.ArrayHandler()),
+  )
+  return ocp.PyTreeCheckpointHandler(
+    save_concurrent_gb=SAVE_CONCURRENT_GB,
+    restore_concurrent_gb=SAVE_CONCURRENT_GB,
+    use_compression=False,
+    type_handler_registry=registry,
+  )
 
 
 def _metadata_tree(meta):
@@ -406,14 +458,21 @@ def _metadata_tree(meta):
 def _orbax_dir_reader(path: epath.Path) -> tuple[dict, Callable[[dict], dict]]:
   """(metadata tree, restore(item) -> numpy) of a PyTreeCheckpointer folder."""
   import orbax.checkpoint as ocp
+
   from mimdistill.training.checkpoints import numpy_restore_args
+
   with ocp.Checkpointer(_handler()) as ckptr:
     tree = _metadata_tree(ckptr.metadata(path))
 
   def restore(item: dict) -> dict:
     with ocp.Checkpointer(_handler()) as ckptr:
-      return ckptr.restore(path, args=ocp.args.PyTreeRestore(
-          item=item, restore_args=numpy_restore_args(item), partial_restore=True))
+      return ckptr.restore(
+        path,
+        args=ocp.args.PyTreeRestore(
+          item=item, restore_args=numpy_restore_args(item), partial_restore=True
+        ),
+      )
+
   return tree, restore
 
 
@@ -421,6 +480,7 @@ def _workdir_reader(src: str) -> tuple[dict, Callable[[dict], dict], str]:
   """(metadata tree of `state`, restore(item) -> numpy, step folder) of a
   workdir's checkpoint (`W` or `W:step`)."""
   from mimdistill.training import checkpoints as ckpt_lib
+
   try:
     saved = ckpt_lib.saved_state(src, handler=_handler())
   except FileNotFoundError as e:
@@ -439,6 +499,7 @@ def _restore_workdir(src: str) -> tuple[dict, str]:
 
 def _read_dir(src: str) -> Source:
   from mimdistill.training import checkpoints as ckpt_lib
+
   path, step = ckpt_lib.parse_source(src)
   hints: dict[str, Any] = {}
   if (path / "checkpoints").is_dir():
@@ -461,15 +522,17 @@ def _read_dir(src: str) -> Source:
   else:
     kind, order = "orbax", None
     if step is not None:
-      raise CheckpointReadError(f"{src!r}: ':{step}' selects a step of a workdir, but "
-                                f"{path} has no checkpoints/ folder")
+      raise CheckpointReadError(
+        f"{src!r}: ':{step}' selects a step of a workdir, but {path} has no checkpoints/ folder"
+      )
     if (path / "state").is_dir() and _is_orbax_dir(path / "state"):
       path = path / "state"  # a step folder W/checkpoints/<step>
     if not _is_orbax_dir(path):
       raise CheckpointReadError(
-          f"{src!r} is a directory but neither a mimdistill workdir (no checkpoints/) nor an "
-          "Orbax checkpoint (no _CHECKPOINT_METADATA / _METADATA); pass a workdir, a "
-          "checkpoint folder, or a .pth / .safetensors file")
+        f"{src!r} is a directory but neither a mimdistill workdir (no checkpoints/) nor an "
+        "Orbax checkpoint (no _CHECKPOINT_METADATA / _METADATA); pass a workdir, a "
+        "checkpoint folder, or a .pth / .safetensors file"
+      )
     tree, restore = _orbax_dir_reader(path)
     location = str(path)
   tensors, skipped, flax_hints = _lazy_official(tree, restore)
@@ -505,17 +568,20 @@ def read_source(src, *, key: str | None = None) -> Source:
   """Reads any supported source into official names (see the module doc)."""
   src = os.fspath(src)
   from mimdistill.training.checkpoints import parse_source
+
   if parse_source(src)[0].is_dir():  # local or gs:// workdir / Orbax folder
     return _read_dir(src)
   if is_remote(src):
     raise CheckpointReadError(
-        f"no workdir or Orbax checkpoint at {src!r}; .pth and .safetensors files "
-        "are memory-mapped and must be on a local disk: copy them first "
-        f"(gcloud storage cp {src} .)")
+      f"no workdir or Orbax checkpoint at {src!r}; .pth and .safetensors files "
+      "are memory-mapped and must be on a local disk: copy them first "
+      f"(gcloud storage cp {src} .)"
+    )
   if not os.path.exists(src):
     raise CheckpointReadError(
-        f"no checkpoint at {src!r}: expected a .pth / .safetensors file, a workdir "
-        "(W or W:step) or an Orbax checkpoint folder")
+      f"no checkpoint at {src!r}: expected a .pth / .safetensors file, a workdir "
+      "(W or W:step) or an Orbax checkpoint folder"
+    )
   if _looks_like_safetensors(src):
     tensors, metadata = read_safetensors(src)
     hints = {}
@@ -541,16 +607,15 @@ class ConvertReport:
   src: str
   dst: str
   src_kind: str
-  dst_kind: str                        # 'safetensors' | 'orbax'
+  dst_kind: str  # 'safetensors' | 'orbax'
   spec: ModelSpec
   used: list[str]
-  skipped: dict[str, str]              # name or top-level key -> why
-  missing: dict[str, str]              # expected name -> what was done
+  skipped: dict[str, str]  # name or top-level key -> why
+  missing: dict[str, str]  # expected name -> what was done
   notes: list[str]
 
   def __str__(self) -> str:
-    lines = [f"source      {self.src} ({self.src_kind})",
-             f"detected    {self.spec.describe()}"]
+    lines = [f"source      {self.src} ({self.src_kind})", f"detected    {self.spec.describe()}"]
     lines += [f"note        {note}" for note in self.notes]
     lines.append(f"used        {len(self.used)} tensors")
     if self.skipped:
@@ -575,31 +640,42 @@ class ConvertReport:
 def _heads_note(spec: ModelSpec) -> list[str]:
   notes = []
   if "num_heads" in spec.assumed:
-    notes.append(f"num_heads={spec.num_heads} is assumed from the standard width "
-                 f"{spec.width} (heads are not stored in the weights); pass --num-heads N "
-                 "(num_heads=N) if the model was trained with another count")
+    notes.append(
+      f"num_heads={spec.num_heads} is assumed from the standard width "
+      f"{spec.width} (heads are not stored in the weights); pass --num-heads N "
+      "(num_heads=N) if the model was trained with another count"
+    )
   elif spec.num_heads is None:
-    notes.append(f"num_heads is unknown (width {spec.width} has no standard head count); "
-                 "pass --num-heads N to record it")
+    notes.append(
+      f"num_heads is unknown (width {spec.width} has no standard head count); "
+      "pass --num-heads N to record it"
+    )
   if "decoder.num_heads" in spec.assumed:
-    notes.append(f"decoder num_heads={spec.decoder.num_heads} is assumed (MAE's default); "
-                 "override with --decoder-num-heads N")
+    notes.append(
+      f"decoder num_heads={spec.decoder.num_heads} is assumed (MAE's default); "
+      "override with --decoder-num-heads N"
+    )
   if "image_size" in spec.assumed:
-    notes.append(f"image_size={spec.image_size} is assumed (the checkpoint has no pos_embed);"
-                 " override with --image-size N")
+    notes.append(
+      f"image_size={spec.image_size} is assumed (the checkpoint has no pos_embed);"
+      " override with --image-size N"
+    )
   return notes
 
 
 def _fill_missing(spec: ModelSpec, tensors: dict, missing: list[str]) -> dict[str, str]:
   """Computes what can be computed (the sin-cos buffers), else raises."""
   from mimdistill.models.pos_embed import sincos_2d
+
   dtype = np.dtype(tensors["cls_token"].dtype)
   filled, absent = {}, []
   for name in missing:
     if name == "pos_embed":
       tensors[name] = sincos_2d(spec.width, spec.grid)[None].astype(dtype)
-      filled[name] = (f"computed: 2-D sin-cos for {spec.image_size}x{spec.image_size} "
-                      f"images (MAE's fixed embedding)")
+      filled[name] = (
+        f"computed: 2-D sin-cos for {spec.image_size}x{spec.image_size} "
+        f"images (MAE's fixed embedding)"
+      )
     elif name == "decoder_pos_embed":
       tensors[name] = sincos_2d(spec.decoder.width, spec.grid)[None].astype(dtype)
       filled[name] = "computed: 2-D sin-cos (MAE's fixed decoder embedding)"
@@ -607,17 +683,27 @@ def _fill_missing(spec: ModelSpec, tensors: dict, missing: list[str]) -> dict[st
       absent.append(name)
   if absent:
     raise LayoutError(
-        f"the checkpoint lacks {len(absent)} tensor(s) of the detected model "
-        f"({spec.describe()}): {layouts._preview(absent)}; the file is incomplete or holds "
-        "another architecture")
+      f"the checkpoint lacks {len(absent)} tensor(s) of the detected model "
+      f"({spec.describe()}): {layouts._preview(absent)}; the file is incomplete or holds "
+      "another architecture"
+    )
   return filled
 
 
-def convert(src, dst, *, layout: str | None = None, num_heads: int | None = None,
-            image_size: int | None = None, decoder_num_heads: int | None = None,
-            pos_embed: str | None = None, key: str | None = None,
-            allow_unknown: bool = False, overwrite: bool = False,
-            log: Callable[[str], None] | None = None) -> ConvertReport:
+def convert(
+  src,
+  dst,
+  *,
+  layout: str | None = None,
+  num_heads: int | None = None,
+  image_size: int | None = None,
+  decoder_num_heads: int | None = None,
+  pos_embed: str | None = None,
+  key: str | None = None,
+  allow_unknown: bool = False,
+  overwrite: bool = False,
+  log: Callable[[str], None] | None = None,
+) -> ConvertReport:
   """Converts SRC into DST (see the module doc); returns the report.
 
   Args:
@@ -638,17 +724,24 @@ def convert(src, dst, *, layout: str | None = None, num_heads: int | None = None
   say = log or (lambda _: None)
   dst = os.fspath(dst)
   if is_remote(dst):
-    raise ValueError(f"destination {dst!r} is in a bucket; convert to a local "
-                     "path, then copy it (gcloud storage cp -r LOCAL "
-                     f"{dst})")
+    raise ValueError(
+      f"destination {dst!r} is in a bucket; convert to a local "
+      "path, then copy it (gcloud storage cp -r LOCAL "
+      f"{dst})"
+    )
   to_safetensors = dst.endswith(".safetensors")
   _check_destination(dst, to_safetensors, overwrite)
 
   source = read_source(src, key=key)
   say(f"read {source.path} ({source.kind}): {len(source.tensors)} tensors")
   hints = dict(source.hints)
-  given = dict(layout=layout, num_heads=num_heads, image_size=image_size,
-               decoder_num_heads=decoder_num_heads, pos_embed=pos_embed)
+  given = dict(
+    layout=layout,
+    num_heads=num_heads,
+    image_size=image_size,
+    decoder_num_heads=decoder_num_heads,
+    pos_embed=pos_embed,
+  )
   hints.update({k: v for k, v in given.items() if v is not None})
   shapes = {n: tuple(v.shape) for n, v in source.tensors.items()}
   dtypes = {n: np.dtype(v.dtype) for n, v in source.tensors.items()}
@@ -662,10 +755,12 @@ def convert(src, dst, *, layout: str | None = None, num_heads: int | None = None
 
   check = layouts.check_names(spec, shapes)
   if check.wrong_shape:
-    shown = "; ".join(f"{n} is {got}, expected {want}"
-                      for n, (got, want) in list(check.wrong_shape.items())[:8])
-    raise LayoutError(f"{source.path}: tensors do not fit the detected model "
-                      f"({spec.describe()}): {shown}")
+    shown = "; ".join(
+      f"{n} is {got}, expected {want}" for n, (got, want) in list(check.wrong_shape.items())[:8]
+    )
+    raise LayoutError(
+      f"{source.path}: tensors do not fit the detected model ({spec.describe()}): {shown}"
+    )
   skipped = {**source.skipped, **check.dropped}
   unknown = check.unexpected
   if allow_unknown:
@@ -673,9 +768,10 @@ def convert(src, dst, *, layout: str | None = None, num_heads: int | None = None
   elif unknown:
     shown = "; ".join(f"{n} ({why})" for n, why in list(unknown.items())[:8])
     raise LayoutError(
-        f"{source.path} has {len(unknown)} tensor(s) mimdistill's ViT has no place for: "
-        f"{shown}{' ...' if len(unknown) > 8 else ''}. Converting without them would change "
-        "the model; pass --allow-unknown to drop them anyway")
+      f"{source.path} has {len(unknown)} tensor(s) mimdistill's ViT has no place for: "
+      f"{shown}{' ...' if len(unknown) > 8 else ''}. Converting without them would change "
+      "the model; pass --allow-unknown to drop them anyway"
+    )
   for name in skipped:
     if name in source.tensors:
       release(source.tensors.pop(name))
@@ -690,18 +786,28 @@ def convert(src, dst, *, layout: str | None = None, num_heads: int | None = None
   source.tensors.clear()
 
   if to_safetensors:
-    metadata = {"format": "pt", "mimdistill.model": json.dumps(spec.to_json()),
-                "mimdistill.source": os.fspath(source.path)}
+    metadata = {
+      "format": "pt",
+      "mimdistill.model": json.dumps(spec.to_json()),
+      "mimdistill.source": os.fspath(source.path),
+    }
     write_safetensors(dst, tensors, metadata=metadata, consume=True)
     dst_kind = "safetensors"
   else:
     report_stub = dict(src=os.fspath(source.path), src_kind=source.kind)
     _write_converted_dir(dst, spec, tensors, report_stub, order=order, overwrite=overwrite)
     dst_kind = "orbax"
-  report = ConvertReport(src=os.fspath(source.path), dst=dst, src_kind=source.kind,
-                         dst_kind=dst_kind, spec=spec,
-                         used=[n for n in order if n not in missing], skipped=skipped,
-                         missing=missing, notes=notes)
+  report = ConvertReport(
+    src=os.fspath(source.path),
+    dst=dst,
+    src_kind=source.kind,
+    dst_kind=dst_kind,
+    spec=spec,
+    used=[n for n in order if n not in missing],
+    skipped=skipped,
+    missing=missing,
+    notes=notes,
+  )
   return report
 
 
@@ -709,19 +815,26 @@ def _check_destination(dst: str, to_safetensors: bool, overwrite: bool) -> None:
   path = pathlib.Path(dst)
   if path.exists() and not overwrite:
     if to_safetensors or not path.is_dir() or any(path.iterdir()):
-      raise FileExistsError(f"{dst} already exists; pass --overwrite (overwrite=True) to "
-                            "replace it, or choose another destination")
+      raise FileExistsError(
+        f"{dst} already exists; pass --overwrite (overwrite=True) to "
+        "replace it, or choose another destination"
+      )
   if to_safetensors and path.is_dir():
     raise IsADirectoryError(f"{dst} is a directory; a .safetensors destination is a file")
   if not to_safetensors and path.exists() and not path.is_dir():
-    raise FileExistsError(f"{dst} is a file; an Orbax destination is a directory (name it "
-                          "*.safetensors for a safetensors file)")
+    raise FileExistsError(
+      f"{dst} is a file; an Orbax destination is a directory (name it "
+      "*.safetensors for a safetensors file)"
+    )
 
 
-def _write_converted_dir(dst: str, spec: ModelSpec, tensors: dict, source: dict, *,
-                         order: list[str], overwrite: bool) -> None:
+def _write_converted_dir(
+  dst: str, spec: ModelSpec, tensors: dict, source: dict, *, order: list[str], overwrite: bool
+) -> None:
   import orbax.checkpoint as ocp
+
   from mimdistill.training import checkpoints as ckpt_lib
+
   final = pathlib.Path(dst).absolute()
   final.parent.mkdir(parents=True, exist_ok=True)
   tmp = final.with_name(final.name + f".partial-{os.getpid()}")
@@ -732,8 +845,9 @@ def _write_converted_dir(dst: str, spec: ModelSpec, tensors: dict, source: dict,
     # array in the Flax orientation and its source pages are dropped.
     variables: dict[str, Any] = {}
     learned = spec.pos_embed == "learned"
-    for name, path, value in iter_official_to_flax(_consume(tensors, list(tensors)),
-                                                   spec.names_layout, learned_pos_embed=learned):
+    for _name, path, value in iter_official_to_flax(
+      _consume(tensors, list(tensors)), spec.names_layout, learned_pos_embed=learned
+    ):
       node = variables
       for k in path[:-1]:
         node = node.setdefault(k, {})
@@ -742,23 +856,45 @@ def _write_converted_dir(dst: str, spec: ModelSpec, tensors: dict, source: dict,
       node[path[-1]] = copy
       del value
     with ocp.CheckpointManager(
-        ckpt_lib.checkpoint_dir(tmp),
-        options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
-        item_handlers={"state": _handler()}) as manager:
+      ckpt_lib.checkpoint_dir(tmp),
+      options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
+      item_handlers={"state": _handler()},
+    ) as manager:
       manager.save(0, args=ocp.args.Composite(state=ocp.args.PyTreeSave(variables)))
       manager.wait_until_finished()
     del variables
-    model = {"width": spec.width, "depth": spec.depth, "num_heads": spec.num_heads,
-             "patch_size": spec.patch_size, "image_size": spec.image_size,
-             "mlp_ratio": spec.mlp_ratio, "in_chans": spec.in_chans}
-    ckpt_lib.write_json(tmp, "config.json",
-                        {"config": {}, "signature": {"stage": "convert", "model": model}})
-    ckpt_lib.write_json(tmp, "lineage.json",
-                        {"stage": "convert", "parent": {"kind": source["src_kind"],
-                                                        "path": os.path.abspath(source["src"])}})
-    ckpt_lib.write_json(tmp, MODEL_JSON, {"format": FORMAT, "version": FORMAT_VERSION,
-                                          "model": spec.to_json(), "step": 0,
-                                          "source": source, "tensor_order": order})
+    model = {
+      "width": spec.width,
+      "depth": spec.depth,
+      "num_heads": spec.num_heads,
+      "patch_size": spec.patch_size,
+      "image_size": spec.image_size,
+      "mlp_ratio": spec.mlp_ratio,
+      "in_chans": spec.in_chans,
+    }
+    ckpt_lib.write_json(
+      tmp, "config.json", {"config": {}, "signature": {"stage": "convert", "model": model}}
+    )
+    ckpt_lib.write_json(
+      tmp,
+      "lineage.json",
+      {
+        "stage": "convert",
+        "parent": {"kind": source["src_kind"], "path": os.path.abspath(source["src"])},
+      },
+    )
+    ckpt_lib.write_json(
+      tmp,
+      MODEL_JSON,
+      {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "model": spec.to_json(),
+        "step": 0,
+        "source": source,
+        "tensor_order": order,
+      },
+    )
     if final.exists():
       if not overwrite and any(final.iterdir()):
         raise FileExistsError(f"{dst} appeared while converting; not replacing it")
@@ -774,9 +910,9 @@ def _write_converted_dir(dst: str, spec: ModelSpec, tensors: dict, source: dict,
 # -----------------------------------------------------------------------------
 @dataclasses.dataclass
 class Converted:
-  variables: dict          # {'params': ..., 'fixed': ...}, numpy
+  variables: dict  # {'params': ..., 'fixed': ...}, numpy
   spec: ModelSpec
-  record: dict             # model.json
+  record: dict  # model.json
 
   def module(self, **overrides):
     """The Flax module for `apply_variables()` (`ModelSpec.build`)."""
@@ -798,18 +934,25 @@ class Converted:
 def load_converted(path) -> Converted:
   """Reads a directory written by `convert(..., DST)` (also `DST:step`)."""
   from mimdistill.training import checkpoints as ckpt_lib
+
   workdir, _ = ckpt_lib.parse_source(os.fspath(path))
   record_path = pathlib.Path(workdir) / MODEL_JSON
   if not record_path.is_file():
     raise CheckpointReadError(
-        f"{workdir} has no {MODEL_JSON}: not a converted checkpoint (convert one with "
-        "`python -m mimdistill.convert SRC DST`; a training workdir is read with "
-        "restore_subtree)")
+      f"{workdir} has no {MODEL_JSON}: not a converted checkpoint (convert one with "
+      "`python -m mimdistill.convert SRC DST`; a training workdir is read with "
+      "restore_subtree)"
+    )
   record = json.loads(record_path.read_text())
   if record.get("format") != FORMAT or int(record.get("version", 0)) > FORMAT_VERSION:
-    raise CheckpointReadError(f"{record_path} is format {record.get('format')!r} version "
-                              f"{record.get('version')!r}; this mimdistill reads {FORMAT!r} "
-                              f"up to version {FORMAT_VERSION}")
+    raise CheckpointReadError(
+      f"{record_path} is format {record.get('format')!r} version "
+      f"{record.get('version')!r}; this mimdistill reads {FORMAT!r} "
+      f"up to version {FORMAT_VERSION}"
+    )
   state, _ = _restore_workdir(os.fspath(path))
-  return Converted({"params": state["params"], "fixed": state.get("fixed") or {}},
-                   ModelSpec.from_json(record["model"]), record)
+  return Converted(
+    {"params": state["params"], "fixed": state.get("fixed") or {}},
+    ModelSpec.from_json(record["model"]),
+    record,
+  )

@@ -6,6 +6,7 @@ Returned trees are numpy, in mimdistill layout: `encoder` is a ViTEncoder's
 params, `encoder_fixed` its fixed collection (sin-cos `pos_embed`), `head`
 the classifier params (`fc_norm`, `head`) when the source has them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,8 +28,12 @@ PTH_SUFFIXES = (".pth", ".pt", ".bin")
 def shape_table(tree: PyTree) -> dict[str, tuple]:
   """`'a/b/leaf' -> shape` for comparing a source's tree with a model's."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(str(getattr(k, "key", k)) for k in path):
-          tuple(getattr(x, "shape", None) or np.shape(x)) for path, x in flat}
+  return {
+    "/".join(str(getattr(k, "key", k)) for k in path): tuple(
+      getattr(x, "shape", None) or np.shape(x)
+    )
+    for path, x in flat
+  }
 
 
 @dataclasses.dataclass
@@ -44,39 +49,47 @@ def read_encoder(source: str, *, what: str = "init") -> EncoderSource:
   path = str(source)
   if path.endswith(PTH_SUFFIXES):
     if is_remote(path):
-      raise ValueError(f"{what}={path}: .pth files are memory-mapped and must be "
-                       "on a local disk; copy it first (gcloud storage cp "
-                       f"{path} .) and pass the local path")
+      raise ValueError(
+        f"{what}={path}: .pth files are memory-mapped and must be "
+        "on a local disk; copy it first (gcloud storage cp "
+        f"{path} .) and pass the local path"
+      )
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"{what}={path} does not exist; point it at an "
-                              "official .pth file or a mimdistill workdir")
+      raise FileNotFoundError(
+        f"{what}={path} does not exist; point it at an official .pth file or a mimdistill workdir"
+      )
     ckpt = load_pth(path)
-    variables, _ = official_to_flax(ckpt.tensors, "classifier",
-                                    learned_pos_embed=True)
+    variables, _ = official_to_flax(ckpt.tensors, "classifier", learned_pos_embed=True)
     params = variables.get("params", {})
     if "encoder" not in params:
-      raise ValueError(f"{what}={path} holds no ViT encoder weights (found "
-                       f"{sorted(ckpt.tensors)[:8]}...)")
+      raise ValueError(
+        f"{what}={path} holds no ViT encoder weights (found {sorted(ckpt.tensors)[:8]}...)"
+      )
     head = {k: params[k] for k in ("fc_norm", "head") if k in params}
-    return EncoderSource(params["encoder"], None, head,
-                         {"kind": "pth", "path": os.path.abspath(path), "step": None})
+    return EncoderSource(
+      params["encoder"], None, head, {"kind": "pth", "path": os.path.abspath(path), "step": None}
+    )
   workdir, _ = ckpt_lib.parse_source(path)
   if not workdir.is_dir():
     raise FileNotFoundError(
-        f"{what}={path}: no such workdir; run the earlier stage there first, or "
-        "point at an existing workdir (workdir or workdir:step) or a .pth file")
+      f"{what}={path}: no such workdir; run the earlier stage there first, or "
+      "point at an existing workdir (workdir or workdir:step) or a .pth file"
+    )
   try:
     params, record = ckpt_lib.restore_subtree(path, ("params",))
   except KeyError as e:
     raise ValueError(f"{what}={path} holds no params: {e}") from None
   if "encoder" not in params:
-    raise ValueError(f"{what}={path} holds no encoder params (state/params/"
-                     f"encoder; it has {sorted(params)}); point at a stage-1, "
-                     "stage-2 or stage-3 workdir")
+    raise ValueError(
+      f"{what}={path} holds no encoder params (state/params/"
+      f"encoder; it has {sorted(params)}); point at a stage-1, "
+      "stage-2 or stage-3 workdir"
+    )
   try:
     fixed, _ = ckpt_lib.restore_subtree(path, ("fixed", "encoder"))
   except KeyError:
     fixed = None  # a learned position embedding is a param
   head = {k: params[k] for k in ("fc_norm", "head") if k in params}
-  return EncoderSource(params["encoder"], fixed, head,
-                       {"kind": "workdir", "source": path, **record})
+  return EncoderSource(
+    params["encoder"], fixed, head, {"kind": "workdir", "source": path, **record}
+  )

@@ -26,12 +26,14 @@ Layouts (names as in `official_names`): 'vit' (an encoder: MAE pre-trained
 encoder-only, TinyMIM pre-trained student, timm without head), 'mae'
 (encoder + decoder) and 'classifier' (encoder + optional `fc_norm` + `head`).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 LAYOUTS = ("vit", "mae", "classifier")
 POS_EMBED_TYPES = ("fixed", "learned")
@@ -41,21 +43,32 @@ DEFAULT_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 DEFAULT_DECODER_HEADS = 16  # every released MAE decoder (512 wide)
 DEFAULT_IMAGE_SIZE = 224
 
-BLOCK_LEAVES = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias",
-                "attn.proj.weight", "attn.proj.bias", "norm2.weight", "norm2.bias",
-                "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")
+BLOCK_LEAVES = (
+  "norm1.weight",
+  "norm1.bias",
+  "attn.qkv.weight",
+  "attn.qkv.bias",
+  "attn.proj.weight",
+  "attn.proj.bias",
+  "norm2.weight",
+  "norm2.bias",
+  "mlp.fc1.weight",
+  "mlp.fc1.bias",
+  "mlp.fc2.weight",
+  "mlp.fc2.bias",
+)
 
 # Well-known tensors of ViT variants this project does not implement.
 _UNSUPPORTED_HINTS = (
-    (re.compile(r"(^|\.)ls[12]\.gamma$|(^|\.)gamma_[12]$"), "layer scale (CaiT/DeiT-III/BEiT style)"),
-    (re.compile(r"^dist_token$|^head_dist\."), "a DeiT distillation token"),
-    (re.compile(r"^reg_token$"), "register tokens"),
-    (re.compile(r"relative_position|rel_pos"), "relative position biases (BEiT style)"),
-    (re.compile(r"(^|\.)q_norm\.|(^|\.)k_norm\."), "qk-norm"),
-    (re.compile(r"(^|\.)q_bias$|(^|\.)v_bias$"), "split q/v biases (BEiT style)"),
-    (re.compile(r"^pre_logits\."), "a pre-logits representation layer (timm in21k)"),
-    (re.compile(r"^norm_pre\."), "a pre-norm before the blocks (CLIP style)"),
-    (re.compile(r"^attn_pool\."), "attention pooling"),
+  (re.compile(r"(^|\.)ls[12]\.gamma$|(^|\.)gamma_[12]$"), "layer scale (CaiT/DeiT-III/BEiT style)"),
+  (re.compile(r"^dist_token$|^head_dist\."), "a DeiT distillation token"),
+  (re.compile(r"^reg_token$"), "register tokens"),
+  (re.compile(r"relative_position|rel_pos"), "relative position biases (BEiT style)"),
+  (re.compile(r"(^|\.)q_norm\.|(^|\.)k_norm\."), "qk-norm"),
+  (re.compile(r"(^|\.)q_bias$|(^|\.)v_bias$"), "split q/v biases (BEiT style)"),
+  (re.compile(r"^pre_logits\."), "a pre-logits representation layer (timm in21k)"),
+  (re.compile(r"^norm_pre\."), "a pre-norm before the blocks (CLIP style)"),
+  (re.compile(r"^attn_pool\."), "attention pooling"),
 )
 
 
@@ -74,6 +87,7 @@ class DecoderSpec:
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
   """A detected model: enough to build the Flax module and to name its tensors."""
+
   layout: str
   width: int
   depth: int
@@ -82,13 +96,13 @@ class ModelSpec:
   image_size: int
   in_chans: int = 3
   mlp_ratio: float = 4.0
-  final_norm: bool = True          # encoder `norm` (absent with avg pooling)
-  pos_embed: str = "fixed"         # 'fixed' sin-cos buffer or 'learned' param
-  pooling: str | None = None       # classifier: 'avg' (fc_norm) or 'cls'
+  final_norm: bool = True  # encoder `norm` (absent with avg pooling)
+  pos_embed: str = "fixed"  # 'fixed' sin-cos buffer or 'learned' param
+  pooling: str | None = None  # classifier: 'avg' (fc_norm) or 'cls'
   num_classes: int | None = None
   decoder: DecoderSpec | None = None
   dtype: str = "float32"
-  assumed: tuple[str, ...] = ()    # fields not read from the weights
+  assumed: tuple[str, ...] = ()  # fields not read from the weights
 
   # -- naming ---------------------------------------------------------------
   @property
@@ -102,12 +116,16 @@ class ModelSpec:
     if self.final_norm:
       names += ["norm.weight", "norm.bias"]
     if self.decoder is not None:
-      names += ["mask_token", "decoder_pos_embed", "decoder_embed.weight",
-                "decoder_embed.bias"]
-      names += [f"decoder_blocks.{i}.{leaf}" for i in range(self.decoder.depth)
-                for leaf in BLOCK_LEAVES]
-      names += ["decoder_norm.weight", "decoder_norm.bias", "decoder_pred.weight",
-                "decoder_pred.bias"]
+      names += ["mask_token", "decoder_pos_embed", "decoder_embed.weight", "decoder_embed.bias"]
+      names += [
+        f"decoder_blocks.{i}.{leaf}" for i in range(self.decoder.depth) for leaf in BLOCK_LEAVES
+      ]
+      names += [
+        "decoder_norm.weight",
+        "decoder_norm.bias",
+        "decoder_pred.weight",
+        "decoder_pred.bias",
+      ]
     if self.layout == "classifier":
       if self.pooling == "avg":
         names += ["fc_norm.weight", "fc_norm.bias"]
@@ -117,23 +135,42 @@ class ModelSpec:
   def expected_shapes(self) -> dict[str, tuple[int, ...]]:
     d, p, c = self.width, self.patch_size, self.in_chans
     hidden = int(d * self.mlp_ratio)
-    n = 1 + self.grid ** 2
-    shapes = {"cls_token": (1, 1, d), "pos_embed": (1, n, d),
-              "patch_embed.proj.weight": (d, c, p, p), "patch_embed.proj.bias": (d,),
-              "norm.weight": (d,), "norm.bias": (d,)}
+    n = 1 + self.grid**2
+    shapes = {
+      "cls_token": (1, 1, d),
+      "pos_embed": (1, n, d),
+      "patch_embed.proj.weight": (d, c, p, p),
+      "patch_embed.proj.bias": (d,),
+      "norm.weight": (d,),
+      "norm.bias": (d,),
+    }
     shapes.update(_block_shapes("blocks", self.depth, d, hidden))
     if self.decoder is not None:
       dd = self.decoder.width
-      shapes.update({"mask_token": (1, 1, dd), "decoder_pos_embed": (1, n, dd),
-                     "decoder_embed.weight": (dd, d), "decoder_embed.bias": (dd,),
-                     "decoder_norm.weight": (dd,), "decoder_norm.bias": (dd,),
-                     "decoder_pred.weight": (self.decoder.out_dim, dd),
-                     "decoder_pred.bias": (self.decoder.out_dim,)})
-      shapes.update(_block_shapes("decoder_blocks", self.decoder.depth, dd,
-                                  int(dd * self.mlp_ratio)))
+      shapes.update(
+        {
+          "mask_token": (1, 1, dd),
+          "decoder_pos_embed": (1, n, dd),
+          "decoder_embed.weight": (dd, d),
+          "decoder_embed.bias": (dd,),
+          "decoder_norm.weight": (dd,),
+          "decoder_norm.bias": (dd,),
+          "decoder_pred.weight": (self.decoder.out_dim, dd),
+          "decoder_pred.bias": (self.decoder.out_dim,),
+        }
+      )
+      shapes.update(
+        _block_shapes("decoder_blocks", self.decoder.depth, dd, int(dd * self.mlp_ratio))
+      )
     if self.layout == "classifier":
-      shapes.update({"fc_norm.weight": (d,), "fc_norm.bias": (d,),
-                     "head.weight": (self.num_classes, d), "head.bias": (self.num_classes,)})
+      shapes.update(
+        {
+          "fc_norm.weight": (d,),
+          "fc_norm.bias": (d,),
+          "head.weight": (self.num_classes, d),
+          "head.bias": (self.num_classes,),
+        }
+      )
     return {name: shapes[name] for name in self.expected_names()}
 
   @property
@@ -150,7 +187,7 @@ class ModelSpec:
     return record
 
   @classmethod
-  def from_json(cls, record: Mapping[str, Any]) -> "ModelSpec":
+  def from_json(cls, record: Mapping[str, Any]) -> ModelSpec:
     record = dict(record)
     if record.get("decoder") is not None:
       record["decoder"] = DecoderSpec(**record["decoder"])
@@ -160,37 +197,52 @@ class ModelSpec:
 
   def encoder_kwargs(self) -> dict[str, Any]:
     """Fields of a `model` config section (`zoo.resolve`) for this encoder."""
-    return {"variant": "custom", "width": self.width, "depth": self.depth,
-            "num_heads": self.num_heads, "patch_size": self.patch_size,
-            "image_size": self.image_size, "mlp_ratio": self.mlp_ratio,
-            "in_chans": self.in_chans}
+    return {
+      "variant": "custom",
+      "width": self.width,
+      "depth": self.depth,
+      "num_heads": self.num_heads,
+      "patch_size": self.patch_size,
+      "image_size": self.image_size,
+      "mlp_ratio": self.mlp_ratio,
+      "in_chans": self.in_chans,
+    }
 
   def describe(self) -> str:
     heads = "?" if self.num_heads is None else str(self.num_heads)
     if "num_heads" in self.assumed:
       heads += " (assumed)"
     size = f"{self.image_size}" + (" (assumed)" if "image_size" in self.assumed else "")
-    parts = [f"layout={self.layout}", f"width={self.width}", f"depth={self.depth}",
-             f"heads={heads}", f"patch={self.patch_size}", f"image_size={size}",
-             f"in_chans={self.in_chans}", f"mlp_ratio={self.mlp_ratio:g}",
-             f"pos_embed={self.pos_embed}", f"final_norm={self.final_norm}",
-             f"dtype={self.dtype}"]
+    parts = [
+      f"layout={self.layout}",
+      f"width={self.width}",
+      f"depth={self.depth}",
+      f"heads={heads}",
+      f"patch={self.patch_size}",
+      f"image_size={size}",
+      f"in_chans={self.in_chans}",
+      f"mlp_ratio={self.mlp_ratio:g}",
+      f"pos_embed={self.pos_embed}",
+      f"final_norm={self.final_norm}",
+      f"dtype={self.dtype}",
+    ]
     if self.layout == "classifier":
       parts += [f"pooling={self.pooling}", f"num_classes={self.num_classes}"]
     if self.decoder is not None:
       dh = str(self.decoder.num_heads) + (
-          " (assumed)" if "decoder.num_heads" in self.assumed else "")
-      parts += [f"decoder=(width={self.decoder.width}, depth={self.decoder.depth}, "
-                f"heads={dh})"]
+        " (assumed)" if "decoder.num_heads" in self.assumed else ""
+      )
+      parts += [f"decoder=(width={self.decoder.width}, depth={self.decoder.depth}, heads={dh})"]
     return " ".join(parts)
 
   # -- modules ------------------------------------------------------------------
   def require_heads(self, what: str = "building the model") -> int:
     if self.num_heads is None:
       raise LayoutError(
-          f"{what} needs the number of attention heads, which a checkpoint does not "
-          f"store and width {self.width} has no standard value for; pass "
-          f"--num-heads N (num_heads=N), a divisor of {self.width}")
+        f"{what} needs the number of attention heads, which a checkpoint does not "
+        f"store and width {self.width} has no standard value for; pass "
+        f"--num-heads N (num_heads=N), a divisor of {self.width}"
+      )
     return self.num_heads
 
   def build(self, **overrides):
@@ -199,27 +251,56 @@ class ModelSpec:
     from mimdistill.models.classifier import ViTClassifier
     from mimdistill.models.mae import MAE
     from mimdistill.models.vit import ViTEncoder
+
     heads = self.require_heads()
-    common = dict(width=self.width, depth=self.depth, num_heads=heads,
-                  patch_size=self.patch_size, image_size=self.image_size,
-                  in_chans=self.in_chans, mlp_ratio=self.mlp_ratio)
+    common = dict(
+      width=self.width,
+      depth=self.depth,
+      num_heads=heads,
+      patch_size=self.patch_size,
+      image_size=self.image_size,
+      in_chans=self.in_chans,
+      mlp_ratio=self.mlp_ratio,
+    )
     if self.layout == "classifier":
-      return ViTClassifier(num_classes=self.num_classes, global_pool=self.pooling == "avg",
-                           pos_embed_type="learned" if self.pos_embed == "learned" else "sincos",
-                           **common, **overrides)
+      return ViTClassifier(
+        num_classes=self.num_classes,
+        global_pool=self.pooling == "avg",
+        pos_embed_type="learned" if self.pos_embed == "learned" else "sincos",
+        **common,
+        **overrides,
+      )
     if self.layout == "mae":
-      return MAE(decoder_width=self.decoder.width, decoder_depth=self.decoder.depth,
-                 decoder_heads=self.decoder.num_heads, **common, **overrides)
-    return ViTEncoder(final_norm=self.final_norm,
-                      pos_embed_type="learned" if self.pos_embed == "learned" else "sincos",
-                      **common, **overrides)
+      return MAE(
+        decoder_width=self.decoder.width,
+        decoder_depth=self.decoder.depth,
+        decoder_heads=self.decoder.num_heads,
+        **common,
+        **overrides,
+      )
+    return ViTEncoder(
+      final_norm=self.final_norm,
+      pos_embed_type="learned" if self.pos_embed == "learned" else "sincos",
+      **common,
+      **overrides,
+    )
 
 
 def _block_shapes(prefix: str, depth: int, d: int, hidden: int) -> dict[str, tuple]:
-  per = {"norm1.weight": (d,), "norm1.bias": (d,), "attn.qkv.weight": (3 * d, d),
-         "attn.qkv.bias": (3 * d,), "attn.proj.weight": (d, d), "attn.proj.bias": (d,),
-         "norm2.weight": (d,), "norm2.bias": (d,), "mlp.fc1.weight": (hidden, d),
-         "mlp.fc1.bias": (hidden,), "mlp.fc2.weight": (d, hidden), "mlp.fc2.bias": (d,)}
+  per = {
+    "norm1.weight": (d,),
+    "norm1.bias": (d,),
+    "attn.qkv.weight": (3 * d, d),
+    "attn.qkv.bias": (3 * d,),
+    "attn.proj.weight": (d, d),
+    "attn.proj.bias": (d,),
+    "norm2.weight": (d,),
+    "norm2.bias": (d,),
+    "mlp.fc1.weight": (hidden, d),
+    "mlp.fc1.bias": (hidden,),
+    "mlp.fc2.weight": (d, hidden),
+    "mlp.fc2.bias": (d,),
+  }
   return {f"{prefix}.{i}.{leaf}": shape for i in range(depth) for leaf, shape in per.items()}
 
 
@@ -241,9 +322,10 @@ def _count_blocks(names: Sequence[str], prefix: str) -> int:
   if indices and indices != list(range(len(indices))):
     gaps = sorted(set(range(indices[-1] + 1)) - set(indices))
     raise LayoutError(
-        f"the checkpoint's {prefix} are numbered {indices[0]}..{indices[-1]} with "
-        f"{prefix} {gaps[:8]} missing; the file is incomplete (a truncated or pruned "
-        "state dict?)")
+      f"the checkpoint's {prefix} are numbered {indices[0]}..{indices[-1]} with "
+      f"{prefix} {gaps[:8]} missing; the file is incomplete (a truncated or pruned "
+      "state dict?)"
+    )
   return len(indices)
 
 
@@ -251,21 +333,29 @@ def _shape(shapes: Mapping[str, Sequence[int]], name: str) -> tuple[int, ...]:
   return tuple(int(s) for s in shapes[name])
 
 
-def _heads(width: int, given: int | None, what: str, default: int | None
-           ) -> tuple[int | None, bool]:
+def _heads(
+  width: int, given: int | None, what: str, default: int | None
+) -> tuple[int | None, bool]:
   """(heads, assumed?)"""
   if given is not None:
     if given <= 0 or width % given:
-      raise LayoutError(f"{what} num_heads={given} does not divide the width {width}; "
-                        f"pick a divisor of {width}")
+      raise LayoutError(
+        f"{what} num_heads={given} does not divide the width {width}; pick a divisor of {width}"
+      )
     return int(given), False
   return default, default is not None
 
 
-def detect(shapes: Mapping[str, Sequence[int]], *, dtypes: Mapping[str, Any] | None = None,
-           layout: str | None = None, num_heads: int | None = None,
-           image_size: int | None = None, decoder_num_heads: int | None = None,
-           pos_embed: str | None = None) -> ModelSpec:
+def detect(
+  shapes: Mapping[str, Sequence[int]],
+  *,
+  dtypes: Mapping[str, Any] | None = None,
+  layout: str | None = None,
+  num_heads: int | None = None,
+  image_size: int | None = None,
+  decoder_num_heads: int | None = None,
+  pos_embed: str | None = None,
+) -> ModelSpec:
   """The model an official-named state dict describes (`name -> shape`).
 
   Arguments other than `shapes` override or complete the detection: `layout`
@@ -283,8 +373,9 @@ def detect(shapes: Mapping[str, Sequence[int]], *, dtypes: Mapping[str, Any] | N
   if "cls_token" not in shapes or "patch_embed.proj.weight" not in shapes:
     missing = [n for n in ("cls_token", "patch_embed.proj.weight") if n not in shapes]
     raise LayoutError(
-        f"no {' / '.join(missing)} tensor: this is not a ViT state dict with MAE / TinyMIM "
-        f"/ timm names (it has {len(names)} tensors: {_preview(names)})")
+      f"no {' / '.join(missing)} tensor: this is not a ViT state dict with MAE / TinyMIM "
+      f"/ timm names (it has {len(names)} tensors: {_preview(names)})"
+    )
   assumed: list[str] = []
 
   cls = _shape(shapes, "cls_token")
@@ -294,8 +385,9 @@ def detect(shapes: Mapping[str, Sequence[int]], *, dtypes: Mapping[str, Any] | N
   pe = _shape(shapes, "patch_embed.proj.weight")
   if len(pe) != 4 or pe[0] != width or pe[2] != pe[3]:
     raise LayoutError(
-        f"patch_embed.proj.weight has shape {pe}, expected ({width}, in_chans, p, p) "
-        "with square patches")
+      f"patch_embed.proj.weight has shape {pe}, expected ({width}, in_chans, p, p) "
+      "with square patches"
+    )
   in_chans, patch = pe[1], pe[2]
 
   if "pos_embed" in shapes:
@@ -303,14 +395,16 @@ def detect(shapes: Mapping[str, Sequence[int]], *, dtypes: Mapping[str, Any] | N
     grid = math.isqrt(max(pos[1] - 1, 0)) if len(pos) == 3 else -1
     if len(pos) != 3 or pos[0] != 1 or pos[2] != width or grid * grid != pos[1] - 1 or grid == 0:
       raise LayoutError(
-          f"pos_embed has shape {pos}; expected (1, 1 + grid**2, {width}) for a square "
-          "image with a CLS token")
+        f"pos_embed has shape {pos}; expected (1, 1 + grid**2, {width}) for a square "
+        "image with a CLS token"
+      )
     if image_size is not None and image_size != grid * patch:
       raise LayoutError(
-          f"image_size={image_size} was asked for, but the checkpoint's pos_embed is for "
-          f"{grid * patch}x{grid * patch} images ({grid}x{grid} patches of {patch}); convert "
-          "at the checkpoint's size and let fine-tuning resize the position embedding "
-          "(bicubic, as MAE's interpolate_pos_embed)")
+        f"image_size={image_size} was asked for, but the checkpoint's pos_embed is for "
+        f"{grid * patch}x{grid * patch} images ({grid}x{grid} patches of {patch}); convert "
+        "at the checkpoint's size and let fine-tuning resize the position embedding "
+        "(bicubic, as MAE's interpolate_pos_embed)"
+      )
     image_size = grid * patch
   elif image_size is None:
     image_size = DEFAULT_IMAGE_SIZE
@@ -330,15 +424,17 @@ def detect(shapes: Mapping[str, Sequence[int]], *, dtypes: Mapping[str, Any] | N
   has_decoder = any(n.startswith(("decoder_", "mask_token")) for n in names)
   has_head = any(n.startswith(("head.", "fc_norm.")) for n in names)
   if has_decoder and has_head:
-    raise LayoutError("the checkpoint has both an MAE decoder and a classifier head; "
-                      "no official model has both")
+    raise LayoutError(
+      "the checkpoint has both an MAE decoder and a classifier head; no official model has both"
+    )
   found = "mae" if has_decoder else "classifier" if has_head else "vit"
   if layout is None:
     layout = found
   elif layout != found and not (layout == "vit" and found != "vit"):
     raise LayoutError(
-        f"layout={layout!r} was asked for, but the tensors hold a {found!r} checkpoint; "
-        f"use layout={found!r} (or 'vit' to keep only the encoder)")
+      f"layout={layout!r} was asked for, but the tensors hold a {found!r} checkpoint; "
+      f"use layout={found!r} (or 'vit' to keep only the encoder)"
+    )
 
   heads, heads_assumed = _heads(width, num_heads, "encoder", DEFAULT_HEADS.get(width))
   if heads_assumed:
@@ -347,46 +443,58 @@ def detect(shapes: Mapping[str, Sequence[int]], *, dtypes: Mapping[str, Any] | N
   decoder = None
   if layout == "mae":
     if "decoder_embed.weight" not in shapes or "decoder_pred.weight" not in shapes:
-      raise LayoutError("the checkpoint has decoder tensors but no decoder_embed.weight / "
-                        "decoder_pred.weight; the MAE decoder is incomplete")
+      raise LayoutError(
+        "the checkpoint has decoder tensors but no decoder_embed.weight / "
+        "decoder_pred.weight; the MAE decoder is incomplete"
+      )
     dwidth = int(shapes["decoder_embed.weight"][0])
     ddepth = _count_blocks(names, "decoder_blocks")
     out_dim = int(shapes["decoder_pred.weight"][0])
     if out_dim != patch * patch * in_chans:
-      raise LayoutError(f"decoder_pred predicts {out_dim} values per patch, expected "
-                        f"patch**2 * in_chans = {patch * patch * in_chans}")
+      raise LayoutError(
+        f"decoder_pred predicts {out_dim} values per patch, expected "
+        f"patch**2 * in_chans = {patch * patch * in_chans}"
+      )
     dfc1 = shapes.get("decoder_blocks.0.mlp.fc1.weight")
     if dfc1 is not None and int(dfc1[0]) != int(dwidth * mlp_ratio):
-      raise LayoutError(f"the decoder's MLP ratio {int(dfc1[0]) / dwidth:g} differs from "
-                        f"the encoder's {mlp_ratio:g}; mimdistill's MAE uses one ratio")
+      raise LayoutError(
+        f"the decoder's MLP ratio {int(dfc1[0]) / dwidth:g} differs from "
+        f"the encoder's {mlp_ratio:g}; mimdistill's MAE uses one ratio"
+      )
     default = DEFAULT_DECODER_HEADS if dwidth % DEFAULT_DECODER_HEADS == 0 else None
     dheads, dassumed = _heads(dwidth, decoder_num_heads, "decoder", default)
     if dassumed:
       assumed.append("decoder.num_heads")
     if dheads is None:
-      raise LayoutError(f"the MAE decoder is {dwidth} wide, which has no standard head "
-                        "count; pass --decoder-num-heads N")
+      raise LayoutError(
+        f"the MAE decoder is {dwidth} wide, which has no standard head "
+        "count; pass --decoder-num-heads N"
+      )
     decoder = DecoderSpec(dwidth, ddepth, dheads, out_dim)
 
   pooling = num_classes = None
   final_norm = "norm.weight" in shapes
   if layout == "classifier":
     if "head.weight" not in shapes:
-      raise LayoutError("the checkpoint has fc_norm but no head.weight; a classifier "
-                        "needs its head")
+      raise LayoutError(
+        "the checkpoint has fc_norm but no head.weight; a classifier needs its head"
+      )
     num_classes = int(shapes["head.weight"][0])
     if "fc_norm.weight" in shapes:
       if final_norm:
         raise LayoutError(
-            "the checkpoint has both the encoder norm and fc_norm; mimdistill's classifier "
-            "(MAE models_vit) has fc_norm after average pooling and no encoder norm, or the "
-            "encoder norm and CLS pooling")
+          "the checkpoint has both the encoder norm and fc_norm; mimdistill's classifier "
+          "(MAE models_vit) has fc_norm after average pooling and no encoder norm, or the "
+          "encoder norm and CLS pooling"
+        )
       pooling = "avg"
     else:
       pooling = "cls"
       if not final_norm:
-        raise LayoutError("a CLS-pooling classifier (head without fc_norm) needs the encoder "
-                          "norm, which the checkpoint lacks")
+        raise LayoutError(
+          "a CLS-pooling classifier (head without fc_norm) needs the encoder "
+          "norm, which the checkpoint lacks"
+        )
 
   if pos_embed is None:
     pos_embed = "learned" if layout == "classifier" else "fixed"
@@ -394,21 +502,34 @@ def detect(shapes: Mapping[str, Sequence[int]], *, dtypes: Mapping[str, Any] | N
   if dtypes:
     kinds = {str(v) for v in dtypes.values()}
     dtype = kinds.pop() if len(kinds) == 1 else "mixed"
-  return ModelSpec(layout=layout, width=width, depth=depth, num_heads=heads,
-                   patch_size=patch, image_size=image_size, in_chans=in_chans,
-                   mlp_ratio=mlp_ratio, final_norm=final_norm, pos_embed=pos_embed,
-                   pooling=pooling, num_classes=num_classes, decoder=decoder, dtype=dtype,
-                   assumed=tuple(assumed))
+  return ModelSpec(
+    layout=layout,
+    width=width,
+    depth=depth,
+    num_heads=heads,
+    patch_size=patch,
+    image_size=image_size,
+    in_chans=in_chans,
+    mlp_ratio=mlp_ratio,
+    final_norm=final_norm,
+    pos_embed=pos_embed,
+    pooling=pooling,
+    num_classes=num_classes,
+    decoder=decoder,
+    dtype=dtype,
+    assumed=tuple(assumed),
+  )
 
 
 @dataclasses.dataclass
 class NameCheck:
   """The checkpoint's names against the detected model's."""
+
   used: list[str]
-  missing: list[str]                 # expected, absent from the checkpoint
-  dropped: dict[str, str]            # present, left out by the layout -> why
-  unexpected: dict[str, str]         # present, no place in the model -> why
-  wrong_shape: dict[str, tuple]      # name -> (checkpoint shape, expected shape)
+  missing: list[str]  # expected, absent from the checkpoint
+  dropped: dict[str, str]  # present, left out by the layout -> why
+  unexpected: dict[str, str]  # present, no place in the model -> why
+  wrong_shape: dict[str, tuple]  # name -> (checkpoint shape, expected shape)
 
 
 def check_names(spec: ModelSpec, shapes: Mapping[str, Sequence[int]]) -> NameCheck:

@@ -20,19 +20,25 @@ Layouts (where the encoder lives in the tree):
   'mae'        `{'encoder': ..., 'decoder': ...}`;
   'classifier' `{'encoder': ..., 'fc_norm': ..., 'head': ...}`.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 
 LAYOUTS = ("vit", "mae", "classifier")
-_DECODER_RENAMES = {"decoder_embed": "embed", "decoder_norm": "norm",
-                    "decoder_pred": "pred", "decoder_blocks": "blocks",
-                    "mask_token": "mask_token"}
+_DECODER_RENAMES = {
+  "decoder_embed": "embed",
+  "decoder_norm": "norm",
+  "decoder_pred": "pred",
+  "decoder_blocks": "blocks",
+  "mask_token": "mask_token",
+}
 _HEAD_MODULES = ("fc_norm", "head")
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 
@@ -77,8 +83,7 @@ def _leaf_to_flax(leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
       return "kernel", value.T
     if value.ndim == 4:
       return "kernel", value.transpose(2, 3, 1, 0)
-  raise ValueError(f"cannot convert parameter leaf {leaf!r} of shape "
-                   f"{value.shape}")
+  raise ValueError(f"cannot convert parameter leaf {leaf!r} of shape {value.shape}")
 
 
 def _leaf_to_official(leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
@@ -94,8 +99,9 @@ def _leaf_to_official(leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
   raise ValueError(f"cannot convert Flax leaf {leaf!r} of shape {value.shape}")
 
 
-def official_path(name: str, layout: str, *, learned_pos_embed: bool = False
-                  ) -> tuple[str, ...] | str:
+def official_path(
+  name: str, layout: str, *, learned_pos_embed: bool = False
+) -> tuple[str, ...] | str:
   """Variables path for an official name, or a string saying why it is skipped."""
   _check_layout(layout)
   parts = name.split(".")
@@ -120,10 +126,12 @@ def official_path(name: str, layout: str, *, learned_pos_embed: bool = False
   return (collection, *path) if layout == "vit" else (collection, "encoder", *path)
 
 
-def iter_official_to_flax(state_dict: Mapping[str, np.ndarray] | Iterable[tuple[str, Any]],
-                          layout: str, *,
-                          learned_pos_embed: bool = False
-                          ) -> Iterator[tuple[str, tuple[str, ...] | str, Any]]:
+def iter_official_to_flax(
+  state_dict: Mapping[str, np.ndarray] | Iterable[tuple[str, Any]],
+  layout: str,
+  *,
+  learned_pos_embed: bool = False,
+) -> Iterator[tuple[str, tuple[str, ...] | str, Any]]:
   """One tensor at a time: `(name, variables path, Flax-oriented value)`, or
   `(name, why it is skipped, None)`.
 
@@ -145,14 +153,15 @@ def iter_official_to_flax(state_dict: Mapping[str, np.ndarray] | Iterable[tuple[
     yield name, path, value
 
 
-def official_to_flax(state_dict: Mapping[str, np.ndarray], layout: str, *,
-                     learned_pos_embed: bool = False
-                     ) -> tuple[dict[str, Any], ConversionReport]:
+def official_to_flax(
+  state_dict: Mapping[str, np.ndarray], layout: str, *, learned_pos_embed: bool = False
+) -> tuple[dict[str, Any], ConversionReport]:
   """Builds Flax variables `{'params', 'fixed'}` from an official state dict."""
   report = ConversionReport()
   tree: dict[str, Any] = {}
   for name, path, value in iter_official_to_flax(
-      state_dict, layout, learned_pos_embed=learned_pos_embed):
+    state_dict, layout, learned_pos_embed=learned_pos_embed
+  ):
     if isinstance(path, str):
       report.skipped[name] = path
       continue
@@ -185,7 +194,7 @@ def official_name(path: Sequence[str], layout: str) -> str:
 
 
 def _flat(variables: Mapping[str, Any]):
-  for collection, tree in variables.items():
+  for tree in variables.values():
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
       yield [str(getattr(k, "key", k)) for k in path], leaf
 
@@ -195,8 +204,9 @@ def official_names_of(variables: Mapping[str, Any], layout: str) -> dict[str, An
   return {official_name(path, layout): leaf for path, leaf in _flat(variables)}
 
 
-def iter_flax_to_official(variables: Mapping[str, Any], layout: str
-                          ) -> Iterator[tuple[str, np.ndarray]]:
+def iter_flax_to_official(
+  variables: Mapping[str, Any], layout: str
+) -> Iterator[tuple[str, np.ndarray]]:
   """One leaf at a time: `(official name, official-oriented value)`; kernels
   come back as transposed numpy views of the leaves."""
   for path, leaf in _flat(variables):
@@ -209,7 +219,6 @@ def to_official_leaf(leaf: str, value: np.ndarray) -> np.ndarray:
   return _leaf_to_official(leaf, value)[1] if leaf in _LEAF_NAMES else value
 
 
-def flax_to_official(variables: Mapping[str, Any], layout: str
-                     ) -> dict[str, np.ndarray]:
+def flax_to_official(variables: Mapping[str, Any], layout: str) -> dict[str, np.ndarray]:
   """Inverse of `official_to_flax`: every leaf of every collection."""
   return dict(iter_flax_to_official(variables, layout))

@@ -4,9 +4,11 @@ Params: `{'encoder': <ViTEncoder params>, 'fc_norm': ..., 'head': ...}` with
 global average pooling (`fc_norm` after pooling, no encoder final norm, as
 `models_vit` deletes `norm`), or `{'encoder', 'head'}` with CLS pooling.
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -38,20 +40,30 @@ class ViTClassifier(nn.Module):
 
   def setup(self):
     self.encoder = ViTEncoder(
-        self.width, self.depth, self.num_heads, self.patch_size, self.image_size,
-        self.in_chans, self.mlp_ratio, self.drop_path,
-        pos_embed_type=self.pos_embed_type, final_norm=not self.global_pool,
-        dtype=self.dtype, fused_attention=self.fused_attention,
-        remat=self.remat, scan_blocks=self.scan_blocks)
+      self.width,
+      self.depth,
+      self.num_heads,
+      self.patch_size,
+      self.image_size,
+      self.in_chans,
+      self.mlp_ratio,
+      self.drop_path,
+      pos_embed_type=self.pos_embed_type,
+      final_norm=not self.global_pool,
+      dtype=self.dtype,
+      fused_attention=self.fused_attention,
+      remat=self.remat,
+      scan_blocks=self.scan_blocks,
+    )
     if self.global_pool:
       self.fc_norm = layer_norm(dtype=self.dtype)
     if self.linear_probe:
-      self.bn = nn.BatchNorm(use_scale=False, use_bias=False, epsilon=1e-6,
-                             momentum=0.9)
+      self.bn = nn.BatchNorm(use_scale=False, use_bias=False, epsilon=1e-6, momentum=0.9)
     # MAE calls timm's trunc_normal_(std=2e-5), whose cutoff is +-2 in
     # absolute value: at this std it is a plain normal.
-    self.head = nn.Dense(self.num_classes, dtype=self.dtype,
-                         kernel_init=nn.initializers.normal(self.head_init_std))
+    self.head = nn.Dense(
+      self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.normal(self.head_init_std)
+    )
 
   def features(self, images, *, train: bool = False):
     x = self.encoder(images, train=train)

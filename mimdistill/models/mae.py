@@ -4,6 +4,7 @@ Params: `{'encoder': <ViTEncoder params>, 'decoder': {embed, mask_token,
 blocks_<i>, norm, pred}}`. The encoder subtree is exactly a ViT encoder's
 params, so a later stage restores it as a teacher or student by name.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -13,8 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from mimdistill.models import pos_embed as pos_embed_lib
-from mimdistill.models.vit import (Block, ViTEncoder, _dense_init, layer_norm,
-                                   run_block_stack)
+from mimdistill.models.vit import Block, ViTEncoder, _dense_init, layer_norm, run_block_stack
 
 Dtype = Any
 
@@ -31,15 +31,15 @@ def patchify(images: jax.Array, patch: int) -> jax.Array:
 def unpatchify(patches: jax.Array, patch: int, channels: int = 3) -> jax.Array:
   """Inverse of `patchify` for square images."""
   b, l, _ = patches.shape
-  g = int(round(l ** 0.5))
+  g = int(round(l**0.5))
   x = patches.reshape(b, g, g, patch, patch, channels)
   x = x.transpose(0, 1, 3, 2, 4, 5)
   return x.reshape(b, g * patch, g * patch, channels)
 
 
 class Masking(NamedTuple):
-  ids_keep: jax.Array     # (B, len_keep) int32: indices of visible patches
-  mask: jax.Array         # (B, L) float32: 1 = removed, in original order
+  ids_keep: jax.Array  # (B, len_keep) int32: indices of visible patches
+  mask: jax.Array  # (B, L) float32: 1 = removed, in original order
   ids_restore: jax.Array  # (B, L) int32: unshuffle indices
 
 
@@ -74,15 +74,15 @@ class MAEDecoder(nn.Module):
 
   def setup(self):
     self.embed = nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init)
-    self.mask_token = self.param("mask_token", nn.initializers.normal(0.02),
-                                 (1, 1, self.width))
-    grid = int(round(self.num_patches ** 0.5))
+    self.mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.width))
+    grid = int(round(self.num_patches**0.5))
     self.pos_embed = self.variable(
-        "fixed", "pos_embed",
-        lambda: jnp.asarray(pos_embed_lib.sincos_2d(self.width, grid)[None]))
-    self.blocks = [Block(self.width, self.num_heads, self.mlp_ratio,
-                         dtype=self.dtype, remat=self.remat)
-                   for _ in range(self.depth)]
+      "fixed", "pos_embed", lambda: jnp.asarray(pos_embed_lib.sincos_2d(self.width, grid)[None])
+    )
+    self.blocks = [
+      Block(self.width, self.num_heads, self.mlp_ratio, dtype=self.dtype, remat=self.remat)
+      for _ in range(self.depth)
+    ]
     self.norm = layer_norm(dtype=self.dtype)
     self.pred = nn.Dense(self.out_dim, dtype=self.dtype, kernel_init=_dense_init)
 
@@ -95,20 +95,20 @@ class MAEDecoder(nn.Module):
     patches = jnp.take_along_axis(patches, ids_restore[..., None], axis=1)
     x = jnp.concatenate([x[:, :1], patches], axis=1)
     x = x + self.pos_embed.value.astype(x.dtype)
-    x = run_block_stack(self, self.blocks, x, train, scan=self.scan_blocks,
-                        remat=self.remat)
+    x = run_block_stack(self, self.blocks, x, train, scan=self.scan_blocks, remat=self.remat)
     x = self.pred(self.norm(x))
     return x[:, 1:]
 
 
 class MAEOutput(NamedTuple):
-  latent: jax.Array   # (B, 1+len_keep, D) encoder output (after final norm)
-  pred: jax.Array     # (B, L, p*p*C) pixel predictions, patchify order
+  latent: jax.Array  # (B, 1+len_keep, D) encoder output (after final norm)
+  pred: jax.Array  # (B, L, p*p*C) pixel predictions, patchify order
   masking: Masking
 
 
 class MAE(nn.Module):
   """Encoder on visible patches + lightweight decoder predicting all patches."""
+
   width: int
   depth: int
   num_heads: int
@@ -127,18 +127,33 @@ class MAE(nn.Module):
 
   def setup(self):
     self.encoder = ViTEncoder(
-        self.width, self.depth, self.num_heads, self.patch_size,
-        self.image_size, self.in_chans, self.mlp_ratio, self.drop_path,
-        dtype=self.dtype, fused_attention=self.fused_attention,
-        remat=self.remat, scan_blocks=self.scan_blocks)
+      self.width,
+      self.depth,
+      self.num_heads,
+      self.patch_size,
+      self.image_size,
+      self.in_chans,
+      self.mlp_ratio,
+      self.drop_path,
+      dtype=self.dtype,
+      fused_attention=self.fused_attention,
+      remat=self.remat,
+      scan_blocks=self.scan_blocks,
+    )
     num_patches = (self.image_size // self.patch_size) ** 2
     self.decoder = MAEDecoder(
-        self.decoder_width, self.decoder_depth, self.decoder_heads, num_patches,
-        self.patch_size ** 2 * self.in_chans, self.mlp_ratio, dtype=self.dtype,
-        remat=self.remat, scan_blocks=self.scan_blocks)
+      self.decoder_width,
+      self.decoder_depth,
+      self.decoder_heads,
+      num_patches,
+      self.patch_size**2 * self.in_chans,
+      self.mlp_ratio,
+      dtype=self.dtype,
+      remat=self.remat,
+      scan_blocks=self.scan_blocks,
+    )
 
-  def __call__(self, images, noise, mask_ratio: float, train: bool = False
-               ) -> MAEOutput:
+  def __call__(self, images, noise, mask_ratio: float, train: bool = False) -> MAEOutput:
     """`noise` `(B, L)` U[0,1) replaces `torch.rand` of the official code."""
     tokens = self.encoder.embed_patches(images)
     masking = random_masking(noise, mask_ratio)

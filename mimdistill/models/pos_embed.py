@@ -5,6 +5,7 @@ float64 (the official code uses numpy float64 and casts once at the end) and
 the resize reproduces `torch.nn.functional.interpolate(mode='bicubic',
 align_corners=False)` (cubic convolution with a = -0.75, border-clamped taps).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,13 +15,12 @@ def _sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
   if dim % 2:
     raise ValueError(f"sin-cos embedding needs an even width per axis, got {dim}")
   omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
-  omega = 1.0 / 10000 ** omega
+  omega = 1.0 / 10000**omega
   out = np.einsum("m,d->md", positions.reshape(-1).astype(np.float64), omega)
   return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
 
-def sincos_2d(dim: int, grid_size: int | tuple[int, int], cls_token: bool = True
-              ) -> np.ndarray:
+def sincos_2d(dim: int, grid_size: int | tuple[int, int], cls_token: bool = True) -> np.ndarray:
   """Returns `(cls + gh*gw, dim)` float32; row-major patches, CLS row zeros.
 
   MAE builds `np.meshgrid(w, h)` so the FIRST half of the channels encodes the
@@ -28,13 +28,12 @@ def sincos_2d(dim: int, grid_size: int | tuple[int, int], cls_token: bool = True
   """
   if dim % 4:
     raise ValueError(
-        f"2-D sin-cos position embedding needs a width divisible by 4, got {dim}; "
-        "pick an embed dim that is a multiple of 4.")
+      f"2-D sin-cos position embedding needs a width divisible by 4, got {dim}; "
+      "pick an embed dim that is a multiple of 4."
+    )
   gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
-  cols, rows = np.meshgrid(np.arange(gw, dtype=np.float64),
-                           np.arange(gh, dtype=np.float64))
-  emb = np.concatenate([_sincos_1d(dim // 2, cols), _sincos_1d(dim // 2, rows)],
-                       axis=1)
+  cols, rows = np.meshgrid(np.arange(gw, dtype=np.float64), np.arange(gh, dtype=np.float64))
+  emb = np.concatenate([_sincos_1d(dim // 2, cols), _sincos_1d(dim // 2, rows)], axis=1)
   if cls_token:
     emb = np.concatenate([np.zeros((1, dim)), emb], axis=0)
   return emb.astype(np.float32)
@@ -47,8 +46,10 @@ def _torch_bicubic_weights(in_size: int, out_size: int) -> np.ndarray:
   def cubic(t):
     t = np.abs(t)
     return np.where(
-        t <= 1, ((a + 2) * t - (a + 3)) * t * t + 1,
-        np.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a, 0.0))
+      t <= 1,
+      ((a + 2) * t - (a + 3)) * t * t + 1,
+      np.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a, 0.0),
+    )
 
   scale = in_size / out_size
   mat = np.zeros((out_size, in_size), np.float64)
@@ -62,8 +63,9 @@ def _torch_bicubic_weights(in_size: int, out_size: int) -> np.ndarray:
   return mat
 
 
-def resize_pos_embed(pos_embed: np.ndarray, new_grid: int | tuple[int, int],
-                     num_extra_tokens: int = 1) -> np.ndarray:
+def resize_pos_embed(
+  pos_embed: np.ndarray, new_grid: int | tuple[int, int], num_extra_tokens: int = 1
+) -> np.ndarray:
   """Resizes a `(1, extra + g*g, D)` embedding to another patch grid.
 
   The extra (CLS) rows are kept, patch rows are resized bicubically as
@@ -78,8 +80,9 @@ def resize_pos_embed(pos_embed: np.ndarray, new_grid: int | tuple[int, int],
   old = int(round(np.sqrt(patches.shape[1])))
   if old * old != patches.shape[1]:
     raise ValueError(
-        f"position embedding has {patches.shape[1]} patch rows, not a square grid; "
-        f"check num_extra_tokens (got {num_extra_tokens}).")
+      f"position embedding has {patches.shape[1]} patch rows, not a square grid; "
+      f"check num_extra_tokens (got {num_extra_tokens})."
+    )
   nh, nw = (new_grid, new_grid) if isinstance(new_grid, int) else new_grid
   if (nh, nw) == (old, old):
     return pos_embed[0] if squeeze else pos_embed

@@ -20,9 +20,11 @@ methods always use the explicit qkv), `remat` (jax.checkpoint per block),
 fly from `blocks_<i>`, so the block body compiles once; see
 `run_block_stack`).
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -40,7 +42,8 @@ _dense_init = nn.initializers.xavier_uniform()
 # flattened (D, C*p*p) matrix, i.e. fan_in = C*p*p and fan_out = D, not the
 # conv fans (which would multiply fan_out by p*p).
 _patch_init = nn.initializers.variance_scaling(
-    1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3)
+  1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3
+)
 
 
 def _torch_default_bias_init(fan_in: int) -> Callable:
@@ -49,14 +52,14 @@ def _torch_default_bias_init(fan_in: int) -> Callable:
 
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
+
   return init
 
 
 def layer_norm(name: str | None = None, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
   # Two-pass variance: the "fast" E[x^2]-E[x]^2 form loses float32 digits
   # that the parity fixtures resolve.
-  return nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=dtype,
-                      name=name)
+  return nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=dtype, name=name)
 
 
 def split_heads(x: jax.Array, heads: int) -> jax.Array:
@@ -74,23 +77,21 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
-    x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=_dense_init,
-                 name="fc1")(x)
+    x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=_dense_init, name="fc1")(x)
     x = nn.gelu(x, approximate=False)
-    return nn.Dense(width, dtype=self.dtype, kernel_init=_dense_init,
-                    name="fc2")(x)
+    return nn.Dense(width, dtype=self.dtype, kernel_init=_dense_init, name="fc2")(x)
 
 
 class Attention(nn.Module):
   """Multi-head self-attention with a fused qkv projection."""
+
   num_heads: int
   width: int
   dtype: Dtype = jnp.float32
   fused: bool = False  # jax.nn.dot_product_attention (cuDNN flash on GPU)
 
   def setup(self):
-    self.qkv = nn.Dense(3 * self.width, dtype=self.dtype,
-                        kernel_init=_dense_init)
+    self.qkv = nn.Dense(3 * self.width, dtype=self.dtype, kernel_init=_dense_init)
     self.proj = nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init)
 
   def qkv_split(self, x, heads: int):
@@ -118,6 +119,7 @@ class Attention(nn.Module):
 
 class Block(nn.Module):
   """Pre-norm Transformer block (timm 0.3.2 `Block`, no layer scale)."""
+
   width: int
   num_heads: int
   mlp_ratio: float = 4.0
@@ -130,14 +132,12 @@ class Block(nn.Module):
 
   def setup(self):
     self.norm1 = layer_norm(dtype=self.dtype)
-    self.attn = Attention(self.num_heads, self.width, dtype=self.dtype,
-                          fused=self.fused_attention)
+    self.attn = Attention(self.num_heads, self.width, dtype=self.dtype, fused=self.fused_attention)
     self.norm2 = layer_norm(dtype=self.dtype)
     self.mlp = Mlp(int(self.width * self.mlp_ratio), dtype=self.dtype)
     # Stochastic depth: one Bernoulli per sample, survivors scaled by 1/keep
     # (timm DropPath), i.e. dropout broadcast over tokens and channels.
-    self.drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2),
-                           rng_collection="drop_path")
+    self.drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2), rng_collection="drop_path")
 
   def __call__(self, x, train: bool = False):
     if self.remat:
@@ -145,8 +145,7 @@ class Block(nn.Module):
     return self._forward(x, train)
 
   def _forward(self, x, train: bool):
-    return self.residual_forward(
-        x, lambda y, _: self.drop(y, deterministic=not train))
+    return self.residual_forward(x, lambda y, _: self.drop(y, deterministic=not train))
 
   def residual_forward(self, x, drop: Callable):
     """The block with `drop(branch_output, branch)` (branch 0: attention,
@@ -167,12 +166,18 @@ class Block(nn.Module):
     x_attn = x + attn
     ffn = self.mlp(self.norm2(x_attn))
     q, k, v = jnp.split(self.attn.qkv(self.norm1(x)), 3, axis=-1)
-    return {"attn": attn, "attn_residual": x_attn, "ffn": ffn,
-            "ffn_residual": x_attn + ffn, "q": q, "k": k, "v": v}
+    return {
+      "attn": attn,
+      "attn_residual": x_attn,
+      "ffn": ffn,
+      "ffn_residual": x_attn + ffn,
+      "q": q,
+      "k": k,
+      "v": v,
+    }
 
 
-def drop_path_rates(rate: float, depth: int, schedule: str = "linear"
-                    ) -> tuple[float, ...]:
+def drop_path_rates(rate: float, depth: int, schedule: str = "linear") -> tuple[float, ...]:
   """Per-block stochastic-depth rates.
 
   'linear': timm's ramp `linspace(0, rate, depth)` (fine-tuning).
@@ -185,8 +190,9 @@ def drop_path_rates(rate: float, depth: int, schedule: str = "linear"
     return tuple([float(rate)] * (depth - 1) + [0.0])
   if schedule == "constant":
     return tuple([float(rate)] * depth)
-  raise ValueError(f"unknown drop_path schedule {schedule!r}; use 'linear', "
-                   "'constant' or 'constant_but_last'")
+  raise ValueError(
+    f"unknown drop_path schedule {schedule!r}; use 'linear', 'constant' or 'constant_but_last'"
+  )
 
 
 def _drop_path(y: jax.Array, keep: jax.Array, key: jax.Array) -> jax.Array:
@@ -199,8 +205,9 @@ def _drop_path(y: jax.Array, keep: jax.Array, key: jax.Array) -> jax.Array:
   return jnp.where(mask, y / safe_keep, jnp.zeros_like(y))
 
 
-def run_block_stack(module: nn.Module, blocks: Sequence[Block], x: jax.Array,
-                    train: bool, *, scan: bool, remat: bool) -> jax.Array:
+def run_block_stack(
+  module: nn.Module, blocks: Sequence[Block], x: jax.Array, train: bool, *, scan: bool, remat: bool
+) -> jax.Array:
   """Runs `blocks` (submodules of `module`, in order) on `x`.
 
   With `scan`, outside of init and for two or more blocks, the blocks'
@@ -223,22 +230,27 @@ def run_block_stack(module: nn.Module, blocks: Sequence[Block], x: jax.Array,
       x = blk(x, train=train)
     return x
   first = blocks[0]
-  static = lambda b: (b.width, b.num_heads, b.mlp_ratio, b.dtype,
-                      b.fused_attention)
+  static = lambda b: (b.width, b.num_heads, b.mlp_ratio, b.dtype, b.fused_attention)
   if any(static(b) != static(first) for b in blocks):
-    raise ValueError("scan_blocks needs blocks that differ only in their "
-                     f"drop_path rate, got {[static(b) for b in blocks]}")
+    raise ValueError(
+      "scan_blocks needs blocks that differ only in their "
+      f"drop_path rate, got {[static(b) for b in blocks]}"
+    )
   params = module.variables["params"]
-  stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a),
-                                   *[params[b.name] for b in blocks])
+  stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[params[b.name] for b in blocks])
   # Keep probabilities rounded from float64 like `nn.Dropout`'s 1 - rate.
   keeps = jnp.asarray([1.0 - float(b.drop_path) for b in blocks], jnp.float32)
   drops = train and any(float(b.drop_path) > 0 for b in blocks)
   # Only rates > 0 in training need an rng, as in the unrolled mode.
   base_key = module.make_rng("drop_path") if drops else None
-  block = Block(first.width, first.num_heads, first.mlp_ratio,
-                dtype=first.dtype, fused_attention=first.fused_attention,
-                parent=None)
+  block = Block(
+    first.width,
+    first.num_heads,
+    first.mlp_ratio,
+    dtype=first.dtype,
+    fused_attention=first.fused_attention,
+    parent=None,
+  )
 
   def body(h, xs):
     p, keep, index = xs
@@ -247,8 +259,7 @@ def run_block_stack(module: nn.Module, blocks: Sequence[Block], x: jax.Array,
       drop = lambda y, branch: _drop_path(y, keep, keys[branch])
     else:
       drop = lambda y, _: y
-    return block.apply({"params": p}, h, drop,
-                       method=Block.residual_forward), None
+    return block.apply({"params": p}, h, drop, method=Block.residual_forward), None
 
   if remat:
     # prevent_cse=False: the scan already keeps XLA from merging the
@@ -263,6 +274,7 @@ def run_block_stack(module: nn.Module, blocks: Sequence[Block], x: jax.Array,
 
 class ViTEncoder(nn.Module):
   """ViT encoder: patch embedding, position embedding, CLS, blocks, norm."""
+
   width: int
   depth: int
   num_heads: int
@@ -285,25 +297,28 @@ class ViTEncoder(nn.Module):
 
   @property
   def num_patches(self) -> int:
-    return self.grid_size ** 2
+    return self.grid_size**2
 
   def setup(self):
     if self.image_size % self.patch_size:
       raise ValueError(
-          f"image size {self.image_size} is not divisible by patch size "
-          f"{self.patch_size}; choose an image size that is a multiple of it.")
+        f"image size {self.image_size} is not divisible by patch size "
+        f"{self.patch_size}; choose an image size that is a multiple of it."
+      )
     if self.width % self.num_heads:
-      raise ValueError(f"width {self.width} is not divisible by num_heads "
-                       f"{self.num_heads}")
+      raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
     p = self.patch_size
     self.patch_embed = nn.Conv(
-        self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-        kernel_init=_patch_init,
-        bias_init=_torch_default_bias_init(self.in_chans * p * p))
-    self.cls_token = self.param("cls_token", nn.initializers.normal(0.02),
-                                (1, 1, self.width))
-    sincos = lambda *_: jnp.asarray(
-        pos_embed_lib.sincos_2d(self.width, self.grid_size)[None])
+      self.width,
+      (p, p),
+      strides=(p, p),
+      padding="VALID",
+      dtype=self.dtype,
+      kernel_init=_patch_init,
+      bias_init=_torch_default_bias_init(self.in_chans * p * p),
+    )
+    self.cls_token = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, self.width))
+    sincos = lambda *_: jnp.asarray(pos_embed_lib.sincos_2d(self.width, self.grid_size)[None])
     if self.pos_embed_type == "learned":
       self._pos_embed = self.param("pos_embed", sincos)
     elif self.pos_embed_type == "sincos":
@@ -312,18 +327,24 @@ class ViTEncoder(nn.Module):
       # still a variable (not a constant) so a checkpoint's copy is used.
       self._pos_embed = self.variable("fixed", "pos_embed", sincos)
     else:
-      raise ValueError(f"unknown pos_embed_type {self.pos_embed_type!r}; "
-                       "use 'sincos' or 'learned'")
+      raise ValueError(f"unknown pos_embed_type {self.pos_embed_type!r}; use 'sincos' or 'learned'")
     rates = self.drop_path
     if isinstance(rates, (int, float)):
       rates = drop_path_rates(float(rates), self.depth)
     if len(rates) != self.depth:
       raise ValueError(f"{len(rates)} drop-path rates for {self.depth} blocks")
     self.blocks = [
-        Block(self.width, self.num_heads, self.mlp_ratio, rates[i],
-              dtype=self.dtype, fused_attention=self.fused_attention,
-              remat=self.remat)
-        for i in range(self.depth)]
+      Block(
+        self.width,
+        self.num_heads,
+        self.mlp_ratio,
+        rates[i],
+        dtype=self.dtype,
+        fused_attention=self.fused_attention,
+        remat=self.remat,
+      )
+      for i in range(self.depth)
+    ]
     if self.final_norm:
       self.norm = layer_norm(dtype=self.dtype)
 
@@ -337,30 +358,38 @@ class ViTEncoder(nn.Module):
     """NHWC images -> `(B, L, D)` patch tokens with position embedding."""
     b, h, w, _ = images.shape
     if (h, w) != (self.image_size, self.image_size):
-      raise ValueError(f"images are {h}x{w} but the model was built for "
-                       f"{self.image_size}x{self.image_size}")
+      raise ValueError(
+        f"images are {h}x{w} but the model was built for {self.image_size}x{self.image_size}"
+      )
     x = self.patch_embed(images.astype(self.dtype))
     x = x.reshape(b, -1, self.width)
     return x + self.pos_embed[:, 1:].astype(x.dtype)
 
   def prepend_cls(self, x):
     cls = (self.cls_token + self.pos_embed[:, :1]).astype(x.dtype)
-    return jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)),
-                            x], axis=1)
+    return jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
 
   def run_blocks(self, x, stop: int, train: bool):
     """Blocks 1..stop on `x` (unrolled, or scanned with `scan_blocks`)."""
-    return run_block_stack(self, self.blocks[:stop], x, train,
-                           scan=self.scan_blocks, remat=self.remat)
+    return run_block_stack(
+      self, self.blocks[:stop], x, train, scan=self.scan_blocks, remat=self.remat
+    )
 
   def _check_block(self, block: int):
     if not 1 <= block <= self.depth:
-      raise ValueError(f"block {block} is outside 1..{self.depth} (1-based) "
-                       f"for an encoder of depth {self.depth}")
+      raise ValueError(
+        f"block {block} is outside 1..{self.depth} (1-based) for an encoder of depth {self.depth}"
+      )
 
   # -- forwards ---------------------------------------------------------------
-  def __call__(self, images, *, train: bool = False, stop_after: int | None = None,
-               tokens: jax.Array | None = None):
+  def __call__(
+    self,
+    images,
+    *,
+    train: bool = False,
+    stop_after: int | None = None,
+    tokens: jax.Array | None = None,
+  ):
     """Token features `(B, 1+L, D)`.
 
     `stop_after=k` runs blocks 1..k only and skips the final norm unless k is
@@ -376,8 +405,9 @@ class ViTEncoder(nn.Module):
       x = self.norm(x)
     return x
 
-  def relation_qkv(self, images, *, block: int, heads: int, train: bool = False,
-                   tokens: jax.Array | None = None):
+  def relation_qkv(
+    self, images, *, block: int, heads: int, train: bool = False, tokens: jax.Array | None = None
+  ):
     """q, k, v `(B, R, N, D/R)` of block `block` (1-based) with R=`heads`.
 
     Blocks after `block` are never run, and of `block` itself only norm1 and
@@ -391,8 +421,7 @@ class ViTEncoder(nn.Module):
   def block_features(self, images, *, block: int, train: bool = False):
     """Input and intermediate features of block `block` (1-based)."""
     self._check_block(block)
-    x = self.run_blocks(self.prepend_cls(self.embed_patches(images)), block - 1,
-                        train)
+    x = self.run_blocks(self.prepend_cls(self.embed_patches(images)), block - 1, train)
     feats = self.blocks[block - 1].features(x)
     feats["input"] = x
     return feats

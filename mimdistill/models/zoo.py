@@ -4,18 +4,20 @@ A config's `model` section names a `variant` and may override any field
 (`width`, `depth`, `num_heads`, `patch_size`, `image_size`, `mlp_ratio`);
 `resolve` returns the complete, validated set.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 # (width, depth, heads, patch); MAE decoder defaults are 512-d, 8 blocks, 16 heads.
 VARIANTS = {
-    "tiny": (192, 12, 3, 16),
-    "small": (384, 12, 6, 16),
-    "base": (768, 12, 12, 16),
-    "large": (1024, 24, 16, 16),
-    "huge": (1280, 32, 16, 14),
+  "tiny": (192, 12, 3, 16),
+  "small": (384, 12, 6, 16),
+  "base": (768, 12, 12, 16),
+  "large": (1024, 24, 16, 16),
+  "huge": (1280, 32, 16, 14),
 }
 
 
@@ -42,12 +44,14 @@ def resolve(model: Mapping[str, Any]) -> EncoderSpec:
   model = dict(model)
   variant = model.get("variant")
   if variant is not None and variant not in VARIANTS and variant != "custom":
-    raise ValueError(f"unknown model variant {variant!r}; known: "
-                     f"{sorted(VARIANTS)} (or 'custom' with width/depth/num_heads)")
-  base = dict(zip(("width", "depth", "num_heads", "patch_size"),
-                  VARIANTS.get(variant, (None,) * 4)))
-  for key in ("width", "depth", "num_heads", "patch_size", "image_size",
-              "mlp_ratio", "in_chans"):
+    raise ValueError(
+      f"unknown model variant {variant!r}; known: "
+      f"{sorted(VARIANTS)} (or 'custom' with width/depth/num_heads)"
+    )
+  base = dict(
+    zip(("width", "depth", "num_heads", "patch_size"), VARIANTS.get(variant, (None,) * 4))
+  )
+  for key in ("width", "depth", "num_heads", "patch_size", "image_size", "mlp_ratio", "in_chans"):
     if model.get(key) is not None:
       base[key] = model[key]
   missing = [k for k in ("width", "depth", "num_heads", "patch_size") if base.get(k) is None]
@@ -56,12 +60,13 @@ def resolve(model: Mapping[str, Any]) -> EncoderSpec:
   spec = EncoderSpec(**{k: v for k, v in base.items() if v is not None})
   if spec.image_size % spec.patch_size:
     raise ValueError(
-        f"image_size={spec.image_size} is not divisible by patch_size="
-        f"{spec.patch_size}; use a multiple of {spec.patch_size}")
+      f"image_size={spec.image_size} is not divisible by patch_size="
+      f"{spec.patch_size}; use a multiple of {spec.patch_size}"
+    )
   if spec.width % spec.num_heads:
-    raise ValueError(f"width={spec.width} is not divisible by num_heads="
-                     f"{spec.num_heads}")
+    raise ValueError(f"width={spec.width} is not divisible by num_heads={spec.num_heads}")
   if spec.width % 4:
-    raise ValueError(f"width={spec.width} must be a multiple of 4 for the 2-D "
-                     "sin-cos position embedding")
+    raise ValueError(
+      f"width={spec.width} must be a multiple of 4 for the 2-D sin-cos position embedding"
+    )
   return spec

@@ -1,4 +1,5 @@
 """MAE pixel-reconstruction loss (official `forward_loss`)."""
+
 from __future__ import annotations
 
 import jax
@@ -18,8 +19,9 @@ def pixel_targets(images: jax.Array, patch: int, norm_pix: bool) -> jax.Array:
   return target
 
 
-def mae_loss(pred: jax.Array, images: jax.Array, mask: jax.Array, patch: int,
-             norm_pix: bool) -> jax.Array:
+def mae_loss(
+  pred: jax.Array, images: jax.Array, mask: jax.Array, patch: int, norm_pix: bool
+) -> jax.Array:
   """Mean squared error per patch, averaged over removed patches only."""
   target = pixel_targets(images, patch, norm_pix)
   per_patch = jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=-1)

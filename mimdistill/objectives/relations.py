@@ -5,17 +5,18 @@ split into R heads. The loss per relation is KL(teacher || student) per query
 row, summed over keys and averaged over (batch, heads, queries); everything in
 float32 with log-softmax, whatever the compute dtype.
 """
+
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
 # Pairs of the paper's relation sets: default {Q-K, V-V}; ablation {Q-Q, K-K, V-V}.
 RELATION_SETS = {
-    "qk_vv": (("q", "k"), ("v", "v")),
-    "qq_kk_vv": (("q", "q"), ("k", "k"), ("v", "v")),
+  "qk_vv": (("q", "k"), ("v", "v")),
+  "qq_kk_vv": (("q", "q"), ("k", "k"), ("v", "v")),
 }
 
 
@@ -25,9 +26,10 @@ def relation_logits(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.einsum("brqd,brkd->brqk", a, b) * (a.shape[-1] ** -0.5)
 
 
-def relations(qkv: Mapping[str, jax.Array] | Sequence[jax.Array],
-              pairs: Sequence[tuple[str, str]] = RELATION_SETS["qk_vv"]
-              ) -> dict[str, jax.Array]:
+def relations(
+  qkv: Mapping[str, jax.Array] | Sequence[jax.Array],
+  pairs: Sequence[tuple[str, str]] = RELATION_SETS["qk_vv"],
+) -> dict[str, jax.Array]:
   """Relation logits keyed 'qk', 'vv', ... from q, k, v."""
   if not isinstance(qkv, Mapping):
     qkv = dict(zip("qkv", qkv))
@@ -41,8 +43,9 @@ def kl_rows(teacher_logits: jax.Array, student_logits: jax.Array) -> jax.Array:
   return jnp.mean(jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1))
 
 
-def relation_losses(teacher: Mapping[str, jax.Array],
-                    student: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+def relation_losses(
+  teacher: Mapping[str, jax.Array], student: Mapping[str, jax.Array]
+) -> dict[str, jax.Array]:
   """Per-relation KL losses, e.g. `{'qk': ..., 'vv': ...}`."""
   missing = set(teacher) ^ set(student)
   if missing:
@@ -50,7 +53,8 @@ def relation_losses(teacher: Mapping[str, jax.Array],
   for name in teacher:
     if teacher[name].shape != student[name].shape:
       raise ValueError(
-          f"relation {name}: teacher {teacher[name].shape} vs student "
-          f"{student[name].shape}; teacher and student need the same number of "
-          "tokens (image/patch size) and relation heads")
+        f"relation {name}: teacher {teacher[name].shape} vs student "
+        f"{student[name].shape}; teacher and student need the same number of "
+        "tokens (image/patch size) and relation heads"
+      )
   return {name: kl_rows(teacher[name], student[name]) for name in teacher}

@@ -1,4 +1,5 @@
 """Collects parity comparisons and prints one line per quantity."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,8 +22,9 @@ class Line:
   ok: bool
 
   def __str__(self) -> str:
-    return (f"{self.case} {self.quantity} {self.err:.3e} {self.tol:.0e} "
-            f"{'ok' if self.ok else 'FAIL'}")
+    return (
+      f"{self.case} {self.quantity} {self.err:.3e} {self.tol:.0e} {'ok' if self.ok else 'FAIL'}"
+    )
 
 
 class Report:
@@ -42,19 +44,18 @@ class Report:
   def _max_abs(self, case, quantity, got, expected) -> float:
     """Max absolute error; a shape mismatch is reported and counts as inf."""
     if got.shape != expected.shape:
-      print(f"# {case} {quantity}: shape {got.shape} != expected {expected.shape}",
-            file=self.stream)
+      print(
+        f"# {case} {quantity}: shape {got.shape} != expected {expected.shape}", file=self.stream
+      )
       return float("inf")
-    return float(np.max(np.abs(got.astype(np.float64) - expected.astype(np.float64)),
-                        initial=0.0))
+    return float(np.max(np.abs(got.astype(np.float64) - expected.astype(np.float64)), initial=0.0))
 
   def compare(self, case: str, quantity: str, got, expected, tol: float = ACT_TOL):
     """Max absolute error against `tol`."""
     err = self._max_abs(case, quantity, np.asarray(got), np.asarray(expected))
     self._add(Line(case, quantity, err, tol, bool(err <= tol)))
 
-  def compare_relative(self, case: str, quantity: str, got, expected,
-                       tol: float = GRAD_REL_TOL):
+  def compare_relative(self, case: str, quantity: str, got, expected, tol: float = GRAD_REL_TOL):
     """Max absolute error divided by the expected tensor's max magnitude."""
     got, expected = np.asarray(got), np.asarray(expected)
     scale = max(float(np.max(np.abs(expected), initial=0.0)), 1e-30)

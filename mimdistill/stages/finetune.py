@@ -13,6 +13,7 @@ Reads top to bottom:
      no-weight-decay set (linear probe: LARS, encoder frozen);
   5. `run`: data, the shared loop with periodic eval (best kept), summary.
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,17 +50,21 @@ NO_DECAY = ("pos_embed", "cls_token")
 def validate(config: ml_collections.ConfigDict) -> None:
   spec = zoo.resolve(config.model)
   if spec.image_size != config.data.image_size:
-    raise ValueError(f"model.image_size={spec.image_size} differs from "
-                     f"data.image_size={config.data.image_size}; set both alike")
+    raise ValueError(
+      f"model.image_size={spec.image_size} differs from "
+      f"data.image_size={config.data.image_size}; set both alike"
+    )
   if config.mode not in ("finetune", "linprobe"):
     raise ValueError(f"mode={config.mode!r}: use 'finetune' or 'linprobe'")
   if config.mode == "linprobe" and not config.init.source:
-    raise ValueError("linear probing needs a pre-trained encoder: set "
-                     "--config.init.source=<workdir or .pth>")
+    raise ValueError(
+      "linear probing needs a pre-trained encoder: set --config.init.source=<workdir or .pth>"
+    )
   sources.check_available(config.data.name, config.data.get("data_dir"))
   shard_lib.check_batch(config.batch_size, shard_lib.mesh_from_config(config))
-  shard_lib.check_batch(config.eval_batch_size, shard_lib.mesh_from_config(config),
-                        "eval_batch_size")
+  shard_lib.check_batch(
+    config.eval_batch_size, shard_lib.mesh_from_config(config), "eval_batch_size"
+  )
 
 
 # -----------------------------------------------------------------------------
@@ -69,17 +74,23 @@ def build_model(config, num_classes: int) -> ViTClassifier:
   spec = zoo.resolve(config.model)
   rates = drop_path_rates(config.model.drop_path, spec.depth, "linear")
   return ViTClassifier(
-      width=spec.width, depth=spec.depth, num_heads=spec.num_heads,
-      num_classes=num_classes, patch_size=spec.patch_size,
-      image_size=spec.image_size, in_chans=spec.in_chans,
-      mlp_ratio=spec.mlp_ratio, drop_path=rates,
-      global_pool=config.model.global_pool,
-      linear_probe=config.mode == "linprobe",
-      head_init_std=0.01 if config.mode == "linprobe" else 2e-5,
-      dtype=run_config.compute_dtype(config),
-      fused_attention=config.model.get("fused_attention", False),
-      remat=config.model.get("remat", False),
-      scan_blocks=config.model.get("scan_blocks", False))
+    width=spec.width,
+    depth=spec.depth,
+    num_heads=spec.num_heads,
+    num_classes=num_classes,
+    patch_size=spec.patch_size,
+    image_size=spec.image_size,
+    in_chans=spec.in_chans,
+    mlp_ratio=spec.mlp_ratio,
+    drop_path=rates,
+    global_pool=config.model.global_pool,
+    linear_probe=config.mode == "linprobe",
+    head_init_std=0.01 if config.mode == "linprobe" else 2e-5,
+    dtype=run_config.compute_dtype(config),
+    fused_attention=config.model.get("fused_attention", False),
+    remat=config.model.get("remat", False),
+    scan_blocks=config.model.get("scan_blocks", False),
+  )
 
 
 # -----------------------------------------------------------------------------
@@ -116,11 +127,15 @@ def init_from_source(params: dict, config) -> tuple[dict, dict]:
   if extra or missing or wrong:
     lines = [f"{k}: checkpoint {got[k]} vs model {want[k]}" for k in wrong[:8]]
     raise ValueError(
-        f"init.source={source} is an encoder of another architecture than "
-        f"model {spec.kwargs()}: " + "; ".join(
-            lines + ([f"missing {missing[:6]}"] if missing else [])
-            + ([f"unexpected {extra[:6]}"] if extra else []))
-        + ". Set --config.model.* to the checkpoint's architecture.")
+      f"init.source={source} is an encoder of another architecture than "
+      f"model {spec.kwargs()}: "
+      + "; ".join(
+        lines
+        + ([f"missing {missing[:6]}"] if missing else [])
+        + ([f"unexpected {extra[:6]}"] if extra else [])
+      )
+      + ". Set --config.model.* to the checkpoint's architecture."
+    )
   new = {"encoder": {k: encoder[k] for k in params["encoder"]}}
   for name in ("fc_norm", "head"):
     if name in src.head and name in params:
@@ -128,9 +143,13 @@ def init_from_source(params: dict, config) -> tuple[dict, dict]:
         new[name] = src.head[name]
         log.info("init: %s taken from %s", name, source)
       else:
-        log.info("init: %s of %s has shape %s, the model needs %s: "
-                 "re-initialised", name, source, shape_table(src.head[name]),
-                 shape_table(params[name]))
+        log.info(
+          "init: %s of %s has shape %s, the model needs %s: re-initialised",
+          name,
+          source,
+          shape_table(src.head[name]),
+          shape_table(params[name]),
+        )
   return new, src.record
 
 
@@ -143,12 +162,12 @@ def soft_targets(batch, num_classes: int, smoothing: float) -> jax.Array:
   return optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), smoothing)
 
 
-def build_task(config, model: ViTClassifier, steps_per_epoch: int,
-               init_params_fn, evaluate) -> loop_lib.Task:
+def build_task(
+  config, model: ViTClassifier, steps_per_epoch: int, init_params_fn, evaluate
+) -> loop_lib.Task:
   spec = zoo.resolve(config.model)
   total, warmup = run_config.steps(config, steps_per_epoch)
-  schedule = schedules.warmup_cosine(run_config.peak_lr(config), config.min_lr,
-                                     total, warmup)
+  schedule = schedules.warmup_cosine(run_config.peak_lr(config), config.min_lr, total, warmup)
   linprobe = config.mode == "linprobe"
 
   def init_variables(rng):
@@ -158,8 +177,9 @@ def build_task(config, model: ViTClassifier, steps_per_epoch: int,
     variables = {"params": params, **fixed}
     image = batch["image"]
     if linprobe:
-      logits, updates = model.apply(variables, image, train=True,
-                                    rngs={"drop_path": rng}, mutable=["batch_stats"])
+      logits, updates = model.apply(
+        variables, image, train=True, rngs={"drop_path": rng}, mutable=["batch_stats"]
+      )
       aux = {loop_lib.NEW_FIXED: {**fixed, **updates}}  # BN running statistics
     else:
       logits = model.apply(variables, image, train=True, rngs={"drop_path": rng})
@@ -172,65 +192,92 @@ def build_task(config, model: ViTClassifier, steps_per_epoch: int,
     o = config.optimizer
     if linprobe:
       # MAE main_linprobe: LARS (no wd on the head's bias), encoder frozen.
-      tx = optax.lars(sched, weight_decay=o.weight_decay,
-                      weight_decay_mask=opt_lib.decay_mask(params),
-                      trust_ratio_mask=opt_lib.decay_mask(params), momentum=0.9)
+      tx = optax.lars(
+        sched,
+        weight_decay=o.weight_decay,
+        weight_decay_mask=opt_lib.decay_mask(params),
+        trust_ratio_mask=opt_lib.decay_mask(params),
+        momentum=0.9,
+      )
       labels = jax.tree_util.tree_map(
-          lambda train: "train" if train else "frozen",
-          opt_lib.regex_mask(params, [r"head/.*"]))
-      return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
-                                   labels)
-    return opt_lib.adamw(params, sched, b1=o.b1, b2=o.b2,
-                         weight_decay=o.weight_decay, no_decay_names=NO_DECAY,
-                         layer_decay=o.layer_decay, depth=spec.depth,
-                         clip_grad_norm=o.get("clip_grad_norm"),
-                         accumulate_steps=o.get("accumulate_steps", 1))
+        lambda train: "train" if train else "frozen", opt_lib.regex_mask(params, [r"head/.*"])
+      )
+      return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return opt_lib.adamw(
+      params,
+      sched,
+      b1=o.b1,
+      b2=o.b2,
+      weight_decay=o.weight_decay,
+      no_decay_names=NO_DECAY,
+      layer_decay=o.layer_decay,
+      depth=spec.depth,
+      clip_grad_norm=o.get("clip_grad_norm"),
+      accumulate_steps=o.get("accumulate_steps", 1),
+    )
 
   return loop_lib.Task(
-      name=config.mode, init_variables=init_variables, loss_fn=loss_fn,
-      make_optimizer=make_optimizer, schedule=schedule, total_steps=total,
-      images_per_step=config.batch_size,
-      signature={"stage": config.mode, "model": spec.kwargs(),
-                 "num_classes": model.num_classes,
-                 "global_pool": bool(config.model.global_pool)},
-      evaluate=evaluate, ema_decay=config.get("ema_decay", 0.0))
+    name=config.mode,
+    init_variables=init_variables,
+    loss_fn=loss_fn,
+    make_optimizer=make_optimizer,
+    schedule=schedule,
+    total_steps=total,
+    images_per_step=config.batch_size,
+    signature={
+      "stage": config.mode,
+      "model": spec.kwargs(),
+      "num_classes": model.num_classes,
+      "global_pool": bool(config.model.global_pool),
+    },
+    evaluate=evaluate,
+    ema_decay=config.get("ema_decay", 0.0),
+  )
 
 
 # -----------------------------------------------------------------------------
 # 5. Run
 # -----------------------------------------------------------------------------
-def run(config: ml_collections.ConfigDict, workdir, lineage: dict | None = None,
-        mesh=None):
+def run(config: ml_collections.ConfigDict, workdir, lineage: dict | None = None, mesh=None):
   """Runs (or resumes) stage 3 in `workdir`; returns a summary dict."""
   validate(config)
   workdir = as_path(workdir)
   mesh = mesh or shard_lib.mesh_from_config(config)
   train_augment = "linprobe" if config.mode == "linprobe" else "finetune"
   train_data = input_pipeline.make_dataset(
-      run_config.data_config(config, train_augment, config.batch_size),
-      split=config.data.train_split, train=True, seed=config.seed, mesh=mesh,
-      data_axis=shard_lib.BATCH_AXES)
+    run_config.data_config(config, train_augment, config.batch_size),
+    split=config.data.train_split,
+    train=True,
+    seed=config.seed,
+    mesh=mesh,
+    data_axis=shard_lib.BATCH_AXES,
+  )
   eval_data = input_pipeline.make_dataset(
-      run_config.data_config(config, "eval", config.eval_batch_size),
-      split=config.data.eval_split, train=False, seed=config.seed, mesh=mesh,
-      data_axis=shard_lib.BATCH_AXES)
+    run_config.data_config(config, "eval", config.eval_batch_size),
+    split=config.data.eval_split,
+    train=False,
+    seed=config.seed,
+    mesh=mesh,
+    data_axis=shard_lib.BATCH_AXES,
+  )
   num_classes = config.get("num_classes") or train_data.num_classes
   if not num_classes:
-    raise ValueError(f"dataset {config.data.name} has no class labels; set "
-                     "--config.num_classes")
+    raise ValueError(f"dataset {config.data.name} has no class labels; set --config.num_classes")
   model = build_model(config, num_classes)
   spec = zoo.resolve(config.model)
   dummy = jnp.zeros((1, spec.image_size, spec.image_size, spec.in_chans))
   parent = None
-  if config.init.source and ckpt_lib.checkpoint_dir(workdir).is_dir() and any(
-      ckpt_lib.checkpoint_dir(workdir).iterdir()):
+  if (
+    config.init.source
+    and ckpt_lib.checkpoint_dir(workdir).is_dir()
+    and any(ckpt_lib.checkpoint_dir(workdir).iterdir())
+  ):
     parent = (ckpt_lib.read_json(workdir, "lineage.json") or {}).get("parent")
   loaded: dict = {}
   if config.init.source and parent is None:
     # Read once on the host; the jitted init then overwrites fresh params.
     abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy))
-    zeros = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype),
-                                   abstract["params"])
+    zeros = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), abstract["params"])
     loaded, parent = init_from_source(zeros, config)
 
   def init_params(rng):
@@ -238,14 +285,13 @@ def run(config: ml_collections.ConfigDict, workdir, lineage: dict | None = None,
     params = dict(variables["params"])
     for k, v in loaded.items():
       params[k] = jax.tree_util.tree_map(jnp.asarray, v)
-    return {"params": params,
-            "fixed": {k: v for k, v in variables.items() if k != "params"}}
+    return {"params": params, "fixed": {k: v for k, v in variables.items() if k != "params"}}
 
   def apply_eval(variables, images):
-    return model.apply({"params": variables["params"], **variables["fixed"]},
-                       images)
+    return model.apply({"params": variables["params"], **variables["fixed"]}, images)
 
   evaluator = make_evaluator(apply_eval, eval_data)
+
   def evaluate(state):
     metrics = evaluator({"params": state.params, "fixed": state.fixed})
     if state.ema is not None:  # the EMA weights, evaluated alongside
@@ -253,33 +299,48 @@ def run(config: ml_collections.ConfigDict, workdir, lineage: dict | None = None,
       metrics.update({f"ema_{k}": v for k, v in ema.items() if k != "count"})
     return metrics
 
-  task = build_task(config, model, train_data.steps_per_epoch, init_params,
-                    evaluate)
+  task = build_task(config, model, train_data.steps_per_epoch, init_params, evaluate)
   record = {"stage": config.mode, "parent": parent}
   record.update(lineage or {})
-  state = loop_lib.train(task, iter(train_data), workdir,
-                         run_config.loop_config(config), mesh=mesh,
-                         config_dict=config.to_dict(), lineage=record)
+  state = loop_lib.train(
+    task,
+    iter(train_data),
+    workdir,
+    run_config.loop_config(config),
+    mesh=mesh,
+    config_dict=config.to_dict(),
+    lineage=record,
+  )
   if config.get("figures", True):
     # Learning curves and the eval confusion matrix of the final state.
     from mimdistill.visualize import confusion, curves
+
     counts = confusion.confusion_counts(  # every process: global batches
-        apply_eval, {"params": state.params, "fixed": state.fixed}, eval_data,
-        num_classes)
+      apply_eval, {"params": state.params, "fixed": state.fixed}, eval_data, num_classes
+    )
     if jax.process_index() == 0:
       for png in (
-          curves.plot_learning_curves(
-              workdir, workdir / "learning_curves.png",
-              title=f"{config.mode} {workdir}"),
-          confusion.plot_confusion_matrix(
-              counts, eval_data.class_names, workdir / "confusion_matrix.png",
-              title=f"{config.mode}, {config.data.name} "
-                    f"{config.data.eval_split}, step {task.total_steps}")):
+        curves.plot_learning_curves(
+          workdir, workdir / "learning_curves.png", title=f"{config.mode} {workdir}"
+        ),
+        confusion.plot_confusion_matrix(
+          counts,
+          eval_data.class_names,
+          workdir / "confusion_matrix.png",
+          title=f"{config.mode}, {config.data.name} "
+          f"{config.data.eval_split}, step {task.total_steps}",
+        ),
+      ):
         log.info("wrote %s", png)
   final = ckpt_lib.read_json(workdir, "final_metrics.json") or {}
-  return {"stage": config.mode, "workdir": str(workdir), "steps": task.total_steps,
-          "parent": parent, "top1": final.get("eval_top1"),
-          "top5": final.get("eval_top5"), "best_step": final.get("best_step"),
-          "final_loss": final.get("loss"),
-          "train_seconds": final.get("train_seconds")}
-
+  return {
+    "stage": config.mode,
+    "workdir": str(workdir),
+    "steps": task.total_steps,
+    "parent": parent,
+    "top1": final.get("eval_top1"),
+    "top5": final.get("eval_top5"),
+    "best_step": final.get("best_step"),
+    "final_loss": final.get("loss"),
+    "train_seconds": final.get("train_seconds"),
+  }

@@ -8,6 +8,7 @@ interrupted stage resumes from its latest checkpoint (the shared loop does
 that). `W/summary.json` holds, per stage, metrics, time, steps, checkpoint
 and the lineage (which checkpoint each stage started from).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,10 @@ def _link(name: str, stage_cfg, previous: epath.Path | None, teacher_source: str
     elif teacher_source:
       stage_cfg.teacher.source = teacher_source
     if not stage_cfg.teacher.source:
-      raise ValueError(f"stage {name!r} has no teacher: run a pretrain stage "
-                       "before it or set --config.teacher_source")
+      raise ValueError(
+        f"stage {name!r} has no teacher: run a pretrain stage "
+        "before it or set --config.teacher_source"
+      )
     return f"teacher {stage_cfg.teacher.source}"
   if kind == "finetune" and previous is not None:
     stage_cfg.init.source = str(previous)
@@ -48,8 +51,10 @@ def run_pipeline(config, workdir) -> dict:
   names = [n.strip() for n in config.stages.split(",") if n.strip()]
   unknown = [n for n in names if n not in config]
   if unknown:
-    raise ValueError(f"config.stages names {unknown}, which the config does not "
-                     f"define; defined: {sorted(k for k in config.keys() if hasattr(config[k], 'stage'))}")
+    raise ValueError(
+      f"config.stages names {unknown}, which the config does not "
+      f"define; defined: {sorted(k for k in config.keys() if hasattr(config[k], 'stage'))}"
+    )
   if config.get("teacher_source") and names and config[names[0]].stage == "pretrain":
     names = names[1:]  # an external teacher replaces stage 1
   summary = {"workdir": str(workdir), "stages": []}
@@ -68,11 +73,16 @@ def run_pipeline(config, workdir) -> dict:
       log.info("pipeline: %s in %s (%s)", name, stage_dir, parent_desc)
       t0 = time.time()
       result = registry.run_stage(stage_cfg, stage_dir)
-      record = {"name": name, "stage": stage_cfg.stage, "workdir": str(stage_dir),
-                "seconds": round(time.time() - t0, 1), **result,
-                "checkpoint": _latest_checkpoint(stage_dir),
-                "lineage": ckpt_lib.read_json(stage_dir, "lineage.json"),
-                "final_metrics": ckpt_lib.read_json(stage_dir, "final_metrics.json")}
+      record = {
+        "name": name,
+        "stage": stage_cfg.stage,
+        "workdir": str(stage_dir),
+        "seconds": round(time.time() - t0, 1),
+        **result,
+        "checkpoint": _latest_checkpoint(stage_dir),
+        "lineage": ckpt_lib.read_json(stage_dir, "lineage.json"),
+        "final_metrics": ckpt_lib.read_json(stage_dir, "final_metrics.json"),
+      }
       ckpt_lib.write_json(stage_dir, DONE, record)
     summary["stages"].append(record)
     previous = stage_dir
@@ -97,8 +107,17 @@ def print_summary(summary: dict) -> None:
     extra = ""
     if s.get("top1") is not None:
       extra = f" top1={s['top1']:.4f} top5={s.get('top5') or 0:.4f}"
-    print(f"  {s['name']:<10} steps={s.get('steps')} loss={metrics.get('loss', float('nan')):.4f}"
-          f"{extra} time={s.get('seconds')}s{' (skipped, done before)' if s.get('skipped') else ''}"
-          f"\n             checkpoint={s.get('checkpoint')} parent={parent}")
-  print(json.dumps({"final_top1": next((s.get("top1") for s in reversed(summary["stages"])
-                                        if s.get("top1") is not None), None)}))
+    print(
+      f"  {s['name']:<10} steps={s.get('steps')} loss={metrics.get('loss', float('nan')):.4f}"
+      f"{extra} time={s.get('seconds')}s{' (skipped, done before)' if s.get('skipped') else ''}"
+      f"\n             checkpoint={s.get('checkpoint')} parent={parent}"
+    )
+  print(
+    json.dumps(
+      {
+        "final_top1": next(
+          (s.get("top1") for s in reversed(summary["stages"]) if s.get("top1") is not None), None
+        )
+      }
+    )
+  )

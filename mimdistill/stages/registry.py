@@ -1,11 +1,14 @@
 """Maps a config's `stage` field to the module that runs it."""
+
 from __future__ import annotations
 
 import importlib
 
-STAGES = {"pretrain": "mimdistill.stages.pretrain",
-          "distill": "mimdistill.stages.distill",
-          "finetune": "mimdistill.stages.finetune"}
+STAGES = {
+  "pretrain": "mimdistill.stages.pretrain",
+  "distill": "mimdistill.stages.distill",
+  "finetune": "mimdistill.stages.finetune",
+}
 
 
 def run_stage(config, workdir, lineage: dict | None = None) -> dict:

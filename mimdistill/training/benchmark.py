@@ -21,6 +21,7 @@ figure is the model step, not the input pipeline), and measures:
 
 Each returns one JSON-able record; `format_table` prints several side by side.
 """
+
 from __future__ import annotations
 
 import copy
@@ -47,29 +48,70 @@ from mimdistill.training import sharding as shard_lib
 STEPS_PER_EPOCH = 1000
 DEFAULT_NUM_CLASSES = 1000
 STEP_KEYS = (
-    "benchmark", "stage", "preset", "variant", "device_kind", "num_devices",
-    "mesh", "global_batch", "image_size", "dtype", "fused_attention", "remat",
-    "scan_blocks",
-    "compile_s", "lower_s", "steps", "warmup", "step_s_median", "step_s_p10",
-    "step_s_p90", "process_cpu_s_median", "images_per_s",
-    "images_per_s_per_device", "flops_per_step",
-    "gflops_per_image", "tflops_per_s", "tflops_per_s_per_device",
-    "peak_tflops_per_device", "mfu", "peak_memory_bytes", "xla_memory",
-    "host_load_1m", "notes")
+  "benchmark",
+  "stage",
+  "preset",
+  "variant",
+  "device_kind",
+  "num_devices",
+  "mesh",
+  "global_batch",
+  "image_size",
+  "dtype",
+  "fused_attention",
+  "remat",
+  "scan_blocks",
+  "compile_s",
+  "lower_s",
+  "steps",
+  "warmup",
+  "step_s_median",
+  "step_s_p10",
+  "step_s_p90",
+  "process_cpu_s_median",
+  "images_per_s",
+  "images_per_s_per_device",
+  "flops_per_step",
+  "gflops_per_image",
+  "tflops_per_s",
+  "tflops_per_s_per_device",
+  "peak_tflops_per_device",
+  "mfu",
+  "peak_memory_bytes",
+  "xla_memory",
+  "host_load_1m",
+  "notes",
+)
 INPUT_KEYS = (
-    "benchmark", "stage", "preset", "variant", "dataset", "augment",
-    "num_workers", "global_batch", "image_size", "first_batch_s", "batches",
-    "batch_s_mean", "batch_s_median", "batch_s_p10", "batch_s_p90", "images_per_s",
-    "host_cpus", "host_load_1m")
+  "benchmark",
+  "stage",
+  "preset",
+  "variant",
+  "dataset",
+  "augment",
+  "num_workers",
+  "global_batch",
+  "image_size",
+  "first_batch_s",
+  "batches",
+  "batch_s_mean",
+  "batch_s_median",
+  "batch_s_p10",
+  "batch_s_p90",
+  "images_per_s",
+  "host_cpus",
+  "host_load_1m",
+)
 
 
 @dataclasses.dataclass
 class Built:
   """A stage's task plus what a synthetic batch and the report need."""
+
   stage: str
   task: loop_lib.Task
-  batch: dict[str, np.ndarray]       # one global batch (host numpy)
-  info: dict[str, Any]               # fused_attention, remat, scan_blocks, ...
+  batch: dict[str, np.ndarray]  # one global batch (host numpy)
+  info: dict[str, Any]  # fused_attention, remat, scan_blocks, ...
   notes: list[str]
 
 
@@ -79,8 +121,10 @@ class Built:
 def _stage(config) -> str:
   stage = config.get("stage")
   if stage not in ("pretrain", "distill", "finetune"):
-    raise ValueError(f"config.stage={stage!r}: the benchmark knows 'pretrain', "
-                     "'distill' and 'finetune' stage configs")
+    raise ValueError(
+      f"config.stage={stage!r}: the benchmark knows 'pretrain', "
+      "'distill' and 'finetune' stage configs"
+    )
   return stage
 
 
@@ -98,8 +142,7 @@ def _validate(module, config, **placeholders) -> None:
 
 def _images(config, spec: zoo.EncoderSpec, rng: np.random.Generator) -> np.ndarray:
   b = config.batch_size
-  return rng.standard_normal((b, spec.image_size, spec.image_size, spec.in_chans),
-                             dtype=np.float32)
+  return rng.standard_normal((b, spec.image_size, spec.image_size, spec.in_chans), dtype=np.float32)
 
 
 def _source_exists(source: str) -> bool:
@@ -115,30 +158,34 @@ def _random_teacher(config, distill):
   dummy = jnp.zeros((1, teacher.image_size, teacher.image_size, teacher.in_chans))
   variables = jax.jit(teacher.init)(jax.random.PRNGKey(config.seed + 1), dummy)
   return teacher, jax.tree_util.tree_map(
-      lambda x: np.asarray(x, np.float32), jax.device_get(variables))
+    lambda x: np.asarray(x, np.float32), jax.device_get(variables)
+  )
 
 
 def build_pretrain(config) -> Built:
   from mimdistill.stages import pretrain
+
   _validate(pretrain, config)
   model = pretrain.build_model(config)
   task = pretrain.build_task(config, model, STEPS_PER_EPOCH)
   spec = zoo.resolve(config.model)
   rng = np.random.default_rng(config.seed)
-  batch = {"image": _images(config, spec, rng),
-           "label": np.zeros((config.batch_size,), np.int32)}
-  info = {"image_size": spec.image_size,
-          "fused_attention": bool(config.model.get("fused_attention", False)),
-          "remat": bool(config.model.get("remat", False)),
-          "scan_blocks": bool(config.model.get("scan_blocks", False)),
-          "model": f"MAE w{spec.width} d{spec.depth} h{spec.num_heads} "
-                   f"p{spec.patch_size} + decoder w{config.model.decoder.width} "
-                   f"d{config.model.decoder.depth}"}
+  batch = {"image": _images(config, spec, rng), "label": np.zeros((config.batch_size,), np.int32)}
+  info = {
+    "image_size": spec.image_size,
+    "fused_attention": bool(config.model.get("fused_attention", False)),
+    "remat": bool(config.model.get("remat", False)),
+    "scan_blocks": bool(config.model.get("scan_blocks", False)),
+    "model": f"MAE w{spec.width} d{spec.depth} h{spec.num_heads} "
+    f"p{spec.patch_size} + decoder w{config.model.decoder.width} "
+    f"d{config.model.decoder.depth}",
+  }
   return Built("pretrain", task, batch, info, [])
 
 
 def build_distill(config) -> Built:
   from mimdistill.stages import distill
+
   _validate(distill, config, **{"teacher.source": "<benchmark>"})
   notes = []
   source = config.teacher.get("source") or ""
@@ -148,42 +195,47 @@ def build_distill(config) -> Built:
   else:
     teacher, teacher_vars = _random_teacher(config, distill)
     teacher_from = "random init"
-    notes.append("teacher: random init (teacher.source "
-                 + (f"{source!r} does not exist" if source else "is empty")
-                 + "); speed does not depend on the weights")
+    notes.append(
+      "teacher: random init (teacher.source "
+      + (f"{source!r} does not exist" if source else "is empty")
+      + "); speed does not depend on the weights"
+    )
   student = distill.build_student(config)
-  task = distill.build_task(config, student, teacher, teacher_vars,
-                            STEPS_PER_EPOCH)
+  task = distill.build_task(config, student, teacher, teacher_vars, STEPS_PER_EPOCH)
   s_spec, t_spec = zoo.resolve(config.student), zoo.resolve(config.teacher)
   plan = distill.make_plan(config)
   rng = np.random.default_rng(config.seed)
   image = _images(config, s_spec, rng)
-  batch = {"image": image, "image_student": image + np.float32(0.1),
-           "label": np.zeros((config.batch_size,), np.int32)}
-  info = {"image_size": s_spec.image_size,
-          "fused_attention": bool(config.student.get("fused_attention", False)),
-          "teacher_fused_attention": bool(config.teacher.get("fused_attention",
-                                                             False)),
-          "remat": bool(config.student.get("remat", False)),
-          "scan_blocks": bool(config.student.get("scan_blocks", False)),
-          "teacher_scan_blocks": bool(config.teacher.get("scan_blocks", False)),
-          "teacher": teacher_from,
-          "teacher_blocks_run": f"{plan.teacher_block}/{t_spec.depth}",
-          "model": f"teacher w{t_spec.width} d{t_spec.depth} (runs "
-                   f"{plan.teacher_block}) -> student w{s_spec.width} "
-                   f"d{s_spec.depth}, target {plan.target}"}
+  batch = {
+    "image": image,
+    "image_student": image + np.float32(0.1),
+    "label": np.zeros((config.batch_size,), np.int32),
+  }
+  info = {
+    "image_size": s_spec.image_size,
+    "fused_attention": bool(config.student.get("fused_attention", False)),
+    "teacher_fused_attention": bool(config.teacher.get("fused_attention", False)),
+    "remat": bool(config.student.get("remat", False)),
+    "scan_blocks": bool(config.student.get("scan_blocks", False)),
+    "teacher_scan_blocks": bool(config.teacher.get("scan_blocks", False)),
+    "teacher": teacher_from,
+    "teacher_blocks_run": f"{plan.teacher_block}/{t_spec.depth}",
+    "model": f"teacher w{t_spec.width} d{t_spec.depth} (runs "
+    f"{plan.teacher_block}) -> student w{s_spec.width} "
+    f"d{s_spec.depth}, target {plan.target}",
+  }
   return Built("distill", task, batch, info, notes)
 
 
 def build_finetune(config) -> Built:
   from mimdistill.stages import finetune
+
   _validate(finetune, config, **{"init.source": "<benchmark>"})
   notes = []
   num_classes = int(config.get("num_classes") or 0)
   if not num_classes:
     num_classes = DEFAULT_NUM_CLASSES
-    notes.append(f"num_classes=0 (from the dataset): benchmarked with "
-                 f"{DEFAULT_NUM_CLASSES}")
+    notes.append(f"num_classes=0 (from the dataset): benchmarked with {DEFAULT_NUM_CLASSES}")
   if config.init.get("source"):
     notes.append("init.source is not read: random init (same speed)")
   model = finetune.build_model(config, num_classes)
@@ -192,28 +244,32 @@ def build_finetune(config) -> Built:
 
   def init_params(rng):
     variables = model.init({"params": rng}, dummy)
-    return {"params": variables["params"],
-            "fixed": {k: v for k, v in variables.items() if k != "params"}}
+    return {
+      "params": variables["params"],
+      "fixed": {k: v for k, v in variables.items() if k != "params"},
+    }
 
-  task = finetune.build_task(config, model, STEPS_PER_EPOCH, init_params,
-                             evaluate=None)
+  task = finetune.build_task(config, model, STEPS_PER_EPOCH, init_params, evaluate=None)
   rng = np.random.default_rng(config.seed)
   b = config.batch_size
-  batch = {"image": _images(config, spec, rng),
-           "label": rng.integers(0, num_classes, (b,), dtype=np.int32)}
+  batch = {
+    "image": _images(config, spec, rng),
+    "label": rng.integers(0, num_classes, (b,), dtype=np.int32),
+  }
   if config.mode == "finetune":  # the 'finetune' augmentation's soft targets
     batch["label_soft"] = np.full((b, num_classes), 1.0 / num_classes, np.float32)
-  info = {"image_size": spec.image_size,
-          "fused_attention": bool(config.model.get("fused_attention", False)),
-          "remat": bool(config.model.get("remat", False)),
-          "scan_blocks": bool(config.model.get("scan_blocks", False)),
-          "model": f"ViT w{spec.width} d{spec.depth} h{spec.num_heads} "
-                   f"p{spec.patch_size}, {num_classes} classes, {config.mode}"}
+  info = {
+    "image_size": spec.image_size,
+    "fused_attention": bool(config.model.get("fused_attention", False)),
+    "remat": bool(config.model.get("remat", False)),
+    "scan_blocks": bool(config.model.get("scan_blocks", False)),
+    "model": f"ViT w{spec.width} d{spec.depth} h{spec.num_heads} "
+    f"p{spec.patch_size}, {num_classes} classes, {config.mode}",
+  }
   return Built("finetune", task, batch, info, notes)
 
 
-BUILDERS = {"pretrain": build_pretrain, "distill": build_distill,
-            "finetune": build_finetune}
+BUILDERS = {"pretrain": build_pretrain, "distill": build_distill, "finetune": build_finetune}
 
 
 def build(config) -> Built:
@@ -254,10 +310,15 @@ def _xla_memory(compiled) -> dict | None:
     return None
   if m is None:
     return None
-  fields = ("argument_size_in_bytes", "output_size_in_bytes",
-            "temp_size_in_bytes", "alias_size_in_bytes")
-  return {f.replace("_size_in_bytes", "_bytes"): int(getattr(m, f))
-          for f in fields if hasattr(m, f)}
+  fields = (
+    "argument_size_in_bytes",
+    "output_size_in_bytes",
+    "temp_size_in_bytes",
+    "alias_size_in_bytes",
+  )
+  return {
+    f.replace("_size_in_bytes", "_bytes"): int(getattr(m, f)) for f in fields if hasattr(m, f)
+  }
 
 
 def _peak_memory(devices) -> int | None:
@@ -279,8 +340,14 @@ def _load() -> float | None:
     return None
 
 
-def measure_step(config: ml_collections.ConfigDict, *, steps: int = 10,
-                 warmup: int = 2, mesh=None, variant: str = "") -> dict:
+def measure_step(
+  config: ml_collections.ConfigDict,
+  *,
+  steps: int = 10,
+  warmup: int = 2,
+  mesh=None,
+  variant: str = "",
+) -> dict:
   """One record for the training step of `config` (see the module doc)."""
   if steps < 1 or warmup < 0:
     raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")
@@ -299,8 +366,8 @@ def measure_step(config: ml_collections.ConfigDict, *, steps: int = 10,
   per_process = config.batch_size // jax.process_count()
   start = jax.process_index() * per_process
   batch = input_pipeline.to_global(
-      {k: v[start:start + per_process] for k, v in built.batch.items()},
-      mesh, shard_lib.BATCH_AXES)
+    {k: v[start : start + per_process] for k, v in built.batch.items()}, mesh, shard_lib.BATCH_AXES
+  )
   update = loop_lib.jit_update(task, tx, mesh, state_sharding, inputs_sharding)
 
   # -- compile ----------------------------------------------------------------
@@ -315,8 +382,9 @@ def measure_step(config: ml_collections.ConfigDict, *, steps: int = 10,
     # XLA's cost analysis counts a while-loop body once, so a scanned block
     # stack would show one block's FLOPs: count the same step unrolled (same
     # params and shapes; compiled only to be counted, never run).
-    unrolled = loop_lib.jit_update(build(_without_scan(config)).task, tx, mesh,
-                                   state_sharding, inputs_sharding)
+    unrolled = loop_lib.jit_update(
+      build(_without_scan(config)).task, tx, mesh, state_sharding, inputs_sharding
+    )
     flops = _flops(unrolled.lower(state, batch, inputs).compile())
 
   # -- run --------------------------------------------------------------------
@@ -337,8 +405,7 @@ def measure_step(config: ml_collections.ConfigDict, *, steps: int = 10,
   median = statistics.median(times)
   device_kind = mesh.devices.flat[0].device_kind
   dtype = config.get("dtype", "float32")
-  peak = peak_lib.peak_flops(device_kind, dtype,
-                             jax.config.jax_default_matmul_precision)
+  peak = peak_lib.peak_flops(device_kind, dtype, jax.config.jax_default_matmul_precision)
   per_device = flops / median if flops is not None else None
   notes = list(built.notes)
   if not np.isfinite(loss):
@@ -348,38 +415,48 @@ def measure_step(config: ml_collections.ConfigDict, *, steps: int = 10,
   if scanned:
     notes.append("scan_blocks: FLOPs counted on the unrolled step")
   record = {
-      "benchmark": "train_step", "stage": built.stage,
-      "preset": config.get("preset"), "variant": variant,
-      "device_kind": device_kind, "num_devices": n,
-      "mesh": {k: int(v) for k, v in mesh.shape.items()},
-      "global_batch": int(config.batch_size),
-      "image_size": built.info["image_size"], "dtype": dtype,
-      "fused_attention": built.info["fused_attention"],
-      "remat": built.info["remat"],
-      "scan_blocks": built.info["scan_blocks"],
-      **{k: v for k, v in built.info.items()
-         if k not in ("image_size", "fused_attention", "remat", "scan_blocks")},
-      "compile_s": round(t2 - t1, 3), "lower_s": round(t1 - t0, 3),
-      "steps": steps, "warmup": warmup,
-      "step_s_median": median, "step_s_p10": _percentile(times, 10),
-      "step_s_p90": _percentile(times, 90),
-      # CPU time of this process per step (all threads): on the CPU backend
-      # a load-independent companion of the wall time on a shared host.
-      "process_cpu_s_median": statistics.median(cpu),
-      "images_per_s": config.batch_size / median,
-      "images_per_s_per_device": config.batch_size / median / n,
-      # cost_analysis of an SPMD step is the per-device program.
-      "flops_per_step": None if flops is None else flops * n,
-      "gflops_per_image": (None if flops is None
-                           else flops * n / config.batch_size / 1e9),
-      "tflops_per_s": None if per_device is None else per_device * n / 1e12,
-      "tflops_per_s_per_device": None if per_device is None else per_device / 1e12,
-      "peak_tflops_per_device": None if peak is None else peak / 1e12,
-      "mfu": None if (peak is None or per_device is None) else per_device / peak,
-      "peak_memory_bytes": _peak_memory(mesh.local_devices),
-      "xla_memory": _xla_memory(compiled),
-      "final_loss": loss,
-      "host_load_1m": _load(), "notes": notes,
+    "benchmark": "train_step",
+    "stage": built.stage,
+    "preset": config.get("preset"),
+    "variant": variant,
+    "device_kind": device_kind,
+    "num_devices": n,
+    "mesh": {k: int(v) for k, v in mesh.shape.items()},
+    "global_batch": int(config.batch_size),
+    "image_size": built.info["image_size"],
+    "dtype": dtype,
+    "fused_attention": built.info["fused_attention"],
+    "remat": built.info["remat"],
+    "scan_blocks": built.info["scan_blocks"],
+    **{
+      k: v
+      for k, v in built.info.items()
+      if k not in ("image_size", "fused_attention", "remat", "scan_blocks")
+    },
+    "compile_s": round(t2 - t1, 3),
+    "lower_s": round(t1 - t0, 3),
+    "steps": steps,
+    "warmup": warmup,
+    "step_s_median": median,
+    "step_s_p10": _percentile(times, 10),
+    "step_s_p90": _percentile(times, 90),
+    # CPU time of this process per step (all threads): on the CPU backend
+    # a load-independent companion of the wall time on a shared host.
+    "process_cpu_s_median": statistics.median(cpu),
+    "images_per_s": config.batch_size / median,
+    "images_per_s_per_device": config.batch_size / median / n,
+    # cost_analysis of an SPMD step is the per-device program.
+    "flops_per_step": None if flops is None else flops * n,
+    "gflops_per_image": (None if flops is None else flops * n / config.batch_size / 1e9),
+    "tflops_per_s": None if per_device is None else per_device * n / 1e12,
+    "tflops_per_s_per_device": None if per_device is None else per_device / 1e12,
+    "peak_tflops_per_device": None if peak is None else peak / 1e12,
+    "mfu": None if (peak is None or per_device is None) else per_device / peak,
+    "peak_memory_bytes": _peak_memory(mesh.local_devices),
+    "xla_memory": _xla_memory(compiled),
+    "final_loss": loss,
+    "host_load_1m": _load(),
+    "notes": notes,
   }
   return record
 
@@ -391,15 +468,17 @@ def _input_data_config(config, stage: str):
   return run_config.data_config(config, augment)
 
 
-def measure_input(config: ml_collections.ConfigDict, *, steps: int = 10,
-                  warmup: int = 2, variant: str = "") -> dict:
+def measure_input(
+  config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2, variant: str = ""
+) -> dict:
   """Images/s the stage's real train input pipeline delivers on this host
   (numpy batches, before any device transfer)."""
   stage = _stage(config)
   data = _input_data_config(config, stage)
   t0 = time.perf_counter()
   pipeline = input_pipeline.make_dataset(
-      data, split=config.data.train_split, train=True, seed=config.seed)
+    data, split=config.data.train_split, train=True, seed=config.seed
+  )
   it = iter(pipeline)
   try:
     next(it)
@@ -415,17 +494,25 @@ def measure_input(config: ml_collections.ConfigDict, *, steps: int = 10,
     it.close()
   total = sum(times)
   return {
-      "benchmark": "input", "stage": stage, "preset": config.get("preset"),
-      "variant": variant, "dataset": data.name, "augment": data.augment,
-      "num_workers": int(data.get("num_workers", 0)),
-      "global_batch": int(config.batch_size),
-      "local_batch": pipeline.local_batch_size,
-      "image_size": int(data.image_size),
-      "first_batch_s": round(first, 3), "batches": steps,
-      "batch_s_mean": total / steps, "batch_s_median": statistics.median(times),
-      "batch_s_p10": _percentile(times, 10), "batch_s_p90": _percentile(times, 90),
-      "images_per_s": steps * pipeline.local_batch_size / total,
-      "host_cpus": os.cpu_count(), "host_load_1m": _load(),
+    "benchmark": "input",
+    "stage": stage,
+    "preset": config.get("preset"),
+    "variant": variant,
+    "dataset": data.name,
+    "augment": data.augment,
+    "num_workers": int(data.get("num_workers", 0)),
+    "global_batch": int(config.batch_size),
+    "local_batch": pipeline.local_batch_size,
+    "image_size": int(data.image_size),
+    "first_batch_s": round(first, 3),
+    "batches": steps,
+    "batch_s_mean": total / steps,
+    "batch_s_median": statistics.median(times),
+    "batch_s_p10": _percentile(times, 10),
+    "batch_s_p90": _percentile(times, 90),
+    "images_per_s": steps * pipeline.local_batch_size / total,
+    "host_cpus": os.cpu_count(),
+    "host_load_1m": _load(),
   }
 
 
@@ -453,14 +540,16 @@ def parse_sweeps(sweeps) -> list[tuple[str, list[str]]]:
   for sweep in sweeps or ():
     key, sep, values = sweep.partition("=")
     if not sep or not key or not values:
-      raise ValueError(f"--sweep {sweep!r}: use key=value1,value2 (a config "
-                       "field, e.g. dtype=float32,bfloat16)")
+      raise ValueError(
+        f"--sweep {sweep!r}: use key=value1,value2 (a config field, e.g. dtype=float32,bfloat16)"
+      )
     out.append((key.strip(), [v.strip() for v in values.split(",")]))
   return out
 
 
-def variants(config: ml_collections.ConfigDict, sweeps
-             ) -> list[tuple[str, ml_collections.ConfigDict]]:
+def variants(
+  config: ml_collections.ConfigDict, sweeps
+) -> list[tuple[str, ml_collections.ConfigDict]]:
   """The config once per combination of the sweeps (cartesian product).
 
   A sweep key may name several fields joined by '+', which take each value
@@ -509,10 +598,13 @@ def _bytes(x) -> str:
 
 
 # Record key -> its short name in the table's options column.
-_OPTION_NAMES = (("fused_attention", "fused"), ("remat", "remat"),
-                 ("scan_blocks", "scan"),
-                 ("teacher_fused_attention", "teacher fused"),
-                 ("teacher_scan_blocks", "teacher scan"))
+_OPTION_NAMES = (
+  ("fused_attention", "fused"),
+  ("remat", "remat"),
+  ("scan_blocks", "scan"),
+  ("teacher_fused_attention", "teacher fused"),
+  ("teacher_scan_blocks", "teacher scan"),
+)
 
 
 def _speed_options(record: dict) -> str:
@@ -525,44 +617,75 @@ def format_table(records: list[dict]) -> str:
   lines = []
   steps = [r for r in records if r.get("benchmark") == "train_step"]
   if steps:
-    head = ("variant", "options", "compile s", "step ms p50 [p10-p90]",
-            "cpu ms", "img/s", "GFLOP/img", "TFLOP/s", "MFU", "peak mem",
-            "XLA temp")
+    head = (
+      "variant",
+      "options",
+      "compile s",
+      "step ms p50 [p10-p90]",
+      "cpu ms",
+      "img/s",
+      "GFLOP/img",
+      "TFLOP/s",
+      "MFU",
+      "peak mem",
+      "XLA temp",
+    )
     rows = []
     for r in steps:
       mem = r.get("xla_memory") or {}
-      rows.append((
+      rows.append(
+        (
           r.get("variant") or r.get("preset") or r["stage"],
           _speed_options(r),
           f"{r['compile_s']:.1f}",
           f"{r['step_s_median'] * 1e3:.1f} [{r['step_s_p10'] * 1e3:.1f}-"
           f"{r['step_s_p90'] * 1e3:.1f}]",
           f"{r['process_cpu_s_median'] * 1e3:.0f}",
-          f"{r['images_per_s']:.1f}", _fmt(r["gflops_per_image"], ".3g"),
+          f"{r['images_per_s']:.1f}",
+          _fmt(r["gflops_per_image"], ".3g"),
           _fmt(r["tflops_per_s"], ".3g"),
-          _fmt(r["mfu"] if r["mfu"] is None else 100 * r["mfu"], ".1f") +
-          ("%" if r["mfu"] is not None else ""),
-          _bytes(r["peak_memory_bytes"]), _bytes(mem.get("temp_bytes"))))
+          _fmt(r["mfu"] if r["mfu"] is None else 100 * r["mfu"], ".1f")
+          + ("%" if r["mfu"] is not None else ""),
+          _bytes(r["peak_memory_bytes"]),
+          _bytes(mem.get("temp_bytes")),
+        )
+      )
     lines += _table(head, rows)
     r0 = steps[0]
-    lines.append(f"{r0['stage']} {r0.get('model', '')}; {r0['num_devices']} x "
-                 f"{r0['device_kind']}, mesh {r0['mesh']}, batch "
-                 f"{r0['global_batch']}, {r0['steps']} timed steps after "
-                 f"{r0['warmup']}; host load {r0['host_load_1m']}")
+    lines.append(
+      f"{r0['stage']} {r0.get('model', '')}; {r0['num_devices']} x "
+      f"{r0['device_kind']}, mesh {r0['mesh']}, batch "
+      f"{r0['global_batch']}, {r0['steps']} timed steps after "
+      f"{r0['warmup']}; host load {r0['host_load_1m']}"
+    )
   inputs = [r for r in records if r.get("benchmark") == "input"]
   if inputs:
     if lines:
       lines.append("")
-    head = ("variant", "dataset", "augment", "workers", "first batch s",
-            "batch ms mean [p10-p90]", "img/s")
-    rows = [(r.get("variant") or r.get("preset") or r["stage"], r["dataset"],
-             r["augment"], str(r["num_workers"]), f"{r['first_batch_s']:.2f}",
-             f"{r['batch_s_mean'] * 1e3:.1f} [{r['batch_s_p10'] * 1e3:.1f}-"
-             f"{r['batch_s_p90'] * 1e3:.1f}]", f"{r['images_per_s']:.1f}")
-            for r in inputs]
+    head = (
+      "variant",
+      "dataset",
+      "augment",
+      "workers",
+      "first batch s",
+      "batch ms mean [p10-p90]",
+      "img/s",
+    )
+    rows = [
+      (
+        r.get("variant") or r.get("preset") or r["stage"],
+        r["dataset"],
+        r["augment"],
+        str(r["num_workers"]),
+        f"{r['first_batch_s']:.2f}",
+        f"{r['batch_s_mean'] * 1e3:.1f} [{r['batch_s_p10'] * 1e3:.1f}-"
+        f"{r['batch_s_p90'] * 1e3:.1f}]",
+        f"{r['images_per_s']:.1f}",
+      )
+      for r in inputs
+    ]
     lines += _table(head, rows)
-    lines.append(f"host: {inputs[0]['host_cpus']} CPUs, load "
-                 f"{inputs[0]['host_load_1m']}")
+    lines.append(f"host: {inputs[0]['host_cpus']} CPUs, load {inputs[0]['host_load_1m']}")
   return "\n".join(lines)
 
 

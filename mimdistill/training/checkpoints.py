@@ -8,11 +8,13 @@ A workdir holds:
 The teacher of a distillation is never in `state`: `lineage.json` records
 where it came from.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import grain
 import jax
@@ -32,25 +34,26 @@ def checkpoint_dir(workdir) -> epath.Path:
 class Checkpointer:
   """Saves and restores `{'state': TrainState, 'data': iterator state}`."""
 
-  def __init__(self, workdir, *, every_steps: int, keep: int = 3,
-               async_save: bool = True):
+  def __init__(self, workdir, *, every_steps: int, keep: int = 3, async_save: bool = True):
     directory = checkpoint_dir(workdir)
     try:
       self.manager = ocp.CheckpointManager(
-          directory,
-          options=ocp.CheckpointManagerOptions(
-              save_interval_steps=max(1, every_steps), max_to_keep=keep,
-              enable_async_checkpointing=async_save, create=True))
+        directory,
+        options=ocp.CheckpointManagerOptions(
+          save_interval_steps=max(1, every_steps),
+          max_to_keep=keep,
+          enable_async_checkpointing=async_save,
+          create=True,
+        ),
+      )
     except ImportError as e:
       # Orbax asks google-cloud-storage about a gs:// bucket's layout.
-      raise ImportError(f"Orbax cannot reach {directory} ({e}); "
-                        f"{INSTALL_HINT}") from e
+      raise ImportError(f"Orbax cannot reach {directory} ({e}); {INSTALL_HINT}") from e
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: PyTree, data_iterator=None,
-           force: bool = False) -> bool:
+  def save(self, step: int, state: PyTree, data_iterator=None, force: bool = False) -> bool:
     """`data_iterator`: a grain iterator; its position is saved per process."""
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
@@ -88,9 +91,10 @@ def numpy_restore_args(tree: PyTree) -> PyTree:
 @dataclasses.dataclass(frozen=True)
 class SavedState:
   """The `state` item of one saved step of a workdir, read on demand."""
+
   directory: epath.Path  # <workdir>/checkpoints
   step: int
-  tree: PyTree           # metadata tree of `state` (shapes, dtypes; no data)
+  tree: PyTree  # metadata tree of `state` (shapes, dtypes; no data)
   handler: Any
 
   @property
@@ -101,17 +105,25 @@ class SavedState:
     """The leaves of `item` (a pruned copy of `tree`) as numpy; nothing else
     of the checkpoint (e.g. the optimizer state) is read."""
     with _read_only_manager(self.directory, self.handler) as manager:
-      out = manager.restore(self.step, args=ocp.args.Composite(
-          state=ocp.args.PyTreeRestore(item=item, restore_args=numpy_restore_args(item),
-                                       partial_restore=True)))
+      out = manager.restore(
+        self.step,
+        args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(
+            item=item, restore_args=numpy_restore_args(item), partial_restore=True
+          )
+        ),
+      )
     return out["state"]
 
 
 def _read_only_manager(directory, handler) -> ocp.CheckpointManager:
   # The 'state' handler must be named: a fresh manager (another process than
   # the one that saved) otherwise returns no metadata for the item.
-  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      read_only=True), item_handlers={"state": handler})
+  return ocp.CheckpointManager(
+    directory,
+    options=ocp.CheckpointManagerOptions(read_only=True),
+    item_handlers={"state": handler},
+  )
 
 
 def saved_state(source: str, handler=None) -> SavedState:
@@ -120,8 +132,9 @@ def saved_state(source: str, handler=None) -> SavedState:
   ckpt = checkpoint_dir(workdir)
   if not ckpt.is_dir():
     raise FileNotFoundError(
-        f"no checkpoints in {workdir} (looked for {ckpt}); run the earlier "
-        "stage there first or point at the right workdir")
+      f"no checkpoints in {workdir} (looked for {ckpt}); run the earlier "
+      "stage there first or point at the right workdir"
+    )
   handler = handler or ocp.PyTreeCheckpointHandler()
   with _read_only_manager(ckpt, handler) as manager:
     steps = manager.all_steps()
@@ -145,8 +158,9 @@ def restore_subtree(source: str, subtree: Sequence[str]) -> tuple[PyTree, dict]:
   node = saved.tree
   for key in subtree:
     if not isinstance(node, dict) or key not in node:
-      raise KeyError(f"checkpoint {saved.location} has no state/"
-                     f"{'/'.join(subtree)} (stopped at {key!r})")
+      raise KeyError(
+        f"checkpoint {saved.location} has no state/{'/'.join(subtree)} (stopped at {key!r})"
+      )
     node = node[key]
   item = node
   for key in reversed(subtree):

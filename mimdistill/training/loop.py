@@ -9,12 +9,14 @@ metrics, NaN/Inf handling.
 The update step is a pure function `update(state, batch, inputs)` compiled
 once with explicit in/out shardings and the state donated.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +42,9 @@ LossFn = Callable[[PyTree, PyTree, dict, jax.Array, PyTree], tuple[jax.Array, di
 @dataclasses.dataclass
 class Task:
   """What a stage plugs into the shared loop."""
+
   name: str
-  init_variables: Callable[[jax.Array], dict]   # rng -> {'params', 'fixed'?}
+  init_variables: Callable[[jax.Array], dict]  # rng -> {'params', 'fixed'?}
   loss_fn: LossFn
   make_optimizer: Callable[[PyTree, optax.Schedule], optax.GradientTransformation]
   schedule: optax.Schedule
@@ -100,18 +103,24 @@ def build_update(task: Task, tx: optax.GradientTransformation):
     finite = jnp.isfinite(loss)
     # A non-finite loss leaves the state untouched (the host stops the run at
     # its next check), so what gets checkpointed is always a good state.
-    keep = lambda new, old: jax.tree_util.tree_map(
-        lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = state.replace(step=state.step + 1,
-                              params=keep(params, state.params),
-                              fixed=keep(fixed, state.fixed),
-                              opt_state=keep(opt_state, state.opt_state))
+    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = state.replace(
+      step=state.step + 1,
+      params=keep(params, state.params),
+      fixed=keep(fixed, state.fixed),
+      opt_state=keep(opt_state, state.opt_state),
+    )
     if task.ema_decay:
-      new_state = new_state.replace(ema=optax.incremental_update(
-          new_state.params, state.ema, 1.0 - task.ema_decay))
-    metrics = dict(metrics, loss=loss, lr=task.schedule(state.step),
-                   grad_norm=optax.tree.norm(grads),
-                   nonfinite=(~finite).astype(jnp.int32))
+      new_state = new_state.replace(
+        ema=optax.incremental_update(new_state.params, state.ema, 1.0 - task.ema_decay)
+      )
+    metrics = dict(
+      metrics,
+      loss=loss,
+      lr=task.schedule(state.step),
+      grad_norm=optax.tree.norm(grads),
+      nonfinite=(~finite).astype(jnp.int32),
+    )
     return new_state, metrics
 
   return update
@@ -125,10 +134,15 @@ def make_init_state(task: Task) -> Callable[[jax.Array], TrainState]:
     variables = task.init_variables(init_rng)
     params = variables["params"]
     tx = task.make_optimizer(params, task.schedule)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      fixed=variables.get("fixed", {}),
-                      opt_state=tx.init(params), rng=state_rng,
-                      ema=params if task.ema_decay else None)
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      fixed=variables.get("fixed", {}),
+      opt_state=tx.init(params),
+      rng=state_rng,
+      ema=params if task.ema_decay else None,
+    )
+
   return init_state
 
 
@@ -140,42 +154,48 @@ def plan_state(task: Task, mesh, fsdp: int, rng: jax.Array):
   """
   abstract = jax.eval_shape(make_init_state(task), rng)
   sharding = shard_lib.tree_shardings(abstract, mesh, fsdp=fsdp > 1)
-  sharding = sharding.replace(step=shard_lib.replicated(mesh),
-                              rng=shard_lib.replicated(mesh))
+  sharding = sharding.replace(step=shard_lib.replicated(mesh), rng=shard_lib.replicated(mesh))
   return abstract, sharding, task.make_optimizer(abstract.params, task.schedule)
 
 
-def jit_update(task: Task, tx: optax.GradientTransformation, mesh,
-               state_sharding, inputs_sharding):
+def jit_update(task: Task, tx: optax.GradientTransformation, mesh, state_sharding, inputs_sharding):
   """The jitted update step: explicit in/out shardings, state donated."""
   return jax.jit(
-      build_update(task, tx),
-      in_shardings=(state_sharding, shard_lib.batch_sharding(mesh), inputs_sharding),
-      out_shardings=(state_sharding, shard_lib.replicated(mesh)),
-      donate_argnums=(0,))
+    build_update(task, tx),
+    in_shardings=(state_sharding, shard_lib.batch_sharding(mesh), inputs_sharding),
+    out_shardings=(state_sharding, shard_lib.replicated(mesh)),
+    donate_argnums=(0,),
+  )
 
 
 def check_workdir(workdir, config_dict: dict, signature: dict):
   """Refuses a workdir whose checkpoints belong to another model."""
   saved = ckpt_lib.read_json(workdir, "config.json")
   has_ckpt = ckpt_lib.checkpoint_dir(workdir).is_dir() and any(
-      ckpt_lib.checkpoint_dir(workdir).iterdir())
+    ckpt_lib.checkpoint_dir(workdir).iterdir()
+  )
   if saved and has_ckpt:
     old = saved.get("signature", {})
     diff = {k: (old.get(k), v) for k, v in signature.items() if old.get(k) != v}
     if diff:
       raise ValueError(
-          f"workdir {workdir} holds checkpoints of a different model "
-          f"({', '.join(f'{k}: {a} there vs {b} now' for k, (a, b) in diff.items())}); "
-          "use a new --workdir or the same model config")
-  ckpt_lib.write_json(workdir, "config.json",
-                      {"config": config_dict, "signature": signature})
+        f"workdir {workdir} holds checkpoints of a different model "
+        f"({', '.join(f'{k}: {a} there vs {b} now' for k, (a, b) in diff.items())}); "
+        "use a new --workdir or the same model config"
+      )
+  ckpt_lib.write_json(workdir, "config.json", {"config": config_dict, "signature": signature})
 
 
-def train(task: Task, data, workdir, loop: LoopConfig,
-          config_dict: dict | None = None, lineage: dict | None = None,
-          mesh=None, on_log: Callable[[int, dict], None] | None = None
-          ) -> TrainState:
+def train(
+  task: Task,
+  data,
+  workdir,
+  loop: LoopConfig,
+  config_dict: dict | None = None,
+  lineage: dict | None = None,
+  mesh=None,
+  on_log: Callable[[int, dict], None] | None = None,
+) -> TrainState:
   """Runs (or resumes) `task` to `task.total_steps`; returns the final state.
 
   `data` is a `mimdistill.data` train `BatchIterator` (global batches; its
@@ -192,14 +212,17 @@ def train(task: Task, data, workdir, loop: LoopConfig,
   rng = jax.random.PRNGKey(loop.seed)
   abstract, state_sharding, tx = plan_state(task, mesh, loop.fsdp, rng)
 
-  checkpointer = ckpt_lib.Checkpointer(workdir, every_steps=loop.checkpoint_every,
-                                       keep=loop.keep_checkpoints,
-                                       async_save=loop.async_checkpoints)
+  checkpointer = ckpt_lib.Checkpointer(
+    workdir,
+    every_steps=loop.checkpoint_every,
+    keep=loop.keep_checkpoints,
+    async_save=loop.async_checkpoints,
+  )
   start = checkpointer.latest_step()
   if start is not None:
     target = jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract, state_sharding)
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding
+    )
     state = checkpointer.restore(start, target, data.grain_iterator)
     log.info("resumed %s from step %d of %s", task.name, start, workdir)
   else:
@@ -214,9 +237,14 @@ def train(task: Task, data, workdir, loop: LoopConfig,
   best = None
   if task.evaluate is not None:
     best = ocp.CheckpointManager(
-        workdir / "best", options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, best_fn=lambda m: m[task.best_metric],
-            best_mode="max", enable_async_checkpointing=False))
+      workdir / "best",
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=1,
+        best_fn=lambda m: m[task.best_metric],
+        best_mode="max",
+        enable_async_checkpointing=False,
+      ),
+    )
   eval_metrics: dict = {}
   writer = MetricWriter(workdir, task.total_steps, start, desc=task.name)
   data_iter: Iterator = data
@@ -235,10 +263,11 @@ def train(task: Task, data, workdir, loop: LoopConfig,
         host = to_host(metrics)
         if int(nonfinite):
           raise NonFiniteLossError(
-              f"{task.name}: the loss became NaN/Inf at or before step {done} "
-              f"(last value {host['loss']}); stopped without saving, the last "
-              f"good checkpoint in {checkpointer.manager.directory} is kept. "
-              "Lower the learning rate, enable clip_grad_norm or check the data.")
+            f"{task.name}: the loss became NaN/Inf at or before step {done} "
+            f"(last value {host['loss']}); stopped without saving, the last "
+            f"good checkpoint in {checkpointer.manager.directory} is kept. "
+            "Lower the learning rate, enable clip_grad_norm or check the data."
+          )
         host.pop("nonfinite")
         rate = writer.progress(done, task.images_per_step, loss=host["loss"])
         host["img_per_s"] = rate
@@ -249,14 +278,18 @@ def train(task: Task, data, workdir, loop: LoopConfig,
       if wants_save:
         checkpointer.save(done, state, data.grain_iterator, force=is_last)
       if task.evaluate is not None and (
-          is_last or (loop.eval_every and done % loop.eval_every == 0)):
+        is_last or (loop.eval_every and done % loop.eval_every == 0)
+      ):
         eval_metrics = task.evaluate(state)
         writer.write(done, eval_metrics, prefix="eval")
         log.info("%s step %d eval %s", task.name, done, eval_metrics)
-        best.save(done, args=ocp.args.Composite(
-            params=ocp.args.StandardSave({"params": state.params,
-                                          "fixed": state.fixed})),
-                  metrics=eval_metrics)
+        best.save(
+          done,
+          args=ocp.args.Composite(
+            params=ocp.args.StandardSave({"params": state.params, "fixed": state.fixed})
+          ),
+          metrics=eval_metrics,
+        )
     if start == task.total_steps and task.evaluate is not None:
       eval_metrics = task.evaluate(state)  # finished earlier: report again
   finally:

@@ -5,13 +5,14 @@ In a bucket workdir (gs://...) objects cannot be appended to, so both files
 are kept in memory and the whole object is rewritten at each flush, as
 tensorboardX's own GCS writer does; flushes happen at logging steps only.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import os
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -21,8 +22,9 @@ from mimdistill.paths import as_path, is_remote
 
 
 class MetricWriter:
-  def __init__(self, workdir: str | os.PathLike, total_steps: int,
-               initial_step: int = 0, desc: str = "train"):
+  def __init__(
+    self, workdir: str | os.PathLike, total_steps: int, initial_step: int = 0, desc: str = "train"
+  ):
     self.primary = jax.process_index() == 0
     self.workdir = as_path(workdir)
     self._jsonl = None
@@ -31,13 +33,15 @@ class MetricWriter:
     if self.primary:
       from tensorboardX import SummaryWriter
       from tqdm import tqdm
+
       self.workdir.mkdir(parents=True, exist_ok=True)
       self._jsonl = _open_append(self.workdir / "metrics.jsonl")
       if is_remote(self.workdir):
         _register_bucket_event_writer()
       self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
-      self._bar = tqdm(total=total_steps, initial=initial_step, desc=desc,
-                       unit="step", dynamic_ncols=True)
+      self._bar = tqdm(
+        total=total_steps, initial=initial_step, desc=desc, unit="step", dynamic_ncols=True
+      )
     self._last = (time.perf_counter(), initial_step)
 
   def write(self, step: int, metrics: Mapping[str, float], prefix: str = "train"):
@@ -60,8 +64,7 @@ class MetricWriter:
     self._last = (now, step)
     if self._bar is not None:
       self._bar.update(step - self._bar.n)
-      self._bar.set_postfix({**{k: f"{v:.4g}" for k, v in shown.items()},
-                             "img/s": f"{rate:.1f}"})
+      self._bar.set_postfix({**{k: f"{v:.4g}" for k, v in shown.items()}, "img/s": f"{rate:.1f}"})
     return rate
 
   def close(self):
@@ -106,6 +109,7 @@ def _register_bucket_event_writer():
   # tensorboardX's own 'gs' writer needs google-cloud-storage; epath already
   # reaches the bucket (through gcsfs), with the same credentials as Orbax.
   from tensorboardX import record_writer
+
   record_writer.register_writer_factory("gs", _BucketEventFactory())
 
 

@@ -13,6 +13,7 @@ at depends on the matmul precision (`jax_default_matmul_precision`):
 
 Device kinds are `jax.devices()[i].device_kind` strings.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,29 +23,29 @@ import dataclasses
 class Peak:
   name: str
   bfloat16: float
-  tfloat32: float | None = None   # GPUs only
-  float32: float | None = None    # IEEE float32 (GPU CUDA cores)
+  tfloat32: float | None = None  # GPUs only
+  float32: float | None = None  # IEEE float32 (GPU CUDA cores)
 
 
 _T = 1e12
 # Matched in order against the lower-cased device kind (first hit wins, so
 # the more specific names come first).
 PEAKS: tuple[tuple[str, Peak], ...] = (
-    # Cloud TPU, per chip (JAX shows one device per chip on v4/v5e/v5p/v6e).
-    ("tpu v6 lite", Peak("TPU v6e", 918 * _T)),
-    ("tpu v6e", Peak("TPU v6e", 918 * _T)),
-    ("tpu v5 lite", Peak("TPU v5e", 197 * _T)),
-    ("tpu v5e", Peak("TPU v5e", 197 * _T)),
-    ("tpu v5p", Peak("TPU v5p", 459 * _T)),
-    ("tpu v5", Peak("TPU v5p", 459 * _T)),
-    ("tpu v4", Peak("TPU v4", 275 * _T)),
-    # NVIDIA (dense tensor-core figures from the data sheets).
-    ("h200 nvl", Peak("H200 NVL", 835.5 * _T, 417.5 * _T, 60 * _T)),
-    ("h200", Peak("H200 SXM", 989.4 * _T, 494.7 * _T, 66.9 * _T)),
-    ("h100 nvl", Peak("H100 NVL", 835.5 * _T, 417.5 * _T, 60 * _T)),
-    ("h100 pcie", Peak("H100 PCIe", 756 * _T, 378 * _T, 51.2 * _T)),
-    ("h100", Peak("H100 SXM", 989.4 * _T, 494.7 * _T, 66.9 * _T)),
-    ("a100", Peak("A100", 312 * _T, 156 * _T, 19.5 * _T)),
+  # Cloud TPU, per chip (JAX shows one device per chip on v4/v5e/v5p/v6e).
+  ("tpu v6 lite", Peak("TPU v6e", 918 * _T)),
+  ("tpu v6e", Peak("TPU v6e", 918 * _T)),
+  ("tpu v5 lite", Peak("TPU v5e", 197 * _T)),
+  ("tpu v5e", Peak("TPU v5e", 197 * _T)),
+  ("tpu v5p", Peak("TPU v5p", 459 * _T)),
+  ("tpu v5", Peak("TPU v5p", 459 * _T)),
+  ("tpu v4", Peak("TPU v4", 275 * _T)),
+  # NVIDIA (dense tensor-core figures from the data sheets).
+  ("h200 nvl", Peak("H200 NVL", 835.5 * _T, 417.5 * _T, 60 * _T)),
+  ("h200", Peak("H200 SXM", 989.4 * _T, 494.7 * _T, 66.9 * _T)),
+  ("h100 nvl", Peak("H100 NVL", 835.5 * _T, 417.5 * _T, 60 * _T)),
+  ("h100 pcie", Peak("H100 PCIe", 756 * _T, 378 * _T, 51.2 * _T)),
+  ("h100", Peak("H100 SXM", 989.4 * _T, 494.7 * _T, 66.9 * _T)),
+  ("a100", Peak("A100", 312 * _T, 156 * _T, 19.5 * _T)),
 )
 
 _FULL_PRECISION = ("highest", "float32", "bfloat16_6x")
@@ -60,8 +61,9 @@ def lookup(device_kind: str) -> Peak | None:
   return None
 
 
-def peak_flops(device_kind: str, dtype: str = "bfloat16",
-               matmul_precision: str | None = None) -> float | None:
+def peak_flops(
+  device_kind: str, dtype: str = "bfloat16", matmul_precision: str | None = None
+) -> float | None:
   """Peak FLOP/s of one device for compute `dtype`, or None if unknown.
 
   `dtype` is the config's compute dtype name ('bfloat16' | 'float32' |

@@ -6,6 +6,7 @@ Shared fields: `seed`, `batch_size` (global), `total_epochs` or
 `min_lr`, `dtype`, `optimizer`, `data`, `mesh`, `log_every`,
 `checkpoint_every`, `keep_checkpoints`.
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -17,9 +18,18 @@ from mimdistill.training.loop import LoopConfig
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def stage_config(stage: str, preset: str, *, batch_size: int, total_epochs: float,
-                 warmup_epochs: float, base_lr: float, min_lr: float,
-                 optimizer: dict, data: dict) -> ml_collections.ConfigDict:
+def stage_config(
+  stage: str,
+  preset: str,
+  *,
+  batch_size: int,
+  total_epochs: float,
+  warmup_epochs: float,
+  base_lr: float,
+  min_lr: float,
+  optimizer: dict,
+  data: dict,
+) -> ml_collections.ConfigDict:
   """A stage config's shared fields, with the official ImageNet defaults;
   `optimizer` and `data` add the stage's own entries to those sections. The
   stage config then adds its model and method fields."""
@@ -27,19 +37,26 @@ def stage_config(stage: str, preset: str, *, batch_size: int, total_epochs: floa
   c.stage = stage
   c.preset = preset
   c.seed = 0
-  c.dtype = "float32"           # compute dtype; 'bfloat16' on TPU/GPU
-  c.batch_size = batch_size     # global, over all hosts and devices
+  c.dtype = "float32"  # compute dtype; 'bfloat16' on TPU/GPU
+  c.batch_size = batch_size  # global, over all hosts and devices
   c.total_epochs = float(total_epochs)
-  c.total_steps = 0             # > 0 overrides total_epochs
+  c.total_steps = 0  # > 0 overrides total_epochs
   c.warmup_epochs = float(warmup_epochs)
-  c.base_lr = base_lr           # lr = base_lr * batch_size * accumulate_steps / 256
-  c.lr = 0.0                    # > 0 sets the peak lr directly
+  c.base_lr = base_lr  # lr = base_lr * batch_size * accumulate_steps / 256
+  c.lr = 0.0  # > 0 sets the peak lr directly
   c.min_lr = min_lr
-  c.optimizer = ml_collections.ConfigDict(dict(
-      clip_grad_norm=0.0, accumulate_steps=1, **optimizer))
-  c.data = ml_collections.ConfigDict(dict(
-      name="imagenet2012", data_dir=placeholder(str), train_split="train",
-      eval_split="validation", image_size=224, num_workers=8, **data))
+  c.optimizer = ml_collections.ConfigDict(dict(clip_grad_norm=0.0, accumulate_steps=1, **optimizer))
+  c.data = ml_collections.ConfigDict(
+    dict(
+      name="imagenet2012",
+      data_dir=placeholder(str),
+      train_split="train",
+      eval_split="validation",
+      image_size=224,
+      num_workers=8,
+      **data,
+    )
+  )
   c.mesh = ml_collections.ConfigDict(dict(fsdp=1, num_devices=0))  # 0 = all
   c.log_every = 50
   c.checkpoint_every = 1000
@@ -67,8 +84,8 @@ def steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> tuple[int,
   """(total, warmup) optimizer steps from epochs (or `total_steps`)."""
   if steps_per_epoch < 1:
     raise ValueError(
-        f"batch_size={config.batch_size} is larger than the training split; "
-        "lower the batch size")
+      f"batch_size={config.batch_size} is larger than the training split; lower the batch size"
+    )
   if config.get("total_steps"):
     total = int(config.total_steps)
   else:
@@ -78,22 +95,25 @@ def steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> tuple[int,
   return total, warmup
 
 
-def data_config(config: ml_collections.ConfigDict, augment: str,
-                batch_size: int | None = None) -> ml_collections.ConfigDict:
+def data_config(
+  config: ml_collections.ConfigDict, augment: str, batch_size: int | None = None
+) -> ml_collections.ConfigDict:
   """The input pipeline's config: the stage's `data` section plus the global
   batch (default `config.batch_size`), the augmentation and the seed."""
   data = config.data.to_dict()
-  data.update(batch_size=batch_size or config.batch_size, augment=augment,
-              seed=config.seed)
+  data.update(batch_size=batch_size or config.batch_size, augment=augment, seed=config.seed)
   if config.get("num_classes"):
     data["num_classes"] = config.num_classes  # soft labels sized like the head
   return ml_collections.ConfigDict(data)
 
 
 def loop_config(config: ml_collections.ConfigDict) -> LoopConfig:
-  return LoopConfig(seed=config.seed, fsdp=config.mesh.fsdp,
-                    log_every=config.log_every,
-                    checkpoint_every=config.checkpoint_every,
-                    keep_checkpoints=config.keep_checkpoints,
-                    async_checkpoints=config.get("async_checkpoints", True),
-                    eval_every=config.get("eval_every", 0))
+  return LoopConfig(
+    seed=config.seed,
+    fsdp=config.mesh.fsdp,
+    log_every=config.log_every,
+    checkpoint_every=config.checkpoint_every,
+    keep_checkpoints=config.keep_checkpoints,
+    async_checkpoints=config.get("async_checkpoints", True),
+    eval_every=config.get("eval_every", 0),
+  )

@@ -1,4 +1,5 @@
 """The train state: one pytree holding everything a resume needs."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -11,9 +12,9 @@ PyTree = Any
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array       # int32 scalar
-  params: PyTree        # trained
-  fixed: PyTree         # non-trained variables (sin-cos embeddings, BN stats)
+  step: jax.Array  # int32 scalar
+  params: PyTree  # trained
+  fixed: PyTree  # non-trained variables (sin-cos embeddings, BN stats)
   opt_state: PyTree
-  rng: jax.Array        # base key; step keys are fold_in(rng, step)
-  ema: PyTree = None    # exponential moving average of params, if enabled
+  rng: jax.Array  # base key; step keys are fold_in(rng, step)
+  ema: PyTree = None  # exponential moving average of params, if enabled

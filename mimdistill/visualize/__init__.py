@@ -12,6 +12,7 @@ Every plotting function takes arrays or paths and returns the PNG's path. They
 draw on a `matplotlib.figure.Figure` with its own Agg canvas and never touch
 `pyplot`, so they work headless and leave a notebook's backend alone.
 """
+
 from __future__ import annotations
 
 import io
@@ -26,6 +27,7 @@ def new_figure(width: float, height: float, dpi: int = 100):
   """A figure on its own Agg canvas (no pyplot, no global backend)."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
+
   fig = Figure(figsize=(width, height), dpi=dpi)
   FigureCanvasAgg(fig)
   return fig
@@ -35,8 +37,7 @@ def save_figure(fig, path: str | os.PathLike) -> epath.Path:
   """Writes `fig` as PNG (creating the folder; local or gs://) and returns
   the path."""
   buffer = io.BytesIO()
-  fig.savefig(buffer, format="png", dpi=fig.dpi, bbox_inches="tight",
-              facecolor="white")
+  fig.savefig(buffer, format="png", dpi=fig.dpi, bbox_inches="tight", facecolor="white")
   return write_png_bytes(buffer.getvalue(), path)
 
 

@@ -4,10 +4,11 @@
 evaluator (every real example counted once, whatever the devices or hosts);
 `plot_confusion_matrix` draws it with the class names.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from etils import epath
@@ -15,8 +16,7 @@ from etils import epath
 from mimdistill.visualize import new_figure, save_figure
 
 
-def confusion_from_predictions(labels, predictions, num_classes: int,
-                               mask=None) -> np.ndarray:
+def confusion_from_predictions(labels, predictions, num_classes: int, mask=None) -> np.ndarray:
   """`(C, C)` counts, rows = true class, columns = predicted class."""
   labels = np.asarray(labels).reshape(-1).astype(np.int64)
   predictions = np.asarray(predictions).reshape(-1).astype(np.int64)
@@ -26,8 +26,7 @@ def confusion_from_predictions(labels, predictions, num_classes: int,
   return counts.astype(np.int64)
 
 
-def confusion_counts(apply_fn: Callable, variables, eval_data,
-                     num_classes: int) -> np.ndarray:
+def confusion_counts(apply_fn: Callable, variables, eval_data, num_classes: int) -> np.ndarray:
   """`(C, C)` counts of `argmax(apply_fn(variables, images))` against the
   labels over one pass of `eval_data` (a Pipeline of padded batches with
   `mask`). With global (mesh) batches every process must call it; the
@@ -49,9 +48,14 @@ def confusion_counts(apply_fn: Callable, variables, eval_data,
   return np.rint(np.asarray(jax.device_get(acc))).astype(np.int64)
 
 
-def plot_confusion_matrix(counts, class_names: Sequence[str] | None,
-                          path: str | os.PathLike, *, title: str | None = None,
-                          annotate: bool | None = None) -> epath.Path:
+def plot_confusion_matrix(
+  counts,
+  class_names: Sequence[str] | None,
+  path: str | os.PathLike,
+  *,
+  title: str | None = None,
+  annotate: bool | None = None,
+) -> epath.Path:
   """Rows = true class, columns = predicted; colour = the row's fraction
   (per-class recall on the diagonal), cells annotated with counts when there
   are at most 30 classes. Returns `path`."""
@@ -63,8 +67,7 @@ def plot_confusion_matrix(counts, class_names: Sequence[str] | None,
   names += [str(i) for i in range(len(names), c)]  # a head wider than the data
   names = names[:c]
   rows = counts.sum(axis=1, keepdims=True)
-  frac = np.divide(counts, rows, out=np.zeros(counts.shape, np.float64),
-                   where=rows > 0)
+  frac = np.divide(counts, rows, out=np.zeros(counts.shape, np.float64), where=rows > 0)
   total = int(counts.sum())
   accuracy = float(np.trace(counts)) / max(total, 1)
   annotate = c <= 30 if annotate is None else annotate
@@ -83,12 +86,18 @@ def plot_confusion_matrix(counts, class_names: Sequence[str] | None,
     for i in range(c):
       for j in range(c):
         if counts[i, j]:
-          ax.text(j, i, str(int(counts[i, j])), ha="center", va="center",
-                  fontsize=7, color="white" if frac[i, j] > 0.5 else "black")
+          ax.text(
+            j,
+            i,
+            str(int(counts[i, j])),
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="white" if frac[i, j] > 0.5 else "black",
+          )
   ax.set_xlabel("predicted class")
   ax.set_ylabel("true class")
   head = title or "confusion matrix"
-  ax.set_title(f"{head}\n{total} examples, top-1 {100 * accuracy:.1f}%",
-               fontsize=10)
+  ax.set_title(f"{head}\n{total} examples, top-1 {100 * accuracy:.1f}%", fontsize=10)
   fig.tight_layout()
   return save_figure(fig, path)

@@ -5,11 +5,12 @@ Each line of `metrics.jsonl` is `{"step", "prefix": "train" | "eval", "loss",
 "lr", "top1", ...}`. A resumed run appends the steps after its checkpoint
 again; the last record of each (prefix, step) wins.
 """
+
 from __future__ import annotations
 
 import json
 import os
-from typing import Mapping, Sequence, Union
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from etils import epath
@@ -17,7 +18,7 @@ from etils import epath
 from mimdistill.paths import as_path
 from mimdistill.visualize import new_figure, save_figure
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 METRICS = "metrics.jsonl"
 
 
@@ -32,8 +33,9 @@ def read_metrics(source: PathLike) -> dict[str, dict[str, np.ndarray]]:
   sorted by step, one entry per step (the last logged)."""
   path = metrics_path(source)
   if not path.is_file():
-    raise FileNotFoundError(f"{path} does not exist: point at a workdir a stage "
-                            "has trained in (it writes metrics.jsonl)")
+    raise FileNotFoundError(
+      f"{path} does not exist: point at a workdir a stage has trained in (it writes metrics.jsonl)"
+    )
   latest: dict[tuple[str, int], dict] = {}
   with path.open(encoding="utf-8") as f:
     for line in f:
@@ -52,8 +54,14 @@ def read_metrics(source: PathLike) -> dict[str, dict[str, np.ndarray]]:
   for prefix in sorted({p for p, _ in latest}):
     steps = sorted(s for p, s in latest if p == prefix)
     records = [latest[(prefix, s)] for s in steps]
-    keys = sorted({k for r in records for k, v in r.items()
-                   if k not in ("prefix", "step") and isinstance(v, (int, float))})
+    keys = sorted(
+      {
+        k
+        for r in records
+        for k, v in r.items()
+        if k not in ("prefix", "step") and isinstance(v, (int, float))
+      }
+    )
     series = {"step": np.asarray(steps, np.int64)}
     for k in keys:
       series[k] = np.asarray([float(r.get(k, np.nan)) for r in records])
@@ -69,9 +77,12 @@ def _as_sources(sources) -> dict[str, PathLike]:
   return {as_path(s).name: s for s in sources}
 
 
-def plot_learning_curves(sources: PathLike | Sequence[PathLike] | Mapping[str, PathLike],
-                         path: PathLike, *, title: str | None = None
-                         ) -> epath.Path:
+def plot_learning_curves(
+  sources: PathLike | Sequence[PathLike] | Mapping[str, PathLike],
+  path: PathLike,
+  *,
+  title: str | None = None,
+) -> epath.Path:
   """Train loss, learning rate and eval top-1 over steps; returns `path`.
 
   sources: a workdir (or its metrics.jsonl), a list of them, or
@@ -92,33 +103,49 @@ def plot_learning_curves(sources: PathLike | Sequence[PathLike] | Mapping[str, P
     name = f"{label} " if label else ""
     train, evals = series.get("train", {}), series.get("eval", {})
     if "loss" in train and np.isfinite(train["loss"]).any():
-      ax_loss.plot(train["step"], train["loss"], color=colour, lw=1.3,
-                   label=f"{name}train")
+      ax_loss.plot(train["step"], train["loss"], color=colour, lw=1.3, label=f"{name}train")
       have["loss"] = True
     if "loss" in evals and np.isfinite(evals["loss"]).any():
-      ax_loss.plot(evals["step"], evals["loss"], "o", color=colour, ms=4,
-                   label=f"{name}eval")
+      ax_loss.plot(evals["step"], evals["loss"], "o", color=colour, ms=4, label=f"{name}eval")
       have["loss"] = True
     if "lr" in train and np.isfinite(train["lr"]).any():
-      ax_lr.plot(train["step"], train["lr"], color=colour, lw=1.3,
-                 label=label or None)
+      ax_lr.plot(train["step"], train["lr"], color=colour, lw=1.3, label=label or None)
       have["lr"] = True
     if "top1" in evals and np.isfinite(evals["top1"]).any():
-      ax_acc.plot(evals["step"], 100 * evals["top1"], "o-", color=colour, ms=4,
-                  lw=1.3, label=f"{name}top-1")
+      ax_acc.plot(
+        evals["step"], 100 * evals["top1"], "o-", color=colour, ms=4, lw=1.3, label=f"{name}top-1"
+      )
       have["acc"] = True
       if "top5" in evals and np.isfinite(evals["top5"]).any():
-        ax_acc.plot(evals["step"], 100 * evals["top5"], "s--", color=colour,
-                    ms=3, lw=1.0, alpha=0.6, label=f"{name}top-5")
-  panels = ((ax_loss, "loss", "loss"), (ax_lr, "lr", "learning rate"),
-            (ax_acc, "acc", "eval accuracy (%)"))
+        ax_acc.plot(
+          evals["step"],
+          100 * evals["top5"],
+          "s--",
+          color=colour,
+          ms=3,
+          lw=1.0,
+          alpha=0.6,
+          label=f"{name}top-5",
+        )
+  panels = (
+    (ax_loss, "loss", "loss"),
+    (ax_lr, "lr", "learning rate"),
+    (ax_acc, "acc", "eval accuracy (%)"),
+  )
   for ax, key, ylabel in panels:
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if not have[key]:
-      ax.text(0.5, 0.5, f"no {ylabel} logged", ha="center", va="center",
-              transform=ax.transAxes, color="gray")
+      ax.text(
+        0.5,
+        0.5,
+        f"no {ylabel} logged",
+        ha="center",
+        va="center",
+        transform=ax.transAxes,
+        color="gray",
+      )
     elif ax.get_legend_handles_labels()[1]:
       ax.legend(fontsize=8)
   ax_loss.set_title("loss")

@@ -10,19 +10,28 @@ patch tokens, each marked on the image.
 
 Token order: 0 is CLS, `1 + r * grid + c` the patch in row r, column c.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 from etils import epath
 
 from mimdistill.visualize import new_figure, save_figure
 
-Query = Union[int, str, tuple]  # token index, 'cls', or (row, col) of a patch
-QUERY_COLOURS = ("#ff7f0e", "#d62728", "#2ca02c", "#9467bd", "#17becf",
-                 "#e377c2", "#bcbd22", "#8c564b")
+Query = int | str | tuple  # token index, 'cls', or (row, col) of a patch
+QUERY_COLOURS = (
+  "#ff7f0e",
+  "#d62728",
+  "#2ca02c",
+  "#9467bd",
+  "#17becf",
+  "#e377c2",
+  "#bcbd22",
+  "#8c564b",
+)
 
 
 # -----------------------------------------------------------------------------
@@ -33,22 +42,23 @@ def qk_attention(q, k) -> np.ndarray:
   `(B, R, N, d)`, computed like the distillation loss (float32 logits, the
   `relations` module's scaling, softmax over keys)."""
   import jax
+
   from mimdistill.objectives.relations import relation_logits
+
   probs = jax.nn.softmax(relation_logits(q, k), axis=-1)
   return np.asarray(jax.device_get(probs.mean(axis=1)), np.float32)
 
 
-def encoder_attention(encoder, variables, images, *, block: int,
-                      heads: int) -> np.ndarray:
+def encoder_attention(encoder, variables, images, *, block: int, heads: int) -> np.ndarray:
   """`qk_attention` of a `ViTEncoder`'s block `block` (1-based; eval mode),
   split into `heads` relation heads, for NHWC normalised `images`."""
   import jax
+
   from mimdistill.models.vit import ViTEncoder
 
   @jax.jit
   def qkv(v, x):
-    return encoder.apply(v, x, block=block, heads=heads,
-                         method=ViTEncoder.relation_qkv)
+    return encoder.apply(v, x, block=block, heads=heads, method=ViTEncoder.relation_qkv)
 
   q, k, _ = qkv(variables, np.asarray(images, np.float32))
   return qk_attention(q, k)
@@ -89,15 +99,15 @@ def token_label(index: int, grid: int) -> str:
   return f"patch ({r},{c})"
 
 
-def query_maps(attention: np.ndarray, queries: Sequence[Query], grid: int
-               ) -> np.ndarray:
+def query_maps(attention: np.ndarray, queries: Sequence[Query], grid: int) -> np.ndarray:
   """`(B, N, N)` relations -> `(B, Q, grid, grid)` maps over the patch keys
   for each query (not renormalised: the CLS key's share is left out)."""
   attention = np.asarray(attention)
   n = attention.shape[-1]
   if n != grid * grid + 1:
-    raise ValueError(f"relations have {n} tokens; a {grid}x{grid} grid plus "
-                     f"CLS has {grid * grid + 1}")
+    raise ValueError(
+      f"relations have {n} tokens; a {grid}x{grid} grid plus CLS has {grid * grid + 1}"
+    )
   rows = [token_index(q, grid) for q in queries]
   return attention[:, rows, 1:].reshape(attention.shape[0], len(rows), grid, grid)
 
@@ -116,16 +126,22 @@ def _display(image: np.ndarray, normalized: bool) -> np.ndarray:
   image = np.asarray(image, np.float32)
   if normalized:
     from mimdistill.data.transforms import denormalize
+
     image = denormalize(image)
   return np.clip(image, 0.0, 1.0)
 
 
-def plot_relation_maps(images, teacher_attention, student_attention,
-                       path: str | os.PathLike, *,
-                       queries: Sequence[Query] | None = None,
-                       normalized: bool = True,
-                       names: tuple[str, str] = ("teacher", "student"),
-                       title: str | None = None) -> epath.Path:
+def plot_relation_maps(
+  images,
+  teacher_attention,
+  student_attention,
+  path: str | os.PathLike,
+  *,
+  queries: Sequence[Query] | None = None,
+  normalized: bool = True,
+  names: tuple[str, str] = ("teacher", "student"),
+  title: str | None = None,
+) -> epath.Path:
   """Writes the side-by-side figure and returns `path`.
 
   images: `(B, H, W, 3)` as the models saw them (ImageNet-normalised unless
@@ -141,9 +157,11 @@ def plot_relation_maps(images, teacher_attention, student_attention,
   """
   t_att, s_att = np.asarray(teacher_attention), np.asarray(student_attention)
   if t_att.shape != s_att.shape:
-    raise ValueError(f"teacher relations {t_att.shape} and student relations "
-                     f"{s_att.shape} differ; both need the same images and "
-                     "tokens")
+    raise ValueError(
+      f"teacher relations {t_att.shape} and student relations "
+      f"{s_att.shape} differ; both need the same images and "
+      "tokens"
+    )
   images = np.asarray(images)
   b, n = t_att.shape[0], t_att.shape[-1]
   grid = int(round((n - 1) ** 0.5))
@@ -157,6 +175,7 @@ def plot_relation_maps(images, teacher_attention, student_attention,
   patch_px = images.shape[1] / grid
 
   from matplotlib.patches import Rectangle
+
   cols = 1 + 2 * len(tokens)
   cell = 1.35
   fig = new_figure(cell * cols + 0.3, cell * b + 0.9)
@@ -167,12 +186,23 @@ def plot_relation_maps(images, teacher_attention, student_attention,
     for j, tok in enumerate(tokens):
       colour = QUERY_COLOURS[j % len(QUERY_COLOURS)]
       if tok == 0:
-        ax.add_patch(Rectangle((0, 0), images.shape[2] - 1, images.shape[1] - 1,
-                               fill=False, lw=1.2, ls="--", ec=colour))
+        ax.add_patch(
+          Rectangle(
+            (0, 0), images.shape[2] - 1, images.shape[1] - 1, fill=False, lw=1.2, ls="--", ec=colour
+          )
+        )
       else:
         r, c = divmod(tok - 1, grid)
-        ax.add_patch(Rectangle((c * patch_px - 0.5, r * patch_px - 0.5),
-                               patch_px, patch_px, fill=False, lw=1.5, ec=colour))
+        ax.add_patch(
+          Rectangle(
+            (c * patch_px - 0.5, r * patch_px - 0.5),
+            patch_px,
+            patch_px,
+            fill=False,
+            lw=1.5,
+            ec=colour,
+          )
+        )
     if i == 0:
       ax.set_title("image", fontsize=8)
     for j, tok in enumerate(tokens):
@@ -180,56 +210,69 @@ def plot_relation_maps(images, teacher_attention, student_attention,
       vmax = float(max(t_maps[i, j].max(), s_maps[i, j].max(), 1e-12))
       for side, maps in enumerate((t_maps, s_maps)):
         ax = axes[i, 1 + 2 * j + side]
-        ax.imshow(maps[i, j], cmap="viridis", vmin=0.0, vmax=vmax,
-                  interpolation="nearest")
+        ax.imshow(maps[i, j], cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
         if tok:
           r, c = divmod(tok - 1, grid)
-          ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, lw=1.2,
-                                 ec=colour))
+          ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, lw=1.2, ec=colour))
         for spine in ax.spines.values():
           spine.set_edgecolor(colour)
           spine.set_linewidth(1.5)
         if i == 0:
-          ax.set_title(f"{token_label(tok, grid)}\n{names[side]}", fontsize=8,
-                       color=colour)
-        label = (f"peak {maps[i, j].max():.2f}" if side == 0
-                 else f"KL {kl[i, j]:.2f}")
+          ax.set_title(f"{token_label(tok, grid)}\n{names[side]}", fontsize=8, color=colour)
+        label = f"peak {maps[i, j].max():.2f}" if side == 0 else f"KL {kl[i, j]:.2f}"
         ax.set_xlabel(label, fontsize=7, labelpad=1)
   for ax in axes.flat:
     ax.set_xticks([])
     ax.set_yticks([])
-  fig.suptitle(title or (f"Q-K relation maps, {names[0]} vs {names[1]} "
-                         "(head-averaged attention of each query over the "
-                         "patch keys)"), fontsize=9)
+  fig.suptitle(
+    title
+    or (
+      f"Q-K relation maps, {names[0]} vs {names[1]} "
+      "(head-averaged attention of each query over the "
+      "patch keys)"
+    ),
+    fontsize=9,
+  )
   fig.subplots_adjust(wspace=0.08, hspace=0.3)
   return save_figure(fig, path)
 
 
-def save_relation_maps(images, teacher, teacher_variables, student,
-                       student_variables, path: str | os.PathLike, *,
-                       teacher_block: int, student_block: int, heads: int,
-                       student_heads: int | None = None,
-                       queries: Sequence[Query] | None = None,
-                       title: str | None = None) -> epath.Path:
+def save_relation_maps(
+  images,
+  teacher,
+  teacher_variables,
+  student,
+  student_variables,
+  path: str | os.PathLike,
+  *,
+  teacher_block: int,
+  student_block: int,
+  heads: int,
+  student_heads: int | None = None,
+  queries: Sequence[Query] | None = None,
+  title: str | None = None,
+) -> epath.Path:
   """Runs both encoders (`ViTEncoder`s, eval mode) on `images` and writes
   `plot_relation_maps`. `heads` is the distillation's R; `student_heads`
   (default R) is for a student width R does not divide."""
-  t_att = encoder_attention(teacher, teacher_variables, images,
-                            block=teacher_block, heads=heads)
-  s_att = encoder_attention(student, student_variables, images,
-                            block=student_block, heads=student_heads or heads)
+  t_att = encoder_attention(teacher, teacher_variables, images, block=teacher_block, heads=heads)
+  s_att = encoder_attention(
+    student, student_variables, images, block=student_block, heads=student_heads or heads
+  )
   title = title or (
-      f"Q-K relations (R={heads} heads, averaged): teacher block {teacher_block}"
-      f" vs student block {student_block}; each pair on one colour scale")
-  return plot_relation_maps(images, t_att, s_att, path, queries=queries,
-                            title=title)
+    f"Q-K relations (R={heads} heads, averaged): teacher block {teacher_block}"
+    f" vs student block {student_block}; each pair on one colour scale"
+  )
+  return plot_relation_maps(images, t_att, s_att, path, queries=queries, title=title)
 
 
 def host_copy(tree):
   """`tree` as numpy on this host. With several processes this gathers
   sharded arrays and is a collective: every process must call it."""
   import jax
+
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     return multihost_utils.process_allgather(tree, tiled=True)
   return jax.device_get(tree)

@@ -1,5 +1,6 @@
 """Kind `mae`: encoder latent, mask, ids_restore, prediction, loss and every
 gradient of the official MaskedAutoencoderViT, for a given masking noise."""
+
 from __future__ import annotations
 
 import jax
@@ -16,15 +17,21 @@ def model_from_official_args(args: dict) -> MAE:
   """MAE module from the official `MaskedAutoencoderViT` constructor args."""
   eps = args.get("norm_layer_eps", 1e-6)
   if abs(eps - 1e-6) > 1e-12:
-    raise ValueError(f"norm_layer_eps={eps}: mimdistill's LayerNorm uses 1e-6 "
-                     "as every official model does")
+    raise ValueError(
+      f"norm_layer_eps={eps}: mimdistill's LayerNorm uses 1e-6 as every official model does"
+    )
   return MAE(
-      width=args["embed_dim"], depth=args["depth"], num_heads=args["num_heads"],
-      decoder_width=args["decoder_embed_dim"],
-      decoder_depth=args["decoder_depth"],
-      decoder_heads=args["decoder_num_heads"], patch_size=args["patch_size"],
-      image_size=args["img_size"], in_chans=args.get("in_chans", 3),
-      mlp_ratio=args.get("mlp_ratio", 4.0))
+    width=args["embed_dim"],
+    depth=args["depth"],
+    num_heads=args["num_heads"],
+    decoder_width=args["decoder_embed_dim"],
+    decoder_depth=args["decoder_depth"],
+    decoder_heads=args["decoder_num_heads"],
+    patch_size=args["patch_size"],
+    image_size=args["img_size"],
+    in_chans=args.get("in_chans", 3),
+    mlp_ratio=args.get("mlp_ratio", 4.0),
+  )
 
 
 def check(folder, config, report):
@@ -39,7 +46,8 @@ def check(folder, config, report):
   noise = jnp.asarray(inputs["noise"])
 
   checkpoints = sorted(config.get("checkpoints", {})) or sorted(
-      p.name for p in folder.glob("*.pth"))
+    p.name for p in folder.glob("*.pth")
+  )
   trees = []
   for name in checkpoints:
     variables, _ = official_to_flax(load_pth(folder / name).tensors, "mae")
@@ -47,31 +55,28 @@ def check(folder, config, report):
   # Every checkpoint of the case must hold the same weights (e.g. the
   # training-style file wraps the same state dict).
   for name, params in trees[1:]:
-    same = jax.tree_util.tree_all(jax.tree_util.tree_map(
-        np.array_equal, params, trees[0][1]))
+    same = jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, params, trees[0][1]))
     report.check(case, f"{name}:same_weights_as:{trees[0][0]}", bool(same))
   variables = jax.tree_util.tree_map(jnp.asarray, trees[0][1])
   params, fixed = variables["params"], variables["fixed"]
 
   def loss_fn(p):
     out = model.apply({"params": p, "fixed": fixed}, images, noise, mask_ratio)
-    return mae_loss(out.pred, images, out.masking.mask, model.patch_size,
-                    norm_pix), out
+    return mae_loss(out.pred, images, out.masking.mask, model.patch_size, norm_pix), out
 
   (loss, out), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
   report.compare(case, "latent", out.latent, expected["latent"])
   report.compare(case, "mask", out.masking.mask, expected["mask"])
-  report.compare(case, "ids_restore", out.masking.ids_restore,
-                 expected["ids_restore"], tol=0)
+  report.compare(case, "ids_restore", out.masking.ids_restore, expected["ids_restore"], tol=0)
   report.compare(case, "pred", out.pred, expected["pred"])
   if "patchified_images" in expected:
-    report.compare(case, "patchified_images", patchify(images, model.patch_size),
-                   expected["patchified_images"])
+    report.compare(
+      case, "patchified_images", patchify(images, model.patch_size), expected["patchified_images"]
+    )
   report.compare(case, "loss", loss, expected["loss"])
 
   got = flax_to_official({"params": jax.device_get(grads)}, "mae")
-  want = {k[len("grad/"):]: expected[k] for k in expected.files
-          if k.startswith("grad/")}
+  want = {k[len("grad/") :]: expected[k] for k in expected.files if k.startswith("grad/")}
   for name in sorted(set(want) | set(got)):
     if name not in got:
       report.check(case, f"grad/{name}", False, "no such parameter in mimdistill")

@@ -1,5 +1,6 @@
 """Kind `tinymim`: teacher and student Q-K / V-V relations, both KL losses,
 every student gradient, and which student parameters get no gradient."""
+
 from __future__ import annotations
 
 import jax
@@ -13,10 +14,15 @@ from mimdistill.objectives.relations import relation_losses, relations
 
 
 def encoder_from_official_args(args: dict, depth: int | None = None) -> ViTEncoder:
-  return ViTEncoder(width=args["embed_dim"], depth=depth or args["depth"],
-                    num_heads=args["num_heads"], patch_size=args["patch_size"],
-                    image_size=args["img_size"], in_chans=args.get("in_chans", 3),
-                    mlp_ratio=args.get("mlp_ratio", 4.0))
+  return ViTEncoder(
+    width=args["embed_dim"],
+    depth=depth or args["depth"],
+    num_heads=args["num_heads"],
+    patch_size=args["patch_size"],
+    image_size=args["img_size"],
+    in_chans=args.get("in_chans", 3),
+    mlp_ratio=args.get("mlp_ratio", 4.0),
+  )
 
 
 def _load(folder, name):
@@ -43,30 +49,34 @@ def check(folder, config, report):
   if "teacher_images" in inputs:
     t_images = jnp.asarray(inputs["teacher_images"].transpose(0, 2, 3, 1))
 
-  t_qkv = teacher.apply(t_vars, t_images, block=t_block,
-                        heads=int(t_args["num_heads"]),
-                        method=ViTEncoder.relation_qkv)
+  t_qkv = teacher.apply(
+    t_vars, t_images, block=t_block, heads=int(t_args["num_heads"]), method=ViTEncoder.relation_qkv
+  )
   t_rel = relations(t_qkv)
 
   def loss_fn(params):
-    s_qkv = student.apply({"params": params, "fixed": s_vars["fixed"]}, images,
-                          block=s_block, heads=heads, method=ViTEncoder.relation_qkv)
+    s_qkv = student.apply(
+      {"params": params, "fixed": s_vars["fixed"]},
+      images,
+      block=s_block,
+      heads=heads,
+      method=ViTEncoder.relation_qkv,
+    )
     s_rel = relations(s_qkv)
     losses = relation_losses(t_rel, s_rel)
     return losses["qk"] + losses["vv"], (losses, s_rel)
 
-  (_, (losses, s_rel)), grads = jax.jit(
-      jax.value_and_grad(loss_fn, has_aux=True))(s_vars["params"])
+  (_, (losses, s_rel)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(s_vars["params"])
   for who, rel in (("teacher", t_rel), ("student", s_rel)):
     for name in ("qk", "vv"):
-      report.compare(case, f"{who}_{name}", jax.nn.softmax(rel[name], axis=-1),
-                     expected[f"{who}_{name}"])
+      report.compare(
+        case, f"{who}_{name}", jax.nn.softmax(rel[name], axis=-1), expected[f"{who}_{name}"]
+      )
   report.compare(case, "qk_loss", losses["qk"], expected["qk_loss"])
   report.compare(case, "vv_loss", losses["vv"], expected["vv_loss"])
 
   got = flax_to_official({"params": jax.device_get(grads)}, "vit")
-  want = {k[len("grad/"):]: expected[k] for k in expected.files
-          if k.startswith("grad/")}
+  want = {k[len("grad/") :]: expected[k] for k in expected.files if k.startswith("grad/")}
   for name in sorted(want):
     if name not in got:
       report.check(case, f"grad/{name}", False, "no such parameter in mimdistill")
@@ -75,9 +85,11 @@ def check(folder, config, report):
 
   # "No gradient": a fixed buffer, or a param whose gradient is exactly zero.
   official_names = set(flax_to_official(s_vars, "vit"))
-  no_grad = sorted(n for n in official_names
-                   if n not in got or not np.any(got[n]))
+  no_grad = sorted(n for n in official_names if n not in got or not np.any(got[n]))
   listed = sorted(config.get("params_without_grad", []))
-  report.check(case, "params_without_grad", no_grad == listed,
-               "" if no_grad == listed else
-               f"mimdistill: {no_grad}; official: {listed}")
+  report.check(
+    case,
+    "params_without_grad",
+    no_grad == listed,
+    "" if no_grad == listed else f"mimdistill: {no_grad}; official: {listed}",
+  )

@@ -1,4 +1,5 @@
 """Kind `untrusted`: a malicious `.pth` must be refused and nothing run."""
+
 from __future__ import annotations
 
 import os
@@ -26,5 +27,6 @@ def check(folder, config, report):
         os.chdir(cwd)
       ran = (pathlib.Path(tmp) / marker).exists() or (folder / marker).exists()
     report.check(folder.name, f"{name}:refused", refused, detail.splitlines()[0])
-    report.check(folder.name, f"{name}:nothing_ran", not ran,
-                 f"marker {marker} appeared" if ran else "")
+    report.check(
+      folder.name, f"{name}:nothing_ran", not ran, f"marker {marker} appeared" if ran else ""
+    )
