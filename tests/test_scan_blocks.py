@@ -220,7 +220,7 @@ def _scan_runner(rate, *, remat=False, depth=3, batch=2):
 def _tokens(model, images, v):
   """The blocks' input: patch tokens with CLS."""
   return model.apply(
-    v, model.apply(v, images, method=ViTEncoder.embed_patches), method=ViTEncoder.prepend_cls
+    v, model.apply(v, images, method=ViTEncoder.embed_patches), method=ViTEncoder.prepend_prefix
   )
 
 

@@ -73,7 +73,10 @@ def _module_path(parts: list[str]) -> list[str]:
   return out
 
 
-def _leaf_to_flax(leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+def leaf_to_flax(leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+  """A torch `weight`/`bias` leaf as its Flax name and orientation: a 1-D
+  weight is a norm `scale`, a Linear weight is transposed, a Conv2d weight
+  `(out, in, kh, kw)` becomes `(kh, kw, in, out)`."""
   if leaf == "bias":
     return "bias", value
   if leaf == "weight":
@@ -86,7 +89,8 @@ def _leaf_to_flax(leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
   raise ValueError(f"cannot convert parameter leaf {leaf!r} of shape {value.shape}")
 
 
-def _leaf_to_official(leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+def leaf_to_official(leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+  """Inverse of `leaf_to_flax`."""
   if leaf == "bias":
     return "bias", value
   if leaf == "scale":
@@ -148,7 +152,7 @@ def iter_official_to_flax(
       continue
     value = np.asarray(value)
     if path[-1] in ("weight", "bias"):
-      leaf, value = _leaf_to_flax(path[-1], value)
+      leaf, value = leaf_to_flax(path[-1], value)
       path = (*path[:-1], leaf)
     yield name, path, value
 
@@ -216,7 +220,7 @@ def iter_flax_to_official(
 def to_official_leaf(leaf: str, value: np.ndarray) -> np.ndarray:
   """A Flax leaf named `leaf` ('kernel', 'scale', 'bias', 'pos_embed', ...)
   in the official orientation (a view: kernels are transposed, not copied)."""
-  return _leaf_to_official(leaf, value)[1] if leaf in _LEAF_NAMES else value
+  return leaf_to_official(leaf, value)[1] if leaf in _LEAF_NAMES else value
 
 
 def flax_to_official(variables: Mapping[str, Any], layout: str) -> dict[str, np.ndarray]:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from mimdistill.models import pos_embed as pos_embed_lib
-from mimdistill.models.vit import Block, ViTEncoder, _dense_init, layer_norm, run_block_stack
+from mimdistill.models.vit import Block, ViTEncoder, dense_init, layer_norm, run_block_stack
 
 Dtype = Any
 
@@ -73,7 +73,7 @@ class MAEDecoder(nn.Module):
   scan_blocks: bool = False  # see `vit.run_block_stack`
 
   def setup(self):
-    self.embed = nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init)
+    self.embed = nn.Dense(self.width, dtype=self.dtype, kernel_init=dense_init)
     self.mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.width))
     grid = int(round(self.num_patches**0.5))
     self.pos_embed = self.variable(
@@ -84,7 +84,7 @@ class MAEDecoder(nn.Module):
       for _ in range(self.depth)
     ]
     self.norm = layer_norm(dtype=self.dtype)
-    self.pred = nn.Dense(self.out_dim, dtype=self.dtype, kernel_init=_dense_init)
+    self.pred = nn.Dense(self.out_dim, dtype=self.dtype, kernel_init=dense_init)
 
   def __call__(self, latent, ids_restore, train: bool = False):
     x = self.embed(latent)

@@ -10,7 +10,16 @@ Besides the plain forward the encoder offers what the three stages need:
     what it does not use);
   * `relation_qkv(...)`: q, k, v of block k split into R heads, where R is a
     property of the distillation, not of the block's own attention heads;
-  * `tokens_visible=`: an already-masked token sequence for MAE.
+  * `tokens=`: an already-masked token sequence for MAE;
+  * `block_outputs(images, indices)`: the token sequences after several
+    blocks (segmentation backbones).
+
+Options of the families built on it (all off by default, the MAE/TinyMIM
+ViT): DeiT's distillation token (`dist_token`: tokens `[cls, dist,
+patches]`), BEiT-style layer scale (`layer_scale`: per-block `gamma_1`,
+`gamma_2`), q/v biases (`qkv_bias='qv'`), relative position bias
+(`rel_pos_bias`: a table per block), no absolute position embedding
+(`pos_embed_type='none'`).
 
 Speed options, none of which changes the params: `dtype` (compute dtype;
 params stay float32, attention softmax in float32), `fused_attention`
@@ -32,21 +41,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from mimdistill.models import pos_embed as pos_embed_lib
+from mimdistill.models import relative_position as relpos
 
 Dtype = Any
+QKV_BIAS = ("fused", "qv", "none")
 
 # timm's `_init_weights`: xavier-uniform for every Linear (qkv included, whose
 # fan_out is 3D), zero bias; LayerNorm 1/0.
-_dense_init = nn.initializers.xavier_uniform()
+dense_init = nn.initializers.xavier_uniform()
 # MAE initialises the conv patch embedding "like nn.Linear": xavier on the
 # flattened (D, C*p*p) matrix, i.e. fan_in = C*p*p and fan_out = D, not the
 # conv fans (which would multiply fan_out by p*p).
-_patch_init = nn.initializers.variance_scaling(
+patch_init = nn.initializers.variance_scaling(
   1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3
 )
 
 
-def _torch_default_bias_init(fan_in: int) -> Callable:
+def torch_default_bias_init(fan_in: int) -> Callable:
   """PyTorch's default Conv2d bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
   bound = 1.0 / np.sqrt(fan_in)
 
@@ -77,48 +88,104 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
-    x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=_dense_init, name="fc1")(x)
+    x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=dense_init, name="fc1")(x)
     x = nn.gelu(x, approximate=False)
-    return nn.Dense(width, dtype=self.dtype, kernel_init=_dense_init, name="fc2")(x)
+    return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name="fc2")(x)
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention with a fused qkv projection."""
+  """Multi-head self-attention with a fused qkv projection.
+
+  `qkv_bias`: 'fused' (timm / MAE: the qkv Linear has a bias), 'qv' (BEiT /
+  CAE: a bias-free qkv Linear plus learned `q_bias` and `v_bias`, the key
+  bias fixed at zero) or 'none'. `rel_pos_grid` adds BEiT's relative position
+  bias (a learned `relative_position_bias_table`, one column per head,
+  indexed by `relative_position.relative_position_index`) for that patch grid
+  and `num_prefix_tokens` CLS (and distillation) tokens.
+  """
 
   num_heads: int
   width: int
   dtype: Dtype = jnp.float32
   fused: bool = False  # jax.nn.dot_product_attention (cuDNN flash on GPU)
+  qkv_bias: str = "fused"
+  rel_pos_grid: tuple[int, int] | None = None
+  num_prefix_tokens: int = 1
 
   def setup(self):
-    self.qkv = nn.Dense(3 * self.width, dtype=self.dtype, kernel_init=_dense_init)
-    self.proj = nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init)
+    if self.qkv_bias not in QKV_BIAS:
+      raise ValueError(f"qkv_bias={self.qkv_bias!r} is not one of {QKV_BIAS}")
+    self.qkv = nn.Dense(
+      3 * self.width, dtype=self.dtype, kernel_init=dense_init, use_bias=self.qkv_bias == "fused"
+    )
+    if self.qkv_bias == "qv":
+      self.q_bias = self.param("q_bias", nn.initializers.zeros, (self.width,))
+      self.v_bias = self.param("v_bias", nn.initializers.zeros, (self.width,))
+    if self.rel_pos_grid is not None:
+      rows = relpos.num_relative_distances(self.rel_pos_grid, self.num_prefix_tokens)
+      # BEiT initialises the table at zero (its trunc_normal_ is commented out).
+      self.relative_position_bias_table = self.param(
+        "relative_position_bias_table", nn.initializers.zeros, (rows, self.num_heads)
+      )
+    self.proj = nn.Dense(self.width, dtype=self.dtype, kernel_init=dense_init)
+
+  def qkv_projection(self, x):
+    """`(B, N, 3D)`: the fused projection with this attention's bias mode."""
+    qkv = self.qkv(x)
+    if self.qkv_bias == "qv":
+      bias = jnp.concatenate([self.q_bias, jnp.zeros_like(self.q_bias), self.v_bias])
+      qkv = qkv + bias.astype(qkv.dtype)
+    return qkv
 
   def qkv_split(self, x, heads: int):
     """q, k, v each `(B, heads, N, D // heads)`; `heads` may differ from ours."""
-    qkv = self.qkv(x)
-    q, k, v = jnp.split(qkv, 3, axis=-1)
+    q, k, v = jnp.split(self.qkv_projection(x), 3, axis=-1)
     return split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
+
+  def relative_bias(self, num_tokens: int) -> jax.Array | None:
+    """`(heads, N, N)` float32 relative position bias, or None without one."""
+    if self.rel_pos_grid is None:
+      return None
+    index = relpos.relative_position_index(self.rel_pos_grid, self.num_prefix_tokens)
+    if index.shape[0] != num_tokens:
+      raise ValueError(
+        f"relative position bias is for {index.shape[0]} tokens (grid "
+        f"{self.rel_pos_grid} + {self.num_prefix_tokens} prefix), got {num_tokens}; it "
+        "needs the full, unmasked token sequence"
+      )
+    table = self.relative_position_bias_table.astype(jnp.float32)
+    return table[index.reshape(-1)].reshape(num_tokens, num_tokens, -1).transpose(2, 0, 1)
 
   def __call__(self, x):
     b, n, d = x.shape
+    bias = self.relative_bias(n)
     if self.fused:
-      qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-      out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+      qkv = self.qkv_projection(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+      out = jax.nn.dot_product_attention(
+        qkv[:, :, 0],
+        qkv[:, :, 1],
+        qkv[:, :, 2],
+        bias=None if bias is None else bias[None].astype(qkv.dtype),
+      )
       out = out.reshape(b, n, d)
     else:
       q, k, v = self.qkv_split(x, self.num_heads)
       scale = (d // self.num_heads) ** -0.5
-      logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) * scale
       # Softmax in float32 whatever the compute dtype.
-      attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+      logits = (jnp.einsum("bhqd,bhkd->bhqk", q, k) * scale).astype(jnp.float32)
+      if bias is not None:
+        logits = logits + bias[None]
+      attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
       out = jnp.einsum("bhqk,bhkd->bhqd", attn, v)
       out = out.transpose(0, 2, 1, 3).reshape(b, n, d)
     return self.proj(out)
 
 
 class Block(nn.Module):
-  """Pre-norm Transformer block (timm 0.3.2 `Block`, no layer scale)."""
+  """Pre-norm Transformer block (timm 0.3.2 `Block`), optionally with BEiT's
+  layer scale (`layer_scale` = init value of the learned per-channel
+  `gamma_1`, `gamma_2` that scale each residual branch), its q/v biases and
+  relative position bias (see `Attention`)."""
 
   width: int
   num_heads: int
@@ -129,12 +196,28 @@ class Block(nn.Module):
   # Rematerialise (jax.checkpoint) the block in the backward pass: activation
   # memory for compute. Params and their names are unchanged.
   remat: bool = False
+  layer_scale: float | None = None
+  qkv_bias: str = "fused"
+  rel_pos_grid: tuple[int, int] | None = None
+  num_prefix_tokens: int = 1
 
   def setup(self):
     self.norm1 = layer_norm(dtype=self.dtype)
-    self.attn = Attention(self.num_heads, self.width, dtype=self.dtype, fused=self.fused_attention)
+    self.attn = Attention(
+      self.num_heads,
+      self.width,
+      dtype=self.dtype,
+      fused=self.fused_attention,
+      qkv_bias=self.qkv_bias,
+      rel_pos_grid=self.rel_pos_grid,
+      num_prefix_tokens=self.num_prefix_tokens,
+    )
     self.norm2 = layer_norm(dtype=self.dtype)
     self.mlp = Mlp(int(self.width * self.mlp_ratio), dtype=self.dtype)
+    if self.layer_scale is not None:
+      init = nn.initializers.constant(self.layer_scale)
+      self.gamma_1 = self.param("gamma_1", init, (self.width,))
+      self.gamma_2 = self.param("gamma_2", init, (self.width,))
     # Stochastic depth: one Bernoulli per sample, survivors scaled by 1/keep
     # (timm DropPath), i.e. dropout broadcast over tokens and channels.
     self.drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2), rng_collection="drop_path")
@@ -147,13 +230,18 @@ class Block(nn.Module):
   def _forward(self, x, train: bool):
     return self.residual_forward(x, lambda y, _: self.drop(y, deterministic=not train))
 
+  def _scaled(self, y, branch: int):
+    if self.layer_scale is None:
+      return y
+    return y * (self.gamma_1 if branch == 0 else self.gamma_2).astype(y.dtype)
+
   def residual_forward(self, x, drop: Callable):
     """The block with `drop(branch_output, branch)` (branch 0: attention,
     1: MLP) as stochastic depth. The one definition of the block's
     computation: the unrolled path passes its `nn.Dropout`, the scanned path
     (`scan_blocks`) a drop path whose rate is a traced per-block value."""
-    x = x + drop(self.attn(self.norm1(x)), 0)
-    x = x + drop(self.mlp(self.norm2(x)), 1)
+    x = x + drop(self._scaled(self.attn(self.norm1(x)), 0), 0)
+    x = x + drop(self._scaled(self.mlp(self.norm2(x)), 1), 1)
     return x
 
   def relation_qkv(self, x, heads: int):
@@ -161,11 +249,12 @@ class Block(nn.Module):
     return self.attn.qkv_split(self.norm1(x), heads)
 
   def features(self, x):
-    """Intermediate features for feature-distillation ablations."""
-    attn = self.attn(self.norm1(x))
+    """Intermediate features for feature-distillation ablations (the branch
+    outputs after layer scale, where there is one)."""
+    attn = self._scaled(self.attn(self.norm1(x)), 0)
     x_attn = x + attn
-    ffn = self.mlp(self.norm2(x_attn))
-    q, k, v = jnp.split(self.attn.qkv(self.norm1(x)), 3, axis=-1)
+    ffn = self._scaled(self.mlp(self.norm2(x_attn)), 1)
+    q, k, v = jnp.split(self.attn.qkv_projection(self.norm1(x)), 3, axis=-1)
     return {
       "attn": attn,
       "attn_residual": x_attn,
@@ -230,7 +319,17 @@ def run_block_stack(
       x = blk(x, train=train)
     return x
   first = blocks[0]
-  static = lambda b: (b.width, b.num_heads, b.mlp_ratio, b.dtype, b.fused_attention)
+  static = lambda b: (
+    b.width,
+    b.num_heads,
+    b.mlp_ratio,
+    b.dtype,
+    b.fused_attention,
+    b.layer_scale,
+    b.qkv_bias,
+    b.rel_pos_grid,
+    b.num_prefix_tokens,
+  )
   if any(static(b) != static(first) for b in blocks):
     raise ValueError(
       "scan_blocks needs blocks that differ only in their "
@@ -249,6 +348,10 @@ def run_block_stack(
     first.mlp_ratio,
     dtype=first.dtype,
     fused_attention=first.fused_attention,
+    layer_scale=first.layer_scale,
+    qkv_bias=first.qkv_bias,
+    rel_pos_grid=first.rel_pos_grid,
+    num_prefix_tokens=first.num_prefix_tokens,
     parent=None,
   )
 
@@ -272,8 +375,20 @@ def run_block_stack(
   return x
 
 
+POS_EMBED_TYPES = ("sincos", "learned", "none")
+
+
 class ViTEncoder(nn.Module):
-  """ViT encoder: patch embedding, position embedding, CLS, blocks, norm."""
+  """ViT encoder: patch embedding, position embedding, prefix tokens (CLS, and
+  DeiT's distillation token with `dist_token`), blocks, norm.
+
+  Token order is `[cls, dist?, patches]` (DeiT). `pos_embed_type`: 'sincos'
+  (MAE's fixed 2-D embedding, in the non-trained 'fixed' collection),
+  'learned' (a param, initialised with the same sin-cos values) or 'none'
+  (BEiT-style backbones with relative position bias only). Prefix rows of the
+  embedding are zeros at init. `layer_scale`, `qkv_bias` and `rel_pos_bias`
+  configure every block (see `Block`).
+  """
 
   width: int
   depth: int
@@ -283,13 +398,17 @@ class ViTEncoder(nn.Module):
   in_chans: int = 3
   mlp_ratio: float = 4.0
   drop_path: Sequence[float] | float = 0.0
-  pos_embed_type: str = "sincos"  # 'sincos' (fixed) | 'learned'
+  pos_embed_type: str = "sincos"
   final_norm: bool = True
   dtype: Dtype = jnp.float32
   fused_attention: bool = False
   remat: bool = False  # jax.checkpoint per block (see `Block.remat`)
   # Run the blocks under one lax.scan (compile time; see `run_block_stack`).
   scan_blocks: bool = False
+  dist_token: bool = False
+  layer_scale: float | None = None
+  qkv_bias: str = "fused"
+  rel_pos_bias: bool = False
 
   @property
   def grid_size(self) -> int:
@@ -299,6 +418,10 @@ class ViTEncoder(nn.Module):
   def num_patches(self) -> int:
     return self.grid_size**2
 
+  @property
+  def num_prefix_tokens(self) -> int:
+    return 2 if self.dist_token else 1
+
   def setup(self):
     if self.image_size % self.patch_size:
       raise ValueError(
@@ -307,6 +430,10 @@ class ViTEncoder(nn.Module):
       )
     if self.width % self.num_heads:
       raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+    if self.pos_embed_type not in POS_EMBED_TYPES:
+      raise ValueError(
+        f"unknown pos_embed_type {self.pos_embed_type!r}; use one of {POS_EMBED_TYPES}"
+      )
     p = self.patch_size
     self.patch_embed = nn.Conv(
       self.width,
@@ -314,25 +441,28 @@ class ViTEncoder(nn.Module):
       strides=(p, p),
       padding="VALID",
       dtype=self.dtype,
-      kernel_init=_patch_init,
-      bias_init=_torch_default_bias_init(self.in_chans * p * p),
+      kernel_init=patch_init,
+      bias_init=torch_default_bias_init(self.in_chans * p * p),
     )
     self.cls_token = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, self.width))
-    sincos = lambda *_: jnp.asarray(pos_embed_lib.sincos_2d(self.width, self.grid_size)[None])
+    if self.dist_token:
+      self.dist_token_param = self.param(
+        "dist_token", nn.initializers.normal(0.02), (1, 1, self.width)
+      )
+    initial = lambda *_: jnp.asarray(self.initial_pos_embed())
     if self.pos_embed_type == "learned":
-      self._pos_embed = self.param("pos_embed", sincos)
+      self._pos_embed = self.param("pos_embed", initial)
     elif self.pos_embed_type == "sincos":
       # Not a param: the official models hold it with requires_grad=False, so
       # it lives in the 'fixed' collection that no optimizer ever sees. It is
       # still a variable (not a constant) so a checkpoint's copy is used.
-      self._pos_embed = self.variable("fixed", "pos_embed", sincos)
-    else:
-      raise ValueError(f"unknown pos_embed_type {self.pos_embed_type!r}; use 'sincos' or 'learned'")
+      self._pos_embed = self.variable("fixed", "pos_embed", initial)
     rates = self.drop_path
     if isinstance(rates, (int, float)):
       rates = drop_path_rates(float(rates), self.depth)
     if len(rates) != self.depth:
       raise ValueError(f"{len(rates)} drop-path rates for {self.depth} blocks")
+    grid = (self.grid_size, self.grid_size) if self.rel_pos_bias else None
     self.blocks = [
       Block(
         self.width,
@@ -342,6 +472,10 @@ class ViTEncoder(nn.Module):
         dtype=self.dtype,
         fused_attention=self.fused_attention,
         remat=self.remat,
+        layer_scale=self.layer_scale,
+        qkv_bias=self.qkv_bias,
+        rel_pos_grid=grid,
+        num_prefix_tokens=self.num_prefix_tokens,
       )
       for i in range(self.depth)
     ]
@@ -349,8 +483,17 @@ class ViTEncoder(nn.Module):
       self.norm = layer_norm(dtype=self.dtype)
 
   # -- pieces ---------------------------------------------------------------
+  def initial_pos_embed(self) -> np.ndarray:
+    """`(1, prefix + L, D)`: MAE's sin-cos rows for the patches, zeros for the
+    prefix tokens."""
+    patches = pos_embed_lib.sincos_2d(self.width, self.grid_size, cls_token=False)
+    prefix = np.zeros((self.num_prefix_tokens, self.width), np.float32)
+    return np.concatenate([prefix, patches])[None]
+
   @property
   def pos_embed(self):
+    if self.pos_embed_type == "none":
+      return None
     pe = self._pos_embed
     return pe if self.pos_embed_type == "learned" else pe.value
 
@@ -363,16 +506,27 @@ class ViTEncoder(nn.Module):
       )
     x = self.patch_embed(images.astype(self.dtype))
     x = x.reshape(b, -1, self.width)
-    return x + self.pos_embed[:, 1:].astype(x.dtype)
+    if self.pos_embed is None:
+      return x
+    return x + self.pos_embed[:, self.num_prefix_tokens :].astype(x.dtype)
 
-  def prepend_cls(self, x):
-    cls = (self.cls_token + self.pos_embed[:, :1]).astype(x.dtype)
-    return jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
+  def prepend_prefix(self, x):
+    """`[cls, dist?] + x`, each prefix token plus its position-embedding row."""
+    tokens = [self.cls_token]
+    if self.dist_token:
+      tokens.append(self.dist_token_param)
+    prefix = jnp.concatenate(tokens, axis=1)
+    if self.pos_embed is not None:
+      prefix = prefix + self.pos_embed[:, : self.num_prefix_tokens]
+    prefix = jnp.broadcast_to(
+      prefix.astype(x.dtype), (x.shape[0], self.num_prefix_tokens, self.width)
+    )
+    return jnp.concatenate([prefix, x], axis=1)
 
-  def run_blocks(self, x, stop: int, train: bool):
-    """Blocks 1..stop on `x` (unrolled, or scanned with `scan_blocks`)."""
+  def run_blocks(self, x, stop: int, train: bool, start: int = 0):
+    """Blocks start+1..stop on `x` (unrolled, or scanned with `scan_blocks`)."""
     return run_block_stack(
-      self, self.blocks[:stop], x, train, scan=self.scan_blocks, remat=self.remat
+      self, self.blocks[start:stop], x, train, scan=self.scan_blocks, remat=self.remat
     )
 
   def _check_block(self, block: int):
@@ -390,20 +544,45 @@ class ViTEncoder(nn.Module):
     stop_after: int | None = None,
     tokens: jax.Array | None = None,
   ):
-    """Token features `(B, 1+L, D)`.
+    """Token features `(B, prefix + L, D)`.
 
     `stop_after=k` runs blocks 1..k only and skips the final norm unless k is
     the last block. `tokens` replaces `embed_patches(images)` (MAE passes the
     visible subset).
     """
     x = self.embed_patches(images) if tokens is None else tokens
-    x = self.prepend_cls(x)
+    x = self.prepend_prefix(x)
     stop = self.depth if stop_after is None else stop_after
     self._check_block(stop)
     x = self.run_blocks(x, stop, train)
     if stop == self.depth and self.final_norm:
       x = self.norm(x)
     return x
+
+  def block_outputs(
+    self, images, indices: Sequence[int], *, train: bool = False
+  ) -> list[jax.Array]:
+    """The token sequences after blocks `indices` (0-based, ascending, as
+    BEiT/TinyMIM's `out_indices`), without the final norm; blocks after the
+    last index are never run."""
+    indices = [int(i) for i in indices]
+    if (
+      indices != sorted(set(indices))
+      or not indices
+      or not 0 <= indices[0]
+      or indices[-1] >= self.depth
+    ):
+      raise ValueError(
+        f"out_indices={indices} must be ascending, distinct block "
+        f"indices in 0..{self.depth - 1} (0-based)"
+      )
+    x = self.prepend_prefix(self.embed_patches(images))
+    outputs, done = [], 0
+    for index in indices:
+      x = self.run_blocks(x, index + 1, train, start=done)
+      done = index + 1
+      outputs.append(x)
+    return outputs
 
   def relation_qkv(
     self, images, *, block: int, heads: int, train: bool = False, tokens: jax.Array | None = None
@@ -415,13 +594,13 @@ class ViTEncoder(nn.Module):
     """
     self._check_block(block)
     x = self.embed_patches(images) if tokens is None else tokens
-    x = self.run_blocks(self.prepend_cls(x), block - 1, train)
+    x = self.run_blocks(self.prepend_prefix(x), block - 1, train)
     return self.blocks[block - 1].relation_qkv(x, heads)
 
   def block_features(self, images, *, block: int, train: bool = False):
     """Input and intermediate features of block `block` (1-based)."""
     self._check_block(block)
-    x = self.run_blocks(self.prepend_cls(self.embed_patches(images)), block - 1, train)
+    x = self.run_blocks(self.prepend_prefix(self.embed_patches(images)), block - 1, train)
     feats = self.blocks[block - 1].features(x)
     feats["input"] = x
     return feats

@@ -40,7 +40,7 @@ from mimdistill.interop.encoder_source import read_encoder, shape_table
 from mimdistill.models import pos_embed as pos_embed_lib
 from mimdistill.models import zoo
 from mimdistill.models.mae import MAEDecoder, random_masking
-from mimdistill.models.vit import ViTEncoder, _dense_init, drop_path_rates
+from mimdistill.models.vit import ViTEncoder, dense_init, drop_path_rates
 from mimdistill.objectives import distill_targets as targets_lib
 from mimdistill.objectives.mae_loss import mae_loss
 from mimdistill.objectives.relations import RELATION_SETS
@@ -375,7 +375,7 @@ class DistillHeads(nn.Module):
 
   def setup(self):
     if self.proj_width:
-      self.proj = nn.Dense(self.proj_width, dtype=self.dtype, kernel_init=_dense_init)
+      self.proj = nn.Dense(self.proj_width, dtype=self.dtype, kernel_init=dense_init)
     if self.decoder_spec:
       width, depth, heads = self.decoder_spec
       self.decoder = MAEDecoder(
@@ -411,7 +411,7 @@ class DistillStudent(nn.Module):
     tokens = enc.embed_patches(images)
     if ids_keep is not None:
       tokens = jnp.take_along_axis(tokens, ids_keep[..., None], axis=1)
-    x = enc.run_blocks(enc.prepend_cls(tokens), enc.depth - 1, train)
+    x = enc.run_blocks(enc.prepend_prefix(tokens), enc.depth - 1, train)
     last = enc.blocks[enc.depth - 1]
     out = {}
     if relation_heads:
