@@ -23,13 +23,12 @@ Override anything: --config.init.source=W/distill --config.total_epochs=50 ...
 """
 
 import ml_collections
-from ml_collections.config_dict import placeholder
 
-from mimdistill.training import run_config
+from configs import common as cc
 
 
-def common(arg: str) -> ml_collections.ConfigDict:
-  c = run_config.stage_config(
+def base_config(arg: str) -> ml_collections.ConfigDict:
+  c = cc.stage_config(
     "finetune",
     arg,
     batch_size=1024,
@@ -54,84 +53,81 @@ def common(arg: str) -> ml_collections.ConfigDict:
   c.num_classes = 0  # 0: from the dataset
   c.ema_decay = 0.0  # > 0: EMA of weights, evaluated alongside
   c.init = ml_collections.ConfigDict(dict(source=""))
-  c.model = ml_collections.ConfigDict(
-    dict(
-      variant="base",
-      width=placeholder(int),
-      depth=placeholder(int),
-      num_heads=placeholder(int),
-      patch_size=placeholder(int),
-      image_size=224,
-      mlp_ratio=4.0,
-      drop_path=0.1,
-      global_pool=True,
-      fused_attention=False,  # jax.nn.dot_product_attention (cuDNN on GPU)
-      remat=False,  # recompute each block in the backward pass
-      scan_blocks=False,
-    )
-  )  # lax.scan over blocks: faster compile
+  c.model = cc.model_section(
+    "base",
+    drop_path=0.1,
+    global_pool=True,
+    fused_attention=False,  # jax.nn.dot_product_attention (cuDNN on GPU)
+    remat=False,  # recompute each block in the backward pass
+    scan_blocks=False,  # lax.scan over blocks: faster compile
+  )
   c.eval_every = 2000
+  c.figures = True  # learning_curves.png and confusion_matrix.png at the end
   return c
 
 
-def _preset(c, name):
-  if name in ("tiny", "small", "base"):
+def _official(name):
+  def edit(c):
     c.model.variant = name
     if name == "base":
       c.optimizer.layer_decay = 0.65
     else:
       c.total_epochs = 200.0
-  elif name == "scratch":
-    c.model.variant = "base"
-    c.total_epochs = 300.0
-    c.warmup_epochs = 20.0
-    c.optimizer.layer_decay = 1.0
-  elif name == "quickstart":
-    c.model.update(
-      variant="custom", width=48, depth=4, num_heads=3, patch_size=4, image_size=32, drop_path=0.1
-    )
-    c.init.source = "workdirs/quickstart/distill"
-    # 32-px shapes: a small crop often misses the shape, so crops stay large
-    # and the heavier ImageNet augmentations are off.
-    c.data.update(
-      name="embedded",
-      train_split="train",
-      eval_split="test",
-      image_size=32,
-      num_workers=0,
-      auto_augment=None,
-      reprob=0.0,
-      mixup=0.0,
-      cutmix=0.0,
-      finetune_crop_scale=(0.6, 1.0),
-    )
-    c.batch_size = 128
-    c.eval_batch_size = 200
-    c.total_epochs = 20.0  # 8 epochs reach ~20% top-1 here, 20 epochs ~44%
-    c.warmup_epochs = 1.0
-    c.base_lr = 4e-3
-    c.log_every = 10
-    c.eval_every = 156  # every 4 epochs: the accuracy curve has 5 points
-    c.checkpoint_every = 100
-  elif name == "cifar10":
-    c.model.update(
-      variant="custom", width=96, depth=12, num_heads=3, patch_size=4, image_size=32, drop_path=0.1
-    )
-    c.data.update(
-      name="folder:../shared/data/cifar10",
-      train_split="train",
-      eval_split="test",
-      image_size=32,
-      num_workers=2,
-    )
-    c.batch_size = 256
-    c.eval_batch_size = 500
-    c.total_epochs = 100.0
-    c.log_every = 20
-    c.eval_every = 1000
-    c.checkpoint_every = 500
-  else:
-    raise KeyError(name)
+
+  return edit
+
+
+def _scratch(c):
+  c.model.variant = "base"
+  c.total_epochs = 300.0
+  c.warmup_epochs = 20.0
+  c.optimizer.layer_decay = 1.0
+
+
+def _quickstart(c):
+  cc.custom(c.model, 48, 4, 3, 4, 32)
+  c.model.drop_path = 0.1
+  c.init.source = "workdirs/quickstart/distill"
+  # 32-px shapes: a small crop often misses the shape, so crops stay large
+  # and the heavier ImageNet augmentations are off.
+  c.data.update(
+    name="embedded",
+    train_split="train",
+    eval_split="test",
+    image_size=32,
+    num_workers=0,
+    auto_augment=None,
+    reprob=0.0,
+    mixup=0.0,
+    cutmix=0.0,
+    finetune_crop_scale=(0.6, 1.0),
+  )
+  c.batch_size = 128
+  c.eval_batch_size = 200
+  c.total_epochs = 20.0  # 8 epochs reach ~20% top-1 here, 20 epochs ~44%
+  c.warmup_epochs = 1.0
+  c.base_lr = 4e-3
+  c.log_every = 10
+  c.eval_every = 156  # every 4 epochs: the accuracy curve has 5 points
+  c.checkpoint_every = 100
+
+
+def _cifar10(c):
+  cc.custom(c.model, 96, 12, 3, 4, 32)
+  c.model.drop_path = 0.1
+  c.data.update(
+    name="folder:../shared/data/cifar10",
+    train_split="train",
+    eval_split="test",
+    image_size=32,
+    num_workers=2,
+  )
+  c.batch_size = 256
+  c.eval_batch_size = 500
+  c.total_epochs = 100.0
+  c.log_every = 20
+  c.eval_every = 1000
+  c.checkpoint_every = 500
 
 
 def _linprobe(c):
@@ -147,21 +143,20 @@ def _linprobe(c):
   c.data.update(auto_augment=None, reprob=0.0, mixup=0.0, cutmix=0.0)
 
 
-PRESETS = ("quickstart", "cifar10", "tiny", "small", "base", "scratch")
+PRESETS = {
+  "quickstart": _quickstart,
+  "cifar10": _cifar10,
+  **{v: _official(v) for v in ("tiny", "small", "base")},
+  "scratch": _scratch,
+}
 
 
 def get_config(arg: str = "quickstart") -> ml_collections.ConfigDict:
-  parts = [p.strip() for p in (arg or "quickstart").split(",") if p.strip()]
-  c = common(arg)
-  for part in parts:
-    if part == "linprobe":
-      _linprobe(c)
-      continue
-    try:
-      _preset(c, part)
-    except KeyError:
-      raise ValueError(
-        f"unknown preset {part!r} in {arg!r} for finetune; use "
-        f"{', '.join(PRESETS)} (optionally ',linprobe')"
-      ) from None
-  return c
+  return cc.parse(
+    arg,
+    name="finetune",
+    common=base_config,
+    presets=PRESETS,
+    default="quickstart",
+    modifiers={"linprobe": _linprobe},
+  )

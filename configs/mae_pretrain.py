@@ -10,13 +10,12 @@ Override anything: --config.total_epochs=5 --config.batch_size=256 ...
 """
 
 import ml_collections
-from ml_collections.config_dict import placeholder
 
-from mimdistill.training import run_config
+from configs import common as cc
 
 
-def common(arg: str) -> ml_collections.ConfigDict:
-  c = run_config.stage_config(
+def base_config(arg: str) -> ml_collections.ConfigDict:
+  c = cc.stage_config(
     "pretrain",
     arg,
     batch_size=4096,
@@ -29,59 +28,64 @@ def common(arg: str) -> ml_collections.ConfigDict:
   )
   c.mask_ratio = 0.75
   c.norm_pix_loss = True
-  c.model = ml_collections.ConfigDict(
-    dict(
-      variant="large",
-      width=placeholder(int),
-      depth=placeholder(int),
-      num_heads=placeholder(int),
-      patch_size=placeholder(int),
-      image_size=224,
-      mlp_ratio=4.0,
-      drop_path=0.0,
-      fused_attention=False,  # jax.nn.dot_product_attention (cuDNN on GPU)
-      remat=False,  # recompute each block in the backward pass
-      scan_blocks=False,  # lax.scan over blocks: faster compile
-      decoder=dict(width=512, depth=8, num_heads=16),
-    )
+  c.model = cc.model_section(
+    "large",
+    drop_path=0.0,
+    fused_attention=False,  # jax.nn.dot_product_attention (cuDNN on GPU)
+    remat=False,  # recompute each block in the backward pass
+    scan_blocks=False,  # lax.scan over blocks: faster compile
+    decoder=dict(width=512, depth=8, num_heads=16),
   )
-  c.num_visualize = 8
+  c.num_visualize = 8  # reconstructions.png rows
   return c
+
+
+def _quickstart(c):
+  cc.custom(c.model, 64, 4, 4, 4, 32)
+  c.model.decoder.update(width=64, depth=2, num_heads=4)
+  c.data.update(
+    name="embedded", train_split="train", eval_split="test", image_size=32, num_workers=0
+  )
+  c.batch_size = 128
+  c.total_epochs = 12.0
+  c.warmup_epochs = 1.0
+  c.base_lr = 1.5e-4 * 8  # small models on little data like a higher lr
+  c.log_every = 10
+  c.checkpoint_every = 100
+
+
+def _cifar10(c):
+  cc.custom(c.model, 192, 12, 3, 4, 32)
+  c.model.decoder.update(width=128, depth=2, num_heads=4)
+  c.data.update(
+    name="folder:../shared/data/cifar10",
+    train_split="train",
+    eval_split="test",
+    image_size=32,
+    num_workers=2,
+  )
+  c.batch_size = 256
+  c.total_epochs = 100.0
+  c.warmup_epochs = 5.0
+  c.log_every = 20
+  c.checkpoint_every = 500
+
+
+def _variant(name):
+  def edit(c):
+    c.model.variant = name
+
+  return edit
+
+
+PRESETS = {
+  "quickstart": _quickstart,
+  "cifar10": _cifar10,
+  **{v: _variant(v) for v in ("base", "large", "huge")},
+}
 
 
 def get_config(arg: str = "quickstart") -> ml_collections.ConfigDict:
-  c = common(arg)
-  if arg in ("base", "large", "huge"):
-    c.model.variant = arg
-  elif arg == "quickstart":
-    c.model.update(variant="custom", width=64, depth=4, num_heads=4, patch_size=4, image_size=32)
-    c.model.decoder.update(width=64, depth=2, num_heads=4)
-    c.data.update(
-      name="embedded", train_split="train", eval_split="test", image_size=32, num_workers=0
-    )
-    c.batch_size = 128
-    c.total_epochs = 12.0
-    c.warmup_epochs = 1.0
-    c.base_lr = 1.5e-4 * 8  # small models on little data like a higher lr
-    c.log_every = 10
-    c.checkpoint_every = 100
-  elif arg == "cifar10":
-    c.model.update(variant="custom", width=192, depth=12, num_heads=3, patch_size=4, image_size=32)
-    c.model.decoder.update(width=128, depth=2, num_heads=4)
-    c.data.update(
-      name="folder:../shared/data/cifar10",
-      train_split="train",
-      eval_split="test",
-      image_size=32,
-      num_workers=2,
-    )
-    c.batch_size = 256
-    c.total_epochs = 100.0
-    c.warmup_epochs = 5.0
-    c.log_every = 20
-    c.checkpoint_every = 500
-  else:
-    raise ValueError(
-      f"unknown preset {arg!r} for mae_pretrain; use quickstart, cifar10, base, large or huge"
-    )
-  return c
+  return cc.parse(
+    arg, name="mae_pretrain", common=base_config, presets=PRESETS, default="quickstart"
+  )

@@ -22,21 +22,17 @@ Stage fields are overridden as --config.<stage>.<field>=..., e.g.
 --config.distill.total_epochs=3.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+from configs import finetune, mae_pretrain, tinymim_distill
 
-
-def _load(name):
-  spec = importlib.util.spec_from_file_location(
-    f"_mimdistill_{name}", os.path.join(_HERE, f"{name}.py")
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+# preset -> the (stage-1, stage-2, stage-3) config presets it chains.
+_THREE_STAGES = {
+  "quickstart": ("quickstart", "quickstart", "quickstart"),
+  "cifar10": ("cifar10", "cifar10", "cifar10"),
+  "imagenet": ("large", "b_from_l", "base"),
+}
+_ORDER = ("pretrain", "distill", "distill_s", "distill_t", "finetune")
 
 
 def _student_as_mae(pre, student):
@@ -45,39 +41,29 @@ def _student_as_mae(pre, student):
     pre.model[key] = student[key]
 
 
-# preset -> the (stage-1, stage-2, stage-3) config presets it chains.
-_THREE_STAGES = {
-  "quickstart": ("quickstart", "quickstart", "quickstart"),
-  "cifar10": ("cifar10", "cifar10", "cifar10"),
-  "imagenet": ("large", "b_from_l", "base"),
-}
-
-
 def get_config(arg: str = "quickstart") -> ml_collections.ConfigDict:
-  mae, distill, finetune = _load("mae_pretrain"), _load("tinymim_distill"), _load("finetune")
   baseline, _, preset = arg.partition(":") if ":" in arg else ("", "", arg)
   c = ml_collections.ConfigDict()
   c.preset = arg
   c.teacher_source = ""  # skip stage 1: distil from this .pth or workdir
   if preset in _THREE_STAGES:
     pre, dis, fin = _THREE_STAGES[preset]
-    c.pretrain = mae.get_config(pre)
-    c.distill = distill.get_config(dis)
+    c.pretrain = mae_pretrain.get_config(pre)
+    c.distill = tinymim_distill.get_config(dis)
     c.finetune = finetune.get_config(fin)
   elif preset == "imagenet_chain":
-    c.pretrain = mae.get_config("large")
-    c.distill = distill.get_config("b_from_l")
-    c.distill_s = distill.get_config("s_from_b")
-    c.distill_t = distill.get_config("t_from_s")
+    c.pretrain = mae_pretrain.get_config("large")
+    c.distill = tinymim_distill.get_config("b_from_l")
+    c.distill_s = tinymim_distill.get_config("s_from_b")
+    c.distill_t = tinymim_distill.get_config("t_from_s")
     c.finetune = finetune.get_config("tiny")  # 3 heads on the 6-head weights
     c.teacher_source = "mae_pretrain_vit_large.pth"
   else:
     raise ValueError(
-      f"unknown pipeline preset {preset!r}; use quickstart, "
-      "cifar10, imagenet or imagenet_chain (optionally "
-      "mae_baseline:<preset> or scratch_baseline:<preset>)"
+      f"unknown pipeline preset {preset!r}; use {', '.join([*_THREE_STAGES, 'imagenet_chain'])} "
+      "(optionally mae_baseline:<preset> or scratch_baseline:<preset>)"
     )
-  order = [k for k in ("pretrain", "distill", "distill_s", "distill_t", "finetune") if k in c]
+  order = [k for k in _ORDER if k in c]
   if baseline == "mae_baseline":
     _student_as_mae(c.pretrain, c.distill.student)
     order = ["pretrain", "finetune"]

@@ -43,15 +43,14 @@ Override anything: --config.total_epochs=5 --config.distill.relation_heads=8 ...
 """
 
 import ml_collections
-from ml_collections.config_dict import placeholder
 
-from mimdistill.training import run_config
+from configs import common as cc
 
 FEATURES = ("output", "attn", "attn_residual", "ffn", "ffn_residual", "q", "k", "v")
 
 
-def common(arg: str) -> ml_collections.ConfigDict:
-  c = run_config.stage_config(
+def base_config(arg: str) -> ml_collections.ConfigDict:
+  c = cc.stage_config(
     "distill",
     arg,
     batch_size=4096,
@@ -63,45 +62,29 @@ def common(arg: str) -> ml_collections.ConfigDict:
     data=dict(crop_scale=(0.2, 1.0), color_jitter=0.4),
   )
   # The trained student. drop path: constant on every block but the last.
-  c.student = ml_collections.ConfigDict(
-    dict(
-      variant="base",
-      width=placeholder(int),
-      depth=placeholder(int),
-      num_heads=placeholder(int),
-      patch_size=placeholder(int),
-      image_size=224,
-      mlp_ratio=4.0,
-      drop_path=0.1,
-      drop_path_schedule="constant_but_last",
-      # Speed options (numerics of the official code with all False):
-      # jax.nn.dot_product_attention (cuDNN on GPU) in the blocks before the
-      # last (whose relations use its qkv explicitly); remat recomputes each
-      # block in the backward pass; scan_blocks runs the blocks before the
-      # last under one lax.scan (compile time; same params, other but
-      # equally distributed drop-path masks).
-      fused_attention=False,
-      remat=False,
-      scan_blocks=False,
-    )
+  # Speed options (numerics of the official code with all False):
+  # jax.nn.dot_product_attention (cuDNN on GPU) in the blocks before the
+  # last (whose relations use its qkv explicitly); remat recomputes each
+  # block in the backward pass; scan_blocks runs the blocks before the last
+  # under one lax.scan (compile time; same params, other but equally
+  # distributed drop-path masks).
+  c.student = cc.model_section(
+    "base",
+    drop_path=0.1,
+    drop_path_schedule="constant_but_last",
+    fused_attention=False,
+    remat=False,
+    scan_blocks=False,
   )
   # The frozen teacher: architecture, where its weights come from, and the
   # target block (1-based; 0 = 18 for a depth-24 teacher, else its last).
-  c.teacher = ml_collections.ConfigDict(
-    dict(
-      variant="large",
-      width=placeholder(int),
-      depth=placeholder(int),
-      num_heads=placeholder(int),
-      patch_size=placeholder(int),
-      image_size=224,
-      mlp_ratio=4.0,
-      source="",
-      block=0,
-      fused_attention=False,  # in the blocks before the target block
-      scan_blocks=False,
-    )
-  )  # lax.scan over those blocks (compile time)
+  c.teacher = cc.model_section(
+    "large",
+    source="",
+    block=0,
+    fused_attention=False,  # in the blocks before the target block
+    scan_blocks=False,  # lax.scan over those blocks (compile time)
+  )
   c.distill = ml_collections.ConfigDict(
     dict(
       target="relation",  # 'relation' | 'cls' | 'feature'
@@ -118,112 +101,101 @@ def common(arg: str) -> ml_collections.ConfigDict:
       decoder=dict(width=512, depth=8, num_heads=16),
     )
   )
+  c.num_visualize = 3  # query rows of relation_maps.png (0: none)
   return c
 
 
-def _custom(section, width, depth, heads, patch, image):
-  section.update(
-    variant="custom", width=width, depth=depth, num_heads=heads, patch_size=patch, image_size=image
+def _pair(teacher: str, student: str, relation_heads: int, student_heads=None):
+  def edit(c):
+    c.teacher.variant, c.student.variant = teacher, student
+    c.distill.relation_heads = relation_heads
+    if student_heads:
+      c.student.num_heads = student_heads
+
+  return edit
+
+
+def _quickstart(c):
+  # Teacher = configs/mae_pretrain.py:quickstart's encoder.
+  cc.custom(c.teacher, 64, 4, 4, 4, 32)
+  c.teacher.source = "workdirs/quickstart/pretrain"  # README command 1
+  cc.custom(c.student, 48, 4, 3, 4, 32)  # R = 4 teacher heads != 3 own heads
+  c.distill.decoder.update(width=64, depth=2, num_heads=4)
+  c.data.update(
+    name="embedded", train_split="train", eval_split="test", image_size=32, num_workers=0
   )
+  c.batch_size = 128
+  c.total_epochs = 7.0
+  c.warmup_epochs = 1.0
+  c.base_lr = 1.5e-4 * 8  # small models on little data like a higher lr
+  c.log_every = 10
+  c.checkpoint_every = 100
 
 
-def _preset(c: ml_collections.ConfigDict, name: str) -> None:
-  if name == "b_from_l":
-    c.teacher.variant, c.student.variant = "large", "base"
-    c.distill.relation_heads = 16
-  elif name == "s_from_b":
-    c.teacher.variant, c.student.variant = "base", "small"
-    c.distill.relation_heads = 12
-  elif name == "t_from_s":
-    # Distilled with 6 heads (fine-tuned later with 3 on the same weights);
-    # R=12 relation heads on a 6-head teacher/student works here.
-    c.teacher.variant, c.student.variant = "small", "tiny"
-    c.student.num_heads = 6
-    c.distill.relation_heads = 12
-  elif name == "quickstart":
-    # Teacher = configs/mae_pretrain.py:quickstart's encoder.
-    _custom(c.teacher, 64, 4, 4, 4, 32)
-    c.teacher.source = "workdirs/quickstart/pretrain"  # README command 1
-    _custom(c.student, 48, 4, 3, 4, 32)  # R = 4 teacher heads != 3 own heads
-    c.distill.decoder.update(width=64, depth=2, num_heads=4)
-    c.data.update(
-      name="embedded", train_split="train", eval_split="test", image_size=32, num_workers=0
-    )
-    c.batch_size = 128
-    c.total_epochs = 7.0
-    c.warmup_epochs = 1.0
-    c.base_lr = 1.5e-4 * 8  # small models on little data like a higher lr
-    c.log_every = 10
-    c.checkpoint_every = 100
-  elif name == "cifar10":
-    # Teacher = configs/mae_pretrain.py:cifar10's encoder.
-    _custom(c.teacher, 192, 12, 3, 4, 32)
-    _custom(c.student, 96, 12, 3, 4, 32)
-    c.distill.decoder.update(width=128, depth=2, num_heads=4)
-    c.data.update(
-      name="folder:../shared/data/cifar10",
-      train_split="train",
-      eval_split="test",
-      image_size=32,
-      num_workers=2,
-    )
-    c.batch_size = 256
-    c.total_epochs = 100.0
-    c.warmup_epochs = 5.0
-    c.log_every = 20
-    c.checkpoint_every = 500
-  else:
-    raise KeyError(name)
+def _cifar10(c):
+  # Teacher = configs/mae_pretrain.py:cifar10's encoder.
+  cc.custom(c.teacher, 192, 12, 3, 4, 32)
+  cc.custom(c.student, 96, 12, 3, 4, 32)
+  c.distill.decoder.update(width=128, depth=2, num_heads=4)
+  c.data.update(
+    name="folder:../shared/data/cifar10",
+    train_split="train",
+    eval_split="test",
+    image_size=32,
+    num_workers=2,
+  )
+  c.batch_size = 256
+  c.total_epochs = 100.0
+  c.warmup_epochs = 5.0
+  c.log_every = 20
+  c.checkpoint_every = 500
 
 
-def _ablation(c: ml_collections.ConfigDict, name: str) -> None:
-  d = c.distill
-  if name == "qq_kk_vv":
-    d.relation_set = "qq_kk_vv"
-  elif name == "no_softmax":
-    d.softmax = False
-  elif name == "cls":
-    d.target = "cls"
-  elif name == "feature":
-    d.target = "feature"
-  elif name.startswith("feature_") and name[len("feature_") :] in FEATURES:
-    d.target, d.feature = "feature", name[len("feature_") :]
-  elif name.startswith("block") and name[len("block") :].isdigit():
-    c.teacher.block = int(name[len("block") :])
-  elif name == "masked":
-    d.student_input = "masked"
-  elif name == "masked_mae":
-    d.student_input, d.mae_weight = "masked", 1.0
-  else:
-    raise KeyError(name)
+PRESETS = {
+  "quickstart": _quickstart,
+  "cifar10": _cifar10,
+  "b_from_l": _pair("large", "base", 16),
+  "s_from_b": _pair("base", "small", 12),
+  # Distilled with 6 heads (fine-tuned later with 3 on the same weights);
+  # R=12 relation heads on a 6-head teacher/student works here.
+  "t_from_s": _pair("small", "tiny", 12, student_heads=6),
+}
 
 
-PRESETS = ("quickstart", "cifar10", "b_from_l", "s_from_b", "t_from_s")
-ABLATIONS = (
-  "qq_kk_vv",
-  "no_softmax",
-  "cls",
-  "feature",
-  *(f"feature_{f}" for f in FEATURES),
-  "block<k>",
-  "masked",
-  "masked_mae",
-)
+def _set_distill(**fields):
+  def edit(c):
+    c.distill.update(fields)
+
+  return edit
+
+
+def _feature(c, kind: str):
+  if kind not in FEATURES:
+    raise ValueError(kind)
+  c.distill.update(target="feature", feature=kind)
+
+
+def _block(c, k: str):
+  c.teacher.block = int(k)
+
+
+MODIFIERS = {
+  "qq_kk_vv": _set_distill(relation_set="qq_kk_vv"),
+  "no_softmax": _set_distill(softmax=False),
+  "cls": _set_distill(target="cls"),
+  "feature": _set_distill(target="feature"),
+  "masked": _set_distill(student_input="masked"),
+  "masked_mae": _set_distill(student_input="masked", mae_weight=1.0),
+}
 
 
 def get_config(arg: str = "quickstart") -> ml_collections.ConfigDict:
-  parts = [p.strip() for p in (arg or "quickstart").split(",") if p.strip()]
-  base = parts[0] if parts and parts[0] in PRESETS else "b_from_l"
-  mods = parts[1:] if parts and parts[0] in PRESETS else parts
-  c = common(arg)
-  _preset(c, base)
-  for mod in mods:
-    try:
-      _ablation(c, mod)
-    except KeyError:
-      raise ValueError(
-        f"unknown preset/ablation {mod!r} in {arg!r} for tinymim_distill; "
-        f"presets: {', '.join(PRESETS)}; ablations (comma-separated after a "
-        f"preset): {', '.join(ABLATIONS)}"
-      ) from None
-  return c
+  return cc.parse(
+    arg,
+    name="tinymim_distill",
+    common=base_config,
+    presets=PRESETS,
+    default="b_from_l",
+    modifiers=MODIFIERS,
+    prefixed={"feature_": _feature, "block": _block},
+  )

@@ -6,7 +6,7 @@ r"""Benchmarks a stage's training step (or its input pipeline) from its config.
       --config.student.fused_attention=true --config.teacher.fused_attention=true
   python launch/benchmark.py --config configs/mae_pretrain.py:quickstart \
       --sweep dtype=float32,bfloat16 --sweep model.fused_attention=false,true
-  python launch/benchmark.py --config configs/tinymim_distill.py:quickstart --input-only
+  python launch/benchmark.py --config configs/tinymim_distill.py:quickstart --input_only
 
 The step is the stage's own jitted, donated update (same Task, shardings and
 mesh as `launch/train.py`), fed one synthetic batch placed with the mesh's
@@ -15,7 +15,7 @@ distillation teacher whose `teacher.source` is empty or missing is randomly
 initialised (the output says so); fine-tuning never reads `init.source`.
 
 Prints one JSON line per measurement (each `--sweep` combination), then a
-short table. `--input-only` times the stage's real train input pipeline
+short table. `--input_only` times the stage's real train input pipeline
 alone (host batches/s with the configured `data.num_workers`).
 """
 
@@ -31,7 +31,7 @@ from absl import app, flags  # noqa: E402
 from mimdistill import launch_flags  # noqa: E402
 
 FLAGS = launch_flags.define("stage config file[:preset]")
-flags.DEFINE_integer("steps", 10, "timed steps (or batches with --input-only)")
+flags.DEFINE_integer("steps", 10, "timed steps (or batches with --input_only)")
 flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
 flags.DEFINE_bool("input_only", False, "time the input pipeline alone")
 flags.DEFINE_multi_string(
@@ -46,6 +46,7 @@ flags.DEFINE_string("json_out", None, "also append the JSON lines to this file")
 def main(argv):
   del argv
   jax = launch_flags.start(logging.WARNING)
+  from mimdistill.stages import registry
   from mimdistill.training import benchmark
 
   primary = jax.process_index() == 0
@@ -54,7 +55,9 @@ def main(argv):
     if FLAGS.input_only:
       record = benchmark.measure_input(config, steps=FLAGS.steps, warmup=FLAGS.warmup, variant=name)
     else:
-      record = benchmark.measure_step(config, steps=FLAGS.steps, warmup=FLAGS.warmup, variant=name)
+      record = benchmark.measure_step(
+        config, registry.synthetic, steps=FLAGS.steps, warmup=FLAGS.warmup, variant=name
+      )
     records.append(record)
     if primary:
       line = json.dumps(record)
@@ -69,17 +72,5 @@ def main(argv):
       print(f"note: {note}")
 
 
-def _dashes_to_underscores(argv):
-  """Accepts `--input-only` / `--json-out=` for `--input_only` / `--json_out=`
-  (config overrides keep their names)."""
-  out = []
-  for arg in argv:
-    name, sep, value = arg.partition("=")
-    if name.startswith("--") and not name.startswith("--config") and "-" in name[2:]:
-      arg = "--" + name[2:].replace("-", "_") + sep + value
-    out.append(arg)
-  return out
-
-
 if __name__ == "__main__":
-  app.run(main, argv=_dashes_to_underscores(sys.argv))
+  app.run(main)

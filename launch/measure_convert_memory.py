@@ -82,7 +82,7 @@ def write_synthetic(path: pathlib.Path) -> int:
 
 CHILD = textwrap.dedent("""
     import json, resource, sys, time
-    from mimdistill.interop.convert import convert
+    from mimdistill.interop.conversion import convert
     src, dst = sys.argv[1], sys.argv[2]
     start = time.time()
     if src != "-":
@@ -103,7 +103,7 @@ def run_child(src: str, dst: str) -> dict:
 
 def spot_check(pth: pathlib.Path, st: pathlib.Path):
   """A few tensors of the round trip equal the original."""
-  from mimdistill.interop.convert import read_safetensors
+  from mimdistill.interop.conversion import read_safetensors
   from mimdistill.interop.pth_reader import load_pth
 
   a = load_pth(pth).tensors

@@ -1,6 +1,6 @@
 """Convert ViT checkpoints between official PyTorch files and mimdistill.
 
-    python -m mimdistill.convert SRC DST [--num-heads N] [--layout L] ...
+    python -m mimdistill.convert SRC DST [--num_heads=N] [--layout=L] ...
 
 SRC: an official MAE / TinyMIM / timm `.pth` (read safely, without torch and
 without running pickle code), a `.safetensors` file with the same names, or
@@ -8,107 +8,98 @@ a mimdistill workdir (`W`, `W:step`) / Orbax checkpoint folder.
 DST: `*.safetensors` -> official / timm names (loads with `strict=True` in
 the official code and timm); anything else -> a folder every stage reads as
 a teacher or init (`--config.teacher.source=DST`), see
-`mimdistill.interop.convert`.
+`mimdistill.interop.conversion`.
 
 Examples:
     python -m mimdistill.convert mae_pretrain_vit_large.pth W/mae_l
     python -m mimdistill.convert W/mae_l mae_l.safetensors
-    python -m mimdistill.convert tinymim_vit_tiny.pth W/t --num-heads 3
+    python -m mimdistill.convert tinymim_vit_tiny.pth W/t --num_heads=3
 
 The detected model and a report of the tensors used, skipped and missing
 are printed; what is not in the weights (attention heads) is assumed from
-the standard width and said so, with the flag that overrides it.
+the standard width and said so, with the flag that overrides it (flags use underscores: --num_heads=N).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
+from absl import flags
+
 from mimdistill.interop.layouts import LAYOUTS, POS_EMBED_TYPES
+from mimdistill.launch_flags import parse_command_line
 
-
-def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-    prog="python -m mimdistill.convert",
-    description=__doc__.split("\n\n")[0],
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-    epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-  )
-  parser.add_argument("src", help=".pth / .safetensors file, workdir[:step] or Orbax folder")
-  parser.add_argument("dst", help="*.safetensors file, or a folder for an Orbax checkpoint")
-  parser.add_argument(
-    "--num-heads",
-    type=int,
-    default=None,
-    help="attention heads of the encoder (not stored in the weights; "
-    "default: the standard value for the width)",
-  )
-  parser.add_argument(
-    "--decoder-num-heads",
-    type=int,
-    default=None,
-    help="attention heads of an MAE decoder (default 16)",
-  )
-  parser.add_argument(
-    "--layout",
-    choices=LAYOUTS,
-    default=None,
-    help="default: detected; 'vit' keeps only the encoder",
-  )
-  parser.add_argument(
-    "--image-size",
-    type=int,
-    default=None,
-    help="only for checkpoints without pos_embed (default 224)",
-  )
-  parser.add_argument(
-    "--pos-embed",
-    choices=POS_EMBED_TYPES,
-    default=None,
-    help="learned param or fixed sin-cos buffer (default: learned for classifiers, else fixed)",
-  )
-  parser.add_argument(
-    "--key",
-    default=None,
-    help="top-level key of the .pth holding the weights (default: model, "
-    "state_dict, module, or the top level)",
-  )
-  parser.add_argument(
-    "--allow-unknown",
-    action="store_true",
-    help="drop tensors mimdistill's ViT has no place for instead of refusing",
-  )
-  parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
-  parser.add_argument(
-    "--report-json", default=None, help="also write the report as JSON to this file"
-  )
-  return parser.parse_args(argv)
+FLAGS = flags.FlagValues()
+flags.DEFINE_integer(
+  "num_heads",
+  None,
+  "attention heads of the encoder (not stored in the weights; default: the standard "
+  "value for the width)",
+  flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+  "decoder_num_heads", None, "attention heads of an MAE decoder (default 16)", flag_values=FLAGS
+)
+flags.DEFINE_enum(
+  "layout", None, LAYOUTS, "default: detected; 'vit' keeps only the encoder", flag_values=FLAGS
+)
+flags.DEFINE_integer(
+  "image_size", None, "only for checkpoints without pos_embed (default 224)", flag_values=FLAGS
+)
+flags.DEFINE_enum(
+  "pos_embed",
+  None,
+  POS_EMBED_TYPES,
+  "learned param or fixed sin-cos buffer (default: learned for classifiers, else fixed)",
+  flag_values=FLAGS,
+)
+flags.DEFINE_string(
+  "key",
+  None,
+  "top-level key of the .pth holding the weights (default: model, state_dict, module, or "
+  "the top level)",
+  flag_values=FLAGS,
+)
+flags.DEFINE_bool(
+  "allow_unknown",
+  False,
+  "drop tensors mimdistill's ViT has no place for instead of refusing",
+  flag_values=FLAGS,
+)
+flags.DEFINE_bool("overwrite", False, "replace an existing DST", flag_values=FLAGS)
+flags.DEFINE_string(
+  "report_json", None, "also write the report as JSON to this file", flag_values=FLAGS
+)
 
 
 def main(argv=None) -> int:
-  args = parse_args(argv)
+  """`argv`: the arguments after the program name (default: sys.argv's)."""
+  argv = ["python -m mimdistill.convert", *(sys.argv[1:] if argv is None else argv)]
+  paths = parse_command_line(FLAGS, argv, __doc__, positional=2)
+  if paths is None:
+    return 0 if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv) else 2
+  src, dst = paths
   from absl import logging as absl_logging  # Orbax's read-only notices are noise here
 
   absl_logging.set_verbosity(absl_logging.ERROR)
   # Imported here so `--help` is instant.
-  from mimdistill.interop.convert import convert
+  from mimdistill.interop.conversion import convert
   from mimdistill.interop.layouts import LayoutError
   from mimdistill.interop.pth_reader import CheckpointReadError
 
   try:
     report = convert(
-      args.src,
-      args.dst,
-      layout=args.layout,
-      num_heads=args.num_heads,
-      image_size=args.image_size,
-      decoder_num_heads=args.decoder_num_heads,
-      pos_embed=args.pos_embed,
-      key=args.key,
-      allow_unknown=args.allow_unknown,
-      overwrite=args.overwrite,
+      src,
+      dst,
+      layout=FLAGS.layout,
+      num_heads=FLAGS.num_heads,
+      image_size=FLAGS.image_size,
+      decoder_num_heads=FLAGS.decoder_num_heads,
+      pos_embed=FLAGS.pos_embed,
+      key=FLAGS.key,
+      allow_unknown=FLAGS.allow_unknown,
+      overwrite=FLAGS.overwrite,
     )
   except (
     CheckpointReadError,
@@ -121,8 +112,8 @@ def main(argv=None) -> int:
     print(f"convert: error: {exc}", file=sys.stderr)
     return 2
   print(report)
-  if args.report_json:
-    with open(args.report_json, "w") as f:
+  if FLAGS.report_json:
+    with open(FLAGS.report_json, "w") as f:
       json.dump(report.to_json(), f, indent=1)
   return 0
 

@@ -32,3 +32,29 @@ def start(level: int = logging.INFO):
   if flags.FLAGS.multihost:
     jax.distributed.initialize()
   return jax
+
+
+def parse_command_line(
+  flag_values: flags.FlagValues, argv: list[str], usage: str, *, positional: int | None
+) -> list[str] | None:
+  """Parses `argv` (program name first) into `flag_values`, a command's own
+  absl `FlagValues`; returns the `positional` arguments, or None after
+  printing the usage (--help) or a one-line error naming the bad argument."""
+  import sys
+
+  if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
+    print(usage.rstrip() + "\n\nflags:\n" + flag_values.main_module_help(), file=sys.stdout)
+    return None
+  flag_values.unparse_flags()  # a second call (tests, notebooks) starts from the defaults
+  try:
+    rest = flag_values(argv)[1:]
+  except flags.Error as e:
+    print(f"error: {e}; see --help", file=sys.stderr)
+    return None
+  if positional is not None and len(rest) != positional:
+    print(
+      f"error: expected {positional} positional argument(s), got {len(rest)}: {rest}; see --help",
+      file=sys.stderr,
+    )
+    return None
+  return rest

@@ -4,7 +4,7 @@
   overrides, 2 steps) and prints one valid JSON line per measurement with
   the expected keys, then a table; a distillation teacher without a source
   is randomly initialised and the output says so;
-* `--input-only`'s measurement of the real input pipeline;
+* `--input_only`'s measurement of the real input pipeline;
 * the speed options keep the params layout and the numerics: remat is
   exact, fused attention matches plain attention, bfloat16 keeps float32
   params and float32 losses;
@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 from conftest import REPO, set_path
 
-from mimdistill.stages import distill
+from mimdistill.models.tinymim import DistillStudent
+from mimdistill.stages import distill, registry
 from mimdistill.training import benchmark, peak_flops
 
 sys.path.insert(0, str(REPO))
@@ -182,7 +183,7 @@ def _variables():
   dummy = jnp.zeros((1, 32, 32, 3))
   teacher, student = distill.build_teacher(c), distill.build_student(c)
   t_vars = jax.jit(teacher.init)(jax.random.PRNGKey(1), dummy)
-  s_vars = jax.jit(functools.partial(student.init, method=distill.DistillStudent.init_all))(
+  s_vars = jax.jit(functools.partial(student.init, method=DistillStudent.init_all))(
     jax.random.PRNGKey(2), dummy
   )
   return t_vars, s_vars
@@ -201,7 +202,7 @@ def _student_grads_cached(options):
   teacher, student = distill.build_teacher(c), distill.build_student(c)
   # The layout the options' modules would create is the shared one.
   abstract = jax.eval_shape(
-    functools.partial(student.init, method=distill.DistillStudent.init_all),
+    functools.partial(student.init, method=DistillStudent.init_all),
     jax.random.PRNGKey(2),
     jnp.zeros((1, 32, 32, 3)),
   )
@@ -211,7 +212,7 @@ def _student_grads_cached(options):
   batch = {"image": images, "image_student": images * 0.9}
 
   def loss(params):
-    return loss_fn(params, s_vars["fixed"], batch, jax.random.PRNGKey(3), t_vars)[0]
+    return loss_fn(params, {"fixed": s_vars["fixed"]}, batch, jax.random.PRNGKey(3), t_vars)[0]
 
   value, grads = jax.jit(jax.value_and_grad(loss))(s_vars["params"])
   return abstract["params"], value, grads
@@ -244,7 +245,7 @@ def test_scan_blocks_flops_are_those_of_the_unrolled_step():
     )
     c.batch_size = 8
     c.mesh.num_devices = 1
-    records.append(benchmark.measure_step(c, steps=1, warmup=0))
+    records.append(benchmark.measure_step(c, registry.synthetic, steps=1, warmup=0))
   plain, scanned = records
   assert scanned["scan_blocks"] and scanned["teacher_scan_blocks"]
   assert "scan_blocks: FLOPs counted on the unrolled step" in scanned["notes"]

@@ -20,7 +20,8 @@ from fsspec.implementations.local import LocalFileSystem
 from orbax.checkpoint._src.path import gcs_utils
 
 from mimdistill import paths
-from mimdistill.interop import convert
+from mimdistill.interop import conversion as convert
+from mimdistill.interop.orbax_tree import restore_subtree
 from mimdistill.stages.pipeline import run_pipeline
 from mimdistill.training import checkpoints as ckpt_lib
 
@@ -126,7 +127,7 @@ def test_rerun_skips_finished_stages_and_a_longer_stage_resumes(bucket_pipeline,
 
 def test_bucket_workdir_as_source(bucket_pipeline, tmp_path):
   _, local, _ = bucket_pipeline
-  encoder, record = ckpt_lib.restore_subtree(f"{BUCKET}/distill", ("params", "encoder"))
+  encoder, record = restore_subtree(f"{BUCKET}/distill", ("params", "encoder"))
   assert record == {"path": f"{BUCKET}/distill/checkpoints/4", "step": 4}
   out = tmp_path / "student.safetensors"
   report = convert.convert(f"{BUCKET}/distill", str(out))
@@ -143,7 +144,7 @@ def test_bad_bucket_paths_are_named():
   with pytest.raises(ValueError, match="only local paths and gs:// buckets"):
     paths.as_path("s3://bucket/run")
   with pytest.raises(ValueError, match="must be on a local disk"):
-    from mimdistill.interop.encoder_source import read_encoder
+    from mimdistill.stages.sources import read_encoder
 
     read_encoder("gs://bucket/mae_pretrain_vit_large.pth", what="teacher.source")
 

@@ -19,19 +19,20 @@ import textwrap
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import REPO, shared_path
+from conftest import REPO
 from pth_writer import Evil, tensor, write_pth, write_state_dict
 
 from mimdistill import convert as cli
-from mimdistill.interop.convert import (
+from mimdistill import workdir as workdir_lib
+from mimdistill.interop.conversion import (
   SafetensorsError,
   convert,
-  load_converted,
   read_safetensors,
   read_source,
 )
-from mimdistill.interop.layouts import LayoutError, detect
+from mimdistill.interop.layouts import LayoutError, ModelSpec, detect
 from mimdistill.interop.official_names import official_to_flax
+from mimdistill.interop.orbax_tree import restore_subtree
 from mimdistill.interop.pth_reader import (
   CheckpointReadError,
   CorruptCheckpointError,
@@ -168,7 +169,7 @@ def test_round_trip_bit_exact(tmp_path, kind):
   names_layout = "classifier" if layout == "classifier" else "mae"
   want, _ = official_to_flax(state, names_layout, learned_pos_embed=layout == "classifier")
   for folder in ("w1", "w2"):
-    loaded = load_converted(tmp_path / folder)
+    loaded = ReadBack(tmp_path / folder)
     assert loaded.spec.layout == layout
     flat_got = _flat(loaded.variables)
     flat_want = _flat(want)
@@ -184,6 +185,49 @@ def test_round_trip_bit_exact(tmp_path, kind):
   assert_same_tensors(read_safetensors(tmp_path / "c.safetensors")[0], state)
   convert(tmp_path / "w1:0", tmp_path / "w3")
   assert_same_tensors(read_source(tmp_path / "w3").tensors, state, order=False)
+
+
+class ReadBack:
+  """A converted folder read the way the stages read a workdir (its whole
+  saved state through `orbax_tree`, its `model.json`), with the module of
+  the detected model built by the factory from a section of the spec."""
+
+  def __init__(self, folder):
+    from mimdistill.models import factory
+
+    state, _ = restore_subtree(str(folder), ())
+    self.spec = spec = ModelSpec.from_json(
+      workdir_lib.read_json(folder, workdir_lib.MODEL)["model"]
+    )
+    self.variables = {"params": state["params"]}
+    if "model_state" in state:
+      self.variables["fixed"] = state["model_state"]["fixed"]
+    section = dict(
+      variant="custom",
+      width=spec.width,
+      depth=spec.depth,
+      num_heads=spec.num_heads,
+      patch_size=spec.patch_size,
+      image_size=spec.image_size,
+      in_chans=spec.in_chans,
+      mlp_ratio=spec.mlp_ratio,
+      pos_embed_type="learned" if spec.pos_embed == "learned" else "sincos",
+    )
+    if spec.layout == "classifier":
+      section["global_pool"] = spec.pooling == "avg"
+      self.module = factory.build("classifier", section, num_classes=spec.num_classes)
+    elif spec.layout == "mae":
+      dec = spec.decoder
+      section["decoder"] = dict(width=dec.width, depth=dec.depth, num_heads=dec.num_heads)
+      self.module = factory.build("mae", section)
+    else:
+      self.module = factory.build("encoder", dict(section, final_norm=spec.final_norm))
+
+  def apply_variables(self):
+    """What `module` takes: the encoder's subtrees alone for layout 'vit'."""
+    if self.spec.layout != "vit":
+      return self.variables
+    return {c: tree["encoder"] for c, tree in self.variables.items()}
 
 
 def _flat(tree, prefix=()):
@@ -252,19 +296,19 @@ def test_heads_assumed_note_and_override(tmp_path, capsys):
   pth = write_state_dict(tmp_path / "t.pth", state)
   assert cli.main([str(pth), str(tmp_path / "w")]) == 0
   out = capsys.readouterr().out
-  assert "heads=3 (assumed)" in out and "--num-heads" in out
-  assert cli.main([str(pth), str(tmp_path / "w6"), "--num-heads", "6"]) == 0
+  assert "heads=3 (assumed)" in out and "--num_heads" in out
+  assert cli.main([str(pth), str(tmp_path / "w6"), "--num_heads=6"]) == 0
   out = capsys.readouterr().out
   assert "heads=6 " in out and "(assumed)" not in out and "\nnote " not in out
-  assert load_converted(tmp_path / "w6").spec.num_heads == 6
+  assert ReadBack(tmp_path / "w6").spec.num_heads == 6
 
 
 def test_unknown_heads_are_required_for_orbax_only(tmp_path, capsys):
   pth = write_state_dict(tmp_path / "odd.pth", random_state(official_shapes("encoder", d=40)))
   assert cli.main([str(pth), str(tmp_path / "w")]) == 2
-  assert "--num-heads" in capsys.readouterr().err
+  assert "--num_heads" in capsys.readouterr().err
   report = convert(pth, tmp_path / "odd.safetensors")  # names need no heads
-  assert report.spec.num_heads is None and any("--num-heads" in n for n in report.notes)
+  assert report.spec.num_heads is None and any("--num_heads" in n for n in report.notes)
   with pytest.raises(LayoutError, match="does not divide the width 40"):
     convert(pth, tmp_path / "w", num_heads=3)
 
@@ -289,9 +333,9 @@ def test_report_lists_skipped_and_missing(tmp_path):
   np.testing.assert_array_equal(got["pos_embed"][0], sincos_2d(32, 4))
   np.testing.assert_array_equal(got["decoder_pos_embed"][0], sincos_2d(16, 4))
 
-  # Without pos_embed and without --image-size, 224 is assumed and said so.
+  # Without pos_embed and without --image_size, 224 is assumed and said so.
   r = convert(pth, tmp_path / "x.safetensors", num_heads=4, decoder_num_heads=4)
-  assert r.spec.image_size == 224 and any("--image-size" in n for n in r.notes)
+  assert r.spec.image_size == 224 and any("--image_size" in n for n in r.notes)
 
 
 def test_layout_vit_keeps_only_the_encoder(tmp_path):
@@ -322,8 +366,8 @@ def test_ddp_prefix_and_state_dict_key(tmp_path):
 
 
 def test_workdir_of_a_stage_converts(tmp_path):
-  """A training workdir: TrainState {step, params, fixed, opt_state, rng} with
-  extra params (distillation heads) that no official model has."""
+  """A training workdir: TrainState {step, params, model_state, opt_state,
+  rng} with extra params (distillation heads) that no official model has."""
   import orbax.checkpoint as ocp
 
   state = random_state(official_shapes("encoder"))
@@ -331,7 +375,8 @@ def test_workdir_of_a_stage_converts(tmp_path):
   variables["params"]["heads"] = {"proj": {"kernel": np.ones((32, 8), np.float32)}}
   train_state = {
     "step": np.int32(5),
-    **variables,
+    "params": variables["params"],
+    "model_state": {"fixed": variables["fixed"]},
     "opt_state": {"mu": np.zeros(3)},
     "rng": np.zeros(2, np.uint32),
   }
@@ -360,7 +405,6 @@ def test_workdir_of_a_stage_converts(tmp_path):
 def test_converted_folder_is_a_teacher_source(tmp_path):
   """Stage 2 reads a converted folder like a stage-1 workdir."""
   from mimdistill.stages.distill import read_teacher_source
-  from mimdistill.training.checkpoints import restore_subtree
 
   state = random_state(official_shapes("mae"))
   convert(write_state_dict(tmp_path / "m.pth", state), tmp_path / "t", num_heads=4)
@@ -380,7 +424,8 @@ def test_converted_folder_is_a_teacher_source(tmp_path):
 # The shipped fixtures: every .pth converts and gives the fixture outputs
 # -----------------------------------------------------------------------------
 def _fixture(*parts):
-  return shared_path("fixtures", *parts)
+  """A fixture of the ViT kinds (copied into tests/fixtures)."""
+  return REPO.joinpath("tests", "fixtures", *parts)
 
 
 def _nhwc(x):
@@ -393,14 +438,14 @@ def test_fixture_finetune_logits_and_safetensors_round_trip(tmp_path, capsys):
   folder = _fixture("finetune")
   args = json.loads((folder / "config.json").read_text())["model"]
   assert (
-    cli.main([str(folder / "vit.pth"), str(tmp_path / "W"), "--num-heads", str(args["num_heads"])])
+    cli.main([str(folder / "vit.pth"), str(tmp_path / "W"), f"--num_heads={args['num_heads']}"])
     == 0
   )
   out = capsys.readouterr().out
   assert "layout=classifier width=48 depth=3 heads=3 patch=4 image_size=32" in out
   assert "pooling=avg num_classes=10" in out
-  loaded = load_converted(tmp_path / "W")
-  logits = jax.jit(loaded.module().apply)(
+  loaded = ReadBack(tmp_path / "W")
+  logits = jax.jit(loaded.module.apply)(
     loaded.apply_variables(), _nhwc(np.load(folder / "inputs.npz")["images"])
   )
   np.testing.assert_allclose(logits, np.load(folder / "expected.npz")["logits"], atol=1e-5)
@@ -425,9 +470,9 @@ def test_fixture_mae_outputs(tmp_path):
     )
     assert report.spec.decoder.depth == args["decoder_depth"]
   assert set(report.skipped) == {"optimizer", "epoch", "scaler", "args"}
-  loaded = load_converted(tmp_path / "mae_training_style.pth")
+  loaded = ReadBack(tmp_path / "mae_training_style.pth")
   inputs, expected = np.load(folder / "inputs.npz"), np.load(folder / "expected.npz")
-  out = jax.jit(loaded.module().apply, static_argnums=3)(
+  out = jax.jit(loaded.module.apply, static_argnums=3)(
     loaded.apply_variables(), _nhwc(inputs["images"]), inputs["noise"], config["mask_ratio"]
   )
   np.testing.assert_allclose(out.latent, expected["latent"], atol=1e-5)
@@ -452,9 +497,9 @@ def test_fixture_tinymim_relations(tmp_path):
   ):
     report = convert(folder / f"{who}.pth", tmp_path / who, num_heads=config[who]["num_heads"])
     assert report.spec.layout == "vit" and report.spec.depth == config[who]["depth"]
-    loaded = load_converted(tmp_path / who)
+    loaded = ReadBack(tmp_path / who)
     apply = functools.partial(
-      loaded.module().apply, block=block, heads=heads, method=ViTEncoder.relation_qkv
+      loaded.module.apply, block=block, heads=heads, method=ViTEncoder.relation_qkv
     )
     qkv = jax.jit(apply)(loaded.apply_variables(), images)
     for name, logits in relations(qkv).items():  # the fixture holds softmaxes
@@ -464,6 +509,8 @@ def test_fixture_tinymim_relations(tmp_path):
 
 
 def test_every_fixture_pth_converts(tmp_path):
+  """Every checkpoint of the ViT kinds' fixtures; the other families' own
+  formats are tested with their kinds."""
   fixtures = _fixture()
   paths = sorted(p for p in fixtures.rglob("*.pth") if p.parent.name != "untrusted")
   assert len(paths) >= 5
@@ -553,7 +600,7 @@ def test_not_a_vit_and_incomplete_and_unknown_tensors(tmp_path):
 
   scaled = dict(state, **{"blocks.0.ls1.gamma": np.ones(32, np.float32)})
   path = write_state_dict(tmp_path / "ls.pth", scaled)
-  with pytest.raises(LayoutError, match="layer scale.*--allow-unknown"):
+  with pytest.raises(LayoutError, match="layer scale.*--allow_unknown"):
     convert(path, tmp_path / "w", num_heads=4)
   report = convert(path, tmp_path / "w", num_heads=4, allow_unknown=True)
   assert "layer scale" in report.skipped["blocks.0.ls1.gamma"]
@@ -567,14 +614,12 @@ def test_destination_rules(tmp_path):
   with pytest.raises(FileExistsError, match="--overwrite"):
     convert(pth, tmp_path / "w", num_heads=4)
   convert(pth, tmp_path / "w", num_heads=2, overwrite=True)
-  assert load_converted(tmp_path / "w").spec.num_heads == 2
+  assert ReadBack(tmp_path / "w").spec.num_heads == 2
   assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
   with pytest.raises(CheckpointReadError, match="no checkpoint at"):
     convert(tmp_path / "nope.pth", tmp_path / "x")
   with pytest.raises(CheckpointReadError, match="neither a mimdistill workdir"):
     convert(tmp_path, tmp_path / "y")  # a plain folder
-  with pytest.raises(CheckpointReadError, match="no model.json"):
-    load_converted(tmp_path)
 
 
 # -----------------------------------------------------------------------------
@@ -710,7 +755,6 @@ def test_converted_student_fine_tunes_with_stage_3(tfds_dir, tmp_path, monkeypat
   sys.path.insert(0, str(REPO))
   from configs import finetune as finetune_configs
   from mimdistill.stages import finetune
-  from mimdistill.training.checkpoints import restore_subtree
 
   state = random_state(official_shapes("encoder", d=32, depth=1, p=8, image=32))
   convert(write_state_dict(tmp_path / "student.pth", state), tmp_path / "student", num_heads=4)

@@ -16,10 +16,11 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO, TINY_RUN, set_path, shared_path
 
+from mimdistill import workdir as workdir_lib
 from mimdistill.interop.official_names import official_names_of, official_to_flax
+from mimdistill.interop.orbax_tree import restore_subtree
 from mimdistill.interop.pth_reader import load_pth
 from mimdistill.stages import distill, pretrain
-from mimdistill.training import checkpoints as ckpt_lib
 from mimdistill.training import loop as loop_lib
 from mimdistill.training import sharding as shard_lib
 from mimdistill.training.optimizer import path_names
@@ -99,14 +100,14 @@ def compiled_steps(config, teacher, teacher_vars, batch, steps):
   (per-step {'loss', components...}, first gradients, frozen patterns)."""
   student = distill.build_student(config)
   task = distill.build_task(config, student, teacher, teacher_vars, 100)
-  variables = task.init_variables(jax.random.PRNGKey(0))
-  params, fixed = variables["params"], variables["fixed"]
+  variables = dict(task.init_variables(jax.random.PRNGKey(0)))
+  params = variables.pop("params")
   tx = task.make_optimizer(params, task.schedule)
 
   @jax.jit
   def step(params, opt_state, rng):
-    (loss, parts), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
-      params, fixed, batch, rng, teacher_vars
+    (loss, (parts, _)), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
+      params, variables, batch, rng, teacher_vars
     )
     updates, opt_state = tx.update(grads, opt_state, params)
     return dict(parts, loss=loss), grads, optax.apply_updates(params, updates), opt_state
@@ -142,10 +143,14 @@ def test_frozen_params_teacher_untouched_unsaved_and_8_devices_match_1(tmp_path)
       FixedBatches(random_batch()),
       tmp_path / str(n),
       loop_lib.LoopConfig(
-        seed=config.seed, log_every=1, checkpoint_every=3, async_checkpoints=False
+        seed=config.seed,
+        log_every=1,
+        checkpoint_every=3,
+        keep_checkpoints=3,
+        async_checkpoints=False,
       ),
       mesh=mesh,
-    )
+    ).state
   one, eight = (jax.device_get(states[n].params) for n in (1, 8))
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), one, eight)
 
@@ -193,7 +198,7 @@ def test_frozen_params_teacher_untouched_unsaved_and_8_devices_match_1(tmp_path)
   state_shapes = {np.shape(x) for x in jax.tree_util.tree_leaves(states[8])}
   assert not teacher_shapes & state_shapes
   with ocp.CheckpointManager(
-    ckpt_lib.checkpoint_dir(tmp_path / "8"),
+    workdir_lib.checkpoint_dir(tmp_path / "8"),
     options=ocp.CheckpointManagerOptions(read_only=True),
     item_handlers={"state": ocp.PyTreeCheckpointHandler()},
   ) as manager:
@@ -273,7 +278,7 @@ def test_config_errors():
     distill.validate(tiny_config(**{"student.patch_size": 8}))
   with pytest.raises(ValueError, match=r"teacher.source is empty"):
     distill.validate(tiny_config(**{"teacher.source": ""}))
-  with pytest.raises(ValueError, match=r"unknown preset/ablation 'nope'"):
+  with pytest.raises(ValueError, match=r"unknown preset or modifier 'nope'"):
     tinymim_distill.get_config("quickstart,nope")
 
 
@@ -345,7 +350,7 @@ def test_official_pth_teacher_matches_official_losses():
   assert record["kind"] == "pth" and record["path"].endswith("teacher.pth")
   student_vars, _ = official_to_flax(load_pth(folder / "student.pth").tensors, "vit")
   params = {"encoder": student_vars["params"]}
-  fixed = {"encoder": student_vars["fixed"]}
+  model_state = {"fixed": {"encoder": student_vars["fixed"]}}
   inputs = np.load(folder / "inputs.npz")
   expected = np.load(folder / "expected.npz")
   images = inputs["images"].transpose(0, 2, 3, 1)
@@ -355,8 +360,12 @@ def test_official_pth_teacher_matches_official_losses():
   student = distill.build_student(config)
   plan = distill.make_plan(config)
   loss_fn = distill.make_loss_fn(plan, student, teacher)
-  _, losses = jax.jit(loss_fn)(
-    params, fixed, {"image": t_images, "image_student": images}, jax.random.PRNGKey(0), teacher_vars
+  _, (losses, _) = jax.jit(loss_fn)(
+    params,
+    model_state,
+    {"image": t_images, "image_student": images},
+    jax.random.PRNGKey(0),
+    teacher_vars,
   )
   np.testing.assert_allclose(losses["qk"], expected["qk_loss"], rtol=1e-4)
   np.testing.assert_allclose(losses["vv"], expected["vv_loss"], rtol=1e-4)
@@ -403,7 +412,7 @@ def test_distill_from_stage1_then_sequential_link(stage1_workdir, tfds_dir, tmp_
   assert lineage["parent"]["path"].endswith("checkpoints/2")
   assert lineage["parent"]["kind"] == "workdir"
   # The student's encoder restores by name as the next link's teacher.
-  encoder, _ = ckpt_lib.restore_subtree(str(first), ("params", "encoder"))
+  encoder, _ = restore_subtree(str(first), ("params", "encoder"))
   assert encoder["blocks_0"]["attn"]["qkv"]["kernel"].shape == (32, 96)
   # Link 2: that student (2 heads) -> a smaller one with R = 8 relation heads,
   # a head count neither model has (the official code cannot run this).

@@ -16,10 +16,10 @@ import pytest
 from conftest import REPO, tiny_pipeline_overrides
 
 from mimdistill.data import input_pipeline
-from mimdistill.models.classifier import ViTClassifier
+from mimdistill.interop.orbax_tree import restore_subtree
+from mimdistill.models import factory
 from mimdistill.stages import finetune, pretrain
 from mimdistill.training import sharding as shard_lib
-from mimdistill.training.checkpoints import restore_subtree
 from mimdistill.training.evaluate import make_evaluator
 
 sys.path.insert(0, str(REPO))
@@ -33,7 +33,7 @@ def test_eval_on_8_devices_counts_every_example_once(tfds_dir):
   """997 examples, global batch 64 on 8 devices: the padded last batch must
   not count; compare with a plain single-device evaluation."""
   split = "test[:997]"
-  model = ViTClassifier(num_classes=10, **TINY)
+  model = factory.build("classifier", dict(TINY, variant="custom"), num_classes=10)
   variables = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)))
   cfg = dict(
     name="embedded",
@@ -213,5 +213,5 @@ def test_linear_probe_trains_only_the_head(pretrain_workdir, tfds_dir, tmp_path)
   pre, _ = restore_subtree(str(pretrain_workdir), ("params", "encoder", "blocks_0"))
   after, _ = restore_subtree(str(tmp_path), ("params", "encoder", "blocks_0"))
   jax.tree_util.tree_map(np.testing.assert_array_equal, pre, after)  # frozen
-  stats, _ = restore_subtree(str(tmp_path), ("fixed", "batch_stats"))
+  stats, _ = restore_subtree(str(tmp_path), ("model_state", "batch_stats"))
   assert np.any(np.asarray(stats["bn"]["mean"]) != 0)  # BN statistics updated

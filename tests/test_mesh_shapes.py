@@ -2,9 +2,9 @@
 
 Three distillation steps of a tiny teacher -> student on 8 fake CPU devices
 for the meshes (8 data), (4 data x 2 fsdp), (2 x 4), (1 x 8) are compared
-with one device. The stage's own builders and the shared loop's jitted,
-donated update are used directly with synthetic batches (no data, no
-checkpoints), so the test is about sharding only. With fsdp > 1 the student
+with one device. The stage's own builders and the shared loop's set-up (`loop.prepare`:
+the jitted, donated update and the placements) are used directly with
+synthetic batches (no data, no checkpoints), so the test is about sharding only. With fsdp > 1 the student
 params, the optimizer state and the teacher's params are split over the
 `fsdp` axis.
 """
@@ -18,7 +18,6 @@ import pytest
 from conftest import REPO
 from jax.sharding import PartitionSpec as P
 
-from mimdistill.data.input_pipeline import to_global
 from mimdistill.stages import distill
 from mimdistill.training import loop as loop_lib
 from mimdistill.training import sharding as shard_lib
@@ -47,17 +46,7 @@ def tiny_config():
 def setup():
   """(task, synthetic batches, the initial state as host numpy)."""
   config = tiny_config()
-  teacher = distill.build_teacher(config)
-  dummy = np.zeros((1, 32, 32, 3), np.float32)
-  # Random teacher weights drawn on the host (compiling the initialisers
-  # would cost more than the whole comparison needs).
-  rng = np.random.default_rng(7)
-  teacher_vars = jax.tree_util.tree_map_with_path(
-    lambda path, a: (
-      float("scale" in jax.tree_util.keystr(path)) + 0.05 * rng.standard_normal(a.shape)
-    ).astype(np.float32),
-    jax.eval_shape(teacher.init, jax.random.PRNGKey(7), dummy),
-  )
+  teacher, teacher_vars = distill.random_teacher(config)
   student = distill.build_student(config)
   task = distill.build_task(config, student, teacher, teacher_vars, steps_per_epoch=100)
   rng = np.random.default_rng(0)
@@ -77,23 +66,20 @@ def setup():
   return task, batches, init
 
 
-def run_steps(task, batches, init, mesh, fsdp):
-  _, state_sharding, tx = loop_lib.plan_state(task, mesh, fsdp, jax.random.PRNGKey(0))
-  state = jax.device_put(init, state_sharding)
-  inputs_sharding = shard_lib.tree_shardings(task.inputs, mesh, fsdp=fsdp > 1)
-  inputs = jax.device_put(task.inputs, inputs_sharding)
-  update = loop_lib.jit_update(task, tx, mesh, state_sharding, inputs_sharding)
+def run_steps(task, batches, init, mesh):
+  prep = loop_lib.prepare(task, mesh, jax.random.PRNGKey(0))
+  state = jax.device_put(init, prep.state_sharding)
   losses = []
   for batch in batches:
-    state, metrics = update(state, to_global(batch, mesh, shard_lib.BATCH_AXES), inputs)
+    state, metrics = prep.update(state, prep.place_batch(batch), prep.inputs)
     losses.append(float(metrics["loss"]))
-  return state, inputs, losses
+  return state, prep.inputs, losses
 
 
 @pytest.fixture(scope="module")
 def one_device(setup):
   task, batches, init = setup
-  state, _, losses = run_steps(task, batches, init, shard_lib.make_mesh(1, num_devices=1), 1)
+  state, _, losses = run_steps(task, batches, init, shard_lib.make_mesh(1, num_devices=1))
   return jax.device_get(state.params), losses
 
 
@@ -129,7 +115,7 @@ def test_mesh_shape_matches_one_device(setup, one_device, data, fsdp):
   task, batches, init = setup
   mesh = shard_lib.make_mesh(fsdp)
   assert dict(mesh.shape) == {shard_lib.DATA: data, shard_lib.FSDP: fsdp}
-  state, inputs, losses = run_steps(task, batches, init, mesh, fsdp)
+  state, inputs, losses = run_steps(task, batches, init, mesh)
   if fsdp > 1:
     # Student params, their Adam moments and the teacher are really split.
     assert _fsdp_split(state.params) > 0

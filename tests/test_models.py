@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mimdistill.models import zoo
+from mimdistill.models import factory, variants
 from mimdistill.models.mae import MAE, patchify, random_masking, unpatchify
 from mimdistill.models.vit import ViTEncoder, drop_path_rates
-from mimdistill.objectives.relations import relation_losses, relations
+from mimdistill.objectives.relations import relations
 
 KEY = jax.random.PRNGKey(0)
 IMAGES = jax.random.normal(KEY, (2, 32, 32, 3))
@@ -51,17 +51,29 @@ def test_truncated_jaxpr_has_no_later_blocks(encoder):
   assert full.count("exp") > trunc.count("exp") > 0
 
 
-def test_relations_rows_sum_to_one_with_other_head_count(encoder):
+def test_relation_heads_split_the_block_qkv_whatever_its_own_heads(encoder):
+  """R relation heads are a reshape of block k's norm1 + qkv projection, for
+  any R (the block has 4 attention heads), and the relation logits are
+  q_r k_r^T / sqrt(D/R) of those slices."""
   model, variables = encoder
-  for heads in (1, 2, 4, 8):  # R independent of the block's 4 attention heads
+  block = variables["params"]["blocks_1"]
+  x = model.apply(variables, IMAGES, stop_after=1)
+  ln = block["norm1"]
+  mu = x.mean(-1, keepdims=True)
+  h = (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-6) * ln["scale"] + ln["bias"]
+  proj = np.asarray(h @ block["attn"]["qkv"]["kernel"] + block["attn"]["qkv"]["bias"])
+  q_all, k_all = proj[..., :32], proj[..., 32:64]
+  for heads in (1, 2, 8):
     q, k, v = model.apply(variables, IMAGES, block=2, heads=heads, method=ViTEncoder.relation_qkv)
     assert q.shape == (2, heads, 17, 32 // heads)
-    rel = relations((q, k, v))
-    for logits in rel.values():
-      rows = jax.nn.softmax(logits, axis=-1).sum(-1)
-      np.testing.assert_allclose(rows, 1.0, atol=1e-5)
-    losses = relation_losses(rel, rel)
-    np.testing.assert_allclose(losses["qk"], 0.0, atol=1e-6)
+    np.testing.assert_allclose(
+      np.asarray(q).transpose(0, 2, 1, 3).reshape(2, 17, 32), q_all, atol=1e-5
+    )
+    d = 32 // heads
+    qh = q_all.reshape(2, 17, heads, d).transpose(0, 2, 1, 3)
+    kh = k_all.reshape(2, 17, heads, d).transpose(0, 2, 1, 3)
+    want = np.einsum("bhqd,bhkd->bhqk", qh, kh) / np.sqrt(d)
+    np.testing.assert_allclose(relations((q, k, v))["qk"], want, atol=1e-4)
 
 
 def test_relation_block_out_of_range(encoder):
@@ -96,14 +108,10 @@ def test_patchify_roundtrip_and_order():
 
 def test_mae_forward_shapes():
   model = MAE(
-    width=32,
-    depth=1,
-    num_heads=4,
+    encoder=ViTEncoder(width=32, depth=1, num_heads=4, patch_size=8, image_size=32),
     decoder_width=32,
     decoder_depth=1,
     decoder_heads=4,
-    patch_size=8,
-    image_size=32,
   )
   noise = jax.random.uniform(KEY, (2, 16))
   variables = model.init(KEY, IMAGES, noise, 0.75)
@@ -131,10 +139,39 @@ def test_drop_path_schedules():
   assert drop_path_rates(0.1, 3, "constant_but_last") == (0.1, 0.1, 0.0)
 
 
-def test_zoo_variants_and_errors():
-  assert zoo.resolve({"variant": "base"}).width == 768
-  assert zoo.resolve({"variant": "huge"}).patch_size == 14
+def test_variants_and_errors():
+  assert variants.resolve({"variant": "base"}).width == 768
+  assert variants.resolve({"variant": "huge"}).patch_size == 14
   with pytest.raises(ValueError, match="unknown model variant 'giant'"):
-    zoo.resolve({"variant": "giant"})
+    variants.resolve({"variant": "giant"})
   with pytest.raises(ValueError, match="not divisible by patch_size"):
-    zoo.resolve({"variant": "tiny", "image_size": 30})
+    variants.resolve({"variant": "tiny", "image_size": 30})
+
+
+def test_factory_builds_from_a_section_and_only_passes_what_it_sets():
+  section = {
+    "variant": "custom",
+    "width": 32,
+    "depth": 2,
+    "num_heads": 4,
+    "patch_size": 8,
+    "image_size": 32,
+    "drop_path": 0.1,
+    "drop_path_schedule": "constant_but_last",
+    "decoder": {"width": 32, "depth": 1, "num_heads": 4},
+  }
+  enc = factory.build("encoder", section, depth=1, final_norm=False)
+  assert (enc.depth, enc.final_norm, enc.drop_path, enc.fused_attention) == (
+    1,
+    False,
+    (0.0,),
+    False,
+  )
+  mae = factory.build("mae", section, dtype="bfloat16")
+  assert mae.encoder.drop_path == (0.1, 0.0) and mae.decoder_depth == 1
+  clf = factory.build("classifier", dict(section, global_pool=False), num_classes=7)
+  assert clf.encoder.final_norm and clf.encoder.pos_embed_type == "learned"
+  with pytest.raises(ValueError, match="unknown model kind 'resnet'"):
+    factory.build("resnet", section)
+  with pytest.raises(ValueError, match="dtype='fp8'"):
+    factory.build("encoder", section, dtype="fp8")

@@ -26,8 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from conftest import REPO
 
-from mimdistill.models.classifier import ViTClassifier
-from mimdistill.models.mae import MAE
+from mimdistill.models import factory
 from mimdistill.models.vit import Block, ViTEncoder, _drop_path
 from mimdistill.objectives.mae_loss import mae_loss
 from mimdistill.stages import distill, finetune, pretrain
@@ -41,17 +40,20 @@ KEY = jax.random.PRNGKey(0)
 IMAGES = jax.random.normal(KEY, (2, 32, 32, 3))
 NOISE = jax.random.uniform(jax.random.PRNGKey(1), (2, 16))
 ENC = dict(width=32, depth=3, num_heads=4, patch_size=8, image_size=32)
-MAE_KW = dict(ENC, decoder_width=32, decoder_depth=2, decoder_heads=4)
-CLS_KW = dict(ENC, num_classes=5)
+SECTION = dict(ENC, variant="custom", decoder=dict(width=32, depth=2, num_heads=4))
+EXTRA = {"encoder": {}, "mae": {}, "classifier": {"num_classes": 5}}
 
 
-def _pair(cls, **kw):
-  return cls(**kw), cls(**kw, scan_blocks=True)
+def _pair(kind):
+  """The model of `kind` (factory) unrolled and scanned."""
+  return tuple(
+    factory.build(kind, dict(SECTION, scan_blocks=scan), **EXTRA[kind]) for scan in (False, True)
+  )
 
 
 @functools.cache
 def _mae_vars():
-  return jax.jit(lambda k: MAE(**MAE_KW).init(k, IMAGES, NOISE, 0.75))(KEY)
+  return jax.jit(lambda k: _pair("mae")[0].init(k, IMAGES, NOISE, 0.75))(KEY)
 
 
 @functools.cache
@@ -83,12 +85,12 @@ def _mae_loss(model, variables, train=False):
 # Same params, same numerics without drop path
 # -----------------------------------------------------------------------------
 def test_params_layout_is_unchanged():
-  for cls, kw, args in (
-    (ViTEncoder, ENC, (IMAGES,)),
-    (MAE, MAE_KW, (IMAGES, NOISE, 0.75)),
-    (ViTClassifier, CLS_KW, (IMAGES,)),
+  for kind, args in (
+    ("encoder", (IMAGES,)),
+    ("mae", (IMAGES, NOISE, 0.75)),
+    ("classifier", (IMAGES,)),
   ):
-    plain, scanned = _pair(cls, **kw)
+    plain, scanned = _pair(kind)
     a = jax.eval_shape(lambda: plain.init(KEY, *args))  # noqa: B023
     b = jax.eval_shape(lambda: scanned.init(KEY, *args))  # noqa: B023
     assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
@@ -107,14 +109,11 @@ def test_eval_forwards_match_unrolled():
       m.apply(v, IMAGES, block=3, method=ViTEncoder.block_features),
     )
 
-  outs = [
-    jax.jit(functools.partial(encoder_outputs, m))(_encoder_vars())
-    for m in _pair(ViTEncoder, **ENC)
-  ]
+  outs = [jax.jit(functools.partial(encoder_outputs, m))(_encoder_vars()) for m in _pair("encoder")]
   _close(*outs)
 
   # The classifier from the MAE encoder (learned pos_embed, no final norm).
-  plain, scanned = _pair(ViTClassifier, **CLS_KW)
+  plain, scanned = _pair("classifier")
   enc = _encoder_vars()
   cv = {
     "params": {
@@ -161,7 +160,7 @@ def test_mae_eval_loss_and_train_gradients_match_unrolled_without_drop_path():
     return (_mae_loss(model, variables), jax.value_and_grad(loss)(variables["params"]))
 
   (ev, (loss, grads)), (ev_s, (loss_s, grads_s)) = [
-    eval_loss_and_grads(m, variables) for m in _pair(MAE, **MAE_KW)
+    eval_loss_and_grads(m, variables) for m in _pair("mae")
   ]
   np.testing.assert_allclose(ev_s, ev, rtol=1e-6)
   np.testing.assert_allclose(loss_s, loss, rtol=1e-6)
@@ -287,7 +286,7 @@ def test_remat_with_scan_gives_the_same_values():
 def test_scan_has_the_block_body_once():
   text = [
     str(jax.make_jaxpr(lambda v, m=m: m.apply(v, IMAGES))(_encoder_vars()))
-    for m in _pair(ViTEncoder, **ENC)
+    for m in _pair("encoder")
   ]
   plain, scanned = text
   assert "scan[" in scanned and "scan[" not in plain
@@ -318,6 +317,6 @@ def test_configs_and_sweeps_pass_scan_blocks_to_the_models():
   assert not distill.build_student(off).encoder.scan_blocks
   assert not distill.build_teacher(off).scan_blocks
   pre = _with(mae_pretrain.get_config("quickstart"), "model.scan_blocks", True)
-  assert pretrain.build_model(pre).scan_blocks
+  assert pretrain.build_model(pre).encoder.scan_blocks
   fine = _with(finetune_config.get_config("quickstart"), "model.scan_blocks", True)
-  assert finetune.build_model(fine, 10).scan_blocks
+  assert finetune.build_model(fine, 10).encoder.scan_blocks

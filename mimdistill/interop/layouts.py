@@ -6,7 +6,7 @@ tensors tell almost everything:
   width        `cls_token` (1, 1, D)
   depth        the number of `blocks.<i>` (0..depth-1, none missing)
   patch, chans `patch_embed.proj.weight` (D, C, p, p)
-  image size   `pos_embed` (1, 1 + (S/p)^2, D)  (else `--image-size`, default 224)
+  image size   `pos_embed` (1, 1 + (S/p)^2, D)  (else `--image_size`, default 224)
   mlp ratio    `blocks.0.mlp.fc1.weight` (ratio*D, D)
   decoder      `decoder_embed` (width), `decoder_blocks.<i>` (depth) -> layout 'mae'
   pooling      `fc_norm` -> average pooling (`models_vit` global_pool, encoder
@@ -35,12 +35,13 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from mimdistill.models.variants import MAE_DECODER, STANDARD_HEADS
+
 LAYOUTS = ("vit", "mae", "classifier")
 POS_EMBED_TYPES = ("fixed", "learned")
 
-# Heads of the standard widths (ViT-T/S/B/L/H of timm, MAE and TinyMIM).
-DEFAULT_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
-DEFAULT_DECODER_HEADS = 16  # every released MAE decoder (512 wide)
+DEFAULT_HEADS = STANDARD_HEADS
+DEFAULT_DECODER_HEADS = MAE_DECODER[2]  # every released MAE decoder (512 wide)
 DEFAULT_IMAGE_SIZE = 224
 
 BLOCK_LEAVES = (
@@ -195,19 +196,6 @@ class ModelSpec:
     known = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in record.items() if k in known})
 
-  def encoder_kwargs(self) -> dict[str, Any]:
-    """Fields of a `model` config section (`zoo.resolve`) for this encoder."""
-    return {
-      "variant": "custom",
-      "width": self.width,
-      "depth": self.depth,
-      "num_heads": self.num_heads,
-      "patch_size": self.patch_size,
-      "image_size": self.image_size,
-      "mlp_ratio": self.mlp_ratio,
-      "in_chans": self.in_chans,
-    }
-
   def describe(self) -> str:
     heads = "?" if self.num_heads is None else str(self.num_heads)
     if "num_heads" in self.assumed:
@@ -235,55 +223,14 @@ class ModelSpec:
       parts += [f"decoder=(width={self.decoder.width}, depth={self.decoder.depth}, heads={dh})"]
     return " ".join(parts)
 
-  # -- modules ------------------------------------------------------------------
   def require_heads(self, what: str = "building the model") -> int:
     if self.num_heads is None:
       raise LayoutError(
         f"{what} needs the number of attention heads, which a checkpoint does not "
         f"store and width {self.width} has no standard value for; pass "
-        f"--num-heads N (num_heads=N), a divisor of {self.width}"
+        f"--num_heads=N (num_heads=N), a divisor of {self.width}"
       )
     return self.num_heads
-
-  def build(self, **overrides):
-    """The Flax module whose variables the converted checkpoint holds (for
-    'vit', apply it to `variables['params']['encoder']` & co.)."""
-    from mimdistill.models.classifier import ViTClassifier
-    from mimdistill.models.mae import MAE
-    from mimdistill.models.vit import ViTEncoder
-
-    heads = self.require_heads()
-    common = dict(
-      width=self.width,
-      depth=self.depth,
-      num_heads=heads,
-      patch_size=self.patch_size,
-      image_size=self.image_size,
-      in_chans=self.in_chans,
-      mlp_ratio=self.mlp_ratio,
-    )
-    if self.layout == "classifier":
-      return ViTClassifier(
-        num_classes=self.num_classes,
-        global_pool=self.pooling == "avg",
-        pos_embed_type="learned" if self.pos_embed == "learned" else "sincos",
-        **common,
-        **overrides,
-      )
-    if self.layout == "mae":
-      return MAE(
-        decoder_width=self.decoder.width,
-        decoder_depth=self.decoder.depth,
-        decoder_heads=self.decoder.num_heads,
-        **common,
-        **overrides,
-      )
-    return ViTEncoder(
-      final_norm=self.final_norm,
-      pos_embed_type="learned" if self.pos_embed == "learned" else "sincos",
-      **common,
-      **overrides,
-    )
 
 
 def _block_shapes(prefix: str, depth: int, d: int, hidden: int) -> dict[str, tuple]:
@@ -468,7 +415,7 @@ def detect(
     if dheads is None:
       raise LayoutError(
         f"the MAE decoder is {dwidth} wide, which has no standard head "
-        "count; pass --decoder-num-heads N"
+        "count; pass --decoder_num_heads=N"
       )
     decoder = DecoderSpec(dwidth, ddepth, dheads, out_dim)
 

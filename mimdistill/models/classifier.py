@@ -7,7 +7,6 @@ global average pooling (`fc_norm` after pooling, no encoder final norm, as
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -20,41 +19,25 @@ Dtype = Any
 
 
 class ViTClassifier(nn.Module):
-  width: int
-  depth: int
-  num_heads: int
+  """`encoder` (built with `final_norm=not global_pool`) and the head.
+
+  Global pooling averages the patch tokens (the prefix tokens excluded).
+  """
+
+  encoder: ViTEncoder
   num_classes: int
-  patch_size: int = 16
-  image_size: int = 224
-  in_chans: int = 3
-  mlp_ratio: float = 4.0
-  drop_path: Sequence[float] | float = 0.0
   global_pool: bool = True
-  pos_embed_type: str = "learned"
   linear_probe: bool = False  # BatchNorm (no affine) before the head, MAE linprobe
   head_init_std: float = 2e-5  # linear probing uses 0.01
   dtype: Dtype = jnp.float32
-  fused_attention: bool = False
-  remat: bool = False  # jax.checkpoint per encoder block
-  scan_blocks: bool = False  # lax.scan over the encoder blocks
 
   def setup(self):
-    self.encoder = ViTEncoder(
-      self.width,
-      self.depth,
-      self.num_heads,
-      self.patch_size,
-      self.image_size,
-      self.in_chans,
-      self.mlp_ratio,
-      self.drop_path,
-      pos_embed_type=self.pos_embed_type,
-      final_norm=not self.global_pool,
-      dtype=self.dtype,
-      fused_attention=self.fused_attention,
-      remat=self.remat,
-      scan_blocks=self.scan_blocks,
-    )
+    if self.global_pool == self.encoder.final_norm:
+      raise ValueError(
+        "a global-pool classifier has no encoder norm (fc_norm after pooling) and a CLS "
+        f"classifier keeps it; got global_pool={self.global_pool} with "
+        f"final_norm={self.encoder.final_norm}"
+      )
     if self.global_pool:
       self.fc_norm = layer_norm(dtype=self.dtype)
     if self.linear_probe:
@@ -68,7 +51,7 @@ class ViTClassifier(nn.Module):
   def features(self, images, *, train: bool = False):
     x = self.encoder(images, train=train)
     if self.global_pool:
-      return self.fc_norm(jnp.mean(x[:, 1:], axis=1))
+      return self.fc_norm(jnp.mean(x[:, self.encoder.num_prefix_tokens :], axis=1))
     return x[:, 0]
 
   def __call__(self, images, *, train: bool = False):

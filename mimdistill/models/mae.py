@@ -107,50 +107,30 @@ class MAEOutput(NamedTuple):
 
 
 class MAE(nn.Module):
-  """Encoder on visible patches + lightweight decoder predicting all patches."""
+  """Encoder on visible patches + lightweight decoder predicting all patches.
 
-  width: int
-  depth: int
-  num_heads: int
+  `encoder` is the ViT (its params are the `encoder` subtree); the decoder's
+  `remat` / `scan_blocks` follow the encoder's speed options.
+  """
+
+  encoder: ViTEncoder
   decoder_width: int = 512
   decoder_depth: int = 8
   decoder_heads: int = 16
-  patch_size: int = 16
-  image_size: int = 224
-  in_chans: int = 3
-  mlp_ratio: float = 4.0
-  drop_path: float = 0.0
   dtype: Dtype = jnp.float32
-  fused_attention: bool = False
-  remat: bool = False  # jax.checkpoint per block, encoder and decoder
-  scan_blocks: bool = False  # lax.scan over blocks, encoder and decoder
 
   def setup(self):
-    self.encoder = ViTEncoder(
-      self.width,
-      self.depth,
-      self.num_heads,
-      self.patch_size,
-      self.image_size,
-      self.in_chans,
-      self.mlp_ratio,
-      self.drop_path,
-      dtype=self.dtype,
-      fused_attention=self.fused_attention,
-      remat=self.remat,
-      scan_blocks=self.scan_blocks,
-    )
-    num_patches = (self.image_size // self.patch_size) ** 2
+    enc = self.encoder
     self.decoder = MAEDecoder(
       self.decoder_width,
       self.decoder_depth,
       self.decoder_heads,
-      num_patches,
-      self.patch_size**2 * self.in_chans,
-      self.mlp_ratio,
+      enc.num_patches,
+      enc.patch_size**2 * enc.in_chans,
+      enc.mlp_ratio,
       dtype=self.dtype,
-      remat=self.remat,
-      scan_blocks=self.scan_blocks,
+      remat=enc.remat,
+      scan_blocks=enc.scan_blocks,
     )
 
   def __call__(self, images, noise, mask_ratio: float, train: bool = False) -> MAEOutput:

@@ -1,15 +1,16 @@
-"""`python -m mimdistill.parity DIR [DIR ...]`: check against official outputs.
+"""`python -m mimdistill.parity [DIR ...]`: check against official outputs.
 
-DIR is a fixture folder in the format of `shared/fixtures/` (config.json with
-a `kind`, inputs.npz, expected.npz, official .pth files). Each kind is one
-module `mimdistill/parity/kinds/<kind>.py` exposing `check(folder, config,
-report)`. Prints `case quantity max_abs_err tol ok|FAIL` per quantity and a
+Without DIR: the fixtures copied into the repository (`tests/fixtures`),
+plus the cases of `../shared/fixtures` of kinds the copy lacks, when a
+developer checkout has it. DIR is a fixture folder in the format of
+`shared/fixtures/` (config.json with a `kind`, inputs.npz, expected.npz,
+official .pth files), or a folder of such folders. Each kind is one module
+`mimdistill/parity/kinds/<kind>.py` exposing `check(folder, config, report)`. Prints `case quantity max_abs_err tol ok|FAIL` per quantity and a
 final `parity: N passed, M failed`; exits 1 if anything failed.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import pathlib
@@ -43,12 +44,45 @@ def run_folder(folder: pathlib.Path, report: Report) -> None:
   module.check(folder, config, report)
 
 
+REPO = pathlib.Path(__file__).resolve().parents[2]
+COPIED = REPO / "tests" / "fixtures"
+SHARED = REPO.parent / "shared" / "fixtures"
+
+
+def _cases(folder: pathlib.Path) -> list[pathlib.Path]:
+  """A case folder, or every case in a folder of cases."""
+  if (folder / "config.json").is_file():
+    return [folder]
+  return sorted(p.parent for p in folder.glob("*/config.json")) or [folder]
+
+
+def default_cases() -> list[pathlib.Path]:
+  """The repository's copied fixtures, then the shared cases of other kinds."""
+  cases = _cases(COPIED) if COPIED.is_dir() else []
+  kinds = {json.loads((c / "config.json").read_text()).get("kind") for c in cases}
+  if SHARED.is_dir():
+    cases += [
+      c
+      for c in _cases(SHARED)
+      if json.loads((c / "config.json").read_text()).get("kind") not in kinds
+    ]
+  return cases
+
+
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-    prog="python -m mimdistill.parity", description=__doc__.splitlines()[0]
-  )
-  parser.add_argument("folders", nargs="+", type=pathlib.Path)
-  args = parser.parse_args(argv)
+  """`argv`: the arguments after the program name (default: sys.argv's)."""
+  from absl import flags
+
+  from mimdistill.launch_flags import parse_command_line
+
+  argv = ["python -m mimdistill.parity", *(sys.argv[1:] if argv is None else argv)]
+  folders = parse_command_line(flags.FlagValues(), argv, __doc__, positional=None)
+  if folders is None:
+    return 0 if any(a in ("-h", "--help") for a in argv) else 2
+  cases = [c for f in folders for c in _cases(pathlib.Path(f))] if folders else default_cases()
+  if not cases:
+    print(f"parity: no fixtures found (looked in {COPIED} and {SHARED})", file=sys.stderr)
+    return 2
 
   import jax
 
@@ -57,15 +91,8 @@ def main(argv: list[str] | None = None) -> int:
   jax.config.update("jax_default_matmul_precision", "highest")
 
   report = Report()
-  for folder in args.folders:
-    # A folder of fixture folders (e.g. shared/fixtures) checks every case.
-    cases = (
-      [folder]
-      if (folder / "config.json").is_file()
-      else sorted(p.parent for p in folder.glob("*/config.json")) or [folder]
-    )
-    for case in cases:
-      run_folder(case, report)
+  for case in cases:
+    run_folder(case, report)
   print(f"parity: {report.passed} passed, {report.failed} failed")
   return 1 if report.failed or not report.lines else 0
 

@@ -6,14 +6,11 @@ Reads top to bottom:
      workdir or an official `.pth`, checks its shapes against the teacher
      config and keeps only what the target block needs (blocks after the
      target are never loaded, let alone run);
-  3. the student: a `ViTEncoder` under params key `encoder`, plus the
-     trainable heads some ablation targets need under `heads` (a linear
-     projection to the teacher width, an MAE decoder). The `encoder` subtree
-     is exactly a ViT encoder's params, so the next link of a sequential
-     distillation (or fine-tuning) restores it by name;
+  3. the student (`models.tinymim`): the encoder under params key `encoder`,
+     plus the trainable heads some ablation targets need under `heads`;
   4. `build_task`: the loss, the optimizer with the student parameters that
      get no gradient frozen (no update, no weight decay, no state);
-  5. `run`: data, the shared loop, the summary.
+  5. `run`: data, the shared loop, the relation-map picture, the summary.
 
 The teacher's variables are the loop's non-trained `inputs`: sharded like
 params, passed to every step, differentiated never (its outputs go through
@@ -29,28 +26,28 @@ import math
 import re
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mimdistill import workdir as workdir_lib
 from mimdistill.data import input_pipeline, sources
-from mimdistill.interop.encoder_source import read_encoder, shape_table
+from mimdistill.models import factory, variants
 from mimdistill.models import pos_embed as pos_embed_lib
-from mimdistill.models import zoo
-from mimdistill.models.mae import MAEDecoder, random_masking
-from mimdistill.models.vit import ViTEncoder, dense_init, drop_path_rates
+from mimdistill.models.mae import random_masking
+from mimdistill.models.tinymim import DistillStudent
+from mimdistill.models.vit import ViTEncoder
 from mimdistill.objectives import distill_targets as targets_lib
 from mimdistill.objectives.mae_loss import mae_loss
 from mimdistill.objectives.relations import RELATION_SETS
 from mimdistill.paths import as_path
-from mimdistill.training import checkpoints as ckpt_lib
+from mimdistill.stages.sources import read_encoder, shape_table
+from mimdistill.stages.synthetic import Synthetic, random_images
 from mimdistill.training import loop as loop_lib
 from mimdistill.training import optimizer as opt_lib
 from mimdistill.training import run_config, schedules
 from mimdistill.training import sharding as shard_lib
-from mimdistill.training.run_config import data_config
 
 log = logging.getLogger("mimdistill")
 PyTree = Any
@@ -66,20 +63,21 @@ STUDENT_INPUTS = ("raw", "masked")
 # -----------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """The distillation, resolved and validated from `config.distill`."""
+  """The distillation, resolved from `config.distill` (every field is read
+  from the config; the defaults live in configs/tinymim_distill.py)."""
 
   target: str  # 'relation' | 'cls' | 'feature'
   teacher_block: int  # 1-based
   relation_heads: int  # R
-  relation_set: str = "qk_vv"
-  softmax: bool = True
-  raw_loss: str = "mse"
-  feature: str = "output"
-  beta: float = 2.0
-  masked: bool = False
-  mask_ratio: float = 0.75
-  mae_weight: float = 0.0
-  norm_pix_loss: bool = True
+  relation_set: str
+  softmax: bool
+  raw_loss: str
+  feature: str
+  beta: float
+  masked: bool
+  mask_ratio: float
+  mae_weight: float
+  norm_pix_loss: bool
 
   @property
   def needs_projection(self) -> bool:
@@ -87,13 +85,12 @@ class Plan:
 
 
 def teacher_block(config) -> int:
-  spec = zoo.resolve(config.teacher)
-  block = int(config.teacher.get("block") or 0)
-  return block or DEFAULT_TEACHER_BLOCK.get(spec.depth, spec.depth)
+  spec = variants.resolve(config.teacher)
+  return int(config.teacher.block) or DEFAULT_TEACHER_BLOCK.get(spec.depth, spec.depth)
 
 
 def relation_heads(config) -> int:
-  return int(config.distill.get("relation_heads") or 0) or zoo.resolve(config.teacher).num_heads
+  return int(config.distill.relation_heads) or variants.resolve(config.teacher).num_heads
 
 
 def make_plan(config) -> Plan:
@@ -102,15 +99,15 @@ def make_plan(config) -> Plan:
     target=d.target,
     teacher_block=teacher_block(config),
     relation_heads=relation_heads(config),
-    relation_set=d.get("relation_set", "qk_vv"),
-    softmax=d.get("softmax", True),
-    raw_loss=d.get("raw_loss", "mse"),
-    feature=d.get("feature", "output"),
-    beta=float(d.get("beta", 2.0)),
-    masked=d.get("student_input", "raw") == "masked",
-    mask_ratio=float(d.get("mask_ratio", 0.75)),
-    mae_weight=float(d.get("mae_weight", 0.0)),
-    norm_pix_loss=d.get("norm_pix_loss", True),
+    relation_set=d.relation_set,
+    softmax=bool(d.softmax),
+    raw_loss=d.raw_loss,
+    feature=d.feature,
+    beta=float(d.beta),
+    masked=d.student_input == "masked",
+    mask_ratio=float(d.mask_ratio),
+    mae_weight=float(d.mae_weight),
+    norm_pix_loss=bool(d.norm_pix_loss),
   )
 
 
@@ -119,27 +116,23 @@ def _divisors_of_both(a: int, b: int) -> list[int]:
   return [r for r in range(1, g + 1) if g % r == 0]
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Every check that can fail before a checkpoint or data is read."""
-  student = zoo.resolve(config.student)
-  teacher = zoo.resolve(config.teacher)
+def _one_of(value, allowed, field: str) -> None:
+  if value not in allowed:
+    raise ValueError(f"{field}={value!r} is not one of {sorted(allowed)}")
+
+
+def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
+  """Every check that can fail before a checkpoint or data is read
+  (`data=False`: all but the teacher source and the dataset)."""
+  student = variants.resolve(config.student)
+  teacher = variants.resolve(config.teacher)
+  factory.compute_dtype(config.dtype)
   d = config.distill
-  if d.target not in targets_lib.TARGETS:
-    raise ValueError(f"distill.target={d.target!r} is not one of {targets_lib.TARGETS}")
-  if d.get("relation_set", "qk_vv") not in RELATION_SETS:
-    raise ValueError(
-      f"distill.relation_set={d.relation_set!r} is not one of {sorted(RELATION_SETS)}"
-    )
-  if d.get("raw_loss", "mse") not in targets_lib.RAW_RELATION_LOSSES:
-    raise ValueError(
-      f"distill.raw_loss={d.raw_loss!r} is not one of {targets_lib.RAW_RELATION_LOSSES}"
-    )
-  if d.get("feature", "output") not in targets_lib.FEATURE_TYPES:
-    raise ValueError(
-      f"distill.feature={d.feature!r} is not one of {sorted(targets_lib.FEATURE_TYPES)}"
-    )
-  if d.get("student_input", "raw") not in STUDENT_INPUTS:
-    raise ValueError(f"distill.student_input={d.student_input!r} is not one of {STUDENT_INPUTS}")
+  _one_of(d.target, targets_lib.TARGETS, "distill.target")
+  _one_of(d.relation_set, RELATION_SETS, "distill.relation_set")
+  _one_of(d.raw_loss, targets_lib.RAW_RELATION_LOSSES, "distill.raw_loss")
+  _one_of(d.feature, targets_lib.FEATURE_TYPES, "distill.feature")
+  _one_of(d.student_input, STUDENT_INPUTS, "distill.student_input")
   plan = make_plan(config)
   if plan.masked and not 0 < plan.mask_ratio < 1:
     raise ValueError(f"distill.mask_ratio={plan.mask_ratio} must be in (0, 1)")
@@ -179,14 +172,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"{config.data.image_size}; teacher and student see the same crop: "
         "set all three alike"
       )
-  if not config.teacher.get("source"):
+  shard_lib.check_batch(config.batch_size, shard_lib.mesh_from_config(config))
+  if not data:
+    return
+  if not config.teacher.source:
     raise ValueError(
       "teacher.source is empty; set --config.teacher.source= a "
       "stage-1/stage-2 workdir (optionally workdir:step) or an "
       "official .pth file"
     )
-  sources.check_available(config.data.name, config.data.get("data_dir"))
-  shard_lib.check_batch(config.batch_size, shard_lib.mesh_from_config(config))
+  sources.check_available(config.data.name, config.data.data_dir)
 
 
 # -----------------------------------------------------------------------------
@@ -196,20 +191,10 @@ def build_teacher(config, depth: int | None = None) -> ViTEncoder:
   """The teacher encoder truncated after the target block (`depth` overrides
   the truncation: the full teacher is only built to check shapes). The final
   norm exists only when the target block is the teacher's last."""
-  spec = zoo.resolve(config.teacher)
+  spec = variants.resolve(config.teacher)
   depth = depth or teacher_block(config)
-  return ViTEncoder(
-    width=spec.width,
-    depth=depth,
-    num_heads=spec.num_heads,
-    patch_size=spec.patch_size,
-    image_size=spec.image_size,
-    in_chans=spec.in_chans,
-    mlp_ratio=spec.mlp_ratio,
-    final_norm=depth == spec.depth,
-    dtype=run_config.compute_dtype(config),
-    fused_attention=config.teacher.get("fused_attention", False),
-    scan_blocks=config.teacher.get("scan_blocks", False),
+  return factory.build(
+    "encoder", config.teacher, dtype=config.dtype, depth=depth, final_norm=depth == spec.depth
   )
 
 
@@ -223,7 +208,7 @@ def _natural(name: str):
   return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def _describe(spec: zoo.EncoderSpec) -> str:
+def _describe(spec: variants.EncoderSpec) -> str:
   return (
     f"width={spec.width} depth={spec.depth} num_heads={spec.num_heads} "
     f"patch_size={spec.patch_size} image_size={spec.image_size}"
@@ -232,25 +217,17 @@ def _describe(spec: zoo.EncoderSpec) -> str:
 
 def _source_hint(source: str) -> str:
   """What a workdir's config.json says its model is, for error messages."""
-  workdir, _ = ckpt_lib.parse_source(source)
-  saved = ckpt_lib.read_json(workdir, "config.json") if workdir.is_dir() else None
-  model = (saved or {}).get("signature", {}).get("model")
+  workdir, _ = workdir_lib.parse_source(source)
+  model = workdir_lib.signature(workdir).get("model") if workdir.is_dir() else None
   if not model:
     return ""
-  return (
-    " (its config.json says: "
-    + " ".join(
-      f"{k}={model[k]}"
-      for k in ("width", "depth", "num_heads", "patch_size", "image_size")
-      if k in model
-    )
-    + ")"
-  )
+  keys = ("width", "depth", "num_heads", "patch_size", "image_size")
+  return " (its config.json says: " + " ".join(f"{k}={model[k]}" for k in keys if k in model) + ")"
 
 
 def check_teacher_shapes(variables: dict, config, source: str) -> None:
   """Raises, listing every difference, unless `variables` fit the teacher."""
-  spec = zoo.resolve(config.teacher)
+  spec = variants.resolve(config.teacher)
   want = shape_table(_abstract_variables(build_teacher(config, spec.depth)))
   got = shape_table(variables)
   # A module wholly absent on one side (e.g. extra blocks) is one entry.
@@ -306,12 +283,27 @@ def load_teacher(config) -> tuple[ViTEncoder, dict, dict]:
   if "fixed" not in variables:
     # A checkpoint without the fixed sin-cos buffer: it is a function of the
     # architecture, so compute it.
-    spec = zoo.resolve(config.teacher)
-    grid = spec.image_size // spec.patch_size
-    variables["fixed"] = {"pos_embed": pos_embed_lib.sincos_2d(spec.width, grid)[None]}
+    spec = variants.resolve(config.teacher)
+    variables["fixed"] = {"pos_embed": pos_embed_lib.sincos_2d(spec.width, spec.grid_size)[None]}
   check_teacher_shapes(variables, config, source)
-  record.update(block=teacher_block(config), model=zoo.resolve(config.teacher).kwargs())
+  record.update(block=teacher_block(config), model=variants.resolve(config.teacher).kwargs())
   return build_teacher(config), prune_teacher(variables, config), record
+
+
+def random_teacher(config) -> tuple[ViTEncoder, dict]:
+  """Random, eval-only teacher variables (numpy, drawn on the host): speed
+  does not depend on the weights, and compiling the initialisers would cost
+  more than a benchmark or a scale test needs."""
+  teacher = build_teacher(config)
+  rng = np.random.default_rng(config.seed + 1)
+  abstract = _abstract_variables(teacher)
+  variables = jax.tree_util.tree_map_with_path(
+    lambda path, a: (
+      float("scale" in jax.tree_util.keystr(path)) + 0.05 * rng.standard_normal(a.shape)
+    ).astype(np.float32),
+    abstract,
+  )
+  return teacher, variables
 
 
 def _token_index(ids_keep: jax.Array) -> jax.Array:
@@ -364,126 +356,16 @@ def teacher_outputs(
 # -----------------------------------------------------------------------------
 # 3. The student
 # -----------------------------------------------------------------------------
-class DistillHeads(nn.Module):
-  """Trainable heads of the ablation targets (params key `heads`)."""
-
-  proj_width: int = 0  # > 0: Linear(student width -> this)
-  decoder_spec: tuple | None = None  # (width, depth, heads) of an MAE decoder
-  num_patches: int = 0
-  out_dim: int = 0
-  dtype: Any = jnp.float32
-
-  def setup(self):
-    if self.proj_width:
-      self.proj = nn.Dense(self.proj_width, dtype=self.dtype, kernel_init=dense_init)
-    if self.decoder_spec:
-      width, depth, heads = self.decoder_spec
-      self.decoder = MAEDecoder(
-        width, depth, heads, self.num_patches, self.out_dim, dtype=self.dtype
-      )
-
-
-class DistillStudent(nn.Module):
-  """The student encoder (params `encoder`) and its heads (params `heads`)."""
-
-  encoder: ViTEncoder
-  heads: DistillHeads | None = None
-
-  def __call__(
-    self,
-    images,
-    *,
-    train: bool = False,
-    ids_keep=None,
-    ids_restore=None,
-    relation_heads: int = 0,
-    feature: str | None = None,
-    cls: bool = False,
-    reconstruct: bool = False,
-  ) -> dict:
-    """Student outputs; only what is asked for is computed.
-
-    relation_heads=R: q, k, v `(B, R, N, D/R)` of the last block's norm1+qkv;
-    feature: a feature type of the last block, projected to the teacher width;
-    cls: the output CLS token, projected; reconstruct: MAE pixel predictions.
-    """
-    enc = self.encoder
-    tokens = enc.embed_patches(images)
-    if ids_keep is not None:
-      tokens = jnp.take_along_axis(tokens, ids_keep[..., None], axis=1)
-    x = enc.run_blocks(enc.prepend_prefix(tokens), enc.depth - 1, train)
-    last = enc.blocks[enc.depth - 1]
-    out = {}
-    if relation_heads:
-      out["qkv"] = last.relation_qkv(x, relation_heads)
-    if feature not in (None, "output"):
-      out["feature"] = self.heads.proj(last.features(x)[feature])
-    if cls or feature == "output" or reconstruct:
-      y = last(x, train=train)
-      if enc.final_norm:
-        y = enc.norm(y)
-      if cls:
-        out["cls"] = self.heads.proj(y[:, 0])
-      if feature == "output":
-        out["feature"] = self.heads.proj(y)
-      if reconstruct:
-        out["pred"] = self.heads.decoder(y, ids_restore, train=train)
-    return out
-
-  def init_all(self, images):
-    """Touches every parameter (the unused last-block ones included: the
-    student stays a complete ViT for fine-tuning)."""
-    b = images.shape[0]
-    ids_restore = jnp.broadcast_to(
-      jnp.arange(self.encoder.num_patches), (b, self.encoder.num_patches)
-    )
-    y = self.encoder(images)
-    if self.heads is not None:
-      if self.heads.proj_width:
-        self.heads.proj(y)
-      if self.heads.decoder_spec:
-        self.heads.decoder(y, ids_restore)
-    return y
-
-
 def build_student(config) -> DistillStudent:
-  spec = zoo.resolve(config.student)
-  teacher = zoo.resolve(config.teacher)
   plan = make_plan(config)
-  dtype = run_config.compute_dtype(config)
-  rates = drop_path_rates(
-    float(config.student.get("drop_path", 0.1)),
-    spec.depth,
-    config.student.get("drop_path_schedule", "constant_but_last"),
+  teacher = variants.resolve(config.teacher)
+  return factory.build(
+    "tinymim_student",
+    config.student,
+    dtype=config.dtype,
+    proj_width=teacher.width if plan.needs_projection else 0,
+    decoder=config.distill.decoder if plan.mae_weight else None,
   )
-  encoder = ViTEncoder(
-    width=spec.width,
-    depth=spec.depth,
-    num_heads=spec.num_heads,
-    patch_size=spec.patch_size,
-    image_size=spec.image_size,
-    in_chans=spec.in_chans,
-    mlp_ratio=spec.mlp_ratio,
-    drop_path=rates,
-    dtype=dtype,
-    fused_attention=config.student.get("fused_attention", False),
-    remat=config.student.get("remat", False),
-    scan_blocks=config.student.get("scan_blocks", False),
-  )
-  decoder = None
-  if plan.mae_weight:
-    dec = config.distill.decoder
-    decoder = (int(dec.width), int(dec.depth), int(dec.num_heads))
-  heads = None
-  if plan.needs_projection or decoder:
-    heads = DistillHeads(
-      proj_width=teacher.width if plan.needs_projection else 0,
-      decoder_spec=decoder,
-      num_patches=spec.num_patches,
-      out_dim=spec.patch_size**2 * spec.in_chans,
-      dtype=dtype,
-    )
-  return DistillStudent(encoder=encoder, heads=heads)
 
 
 def frozen_patterns(plan: Plan, depth: int) -> list[str]:
@@ -506,10 +388,10 @@ def frozen_patterns(plan: Plan, depth: int) -> list[str]:
 # 4. The task for the shared loop
 # -----------------------------------------------------------------------------
 def make_loss_fn(plan: Plan, student: DistillStudent, teacher: ViTEncoder):
-  spec = student.encoder
-  num_patches = spec.num_patches
+  num_patches = student.encoder.num_patches
+  patch = student.encoder.patch_size
 
-  def loss_fn(params, fixed, batch, rng, inputs):
+  def loss_fn(params, model_state, batch, rng, inputs):
     t_images, s_images = batch["image"], batch.get("image_student", batch["image"])
     mask_rng, drop_rng = jax.random.split(rng)
     ids_keep = ids_restore = mask = None
@@ -518,7 +400,7 @@ def make_loss_fn(plan: Plan, student: DistillStudent, teacher: ViTEncoder):
       ids_keep, mask, ids_restore = random_masking(noise, plan.mask_ratio)
     t = teacher_outputs(teacher, inputs, t_images, plan, ids_keep)
     s = student.apply(
-      {"params": params, "fixed": fixed},
+      {"params": params, **model_state},
       s_images,
       train=True,
       ids_keep=ids_keep,
@@ -544,9 +426,9 @@ def make_loss_fn(plan: Plan, student: DistillStudent, teacher: ViTEncoder):
       losses = {"feature": targets_lib.feature_loss(s["feature"], t["feature"], plan.beta)}
     loss = sum(losses.values())
     if plan.mae_weight:
-      losses["mae"] = mae_loss(s["pred"], s_images, mask, spec.patch_size, plan.norm_pix_loss)
+      losses["mae"] = mae_loss(s["pred"], s_images, mask, patch, plan.norm_pix_loss)
       loss = loss + plan.mae_weight * losses["mae"]
-    return loss, losses
+    return loss, (losses, model_state)
 
   return loss_fn
 
@@ -559,7 +441,7 @@ def build_task(
   steps_per_epoch: int,
 ) -> loop_lib.Task:
   plan = make_plan(config)
-  spec = zoo.resolve(config.student)
+  spec = variants.resolve(config.student)
   total, warmup = run_config.steps(config, steps_per_epoch)
   schedule = schedules.warmup_cosine(run_config.peak_lr(config), config.min_lr, total, warmup)
   dummy = jnp.zeros((1, spec.image_size, spec.image_size, spec.in_chans))
@@ -568,24 +450,13 @@ def build_task(
   def init_variables(rng):
     return student.init({"params": rng}, dummy, method=DistillStudent.init_all)
 
-  def make_optimizer(params, sched):
-    o = config.optimizer
-    return opt_lib.adamw(
-      params,
-      sched,
-      b1=o.b1,
-      b2=o.b2,
-      weight_decay=o.weight_decay,
-      frozen=frozen,
-      clip_grad_norm=o.get("clip_grad_norm"),
-      accumulate_steps=o.get("accumulate_steps", 1),
-    )
-
   return loop_lib.Task(
     name="distill",
     init_variables=init_variables,
     loss_fn=make_loss_fn(plan, student, teacher),
-    make_optimizer=make_optimizer,
+    make_optimizer=lambda params, sched: opt_lib.from_config(
+      params, sched, config.optimizer, frozen=frozen
+    ),
     schedule=schedule,
     total_steps=total,
     images_per_step=config.batch_size,
@@ -593,17 +464,101 @@ def build_task(
     signature={
       "stage": "distill",
       "model": spec.kwargs(),
-      "teacher": zoo.resolve(config.teacher).kwargs(),
+      "teacher": variants.resolve(config.teacher).kwargs(),
       "distill": dataclasses.asdict(plan),
       "decoder": (config.distill.decoder.to_dict() if plan.mae_weight else None),
     },
   )
 
 
+def synthetic(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Synthetic:
+  """The task with the configured teacher when its source exists (else a
+  random one: speed does not depend on the weights) and a random batch."""
+  validate(config, data=False)
+  notes = []
+  source = config.teacher.source
+  if source and ("://" in source or workdir_lib.parse_source(source)[0].exists()):
+    teacher, teacher_vars, _ = load_teacher(config)
+    teacher_from = source
+  else:
+    teacher, teacher_vars = random_teacher(config)
+    teacher_from = "random init"
+    notes.append(
+      "teacher: random init (teacher.source "
+      + (f"{source!r} does not exist" if source else "is empty")
+      + "); speed does not depend on the weights"
+    )
+  task = build_task(config, build_student(config), teacher, teacher_vars, steps_per_epoch)
+  s_spec, t_spec = variants.resolve(config.student), variants.resolve(config.teacher)
+  plan = make_plan(config)
+  rng = np.random.default_rng(config.seed)
+  image = random_images(config.batch_size, s_spec, rng)
+  batch = {
+    "image": image,
+    "image_student": image + np.float32(0.1),
+    "label": np.zeros((config.batch_size,), np.int32),
+  }
+  info = {
+    "image_size": s_spec.image_size,
+    "fused_attention": bool(config.student.fused_attention),
+    "teacher_fused_attention": bool(config.teacher.fused_attention),
+    "remat": bool(config.student.remat),
+    "scan_blocks": bool(config.student.scan_blocks),
+    "teacher_scan_blocks": bool(config.teacher.scan_blocks),
+    "teacher": teacher_from,
+    "teacher_blocks_run": f"{plan.teacher_block}/{t_spec.depth}",
+    "model": f"teacher w{t_spec.width} d{t_spec.depth} (runs {plan.teacher_block}) -> "
+    f"student w{s_spec.width} d{s_spec.depth}, target {plan.target}",
+  }
+  return Synthetic("distill", task, batch, info, notes)
+
+
 # -----------------------------------------------------------------------------
 # 5. Run
 # -----------------------------------------------------------------------------
-def run(config: ml_collections.ConfigDict, workdir, lineage: dict | None = None, mesh=None):
+def _relation_maps(config, result, teacher, teacher_variables, student, workdir) -> None:
+  """Teacher vs student Q-K relation maps on a few eval images."""
+  from mimdistill.visualize import relation_maps
+
+  count = config.num_visualize
+  state = result.state
+  student_vars = relation_maps.host_copy(  # a collective on several hosts
+    {"params": state.params["encoder"], "fixed": state.model_state["fixed"]["encoder"]}
+  )
+  if jax.process_index() != 0:
+    return
+  n = jax.device_count()  # a mesh-less pipeline checks the batch by it
+  cfg = run_config.data_config(config, "eval", batch_size=-(-count // n) * n)
+  cfg.num_workers = 0
+  images = next(
+    iter(
+      input_pipeline.make_dataset(
+        cfg,
+        split=config.data.eval_split,
+        train=False,
+        seed=config.seed,
+        process_index=0,
+        process_count=1,
+      )
+    )
+  )["image"][:count]
+  plan, enc = make_plan(config), student.encoder
+  png = relation_maps.save_relation_maps(
+    images,
+    teacher,
+    teacher_variables,
+    enc,
+    student_vars,
+    workdir / "relation_maps.png",
+    teacher_block=plan.teacher_block,
+    student_block=enc.depth,
+    heads=plan.relation_heads,
+    student_heads=(plan.relation_heads if enc.width % plan.relation_heads == 0 else enc.num_heads),
+  )
+  log.info("wrote %s", png)
+
+
+def run(config: ml_collections.ConfigDict, workdir, *, mesh=None, lineage: dict | None = None):
   """Runs (or resumes) stage 2 in `workdir`; returns a summary dict."""
   validate(config)
   teacher, teacher_variables, parent = load_teacher(config)
@@ -611,7 +566,7 @@ def run(config: ml_collections.ConfigDict, workdir, lineage: dict | None = None,
   workdir = as_path(workdir)
   mesh = mesh or shard_lib.mesh_from_config(config)
   train_data = input_pipeline.make_dataset(
-    data_config(config, "distill"),
+    run_config.data_config(config, "distill"),
     split=config.data.train_split,
     train=True,
     seed=config.seed,
@@ -627,7 +582,7 @@ def run(config: ml_collections.ConfigDict, workdir, lineage: dict | None = None,
     if not first:
       first.update(step=step, loss=metrics["loss"])
 
-  state = loop_lib.train(
+  result = loop_lib.train(
     task,
     iter(train_data),
     workdir,
@@ -637,47 +592,8 @@ def run(config: ml_collections.ConfigDict, workdir, lineage: dict | None = None,
     lineage=record,
     on_log=on_log,
   )
-  count = int(config.get("num_visualize", 3))
-  if count:
-    # Teacher vs student Q-K relation maps on a few eval images.
-    from mimdistill.visualize import relation_maps
-
-    student_vars = relation_maps.host_copy(  # a collective on several hosts
-      {"params": state.params["encoder"], "fixed": state.fixed["encoder"]}
-    )
-    if jax.process_index() == 0:
-      n = jax.device_count()  # a mesh-less pipeline checks the batch by it
-      cfg = data_config(config, "eval", batch_size=-(-count // n) * n)
-      cfg.num_workers = 0
-      images = next(
-        iter(
-          input_pipeline.make_dataset(
-            cfg,
-            split=config.data.eval_split,
-            train=False,
-            seed=config.seed,
-            process_index=0,
-            process_count=1,
-          )
-        )
-      )["image"][:count]
-      plan, enc = make_plan(config), student.encoder
-      png = relation_maps.save_relation_maps(
-        images,
-        teacher,
-        teacher_variables,
-        enc,
-        student_vars,
-        workdir / "relation_maps.png",
-        teacher_block=plan.teacher_block,
-        student_block=enc.depth,
-        heads=plan.relation_heads,
-        student_heads=(
-          plan.relation_heads if enc.width % plan.relation_heads == 0 else enc.num_heads
-        ),
-      )
-      log.info("wrote %s", png)
-  final = ckpt_lib.read_json(workdir, "final_metrics.json") or {}
+  if config.num_visualize:
+    _relation_maps(config, result, teacher, teacher_variables, student, workdir)
   return {
     "stage": "distill",
     "workdir": str(workdir),
@@ -685,6 +601,6 @@ def run(config: ml_collections.ConfigDict, workdir, lineage: dict | None = None,
     "teacher": parent.get("path"),
     "teacher_step": parent.get("step"),
     "first_logged": first,
-    "final_loss": final.get("loss"),
-    "train_seconds": final.get("train_seconds"),
+    "final_loss": result.metrics.get("loss"),
+    "train_seconds": result.metrics.get("train_seconds"),
   }

@@ -7,11 +7,15 @@ Reads top to bottom:
      the head count of *this* config (distillation may have used another);
   3. `init_from_source`: the encoder from a stage-1/2 workdir or a `.pth`,
      checked against the model, position embedding resized bicubically when
-     the resolution differs; a head is kept only if its shape fits;
+     the resolution differs; a head is kept only if its shape fits. The
+     loaded weights stay on the host until the loop places them with their
+     shardings (`Task.pretrained`): they are never constants of a compiled
+     program;
   4. `build_task`: soft-target cross-entropy (mixup/cutmix + label smoothing
      from the data pipeline), AdamW with layer-wise lr decay and the official
      no-weight-decay set (linear probe: LARS, encoder frozen);
-  5. `run`: data, the shared loop with periodic eval (best kept), summary.
+  5. `run`: data, the shared loop with periodic eval (best kept), pictures,
+     the summary.
 """
 
 from __future__ import annotations
@@ -24,14 +28,14 @@ import ml_collections
 import numpy as np
 import optax
 
+from mimdistill import workdir as workdir_lib
 from mimdistill.data import input_pipeline, sources
-from mimdistill.interop.encoder_source import read_encoder, shape_table
-from mimdistill.models import zoo
+from mimdistill.models import factory, variants
 from mimdistill.models.classifier import ViTClassifier
 from mimdistill.models.pos_embed import resize_pos_embed, sincos_2d
-from mimdistill.models.vit import drop_path_rates
 from mimdistill.paths import as_path
-from mimdistill.training import checkpoints as ckpt_lib
+from mimdistill.stages.sources import read_encoder, shape_table
+from mimdistill.stages.synthetic import Synthetic, random_images
 from mimdistill.training import loop as loop_lib
 from mimdistill.training import optimizer as opt_lib
 from mimdistill.training import run_config, schedules
@@ -42,55 +46,55 @@ log = logging.getLogger("mimdistill")
 
 # MAE main_finetune: model.no_weight_decay() = {pos_embed, cls_token}.
 NO_DECAY = ("pos_embed", "cls_token")
+MODES = ("finetune", "linprobe")
+# What the benchmark assumes when the dataset (and so the class count) is not read.
+SYNTHETIC_NUM_CLASSES = 1000
 
 
 # -----------------------------------------------------------------------------
 # 1. Validation
 # -----------------------------------------------------------------------------
-def validate(config: ml_collections.ConfigDict) -> None:
-  spec = zoo.resolve(config.model)
+def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
+  spec = variants.resolve(config.model)
+  factory.compute_dtype(config.dtype)
   if spec.image_size != config.data.image_size:
     raise ValueError(
       f"model.image_size={spec.image_size} differs from "
       f"data.image_size={config.data.image_size}; set both alike"
     )
-  if config.mode not in ("finetune", "linprobe"):
+  if config.mode not in MODES:
     raise ValueError(f"mode={config.mode!r}: use 'finetune' or 'linprobe'")
+  mesh = shard_lib.mesh_from_config(config)
+  shard_lib.check_batch(config.batch_size, mesh)
+  shard_lib.check_batch(config.eval_batch_size, mesh, "eval_batch_size")
+  if not data:
+    return
   if config.mode == "linprobe" and not config.init.source:
     raise ValueError(
       "linear probing needs a pre-trained encoder: set --config.init.source=<workdir or .pth>"
     )
-  sources.check_available(config.data.name, config.data.get("data_dir"))
-  shard_lib.check_batch(config.batch_size, shard_lib.mesh_from_config(config))
-  shard_lib.check_batch(
-    config.eval_batch_size, shard_lib.mesh_from_config(config), "eval_batch_size"
-  )
+  sources.check_available(config.data.name, config.data.data_dir)
 
 
 # -----------------------------------------------------------------------------
 # 2. Model
 # -----------------------------------------------------------------------------
 def build_model(config, num_classes: int) -> ViTClassifier:
-  spec = zoo.resolve(config.model)
-  rates = drop_path_rates(config.model.drop_path, spec.depth, "linear")
-  return ViTClassifier(
-    width=spec.width,
-    depth=spec.depth,
-    num_heads=spec.num_heads,
+  linprobe = config.mode == "linprobe"
+  return factory.build(
+    "classifier",
+    config.model,
     num_classes=num_classes,
-    patch_size=spec.patch_size,
-    image_size=spec.image_size,
-    in_chans=spec.in_chans,
-    mlp_ratio=spec.mlp_ratio,
-    drop_path=rates,
-    global_pool=config.model.global_pool,
-    linear_probe=config.mode == "linprobe",
-    head_init_std=0.01 if config.mode == "linprobe" else 2e-5,
-    dtype=run_config.compute_dtype(config),
-    fused_attention=config.model.get("fused_attention", False),
-    remat=config.model.get("remat", False),
-    scan_blocks=config.model.get("scan_blocks", False),
+    dtype=config.dtype,
+    linear_probe=linprobe,
+    head_init_std=0.01 if linprobe else 2e-5,
   )
+
+
+def abstract_params(model: ViTClassifier) -> dict:
+  enc = model.encoder
+  dummy = jnp.zeros((1, enc.image_size, enc.image_size, enc.in_chans))
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy)["params"]
 
 
 # -----------------------------------------------------------------------------
@@ -98,12 +102,13 @@ def build_model(config, num_classes: int) -> ViTClassifier:
 # -----------------------------------------------------------------------------
 def init_from_source(params: dict, config) -> tuple[dict, dict]:
   """The subtrees taken from `config.init.source` (`encoder`, and `head` /
-  `fc_norm` when their shapes fit `params`) and the lineage record. Raises if
-  the encoder is of another architecture."""
+  `fc_norm` when their shapes fit `params`, an abstract params tree) as host
+  numpy, and the lineage record. Raises if the encoder is of another
+  architecture."""
   source = config.init.source
   src = read_encoder(source, what="init.source")
   encoder = jax.tree_util.tree_map(np.asarray, src.encoder)
-  spec = zoo.resolve(config.model)
+  spec = variants.resolve(config.model)
   # Position embedding: from the fixed collection (pre-training) or a param
   # (fine-tuned source); resized bicubically to this resolution (MAE
   # interpolate_pos_embed, torch semantics).
@@ -112,7 +117,7 @@ def init_from_source(params: dict, config) -> tuple[dict, dict]:
     pos = np.asarray(src.encoder_fixed["pos_embed"])
   if pos is None:
     pos = sincos_2d(spec.width, 1)[None]  # shape check below reports it
-  grid = spec.image_size // spec.patch_size
+  grid = spec.grid_size
   if pos.shape[-1] == spec.width and pos.shape[1] != grid * grid + 1:
     log.info("init: resizing position embedding %s -> grid %d", pos.shape, grid)
     pos = resize_pos_embed(pos, grid)
@@ -162,68 +167,71 @@ def soft_targets(batch, num_classes: int, smoothing: float) -> jax.Array:
   return optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), smoothing)
 
 
+def make_optimizer(config, params, schedule) -> optax.GradientTransformation:
+  o = config.optimizer
+  if config.mode == "linprobe":
+    # MAE main_linprobe: LARS (no wd on the head's bias), encoder frozen.
+    tx = optax.lars(
+      schedule,
+      weight_decay=o.weight_decay,
+      weight_decay_mask=opt_lib.decay_mask(params),
+      trust_ratio_mask=opt_lib.decay_mask(params),
+      momentum=0.9,
+    )
+    labels = jax.tree_util.tree_map(
+      lambda train: "train" if train else "frozen", opt_lib.regex_mask(params, [r"head/.*"])
+    )
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+  return opt_lib.from_config(
+    params,
+    schedule,
+    o,
+    no_decay_names=NO_DECAY,
+    layer_decay=o.layer_decay,
+    depth=variants.resolve(config.model).depth,
+  )
+
+
 def build_task(
-  config, model: ViTClassifier, steps_per_epoch: int, init_params_fn, evaluate
+  config,
+  model: ViTClassifier,
+  steps_per_epoch: int,
+  *,
+  pretrained: dict | None = None,
+  evaluate=None,
 ) -> loop_lib.Task:
-  spec = zoo.resolve(config.model)
+  spec = variants.resolve(config.model)
   total, warmup = run_config.steps(config, steps_per_epoch)
   schedule = schedules.warmup_cosine(run_config.peak_lr(config), config.min_lr, total, warmup)
   linprobe = config.mode == "linprobe"
+  dummy = jnp.zeros((1, spec.image_size, spec.image_size, spec.in_chans))
 
   def init_variables(rng):
-    return init_params_fn(rng)
+    return model.init({"params": rng}, dummy)
 
-  def loss_fn(params, fixed, batch, rng, inputs):
-    variables = {"params": params, **fixed}
+  def loss_fn(params, model_state, batch, rng, inputs):
+    variables = {"params": params, **model_state}
     image = batch["image"]
     if linprobe:
       logits, updates = model.apply(
         variables, image, train=True, rngs={"drop_path": rng}, mutable=["batch_stats"]
       )
-      aux = {loop_lib.NEW_FIXED: {**fixed, **updates}}  # BN running statistics
+      model_state = {**model_state, **updates}  # BN running statistics
     else:
       logits = model.apply(variables, image, train=True, rngs={"drop_path": rng})
-      aux = {}
     targets = soft_targets(batch, model.num_classes, config.data.label_smoothing)
     loss = jnp.mean(optax.softmax_cross_entropy(logits, targets))
-    return loss, aux
-
-  def make_optimizer(params, sched):
-    o = config.optimizer
-    if linprobe:
-      # MAE main_linprobe: LARS (no wd on the head's bias), encoder frozen.
-      tx = optax.lars(
-        sched,
-        weight_decay=o.weight_decay,
-        weight_decay_mask=opt_lib.decay_mask(params),
-        trust_ratio_mask=opt_lib.decay_mask(params),
-        momentum=0.9,
-      )
-      labels = jax.tree_util.tree_map(
-        lambda train: "train" if train else "frozen", opt_lib.regex_mask(params, [r"head/.*"])
-      )
-      return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
-    return opt_lib.adamw(
-      params,
-      sched,
-      b1=o.b1,
-      b2=o.b2,
-      weight_decay=o.weight_decay,
-      no_decay_names=NO_DECAY,
-      layer_decay=o.layer_decay,
-      depth=spec.depth,
-      clip_grad_norm=o.get("clip_grad_norm"),
-      accumulate_steps=o.get("accumulate_steps", 1),
-    )
+    return loss, ({}, model_state)
 
   return loop_lib.Task(
     name=config.mode,
     init_variables=init_variables,
     loss_fn=loss_fn,
-    make_optimizer=make_optimizer,
+    make_optimizer=lambda params, sched: make_optimizer(config, params, sched),
     schedule=schedule,
     total_steps=total,
     images_per_step=config.batch_size,
+    pretrained=pretrained,
     signature={
       "stage": config.mode,
       "model": spec.kwargs(),
@@ -231,14 +239,47 @@ def build_task(
       "global_pool": bool(config.model.global_pool),
     },
     evaluate=evaluate,
-    ema_decay=config.get("ema_decay", 0.0),
+    ema_decay=config.ema_decay,
   )
+
+
+def synthetic(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Synthetic:
+  """The task from a random init (init.source is not read: same speed) and a
+  random batch."""
+  validate(config, data=False)
+  notes = []
+  num_classes = int(config.num_classes)
+  if not num_classes:
+    num_classes = SYNTHETIC_NUM_CLASSES
+    notes.append(f"num_classes=0 (from the dataset): benchmarked with {num_classes}")
+  if config.init.source:
+    notes.append("init.source is not read: random init (same speed)")
+  model = build_model(config, num_classes)
+  task = build_task(config, model, steps_per_epoch)
+  spec = variants.resolve(config.model)
+  rng = np.random.default_rng(config.seed)
+  b = config.batch_size
+  batch = {
+    "image": random_images(b, spec, rng),
+    "label": rng.integers(0, num_classes, (b,), dtype=np.int32),
+  }
+  if config.mode == "finetune":  # the 'finetune' augmentation's soft targets
+    batch["label_soft"] = np.full((b, num_classes), 1.0 / num_classes, np.float32)
+  info = {
+    "image_size": spec.image_size,
+    "fused_attention": bool(config.model.fused_attention),
+    "remat": bool(config.model.remat),
+    "scan_blocks": bool(config.model.scan_blocks),
+    "model": f"ViT w{spec.width} d{spec.depth} h{spec.num_heads} p{spec.patch_size}, "
+    f"{num_classes} classes, {config.mode}",
+  }
+  return Synthetic("finetune", task, batch, info, notes)
 
 
 # -----------------------------------------------------------------------------
 # 5. Run
 # -----------------------------------------------------------------------------
-def run(config: ml_collections.ConfigDict, workdir, lineage: dict | None = None, mesh=None):
+def run(config: ml_collections.ConfigDict, workdir, *, mesh=None, lineage: dict | None = None):
   """Runs (or resumes) stage 3 in `workdir`; returns a summary dict."""
   validate(config)
   workdir = as_path(workdir)
@@ -260,49 +301,36 @@ def run(config: ml_collections.ConfigDict, workdir, lineage: dict | None = None,
     mesh=mesh,
     data_axis=shard_lib.BATCH_AXES,
   )
-  num_classes = config.get("num_classes") or train_data.num_classes
+  num_classes = config.num_classes or train_data.num_classes
   if not num_classes:
     raise ValueError(f"dataset {config.data.name} has no class labels; set --config.num_classes")
   model = build_model(config, num_classes)
-  spec = zoo.resolve(config.model)
-  dummy = jnp.zeros((1, spec.image_size, spec.image_size, spec.in_chans))
   parent = None
-  if (
-    config.init.source
-    and ckpt_lib.checkpoint_dir(workdir).is_dir()
-    and any(ckpt_lib.checkpoint_dir(workdir).iterdir())
-  ):
-    parent = (ckpt_lib.read_json(workdir, "lineage.json") or {}).get("parent")
-  loaded: dict = {}
+  if config.init.source and workdir_lib.has_checkpoints(workdir):
+    # A resume: the weights come from the checkpoint, the lineage from before.
+    parent = (workdir_lib.read_json(workdir, workdir_lib.LINEAGE) or {}).get("parent")
+  pretrained = None
   if config.init.source and parent is None:
-    # Read once on the host; the jitted init then overwrites fresh params.
-    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy))
-    zeros = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), abstract["params"])
-    loaded, parent = init_from_source(zeros, config)
-
-  def init_params(rng):
-    variables = model.init({"params": rng}, dummy)
-    params = dict(variables["params"])
-    for k, v in loaded.items():
-      params[k] = jax.tree_util.tree_map(jnp.asarray, v)
-    return {"params": params, "fixed": {k: v for k, v in variables.items() if k != "params"}}
+    pretrained, parent = init_from_source(abstract_params(model), config)
 
   def apply_eval(variables, images):
-    return model.apply({"params": variables["params"], **variables["fixed"]}, images)
+    return model.apply(variables, images)
 
   evaluator = make_evaluator(apply_eval, eval_data)
 
   def evaluate(state):
-    metrics = evaluator({"params": state.params, "fixed": state.fixed})
+    metrics = evaluator({"params": state.params, **state.model_state})
     if state.ema is not None:  # the EMA weights, evaluated alongside
-      ema = evaluator({"params": state.ema, "fixed": state.fixed})
+      ema = evaluator({"params": state.ema, **state.model_state})
       metrics.update({f"ema_{k}": v for k, v in ema.items() if k != "count"})
     return metrics
 
-  task = build_task(config, model, train_data.steps_per_epoch, init_params, evaluate)
+  task = build_task(
+    config, model, train_data.steps_per_epoch, pretrained=pretrained, evaluate=evaluate
+  )
   record = {"stage": config.mode, "parent": parent}
   record.update(lineage or {})
-  state = loop_lib.train(
+  result = loop_lib.train(
     task,
     iter(train_data),
     workdir,
@@ -311,12 +339,13 @@ def run(config: ml_collections.ConfigDict, workdir, lineage: dict | None = None,
     config_dict=config.to_dict(),
     lineage=record,
   )
-  if config.get("figures", True):
+  if config.figures:
     # Learning curves and the eval confusion matrix of the final state.
     from mimdistill.visualize import confusion, curves
 
+    state = result.state
     counts = confusion.confusion_counts(  # every process: global batches
-      apply_eval, {"params": state.params, "fixed": state.fixed}, eval_data, num_classes
+      apply_eval, {"params": state.params, **state.model_state}, eval_data, num_classes
     )
     if jax.process_index() == 0:
       for png in (
@@ -332,7 +361,7 @@ def run(config: ml_collections.ConfigDict, workdir, lineage: dict | None = None,
         ),
       ):
         log.info("wrote %s", png)
-  final = ckpt_lib.read_json(workdir, "final_metrics.json") or {}
+  final = result.metrics
   return {
     "stage": config.mode,
     "workdir": str(workdir),

@@ -18,12 +18,12 @@ import time
 import jax
 from etils import epath
 
+from mimdistill import workdir as workdir_lib
 from mimdistill.paths import as_path
 from mimdistill.stages import registry
-from mimdistill.training import checkpoints as ckpt_lib
 
 log = logging.getLogger("mimdistill")
-DONE = "stage_done.json"
+DONE = workdir_lib.STAGE_DONE
 
 
 def _link(name: str, stage_cfg, previous: epath.Path | None, teacher_source: str):
@@ -64,7 +64,7 @@ def run_pipeline(config, workdir) -> dict:
     stage_dir = workdir / name
     with stage_cfg.unlocked():
       parent_desc = _link(name, stage_cfg, previous, config.get("teacher_source", ""))
-    done = ckpt_lib.read_json(stage_dir, DONE)
+    done = workdir_lib.read_json(stage_dir, DONE)
     if done is not None:
       log.info("pipeline: %s already finished in %s, skipped", name, stage_dir)
       record = done
@@ -80,22 +80,21 @@ def run_pipeline(config, workdir) -> dict:
         "seconds": round(time.time() - t0, 1),
         **result,
         "checkpoint": _latest_checkpoint(stage_dir),
-        "lineage": ckpt_lib.read_json(stage_dir, "lineage.json"),
-        "final_metrics": ckpt_lib.read_json(stage_dir, "final_metrics.json"),
+        "lineage": workdir_lib.read_json(stage_dir, workdir_lib.LINEAGE),
+        "final_metrics": workdir_lib.read_json(stage_dir, workdir_lib.FINAL_METRICS),
       }
-      ckpt_lib.write_json(stage_dir, DONE, record)
+      workdir_lib.write_json(stage_dir, DONE, record)
     summary["stages"].append(record)
     previous = stage_dir
-  ckpt_lib.write_json(workdir, "summary.json", summary)
+  workdir_lib.write_json(workdir, "summary.json", summary)
   if jax.process_index() == 0:
     print_summary(summary)
   return summary
 
 
 def _latest_checkpoint(stage_dir: epath.Path) -> str | None:
-  ckpt = ckpt_lib.checkpoint_dir(stage_dir)
-  steps = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
-  return str(ckpt / str(steps[-1])) if steps else None
+  steps = workdir_lib.checkpoint_steps(stage_dir)
+  return str(workdir_lib.checkpoint_dir(stage_dir) / str(steps[-1])) if steps else None
 
 
 def print_summary(summary: dict) -> None:

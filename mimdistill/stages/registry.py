@@ -1,4 +1,8 @@
-"""Maps a config's `stage` field to the module that runs it."""
+"""Maps a config's `stage` field to the module that runs it. Every stage
+module has the same entry points: `validate(config, *, data=True)`,
+`run(config, workdir, *, mesh=None, lineage=None) -> summary dict` and
+`synthetic(config, steps_per_epoch) -> Synthetic` (its task on a random
+batch, for the benchmark)."""
 
 from __future__ import annotations
 
@@ -11,8 +15,16 @@ STAGES = {
 }
 
 
-def run_stage(config, workdir, lineage: dict | None = None) -> dict:
+def stage_module(config):
   stage = config.get("stage")
   if stage not in STAGES:
     raise ValueError(f"config.stage={stage!r} is not one of {sorted(STAGES)}")
-  return importlib.import_module(STAGES[stage]).run(config, workdir, lineage=lineage)
+  return importlib.import_module(STAGES[stage])
+
+
+def run_stage(config, workdir, *, mesh=None, lineage: dict | None = None) -> dict:
+  return stage_module(config).run(config, workdir, mesh=mesh, lineage=lineage)
+
+
+def synthetic(config, steps_per_epoch: int):
+  return stage_module(config).synthetic(config, steps_per_epoch)

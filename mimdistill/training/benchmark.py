@@ -1,10 +1,11 @@
 """Measuring a stage's training step and its input pipeline.
 
-`measure_step(config)` builds the stage's own `Task` (the same builders
-`stage.run` uses), the state and the jitted, donated update step exactly as
-the shared loop does (`loop.plan_state`, `loop.jit_update`), places one
-synthetic batch of the right shapes with the mesh's batch sharding (so the
-figure is the model step, not the input pipeline), and measures:
+`measure_step(config, build)` takes the stage's own `Task` on a random
+batch (`build(config, steps_per_epoch)`, i.e. `stages.registry.synthetic`,
+the same builders `stage.run` uses), sets it up exactly as the shared loop
+does (`loop.prepare`: sharded state, jitted donated update), places the
+batch with the mesh's batch sharding (so the figure is the model step, not
+the input pipeline), and measures:
 
   * lowering and compile time of the update step;
   * step time over `steps` steps after `warmup` ones, each step waited for
@@ -25,20 +26,17 @@ Each returns one JSON-able record; `format_table` prints several side by side.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from mimdistill.data import input_pipeline
-from mimdistill.models import zoo
-from mimdistill.training import checkpoints as ckpt_lib
 from mimdistill.training import loop as loop_lib
 from mimdistill.training import peak_flops as peak_lib
 from mimdistill.training import run_config
@@ -46,7 +44,6 @@ from mimdistill.training import sharding as shard_lib
 
 # Only the learning-rate schedule depends on it; a step costs the same.
 STEPS_PER_EPOCH = 1000
-DEFAULT_NUM_CLASSES = 1000
 STEP_KEYS = (
   "benchmark",
   "stage",
@@ -102,178 +99,6 @@ INPUT_KEYS = (
   "host_cpus",
   "host_load_1m",
 )
-
-
-@dataclasses.dataclass
-class Built:
-  """A stage's task plus what a synthetic batch and the report need."""
-
-  stage: str
-  task: loop_lib.Task
-  batch: dict[str, np.ndarray]  # one global batch (host numpy)
-  info: dict[str, Any]  # fused_attention, remat, scan_blocks, ...
-  notes: list[str]
-
-
-# -----------------------------------------------------------------------------
-# Building each stage's task without data or checkpoints
-# -----------------------------------------------------------------------------
-def _stage(config) -> str:
-  stage = config.get("stage")
-  if stage not in ("pretrain", "distill", "finetune"):
-    raise ValueError(
-      f"config.stage={stage!r}: the benchmark knows 'pretrain', "
-      "'distill' and 'finetune' stage configs"
-    )
-  return stage
-
-
-def _validate(module, config, **placeholders) -> None:
-  """The stage's own config checks, minus those about data or checkpoints
-  (the benchmark reads neither)."""
-  c = copy.deepcopy(config)
-  c.data.name = "embedded"
-  for path, value in placeholders.items():
-    section, key = path.split(".")
-    if not c[section].get(key):
-      c[section][key] = value
-  module.validate(c)
-
-
-def _images(config, spec: zoo.EncoderSpec, rng: np.random.Generator) -> np.ndarray:
-  b = config.batch_size
-  return rng.standard_normal((b, spec.image_size, spec.image_size, spec.in_chans), dtype=np.float32)
-
-
-def _source_exists(source: str) -> bool:
-  if "://" in source:  # gs://...: let the reader decide
-    return True
-  return ckpt_lib.parse_source(source)[0].exists()
-
-
-def _random_teacher(config, distill):
-  """Random, eval-only teacher variables (numpy): speed does not depend on
-  the weights."""
-  teacher = distill.build_teacher(config)
-  dummy = jnp.zeros((1, teacher.image_size, teacher.image_size, teacher.in_chans))
-  variables = jax.jit(teacher.init)(jax.random.PRNGKey(config.seed + 1), dummy)
-  return teacher, jax.tree_util.tree_map(
-    lambda x: np.asarray(x, np.float32), jax.device_get(variables)
-  )
-
-
-def build_pretrain(config) -> Built:
-  from mimdistill.stages import pretrain
-
-  _validate(pretrain, config)
-  model = pretrain.build_model(config)
-  task = pretrain.build_task(config, model, STEPS_PER_EPOCH)
-  spec = zoo.resolve(config.model)
-  rng = np.random.default_rng(config.seed)
-  batch = {"image": _images(config, spec, rng), "label": np.zeros((config.batch_size,), np.int32)}
-  info = {
-    "image_size": spec.image_size,
-    "fused_attention": bool(config.model.get("fused_attention", False)),
-    "remat": bool(config.model.get("remat", False)),
-    "scan_blocks": bool(config.model.get("scan_blocks", False)),
-    "model": f"MAE w{spec.width} d{spec.depth} h{spec.num_heads} "
-    f"p{spec.patch_size} + decoder w{config.model.decoder.width} "
-    f"d{config.model.decoder.depth}",
-  }
-  return Built("pretrain", task, batch, info, [])
-
-
-def build_distill(config) -> Built:
-  from mimdistill.stages import distill
-
-  _validate(distill, config, **{"teacher.source": "<benchmark>"})
-  notes = []
-  source = config.teacher.get("source") or ""
-  if source and _source_exists(source):
-    teacher, teacher_vars, _ = distill.load_teacher(config)
-    teacher_from = source
-  else:
-    teacher, teacher_vars = _random_teacher(config, distill)
-    teacher_from = "random init"
-    notes.append(
-      "teacher: random init (teacher.source "
-      + (f"{source!r} does not exist" if source else "is empty")
-      + "); speed does not depend on the weights"
-    )
-  student = distill.build_student(config)
-  task = distill.build_task(config, student, teacher, teacher_vars, STEPS_PER_EPOCH)
-  s_spec, t_spec = zoo.resolve(config.student), zoo.resolve(config.teacher)
-  plan = distill.make_plan(config)
-  rng = np.random.default_rng(config.seed)
-  image = _images(config, s_spec, rng)
-  batch = {
-    "image": image,
-    "image_student": image + np.float32(0.1),
-    "label": np.zeros((config.batch_size,), np.int32),
-  }
-  info = {
-    "image_size": s_spec.image_size,
-    "fused_attention": bool(config.student.get("fused_attention", False)),
-    "teacher_fused_attention": bool(config.teacher.get("fused_attention", False)),
-    "remat": bool(config.student.get("remat", False)),
-    "scan_blocks": bool(config.student.get("scan_blocks", False)),
-    "teacher_scan_blocks": bool(config.teacher.get("scan_blocks", False)),
-    "teacher": teacher_from,
-    "teacher_blocks_run": f"{plan.teacher_block}/{t_spec.depth}",
-    "model": f"teacher w{t_spec.width} d{t_spec.depth} (runs "
-    f"{plan.teacher_block}) -> student w{s_spec.width} "
-    f"d{s_spec.depth}, target {plan.target}",
-  }
-  return Built("distill", task, batch, info, notes)
-
-
-def build_finetune(config) -> Built:
-  from mimdistill.stages import finetune
-
-  _validate(finetune, config, **{"init.source": "<benchmark>"})
-  notes = []
-  num_classes = int(config.get("num_classes") or 0)
-  if not num_classes:
-    num_classes = DEFAULT_NUM_CLASSES
-    notes.append(f"num_classes=0 (from the dataset): benchmarked with {DEFAULT_NUM_CLASSES}")
-  if config.init.get("source"):
-    notes.append("init.source is not read: random init (same speed)")
-  model = finetune.build_model(config, num_classes)
-  spec = zoo.resolve(config.model)
-  dummy = jnp.zeros((1, spec.image_size, spec.image_size, spec.in_chans))
-
-  def init_params(rng):
-    variables = model.init({"params": rng}, dummy)
-    return {
-      "params": variables["params"],
-      "fixed": {k: v for k, v in variables.items() if k != "params"},
-    }
-
-  task = finetune.build_task(config, model, STEPS_PER_EPOCH, init_params, evaluate=None)
-  rng = np.random.default_rng(config.seed)
-  b = config.batch_size
-  batch = {
-    "image": _images(config, spec, rng),
-    "label": rng.integers(0, num_classes, (b,), dtype=np.int32),
-  }
-  if config.mode == "finetune":  # the 'finetune' augmentation's soft targets
-    batch["label_soft"] = np.full((b, num_classes), 1.0 / num_classes, np.float32)
-  info = {
-    "image_size": spec.image_size,
-    "fused_attention": bool(config.model.get("fused_attention", False)),
-    "remat": bool(config.model.get("remat", False)),
-    "scan_blocks": bool(config.model.get("scan_blocks", False)),
-    "model": f"ViT w{spec.width} d{spec.depth} h{spec.num_heads} "
-    f"p{spec.patch_size}, {num_classes} classes, {config.mode}",
-  }
-  return Built("finetune", task, batch, info, notes)
-
-
-BUILDERS = {"pretrain": build_pretrain, "distill": build_distill, "finetune": build_finetune}
-
-
-def build(config) -> Built:
-  return BUILDERS[_stage(config)](config)
 
 
 # -----------------------------------------------------------------------------
@@ -342,37 +167,31 @@ def _load() -> float | None:
 
 def measure_step(
   config: ml_collections.ConfigDict,
+  build: Callable[[ml_collections.ConfigDict, int], Any],
   *,
   steps: int = 10,
   warmup: int = 2,
   mesh=None,
   variant: str = "",
 ) -> dict:
-  """One record for the training step of `config` (see the module doc)."""
+  """One record for the training step of `config` (see the module doc);
+  `build(config, steps_per_epoch)` returns the stage's `Synthetic` task."""
   if steps < 1 or warmup < 0:
     raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")
   mesh = mesh or shard_lib.mesh_from_config(config)
-  fsdp = int(config.mesh.get("fsdp", 1))
-  built = build(config)
-  task = built.task
-  shard_lib.check_batch(task.images_per_step, mesh)
+  built = build(config, STEPS_PER_EPOCH)
 
   # -- state, inputs and batch, placed exactly as the loop places them -------
-  rng = jax.random.PRNGKey(config.seed)
-  _, state_sharding, tx = loop_lib.plan_state(task, mesh, fsdp, rng)
-  state = jax.jit(loop_lib.make_init_state(task), out_shardings=state_sharding)(rng)
-  inputs_sharding = shard_lib.tree_shardings(task.inputs, mesh, fsdp=fsdp > 1)
-  inputs = jax.device_put(task.inputs, inputs_sharding)
+  prep = loop_lib.prepare(built.task, mesh, jax.random.PRNGKey(config.seed))
+  state = prep.init_state()
   per_process = config.batch_size // jax.process_count()
   start = jax.process_index() * per_process
-  batch = input_pipeline.to_global(
-    {k: v[start : start + per_process] for k, v in built.batch.items()}, mesh, shard_lib.BATCH_AXES
-  )
-  update = loop_lib.jit_update(task, tx, mesh, state_sharding, inputs_sharding)
+  batch = prep.place_batch({k: v[start : start + per_process] for k, v in built.batch.items()})
+  inputs = prep.inputs
 
   # -- compile ----------------------------------------------------------------
   t0 = time.perf_counter()
-  lowered = update.lower(state, batch, inputs)
+  lowered = prep.update.lower(state, batch, inputs)
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
@@ -382,10 +201,8 @@ def measure_step(
     # XLA's cost analysis counts a while-loop body once, so a scanned block
     # stack would show one block's FLOPs: count the same step unrolled (same
     # params and shapes; compiled only to be counted, never run).
-    unrolled = loop_lib.jit_update(
-      build(_without_scan(config)).task, tx, mesh, state_sharding, inputs_sharding
-    )
-    flops = _flops(unrolled.lower(state, batch, inputs).compile())
+    unrolled = loop_lib.prepare(build(_without_scan(config), STEPS_PER_EPOCH).task, mesh, prep.rng)
+    flops = _flops(unrolled.update.lower(state, batch, inputs).compile())
 
   # -- run --------------------------------------------------------------------
   for _ in range(warmup):
@@ -404,7 +221,7 @@ def measure_step(
   n = mesh.devices.size
   median = statistics.median(times)
   device_kind = mesh.devices.flat[0].device_kind
-  dtype = config.get("dtype", "float32")
+  dtype = config.dtype
   peak = peak_lib.peak_flops(device_kind, dtype, jax.config.jax_default_matmul_precision)
   per_device = flops / median if flops is not None else None
   notes = list(built.notes)
@@ -459,6 +276,15 @@ def measure_step(
     "notes": notes,
   }
   return record
+
+
+def _stage(config) -> str:
+  stage = config.get("stage")
+  if stage not in ("pretrain", "distill", "finetune"):
+    raise ValueError(
+      f"config.stage={stage!r}: the input benchmark knows 'pretrain', 'distill' and 'finetune'"
+    )
+  return stage
 
 
 def _input_data_config(config, stage: str):

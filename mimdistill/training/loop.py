@@ -1,13 +1,21 @@
 """The one training loop every stage uses.
 
 A stage describes itself as a `Task` (how to initialise variables, the loss,
-which params are frozen, extra non-trained inputs such as a teacher) and
-hands it to `train`, which owns everything else: mesh and shardings, the
-jitted update step, Orbax checkpoints with the data-iterator state, resume,
-metrics, NaN/Inf handling.
+the optimizer, extra non-trained inputs such as a teacher, weights loaded
+from an earlier stage) and hands it to `train`, which owns everything else:
+Orbax checkpoints with the data-iterator state, resume, metrics, NaN/Inf
+handling, evaluation.
 
-The update step is a pure function `update(state, batch, inputs)` compiled
-once with explicit in/out shardings and the state donated.
+`prepare(task, mesh, rng)` is the set-up every runner shares (the loop, the
+benchmark, the scale tests): the abstract state and its shardings, the
+jitted update step (explicit in/out shardings, state donated), the placed
+inputs and the batch placement. The update is a pure function
+`update(state, batch, inputs) -> (state, metrics)`.
+
+Weights are never constants of a compiled program: the fresh state comes
+from `jax.jit(init, out_shardings=...)` on a key alone, and weights loaded
+on the host (`Task.pretrained`, a teacher in `Task.inputs`) are placed with
+their shardings and passed as arguments.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
 
+from mimdistill import workdir as workdir_lib
 from mimdistill.paths import as_path
 from mimdistill.training import checkpoints as ckpt_lib
 from mimdistill.training import sharding as shard_lib
@@ -32,11 +41,10 @@ from mimdistill.training.state import TrainState
 PyTree = Any
 log = logging.getLogger("mimdistill")
 
-# loss_fn(params, fixed, batch, rng, inputs) -> (scalar loss, {name: scalar});
-# the aux dict may carry the next `fixed` under NEW_FIXED (e.g. BatchNorm
-# running statistics), which then replaces the state's.
-NEW_FIXED = "__new_fixed__"
-LossFn = Callable[[PyTree, PyTree, dict, jax.Array, PyTree], tuple[jax.Array, dict]]
+# loss_fn(params, model_state, batch, rng, inputs) -> (loss, (metrics, model_state))
+# `model_state` holds the model's non-param collections ({'fixed': ...,
+# 'batch_stats': ...}); a loss that changes none returns the one it got.
+LossFn = Callable[[PyTree, PyTree, dict, jax.Array, PyTree], tuple[jax.Array, tuple[dict, PyTree]]]
 
 
 @dataclasses.dataclass
@@ -44,7 +52,8 @@ class Task:
   """What a stage plugs into the shared loop."""
 
   name: str
-  init_variables: Callable[[jax.Array], dict]  # rng -> {'params', 'fixed'?}
+  # rng -> {'params': ..., <other collections>: ...}: a random init, pure.
+  init_variables: Callable[[jax.Array], dict]
   loss_fn: LossFn
   make_optimizer: Callable[[PyTree, optax.Schedule], optax.GradientTransformation]
   schedule: optax.Schedule
@@ -53,6 +62,10 @@ class Task:
   # Non-trained inputs to the loss (e.g. frozen teacher variables): sharded
   # like params, passed to every step, never differentiated, never saved.
   inputs: PyTree = None
+  # Host (numpy) subtrees of params from an earlier stage, `{top-level
+  # name: subtree}`: replace the random init of those subtrees in a fresh
+  # run (a resume restores everything from its checkpoint instead).
+  pretrained: dict | None = None
   # Identity of the trained model, compared with a workdir's config.json so a
   # run never resumes another model's checkpoints.
   signature: dict = dataclasses.field(default_factory=dict)
@@ -67,13 +80,18 @@ class Task:
 
 @dataclasses.dataclass
 class LoopConfig:
-  seed: int = 0
-  fsdp: int = 1
-  log_every: int = 10
-  checkpoint_every: int = 500
-  keep_checkpoints: int = 3
+  seed: int
+  log_every: int
+  checkpoint_every: int
+  keep_checkpoints: int
   async_checkpoints: bool = True
   eval_every: int = 0  # 0: evaluate at the end only
+
+
+@dataclasses.dataclass
+class TrainResult:
+  state: TrainState
+  metrics: dict  # what final_metrics.json holds: last train metrics, eval_*
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -93,11 +111,9 @@ def build_update(task: Task, tx: optax.GradientTransformation):
     rng = _step_key(state)
 
     def loss_of(params):
-      return task.loss_fn(params, state.fixed, batch, rng, inputs)
+      return task.loss_fn(params, state.model_state, batch, rng, inputs)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
-    metrics = dict(metrics)
-    fixed = metrics.pop(NEW_FIXED, state.fixed)
+    (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss)
@@ -107,7 +123,7 @@ def build_update(task: Task, tx: optax.GradientTransformation):
     new_state = state.replace(
       step=state.step + 1,
       params=keep(params, state.params),
-      fixed=keep(fixed, state.fixed),
+      model_state=keep(model_state, state.model_state),
       opt_state=keep(opt_state, state.opt_state),
     )
     if task.ema_decay:
@@ -131,13 +147,13 @@ def make_init_state(task: Task) -> Callable[[jax.Array], TrainState]:
 
   def init_state(rng) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)
-    variables = task.init_variables(init_rng)
-    params = variables["params"]
+    variables = dict(task.init_variables(init_rng))
+    params = variables.pop("params")
     tx = task.make_optimizer(params, task.schedule)
     return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
-      fixed=variables.get("fixed", {}),
+      model_state=variables,
       opt_state=tx.init(params),
       rng=state_rng,
       ema=params if task.ema_decay else None,
@@ -146,35 +162,78 @@ def make_init_state(task: Task) -> Callable[[jax.Array], TrainState]:
   return init_state
 
 
-def plan_state(task: Task, mesh, fsdp: int, rng: jax.Array):
-  """(abstract state, its shardings, optimizer) without allocating anything.
+@dataclasses.dataclass
+class Prepared:
+  """What a run of `task` on `mesh` needs, set up once (see `prepare`)."""
 
-  Params and optimizer state are split over the `fsdp` mesh axis when
-  `fsdp > 1`; the step counter and the key are always replicated.
+  task: Task
+  mesh: Any
+  abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
+  state_sharding: TrainState
+  tx: optax.GradientTransformation
+  inputs: PyTree  # task.inputs, placed
+  inputs_sharding: PyTree
+  update: Callable  # jitted, donated: (state, batch, inputs) -> (state, metrics)
+  rng: jax.Array
+
+  def init_state(self) -> TrainState:
+    """A fresh, sharded state: the jitted random init, then the task's
+    pretrained subtrees placed with their shardings in place of the random
+    ones (optax's initial states do not depend on the params' values)."""
+    state = jax.jit(make_init_state(self.task), out_shardings=self.state_sharding)(self.rng)
+    if not self.task.pretrained:
+      return state
+
+    def place(tree):
+      # Copies (may_alias=False): the state is donated to the update step, so
+      # no buffer may be shared with host numpy or with another state field.
+      out = dict(tree)
+      for name, subtree in self.task.pretrained.items():
+        out[name] = jax.device_put(subtree, self.state_sharding.params[name], may_alias=False)
+      return out
+
+    return state.replace(
+      params=place(state.params), ema=place(state.ema) if self.task.ema_decay else None
+    )
+
+  def place_batch(self, host_batch: dict) -> dict:
+    """This process's rows of a batch -> global arrays on the batch sharding."""
+    sharding = shard_lib.batch_sharding(self.mesh)
+    return jax.tree_util.tree_map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x), host_batch
+    )
+
+
+def prepare(task: Task, mesh, rng: jax.Array) -> Prepared:
+  """Shardings, the jitted update and the placed inputs of `task` on `mesh`.
+
+  Params, optimizer state and inputs are split over the mesh's `fsdp` axis
+  when it has more than one device; step counter and key are replicated.
   """
+  shard_lib.check_batch(task.images_per_step, mesh)
+  fsdp = shard_lib.fsdp_size(mesh) > 1
   abstract = jax.eval_shape(make_init_state(task), rng)
-  sharding = shard_lib.tree_shardings(abstract, mesh, fsdp=fsdp > 1)
+  sharding = shard_lib.tree_shardings(abstract, mesh, fsdp=fsdp)
   sharding = sharding.replace(step=shard_lib.replicated(mesh), rng=shard_lib.replicated(mesh))
-  return abstract, sharding, task.make_optimizer(abstract.params, task.schedule)
-
-
-def jit_update(task: Task, tx: optax.GradientTransformation, mesh, state_sharding, inputs_sharding):
-  """The jitted update step: explicit in/out shardings, state donated."""
-  return jax.jit(
+  abstract = jax.tree_util.tree_map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sharding
+  )
+  tx = task.make_optimizer(abstract.params, task.schedule)
+  inputs_sharding = shard_lib.tree_shardings(task.inputs, mesh, fsdp=fsdp)
+  inputs = jax.device_put(task.inputs, inputs_sharding)
+  update = jax.jit(
     build_update(task, tx),
-    in_shardings=(state_sharding, shard_lib.batch_sharding(mesh), inputs_sharding),
-    out_shardings=(state_sharding, shard_lib.replicated(mesh)),
+    in_shardings=(sharding, shard_lib.batch_sharding(mesh), inputs_sharding),
+    out_shardings=(sharding, shard_lib.replicated(mesh)),
     donate_argnums=(0,),
   )
+  return Prepared(task, mesh, abstract, sharding, tx, inputs, inputs_sharding, update, rng)
 
 
 def check_workdir(workdir, config_dict: dict, signature: dict):
   """Refuses a workdir whose checkpoints belong to another model."""
-  saved = ckpt_lib.read_json(workdir, "config.json")
-  has_ckpt = ckpt_lib.checkpoint_dir(workdir).is_dir() and any(
-    ckpt_lib.checkpoint_dir(workdir).iterdir()
-  )
-  if saved and has_ckpt:
+  saved = workdir_lib.read_json(workdir, workdir_lib.CONFIG)
+  if saved and workdir_lib.has_checkpoints(workdir):
     old = saved.get("signature", {})
     diff = {k: (old.get(k), v) for k, v in signature.items() if old.get(k) != v}
     if diff:
@@ -183,7 +242,9 @@ def check_workdir(workdir, config_dict: dict, signature: dict):
         f"({', '.join(f'{k}: {a} there vs {b} now' for k, (a, b) in diff.items())}); "
         "use a new --workdir or the same model config"
       )
-  ckpt_lib.write_json(workdir, "config.json", {"config": config_dict, "signature": signature})
+  workdir_lib.write_json(
+    workdir, workdir_lib.CONFIG, {"config": config_dict, "signature": signature}
+  )
 
 
 def train(
@@ -191,27 +252,25 @@ def train(
   data,
   workdir,
   loop: LoopConfig,
+  *,
+  mesh,
   config_dict: dict | None = None,
   lineage: dict | None = None,
-  mesh=None,
   on_log: Callable[[int, dict], None] | None = None,
-) -> TrainState:
-  """Runs (or resumes) `task` to `task.total_steps`; returns the final state.
+) -> TrainResult:
+  """Runs (or resumes) `task` to `task.total_steps` on `mesh`.
 
   `data` is a `mimdistill.data` train `BatchIterator` (global batches; its
-  `grain_iterator` position is checkpointed with the state).
+  `grain_iterator` position is checkpointed with the state). Returns the
+  final state and the metrics written to `final_metrics.json`.
   """
   workdir = as_path(workdir)
-  mesh = mesh or shard_lib.make_mesh(loop.fsdp)
-  shard_lib.check_batch(task.images_per_step, mesh)
   check_workdir(workdir, config_dict or {}, task.signature)
   if lineage is not None:
-    ckpt_lib.write_json(workdir, "lineage.json", lineage)
+    workdir_lib.write_json(workdir, workdir_lib.LINEAGE, lineage)
 
-  # -- state: abstract shapes, shardings, init or restore ---------------------
-  rng = jax.random.PRNGKey(loop.seed)
-  abstract, state_sharding, tx = plan_state(task, mesh, loop.fsdp, rng)
-
+  # -- state: init or restore -------------------------------------------------
+  prep = prepare(task, mesh, jax.random.PRNGKey(loop.seed))
   checkpointer = ckpt_lib.Checkpointer(
     workdir,
     every_steps=loop.checkpoint_every,
@@ -220,18 +279,11 @@ def train(
   )
   start = checkpointer.latest_step()
   if start is not None:
-    target = jax.tree_util.tree_map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding
-    )
-    state = checkpointer.restore(start, target, data.grain_iterator)
+    state = checkpointer.restore(start, prep.abstract_state, data.grain_iterator)
     log.info("resumed %s from step %d of %s", task.name, start, workdir)
   else:
     start = 0
-    state = jax.jit(make_init_state(task), out_shardings=state_sharding)(rng)
-
-  inputs_sharding = shard_lib.tree_shardings(task.inputs, mesh, fsdp=loop.fsdp > 1)
-  inputs = jax.device_put(task.inputs, inputs_sharding)
-  update = jit_update(task, tx, mesh, state_sharding, inputs_sharding)
+    state = prep.init_state()
 
   # -- the loop ---------------------------------------------------------------
   best = None
@@ -254,7 +306,7 @@ def train(
   try:
     for step in range(start, task.total_steps):
       batch = next(data_iter)
-      state, metrics = update(state, batch, inputs)
+      state, metrics = prep.update(state, batch, prep.inputs)
       nonfinite = nonfinite + metrics["nonfinite"]
       done = step + 1
       is_last = done == task.total_steps
@@ -286,7 +338,7 @@ def train(
         best.save(
           done,
           args=ocp.args.Composite(
-            params=ocp.args.StandardSave({"params": state.params, "fixed": state.fixed})
+            params=ocp.args.StandardSave({"params": state.params, "model_state": state.model_state})
           ),
           metrics=eval_metrics,
         )
@@ -304,8 +356,8 @@ def train(
   record.update({f"eval_{k}": v for k, v in eval_metrics.items()})
   if best_step is not None:
     record["best_step"] = int(best_step)
-  previous = ckpt_lib.read_json(workdir, "final_metrics.json") or {}
+  previous = workdir_lib.read_json(workdir, workdir_lib.FINAL_METRICS) or {}
   if start == task.total_steps and previous:
     record = {**previous, **{k: v for k, v in record.items() if k.startswith("eval_")}}
-  ckpt_lib.write_json(workdir, "final_metrics.json", record)
-  return state
+  workdir_lib.write_json(workdir, workdir_lib.FINAL_METRICS, record)
+  return TrainResult(state, record)

@@ -120,3 +120,21 @@ def adamw(
   if accumulate_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=accumulate_steps)
   return tx
+
+
+def from_config(
+  params: PyTree, schedule: optax.Schedule, section, **groups
+) -> optax.GradientTransformation:
+  """`adamw` with the betas, weight decay, clipping and accumulation of a
+  stage config's `optimizer` section; `groups` adds the stage's parameter
+  groups (`no_decay_names`, `layer_decay` + `depth`, `frozen`)."""
+  return adamw(
+    params,
+    schedule,
+    b1=section.b1,
+    b2=section.b2,
+    weight_decay=section.weight_decay,
+    clip_grad_norm=section.clip_grad_norm,
+    accumulate_steps=section.accumulate_steps,
+    **groups,
+  )

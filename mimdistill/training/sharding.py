@@ -46,6 +46,11 @@ def mesh_from_config(config) -> Mesh:
   return make_mesh(config.mesh.get("fsdp", 1), num_devices=config.mesh.get("num_devices", 0))
 
 
+def fsdp_size(mesh: Mesh) -> int:
+  """Devices params are split over (1: replicated, pure data parallel)."""
+  return int(mesh.shape[FSDP])
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 

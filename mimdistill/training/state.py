@@ -14,7 +14,10 @@ PyTree = Any
 class TrainState:
   step: jax.Array  # int32 scalar
   params: PyTree  # trained
-  fixed: PyTree  # non-trained variables (sin-cos embeddings, BN stats)
+  # The model's non-param collections, `{collection: tree}` (the fixed
+  # sin-cos embeddings under 'fixed', BatchNorm statistics under
+  # 'batch_stats'); a loss returns the next one.
+  model_state: PyTree
   opt_state: PyTree
   rng: jax.Array  # base key; step keys are fold_in(rng, step)
   ema: PyTree = None  # exponential moving average of params, if enabled

@@ -1,12 +1,11 @@
 """Pictures of a run, written by the stages into their workdir as PNG.
 
+  reconstructions  stage 1: MAE reconstructions of a few eval images
   relation_maps  stage 2: the teacher's vs the student's Q-K relation maps
                  (attention of a query token over the patch grid) side by side
   curves         stage 3 (any workdir): train loss, learning rate and eval
                  top-1 over steps, read from `metrics.jsonl`
   confusion      stage 3: the confusion matrix on the eval split
-
-Stage 1's reconstruction grid is `stages.pretrain.save_reconstructions`.
 
 Every plotting function takes arrays or paths and returns the PNG's path. They
 draw on a `matplotlib.figure.Figure` with its own Agg canvas and never touch

@@ -10,8 +10,10 @@ import numpy as np
 
 from mimdistill.interop.official_names import official_names_of, official_to_flax
 from mimdistill.interop.pth_reader import load_pth
+from mimdistill.models import factory
 from mimdistill.models.classifier import ViTClassifier
 from mimdistill.models.pos_embed import resize_pos_embed
+from mimdistill.parity import official_args
 from mimdistill.training.optimizer import decay_mask, layer_scales
 
 # MAE main_finetune: `model_without_ddp.no_weight_decay()`.
@@ -19,17 +21,10 @@ FINETUNE_NO_DECAY = ("pos_embed", "cls_token")
 
 
 def classifier_from_official_args(args: dict, image_size: int | None = None) -> ViTClassifier:
-  return ViTClassifier(
-    width=args["embed_dim"],
-    depth=args["depth"],
-    num_heads=args["num_heads"],
-    num_classes=args["num_classes"],
-    patch_size=args["patch_size"],
-    image_size=image_size or args["img_size"],
-    in_chans=args.get("in_chans", 3),
-    mlp_ratio=args.get("mlp_ratio", 4.0),
-    global_pool=bool(args.get("global_pool", True)),
-  )
+  section = official_args.vit_section(args, global_pool=bool(args.get("global_pool", True)))
+  if image_size:
+    section["image_size"] = image_size
+  return factory.build("classifier", section, num_classes=args["num_classes"])
 
 
 def _nhwc(x):

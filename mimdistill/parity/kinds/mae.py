@@ -9,35 +9,17 @@ import numpy as np
 
 from mimdistill.interop.official_names import flax_to_official, official_to_flax
 from mimdistill.interop.pth_reader import load_pth
-from mimdistill.models.mae import MAE, patchify
+from mimdistill.models import factory
+from mimdistill.models.mae import patchify
 from mimdistill.objectives.mae_loss import mae_loss
-
-
-def model_from_official_args(args: dict) -> MAE:
-  """MAE module from the official `MaskedAutoencoderViT` constructor args."""
-  eps = args.get("norm_layer_eps", 1e-6)
-  if abs(eps - 1e-6) > 1e-12:
-    raise ValueError(
-      f"norm_layer_eps={eps}: mimdistill's LayerNorm uses 1e-6 as every official model does"
-    )
-  return MAE(
-    width=args["embed_dim"],
-    depth=args["depth"],
-    num_heads=args["num_heads"],
-    decoder_width=args["decoder_embed_dim"],
-    decoder_depth=args["decoder_depth"],
-    decoder_heads=args["decoder_num_heads"],
-    patch_size=args["patch_size"],
-    image_size=args["img_size"],
-    in_chans=args.get("in_chans", 3),
-    mlp_ratio=args.get("mlp_ratio", 4.0),
-  )
+from mimdistill.parity import official_args
 
 
 def check(folder, config, report):
   case = folder.name
   args = config["model"]
-  model = model_from_official_args(args)
+  model = factory.build("mae", official_args.mae_section(args))
+  patch = model.encoder.patch_size
   norm_pix = bool(args.get("norm_pix_loss", False))
   mask_ratio = float(config["mask_ratio"])
   inputs = np.load(folder / "inputs.npz")
@@ -62,7 +44,7 @@ def check(folder, config, report):
 
   def loss_fn(p):
     out = model.apply({"params": p, "fixed": fixed}, images, noise, mask_ratio)
-    return mae_loss(out.pred, images, out.masking.mask, model.patch_size, norm_pix), out
+    return mae_loss(out.pred, images, out.masking.mask, patch, norm_pix), out
 
   (loss, out), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
   report.compare(case, "latent", out.latent, expected["latent"])
@@ -71,7 +53,7 @@ def check(folder, config, report):
   report.compare(case, "pred", out.pred, expected["pred"])
   if "patchified_images" in expected:
     report.compare(
-      case, "patchified_images", patchify(images, model.patch_size), expected["patchified_images"]
+      case, "patchified_images", patchify(images, patch), expected["patchified_images"]
     )
   report.compare(case, "loss", loss, expected["loss"])
 

@@ -9,20 +9,14 @@ import numpy as np
 
 from mimdistill.interop.official_names import flax_to_official, official_to_flax
 from mimdistill.interop.pth_reader import load_pth
+from mimdistill.models import factory
 from mimdistill.models.vit import ViTEncoder
 from mimdistill.objectives.relations import relation_losses, relations
+from mimdistill.parity import official_args
 
 
-def encoder_from_official_args(args: dict, depth: int | None = None) -> ViTEncoder:
-  return ViTEncoder(
-    width=args["embed_dim"],
-    depth=depth or args["depth"],
-    num_heads=args["num_heads"],
-    patch_size=args["patch_size"],
-    image_size=args["img_size"],
-    in_chans=args.get("in_chans", 3),
-    mlp_ratio=args.get("mlp_ratio", 4.0),
-  )
+def encoder_from_official_args(args: dict) -> ViTEncoder:
+  return factory.build("encoder", official_args.vit_section(args))
 
 
 def _load(folder, name):

@@ -2,6 +2,8 @@
 
     convert(SRC, DST)  ==  python -m mimdistill.convert SRC DST
 
+(This module is the library; `mimdistill/convert.py` is its command line.)
+
 Sources (the kind is taken from the path):
   * a `torch.save` file (`.pth`, `.pt`, `.bin`, ...): read by the safe,
     torch-free `pth_reader` (allow-list unpickler; tensors memory-mapped);
@@ -15,13 +17,13 @@ Destinations:
     modules and timm load it with `strict=True`;
   * anything else: a directory laid out as a workdir that every stage reads
     (`teacher.source=DST`, or `restore_subtree(DST, ('params', 'encoder'))`):
-        DST/checkpoints/0/state   Orbax: {'params': ..., 'fixed': ...}
+        DST/checkpoints/0/state   Orbax: {'params': ..., 'model_state': {'fixed': ...}}
         DST/model.json            layout + detected model (`ModelSpec`)
         DST/config.json           signature {'stage': 'convert', 'model': ...}
         DST/lineage.json          where it came from
     The encoder is always the `encoder` subtree (as in every stage's params);
     an MAE adds `decoder`, a classifier `fc_norm` (average pooling) and
-    `head`. `load_converted(DST)` returns the variables and the spec.
+    `head`.
 
 The model is detected from the tensors (`layouts.detect`); the head count
 is not in the weights and comes from `num_heads=` or the standard width.
@@ -49,18 +51,18 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from mimdistill import workdir as workdir_lib
 from mimdistill.interop import layouts
 from mimdistill.interop.layouts import LayoutError, ModelSpec
 from mimdistill.interop.official_names import iter_official_to_flax, official_name, to_official_leaf
+from mimdistill.interop.orbax_tree import numpy_restore_args, saved_state
 from mimdistill.interop.pth_reader import CheckpointReadError, CorruptCheckpointError, load_pth
 from mimdistill.paths import is_remote
 
 __all__ = [
   "ConvertReport",
-  "Converted",
   "SafetensorsError",
   "convert",
-  "load_converted",
   "read_safetensors",
   "read_source",
   "write_safetensors",
@@ -68,7 +70,7 @@ __all__ = [
 
 FORMAT = "mimdistill-converted"
 FORMAT_VERSION = 1
-MODEL_JSON = "model.json"
+MODEL_JSON = workdir_lib.MODEL
 # Orbax may stage this many bytes of the tree at once while writing; the
 # tree itself is the one full copy a conversion to Orbax holds.
 SAVE_CONCURRENT_GB = 0.25
@@ -368,15 +370,25 @@ def _official_shape(leaf: str, shape) -> tuple[int, ...]:
 def _lazy_official(
   tree: Mapping[str, Any], restore: Callable[[dict], dict]
 ) -> tuple[dict, dict, dict]:
-  """Official-named lazy tensors of a metadata tree of Flax variables (or of a
-  TrainState `{step, params, fixed, opt_state, rng}`) of any stage's model;
-  parts no official model has are skipped and never read."""
+  """Official-named lazy tensors of a metadata tree of Flax variables
+  `{params, fixed}`, or of a TrainState `{step, params, model_state: {fixed,
+  ...}, opt_state, rng}` of any stage's model (a converted folder holds
+  `{params, model_state}`); parts no official model has are skipped and
+  never read."""
   skipped, hints = {}, {}
   if isinstance(tree, Mapping) and "params" in tree:
-    params, fixed = dict(tree["params"]), dict(tree.get("fixed") or {})
-    roots = {"params": ("params",), "fixed": ("fixed",)}
+    params = dict(tree["params"])
+    if "model_state" in tree:
+      fixed = dict((tree["model_state"] or {}).get("fixed") or {})
+      roots = {"params": ("params",), "fixed": ("model_state", "fixed")}
+      for key in tree["model_state"] or {}:
+        if key != "fixed":
+          skipped[f"model_state/{key}"] = "not part of an official model"
+    else:
+      fixed = dict(tree.get("fixed") or {})
+      roots = {"params": ("params",), "fixed": ("fixed",)}
     for key in tree:
-      if key not in ("params", "fixed"):
+      if key not in ("params", "fixed", "model_state"):
         skipped[key] = "training state, not read"
   else:
     params, fixed, roots = dict(tree), {}, {"params": (), "fixed": ("fixed",)}
@@ -459,8 +471,6 @@ def _orbax_dir_reader(path: epath.Path) -> tuple[dict, Callable[[dict], dict]]:
   """(metadata tree, restore(item) -> numpy) of a PyTreeCheckpointer folder."""
   import orbax.checkpoint as ocp
 
-  from mimdistill.training.checkpoints import numpy_restore_args
-
   with ocp.Checkpointer(_handler()) as ckptr:
     tree = _metadata_tree(ckptr.metadata(path))
 
@@ -479,10 +489,8 @@ def _orbax_dir_reader(path: epath.Path) -> tuple[dict, Callable[[dict], dict]]:
 def _workdir_reader(src: str) -> tuple[dict, Callable[[dict], dict], str]:
   """(metadata tree of `state`, restore(item) -> numpy, step folder) of a
   workdir's checkpoint (`W` or `W:step`)."""
-  from mimdistill.training import checkpoints as ckpt_lib
-
   try:
-    saved = ckpt_lib.saved_state(src, handler=_handler())
+    saved = saved_state(src, handler=_handler())
   except FileNotFoundError as e:
     raise CheckpointReadError(str(e)) from None
   if not isinstance(saved.tree, dict) or "params" not in saved.tree:
@@ -490,17 +498,8 @@ def _workdir_reader(src: str) -> tuple[dict, Callable[[dict], dict], str]:
   return saved.tree, saved.restore, saved.location
 
 
-def _restore_workdir(src: str) -> tuple[dict, str]:
-  """`{'params', 'fixed'}` of a workdir's checkpoint as numpy, in one read."""
-  tree, restore, location = _workdir_reader(src)
-  item = {k: tree[k] for k in ("params", "fixed") if tree.get(k)}
-  return dict(restore(item)), location
-
-
 def _read_dir(src: str) -> Source:
-  from mimdistill.training import checkpoints as ckpt_lib
-
-  path, step = ckpt_lib.parse_source(src)
+  path, step = workdir_lib.parse_source(src)
   hints: dict[str, Any] = {}
   if (path / "checkpoints").is_dir():
     kind = "workdir"
@@ -512,7 +511,7 @@ def _read_dir(src: str) -> Source:
       hints.update(_spec_hints(record.get("model", {})))
       order = record.get("tensor_order")
     else:
-      saved = ckpt_lib.read_json(path, "config.json") or {}
+      saved = workdir_lib.read_json(path, workdir_lib.CONFIG) or {}
       model = saved.get("signature", {}).get("model") or {}
       if model.get("num_heads"):
         hints["num_heads"] = int(model["num_heads"])
@@ -567,9 +566,8 @@ def _looks_like_safetensors(path: str) -> bool:
 def read_source(src, *, key: str | None = None) -> Source:
   """Reads any supported source into official names (see the module doc)."""
   src = os.fspath(src)
-  from mimdistill.training.checkpoints import parse_source
 
-  if parse_source(src)[0].is_dir():  # local or gs:// workdir / Orbax folder
+  if workdir_lib.parse_source(src)[0].is_dir():  # local or gs:// workdir / Orbax folder
     return _read_dir(src)
   if is_remote(src):
     raise CheckpointReadError(
@@ -642,23 +640,23 @@ def _heads_note(spec: ModelSpec) -> list[str]:
   if "num_heads" in spec.assumed:
     notes.append(
       f"num_heads={spec.num_heads} is assumed from the standard width "
-      f"{spec.width} (heads are not stored in the weights); pass --num-heads N "
+      f"{spec.width} (heads are not stored in the weights); pass --num_heads=N "
       "(num_heads=N) if the model was trained with another count"
     )
   elif spec.num_heads is None:
     notes.append(
       f"num_heads is unknown (width {spec.width} has no standard head count); "
-      "pass --num-heads N to record it"
+      "pass --num_heads=N to record it"
     )
   if "decoder.num_heads" in spec.assumed:
     notes.append(
       f"decoder num_heads={spec.decoder.num_heads} is assumed (MAE's default); "
-      "override with --decoder-num-heads N"
+      "override with --decoder_num_heads=N"
     )
   if "image_size" in spec.assumed:
     notes.append(
       f"image_size={spec.image_size} is assumed (the checkpoint has no pos_embed);"
-      " override with --image-size N"
+      " override with --image_size=N"
     )
   return notes
 
@@ -770,7 +768,7 @@ def convert(
     raise LayoutError(
       f"{source.path} has {len(unknown)} tensor(s) mimdistill's ViT has no place for: "
       f"{shown}{' ...' if len(unknown) > 8 else ''}. Converting without them would change "
-      "the model; pass --allow-unknown to drop them anyway"
+      "the model; pass --allow_unknown to drop them anyway"
     )
   for name in skipped:
     if name in source.tensors:
@@ -833,8 +831,6 @@ def _write_converted_dir(
 ) -> None:
   import orbax.checkpoint as ocp
 
-  from mimdistill.training import checkpoints as ckpt_lib
-
   final = pathlib.Path(dst).absolute()
   final.parent.mkdir(parents=True, exist_ok=True)
   tmp = final.with_name(final.name + f".partial-{os.getpid()}")
@@ -856,13 +852,17 @@ def _write_converted_dir(
       node[path[-1]] = copy
       del value
     with ocp.CheckpointManager(
-      ckpt_lib.checkpoint_dir(tmp),
+      workdir_lib.checkpoint_dir(tmp),
       options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
       item_handlers={"state": _handler()},
     ) as manager:
-      manager.save(0, args=ocp.args.Composite(state=ocp.args.PyTreeSave(variables)))
+      # The layout of a train state's weights: {params, model_state: {fixed}}.
+      state = {"params": variables.get("params", {})}
+      if variables.get("fixed"):
+        state["model_state"] = {"fixed": variables["fixed"]}
+      manager.save(0, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state)))
       manager.wait_until_finished()
-    del variables
+    del variables, state
     model = {
       "width": spec.width,
       "depth": spec.depth,
@@ -872,18 +872,18 @@ def _write_converted_dir(
       "mlp_ratio": spec.mlp_ratio,
       "in_chans": spec.in_chans,
     }
-    ckpt_lib.write_json(
-      tmp, "config.json", {"config": {}, "signature": {"stage": "convert", "model": model}}
+    workdir_lib.write_json(
+      tmp, workdir_lib.CONFIG, {"config": {}, "signature": {"stage": "convert", "model": model}}
     )
-    ckpt_lib.write_json(
+    workdir_lib.write_json(
       tmp,
-      "lineage.json",
+      workdir_lib.LINEAGE,
       {
         "stage": "convert",
         "parent": {"kind": source["src_kind"], "path": os.path.abspath(source["src"])},
       },
     )
-    ckpt_lib.write_json(
+    workdir_lib.write_json(
       tmp,
       MODEL_JSON,
       {
@@ -903,56 +903,3 @@ def _write_converted_dir(
   finally:
     if tmp.exists():
       shutil.rmtree(tmp, ignore_errors=True)
-
-
-# -----------------------------------------------------------------------------
-# Loading a converted checkpoint
-# -----------------------------------------------------------------------------
-@dataclasses.dataclass
-class Converted:
-  variables: dict  # {'params': ..., 'fixed': ...}, numpy
-  spec: ModelSpec
-  record: dict  # model.json
-
-  def module(self, **overrides):
-    """The Flax module for `apply_variables()` (`ModelSpec.build`)."""
-    return self.spec.build(**overrides)
-
-  def encoder_variables(self) -> dict:
-    """`{'params', 'fixed'?}` of the encoder alone (a teacher / student init)."""
-    out = {"params": self.variables["params"]["encoder"]}
-    fixed = (self.variables.get("fixed") or {}).get("encoder")
-    if fixed:
-      out["fixed"] = fixed
-    return out
-
-  def apply_variables(self) -> dict:
-    """The variables `module()` takes: the encoder's alone for layout 'vit'."""
-    return self.encoder_variables() if self.spec.layout == "vit" else self.variables
-
-
-def load_converted(path) -> Converted:
-  """Reads a directory written by `convert(..., DST)` (also `DST:step`)."""
-  from mimdistill.training import checkpoints as ckpt_lib
-
-  workdir, _ = ckpt_lib.parse_source(os.fspath(path))
-  record_path = pathlib.Path(workdir) / MODEL_JSON
-  if not record_path.is_file():
-    raise CheckpointReadError(
-      f"{workdir} has no {MODEL_JSON}: not a converted checkpoint (convert one with "
-      "`python -m mimdistill.convert SRC DST`; a training workdir is read with "
-      "restore_subtree)"
-    )
-  record = json.loads(record_path.read_text())
-  if record.get("format") != FORMAT or int(record.get("version", 0)) > FORMAT_VERSION:
-    raise CheckpointReadError(
-      f"{record_path} is format {record.get('format')!r} version "
-      f"{record.get('version')!r}; this mimdistill reads {FORMAT!r} "
-      f"up to version {FORMAT_VERSION}"
-    )
-  state, _ = _restore_workdir(os.fspath(path))
-  return Converted(
-    {"params": state["params"], "fixed": state.get("fixed") or {}},
-    ModelSpec.from_json(record["model"]),
-    record,
-  )

@@ -1,10 +1,11 @@
-"""Reads a ViT encoder (and a classifier head if there is one) from any source
-a stage can start from: a mimdistill workdir (`path` or `path:step`) or an
-official / timm `.pth` file.
+"""Where a stage's weights come from: a teacher's or an init's `source`,
+which is a mimdistill workdir (`W` or `W:step`; a converted checkpoint is
+one) or an official / timm `.pth` file.
 
-Returned trees are numpy, in mimdistill layout: `encoder` is a ViTEncoder's
-params, `encoder_fixed` its fixed collection (sin-cos `pos_embed`), `head`
-the classifier params (`fc_norm`, `head`) when the source has them.
+`read_encoder` returns numpy trees in mimdistill layout: `encoder` is a
+ViTEncoder's params, `encoder_fixed` its 'fixed' collection (the sin-cos
+`pos_embed`), `head` the classifier params (`fc_norm`, `head`) when the
+source has them. The file formats themselves are `mimdistill.interop`'s.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from typing import Any
 import jax
 import numpy as np
 
+from mimdistill import workdir as workdir_lib
 from mimdistill.interop.official_names import official_to_flax
+from mimdistill.interop.orbax_tree import restore_subtree
 from mimdistill.interop.pth_reader import load_pth
 from mimdistill.paths import is_remote
-from mimdistill.training import checkpoints as ckpt_lib
 
 PyTree = Any
 PTH_SUFFIXES = (".pth", ".pt", ".bin")
@@ -69,14 +71,14 @@ def read_encoder(source: str, *, what: str = "init") -> EncoderSource:
     return EncoderSource(
       params["encoder"], None, head, {"kind": "pth", "path": os.path.abspath(path), "step": None}
     )
-  workdir, _ = ckpt_lib.parse_source(path)
+  workdir, _ = workdir_lib.parse_source(path)
   if not workdir.is_dir():
     raise FileNotFoundError(
       f"{what}={path}: no such workdir; run the earlier stage there first, or "
       "point at an existing workdir (workdir or workdir:step) or a .pth file"
     )
   try:
-    params, record = ckpt_lib.restore_subtree(path, ("params",))
+    params, record = restore_subtree(path, ("params",))
   except KeyError as e:
     raise ValueError(f"{what}={path} holds no params: {e}") from None
   if "encoder" not in params:
@@ -86,7 +88,7 @@ def read_encoder(source: str, *, what: str = "init") -> EncoderSource:
       "stage-2 or stage-3 workdir"
     )
   try:
-    fixed, _ = ckpt_lib.restore_subtree(path, ("fixed", "encoder"))
+    fixed, _ = restore_subtree(path, ("model_state", "fixed", "encoder"))
   except KeyError:
     fixed = None  # a learned position embedding is a param
   head = {k: params[k] for k in ("fc_norm", "head") if k in params}

@@ -1,8 +1,11 @@
-"""Named ViT variants and model construction from a config section.
+"""The named ViT variants: the project's one table of widths, depths, heads
+and patch sizes, and the resolution of a config section into a complete
+encoder spec.
 
-A config's `model` section names a `variant` and may override any field
-(`width`, `depth`, `num_heads`, `patch_size`, `image_size`, `mlp_ratio`);
-`resolve` returns the complete, validated set.
+A config's model section names a `variant` and may override any field
+(`width`, `depth`, `num_heads`, `patch_size`, `image_size`, `mlp_ratio`,
+`in_chans`); `resolve` returns the complete, validated set. The converter
+reads the same table for the head count a checkpoint does not store.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-# (width, depth, heads, patch); MAE decoder defaults are 512-d, 8 blocks, 16 heads.
+# (width, depth, heads, patch) of ViT-T/S/B/L/H (timm, MAE, TinyMIM).
 VARIANTS = {
   "tiny": (192, 12, 3, 16),
   "small": (384, 12, 6, 16),
@@ -19,6 +22,13 @@ VARIANTS = {
   "large": (1024, 24, 16, 16),
   "huge": (1280, 32, 16, 14),
 }
+# Heads of the standard widths: what a checkpoint of that width most likely
+# used (heads only split the qkv projection, the weights do not record them).
+STANDARD_HEADS = {width: heads for width, _, heads, _ in VARIANTS.values()}
+# MAE's decoder for every released model: 512 wide, 8 blocks, 16 heads.
+MAE_DECODER = (512, 8, 16)
+
+_SPEC_FIELDS = ("width", "depth", "num_heads", "patch_size", "image_size", "mlp_ratio", "in_chans")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,15 +42,19 @@ class EncoderSpec:
   in_chans: int = 3
 
   @property
+  def grid_size(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
   def num_patches(self) -> int:
-    return (self.image_size // self.patch_size) ** 2
+    return self.grid_size**2
 
   def kwargs(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
 
 def resolve(model: Mapping[str, Any]) -> EncoderSpec:
-  """Validated encoder spec from a `model` config section."""
+  """Validated encoder spec from a model config section."""
   model = dict(model)
   variant = model.get("variant")
   if variant is not None and variant not in VARIANTS and variant != "custom":
@@ -51,13 +65,17 @@ def resolve(model: Mapping[str, Any]) -> EncoderSpec:
   base = dict(
     zip(("width", "depth", "num_heads", "patch_size"), VARIANTS.get(variant, (None,) * 4))
   )
-  for key in ("width", "depth", "num_heads", "patch_size", "image_size", "mlp_ratio", "in_chans"):
+  for key in _SPEC_FIELDS:
     if model.get(key) is not None:
       base[key] = model[key]
   missing = [k for k in ("width", "depth", "num_heads", "patch_size") if base.get(k) is None]
   if missing:
     raise ValueError(f"model variant {variant!r} needs {missing} set in the config")
   spec = EncoderSpec(**{k: v for k, v in base.items() if v is not None})
+  for key in ("width", "depth", "num_heads", "patch_size", "image_size", "in_chans"):
+    value = getattr(spec, key)
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"model.{key}={value!r} must be a positive integer")
   if spec.image_size % spec.patch_size:
     raise ValueError(
       f"image_size={spec.image_size} is not divisible by patch_size="

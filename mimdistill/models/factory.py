@@ -1,0 +1,144 @@
+"""One function builds every model of the project from its config section.
+
+    build("mae", config.model, dtype=config.dtype)
+    build("encoder", config.teacher, dtype=config.dtype, depth=block, final_norm=False)
+    build("classifier", config.model, num_classes=10, dtype=config.dtype)
+    build("tinymim_student", config.student, dtype=config.dtype, proj_width=768)
+
+A section is any mapping (an `ml_collections.ConfigDict`, a dict): the
+variant fields that `variants.resolve` reads, plus the options a family
+knows. Only the options a section sets are passed on, so a default lives in
+one place: the config file, or else the module's own field.
+
+Encoder options (every family built on the ViT): `drop_path` with
+`drop_path_schedule` ('linear' ramp by default, see `vit.drop_path_rates`),
+`fused_attention`, `remat`, `scan_blocks`, `dist_token`, `layer_scale`,
+`qkv_bias`, `rel_pos_bias`, `pos_embed_type`, `final_norm`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mimdistill.models import variants
+from mimdistill.models.classifier import ViTClassifier
+from mimdistill.models.mae import MAE
+from mimdistill.models.tinymim import DistillHeads, DistillStudent
+from mimdistill.models.vit import ViTEncoder, drop_path_rates
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ENCODER_OPTIONS = (
+  "fused_attention",
+  "remat",
+  "scan_blocks",
+  "dist_token",
+  "layer_scale",
+  "qkv_bias",
+  "rel_pos_bias",
+  "pos_embed_type",
+  "final_norm",
+)
+
+
+def compute_dtype(name: str):
+  """The jnp dtype of a config's `dtype` name."""
+  if name not in DTYPES:
+    raise ValueError(f"dtype={name!r} is not one of {sorted(DTYPES)}")
+  return DTYPES[name]
+
+
+def _set(section: Mapping[str, Any], key: str) -> bool:
+  return key in section and section[key] is not None
+
+
+def encoder(section: Mapping[str, Any], *, dtype: str = "float32", **overrides) -> ViTEncoder:
+  """A `ViTEncoder` from a section; `overrides` (e.g. `depth` of a truncated
+  teacher, `final_norm`) win over the section's fields."""
+  spec = variants.resolve(section)
+  kwargs: dict[str, Any] = spec.kwargs()
+  kwargs.update({k: section[k] for k in ENCODER_OPTIONS if _set(section, k)})
+  if _set(section, "drop_path"):
+    schedule = section["drop_path_schedule"] if _set(section, "drop_path_schedule") else "linear"
+    depth = overrides.get("depth", spec.depth)
+    kwargs["drop_path"] = drop_path_rates(float(section["drop_path"]), depth, schedule)
+  kwargs.update(overrides)
+  return ViTEncoder(dtype=compute_dtype(dtype), **kwargs)
+
+
+def mae(section: Mapping[str, Any], *, dtype: str = "float32") -> MAE:
+  """MAE: the section's encoder plus its `decoder` (width, depth, num_heads)."""
+  dec = section["decoder"]
+  return MAE(
+    encoder=encoder(section, dtype=dtype),
+    decoder_width=int(dec["width"]),
+    decoder_depth=int(dec["depth"]),
+    decoder_heads=int(dec["num_heads"]),
+    dtype=compute_dtype(dtype),
+  )
+
+
+def classifier(
+  section: Mapping[str, Any],
+  *,
+  num_classes: int,
+  dtype: str = "float32",
+  linear_probe: bool = False,
+  head_init_std: float = 2e-5,
+) -> ViTClassifier:
+  """MAE `models_vit`: a learned position embedding, global pooling (no
+  encoder norm) unless `global_pool` is False."""
+  global_pool = bool(section["global_pool"]) if _set(section, "global_pool") else True
+  overrides = {"final_norm": not global_pool}
+  if not _set(section, "pos_embed_type"):
+    overrides["pos_embed_type"] = "learned"
+  return ViTClassifier(
+    encoder=encoder(section, dtype=dtype, **overrides),
+    num_classes=int(num_classes),
+    global_pool=global_pool,
+    linear_probe=linear_probe,
+    head_init_std=head_init_std,
+    dtype=compute_dtype(dtype),
+  )
+
+
+def tinymim_student(
+  section: Mapping[str, Any],
+  *,
+  dtype: str = "float32",
+  proj_width: int = 0,
+  decoder: Mapping[str, Any] | None = None,
+) -> DistillStudent:
+  """The TinyMIM student: the section's encoder plus, for the ablation
+  targets, a projection to `proj_width` and/or an MAE `decoder`."""
+  enc = encoder(section, dtype=dtype)
+  heads = None
+  if proj_width or decoder:
+    heads = DistillHeads(
+      proj_width=int(proj_width),
+      decoder_spec=(int(decoder["width"]), int(decoder["depth"]), int(decoder["num_heads"]))
+      if decoder
+      else None,
+      num_patches=enc.num_patches,
+      out_dim=enc.patch_size**2 * enc.in_chans,
+      dtype=compute_dtype(dtype),
+    )
+  return DistillStudent(encoder=enc, heads=heads)
+
+
+BUILDERS: dict[str, Callable[..., nn.Module]] = {
+  "encoder": encoder,
+  "mae": mae,
+  "classifier": classifier,
+  "tinymim_student": tinymim_student,
+}
+
+
+def build(kind: str, section: Mapping[str, Any], **kwargs) -> nn.Module:
+  """The model of `kind` from its config section (see the module doc)."""
+  if kind not in BUILDERS:
+    raise ValueError(f"unknown model kind {kind!r}; known: {sorted(BUILDERS)}")
+  return BUILDERS[kind](section, **kwargs)
