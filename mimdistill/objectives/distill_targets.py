@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from mimdistill.objectives.relations import RELATION_SETS, kl_rows, relation_losses, relations
 
@@ -45,19 +46,20 @@ RAW_RELATION_LOSSES = ("mse", "smooth_l1")
 
 def smooth_l1(pred: jax.Array, target: jax.Array, beta: float) -> jax.Array:
   """torch `smooth_l1_loss(reduction='mean')`: 0.5 x^2 / beta if |x| < beta,
-  else |x| - 0.5 beta."""
-  diff = jnp.abs(pred.astype(jnp.float32) - target.astype(jnp.float32))
+  else |x| - 0.5 beta, i.e. optax's Huber loss with delta = beta, over beta."""
+  pred, target = pred.astype(jnp.float32), target.astype(jnp.float32)
   if beta == 0:
-    return jnp.mean(diff)
-  return jnp.mean(jnp.where(diff < beta, 0.5 * diff**2 / beta, diff - 0.5 * beta))
+    return jnp.mean(jnp.abs(pred - target))
+  return jnp.mean(optax.losses.huber_loss(pred, target, delta=beta)) / beta
 
 
 def whiten(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """LayerNorm over channels without affine parameters, in float32."""
+  """LayerNorm over channels without affine parameters, in float32 (the
+  variance taken in two passes, as torch's LayerNorm)."""
   x = x.astype(jnp.float32)
   mean = jnp.mean(x, axis=-1, keepdims=True)
   var = jnp.mean((x - mean) ** 2, axis=-1, keepdims=True)
-  return (x - mean) * jax.lax.rsqrt(var + eps)
+  return jax.nn.standardize(x, axis=-1, mean=mean, variance=var, epsilon=eps)
 
 
 def feature_loss(
