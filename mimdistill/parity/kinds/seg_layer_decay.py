@@ -41,13 +41,15 @@ def check(folder, config, report):
       folder.name, f"{key}/names", not differing, f"differing: {differing}" if differing else ""
     )
     common = [n for n in names if n in got]
-    pick = lambda i: np.asarray([got[n][i] for n in common], np.float64)
-    want = lambda field: np.asarray(
-      [expected[f"{key}/{field}"][names.index(n)] for n in common], np.float64
-    )
-    report.compare(folder.name, f"{key}/layer_id", pick(0), want("layer_id"), tol=0)
-    report.compare(folder.name, f"{key}/lr_scale", pick(1), want("lr_scale"), tol=1e-12)
-    report.compare(folder.name, f"{key}/weight_decay", pick(2), want("weight_decay"), tol=0)
+    rows = [names.index(n) for n in common]
+    for i, (field, tol) in enumerate((("layer_id", 0), ("lr_scale", 1e-12), ("weight_decay", 0))):
+      report.compare(
+        folder.name,
+        f"{key}/{field}",
+        np.asarray([got[n][i] for n in common], np.float64),
+        np.asarray(expected[f"{key}/{field}"], np.float64)[rows],
+        tol=tol,
+      )
 
 
 def _by_official_name(groups) -> dict[str, tuple]:
