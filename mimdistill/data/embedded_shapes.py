@@ -141,9 +141,9 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
   return c0 + np.stack(channels, axis=-1)
 
 
-def render(label: int, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
-  """One image of class `label`: uint8[size, size, 3]."""
-  image = _background(rng, size)
+def _paint_shape(image: np.ndarray, label: int, rng: np.random.Generator, size: int):
+  """Draws one random shape of class `label` over float32 `image`; returns
+  (image, coverage) with coverage float32[size, size] in [0, 1]."""
   coverage, pattern = _shape_mask(label, rng, size)
   # A foreground colour far enough from the mean background to stay visible;
   # the pattern blends it with a second colour (stripes, checks, gradient).
@@ -157,8 +157,38 @@ def render(label: int, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.n
   weight = np.divide(pattern, coverage, out=np.zeros_like(pattern), where=coverage > 0)[..., None]
   shape_colour = fg2 + (fg - fg2) * weight
   image = image * (1 - coverage[..., None]) + shape_colour * coverage[..., None]
+  return image, coverage
+
+
+def _finish(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  # In place: the float64 noise is added into the float32 image (the
+  # classification dataset's pixels depend on that rounding).
   image += rng.normal(0, rng.uniform(2, 15), size=image.shape)
   return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+def render(
+  label: int, rng: np.random.Generator, size: int = IMAGE_SIZE, *, return_mask: bool = False
+):
+  """One image of class `label`: uint8[size, size, 3]; with `return_mask`
+  also the bool[size, size] mask of the pixels the shape covers at least
+  half of (the same random draws, so the image is unchanged)."""
+  image, coverage = _paint_shape(_background(rng, size), label, rng, size)
+  image = _finish(image, rng)
+  return (image, coverage >= 0.5) if return_mask else image
+
+
+def render_scene(labels, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Several shapes (`labels`, drawn in order, later ones on top) over one
+  background: `(uint8[size, size, 3], uint8[size, size] class map)` with
+  0 for the background and `1 + label` where a shape covers at least half
+  of the pixel and no later shape covers half of it."""
+  image = _background(rng, size)
+  classes = np.zeros((size, size), np.uint8)
+  for label in labels:
+    image, coverage = _paint_shape(image, int(label), rng, size)
+    classes[coverage >= 0.5] = 1 + int(label)
+  return _finish(image, rng), classes
 
 
 def generate(split: str, num_examples: int | None = None, seed: int = SEED):

@@ -18,8 +18,8 @@ global, so every pixel of every example is counted once on any mesh. Areas
 are int32 (exact to 2^31 pixels per class and area); `accumulate` adds a
 batch on device, and the host converts the totals to int64 / float64.
 
-`reduce_zero_label` is ADE20K's annotation mapping (0 -> 255, v -> v - 1,
-255 stays 255, on uint8), applied when loading as mmseg does.
+`reduce_zero_label` (ADE20K's annotation mapping, `data.segmentation_labels`)
+is applied when loading, as mmseg 1.x does.
 """
 
 from __future__ import annotations
@@ -31,17 +31,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IGNORE_INDEX = 255
+from mimdistill.data.segmentation_labels import IGNORE_INDEX, reduce_zero_label
+
 AREAS = ("intersect", "union", "pred", "label")
-
-
-def reduce_zero_label(label: np.ndarray) -> np.ndarray:
-  """mmseg `LoadAnnotations(reduce_zero_label=True)` on a uint8 map."""
-  label = np.asarray(label, np.uint8)
-  out = label.astype(np.int16) - 1
-  out[label == 0] = 255
-  out[label == 255] = 255
-  return out.astype(np.uint8)
+__all__ = [
+  "AREAS",
+  "accumulate",
+  "batch_areas",
+  "metrics_from_areas",
+  "reduce_zero_label",
+  "reported",
+]
 
 
 def batch_areas(
