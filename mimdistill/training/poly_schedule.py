@@ -47,7 +47,9 @@ def poly_warmup(
       return lr
     t = it / warmup_iters
     if warmup == "linear":
-      factor = 1 - (1 - t) * (1 - warmup_ratio)
+      # = 1 - (1 - t) * (1 - ratio), mmcv's form, without its float32
+      # cancellation (at t = 0 that form gives 1.013e-6 for ratio 1e-6).
+      factor = warmup_ratio + t * (1 - warmup_ratio)
     elif warmup == "constant":
       factor = warmup_ratio
     else:
