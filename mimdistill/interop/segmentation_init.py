@@ -24,6 +24,7 @@ number of prefix tokens.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -107,9 +108,10 @@ def init_backbone(
       continue
     value = source.pop(path)
     if leaf == "pos_embed" and value.shape != init.shape:
-      grid = int(round(np.sqrt(init.shape[1] - num_prefix_tokens)))
+      grid = math.isqrt(init.shape[1] - num_prefix_tokens)
       old = value.shape
-      if (value.shape[1] - num_prefix_tokens) ** 0.5 % 1:
+      side = math.isqrt(max(value.shape[1] - num_prefix_tokens, 0))
+      if side * side != value.shape[1] - num_prefix_tokens:
         raise ValueError(
           f"encoder pos_embed {old} does not fit {num_prefix_tokens} prefix token(s) and a "
           f"square patch grid; the backbone needs {init.shape}"
