@@ -7,6 +7,10 @@ patch 16); `encode_decode` is mmseg's test-time forward: the decode logits
 resized to the image (bilinear, align_corners=False). The loss
 (`objectives.segmentation_loss`) resizes the logits to the labels itself.
 
+In training, random parts draw from the rng collections 'dropout' (the
+heads' Dropout2d) and 'drop_path' (the backbone's stochastic depth), and
+BatchNorm statistics are updated in 'batch_stats' (`mutable=['batch_stats']`).
+
 `build_segmentor(config)` makes one from a config-like mapping with
 sections `backbone` (`SegmentationBackbone` fields), `decode_head`
 (`UPerHead` fields), optional `auxiliary_head` (`FCNHead` fields; None or
