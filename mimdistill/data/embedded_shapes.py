@@ -45,7 +45,9 @@ _SUPERSAMPLE = 2
 _SPLIT_STREAM = {"train": 0, "test": 1}
 
 
-def _shape_mask(label: int, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _shape_mask(
+  label: int, rng: np.random.Generator, size: int, *, star_hole: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
   """(coverage, pattern) of a random shape of class `label`.
 
   Both float32[size, size] in [0, 1]: `coverage` is the anti-aliased fraction
@@ -107,8 +109,11 @@ def _shape_mask(label: int, rng: np.random.Generator, size: int) -> tuple[np.nda
     t = np.pi / 5 - t  # 0 at the tip, pi/5 at the inner vertex
     px, py = rho * np.cos(t), rho * np.sin(t)
     ix, iy = inner * np.cos(np.pi / 5), inner * np.sin(np.pi / 5)
-    # Inside iff (p - tip) x (inner - tip) has the origin's sign.
-    inside = ((px - 1.0) * iy - py * (ix - 1.0)) >= 0
+    # The classification dataset's test keeps the side away from the
+    # origin, i.e. everything but a star-shaped hole (`star_hole`, kept so
+    # its images never change); the star itself is the origin's side.
+    side = (px - 1.0) * iy - py * (ix - 1.0)
+    inside = side >= 0 if star_hole else side < 0
   else:
     raise AssertionError(name)
 
@@ -141,10 +146,12 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
   return c0 + np.stack(channels, axis=-1)
 
 
-def render(label: int, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
-  """One image of class `label`: uint8[size, size, 3]."""
-  image = _background(rng, size)
-  coverage, pattern = _shape_mask(label, rng, size)
+def _paint_shape(
+  image: np.ndarray, label: int, rng: np.random.Generator, size: int, star_hole: bool = True
+):
+  """Draws one random shape of class `label` over float32 `image`; returns
+  (image, coverage) with coverage float32[size, size] in [0, 1]."""
+  coverage, pattern = _shape_mask(label, rng, size, star_hole=star_hole)
   # A foreground colour far enough from the mean background to stay visible;
   # the pattern blends it with a second colour (stripes, checks, gradient).
   mean_bg = image.mean(axis=(0, 1))
@@ -157,8 +164,40 @@ def render(label: int, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.n
   weight = np.divide(pattern, coverage, out=np.zeros_like(pattern), where=coverage > 0)[..., None]
   shape_colour = fg2 + (fg - fg2) * weight
   image = image * (1 - coverage[..., None]) + shape_colour * coverage[..., None]
+  return image, coverage
+
+
+def _finish(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  # In place: the float64 noise is added into the float32 image (the
+  # classification dataset's pixels depend on that rounding).
   image += rng.normal(0, rng.uniform(2, 15), size=image.shape)
   return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+def render(
+  label: int, rng: np.random.Generator, size: int = IMAGE_SIZE, *, return_mask: bool = False
+):
+  """One image of class `label`: uint8[size, size, 3]; with `return_mask`
+  also the bool[size, size] mask of the pixels the shape covers at least
+  half of (the same random draws, so the image is unchanged)."""
+  image, coverage = _paint_shape(_background(rng, size), label, rng, size)
+  image = _finish(image, rng)
+  return (image, coverage >= 0.5) if return_mask else image
+
+
+def render_scene(labels, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Several shapes (`labels`, drawn in order, later ones on top) over one
+  background: `(uint8[size, size, 3], uint8[size, size] class map)` with
+  0 for the background and `1 + label` where a shape covers at least half
+  of the pixel and no later shape covers half of it. A 'star' here is the
+  star itself, not the classification images' star-shaped hole (which
+  would cover most of a scene)."""
+  image = _background(rng, size)
+  classes = np.zeros((size, size), np.uint8)
+  for label in labels:
+    image, coverage = _paint_shape(image, int(label), rng, size, star_hole=False)
+    classes[coverage >= 0.5] = 1 + int(label)
+  return _finish(image, rng), classes
 
 
 def generate(split: str, num_examples: int | None = None, seed: int = SEED):
