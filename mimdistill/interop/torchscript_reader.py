@@ -61,7 +61,8 @@ class ScriptObject(metaclass=pth_reader._FrozenMeta):
 
   def __new__(cls, *args):
     if args:
-      raise CorruptCheckpointError(
+      # A TypeError: the reader reports it as a corrupt data.pkl, naming the file.
+      raise TypeError(
         f"TorchScript object {cls.type_name} is built with arguments {args!r:.100}; "
         "archives create module objects without arguments"
       )
@@ -73,7 +74,7 @@ class ScriptObject(metaclass=pth_reader._FrozenMeta):
     except AttributeError:
       object.__setattr__(self, "_state", state)
       return
-    raise CorruptCheckpointError(f"TorchScript object {self.type_name} is built twice")
+    raise TypeError(f"TorchScript object {self.type_name} is built twice")
 
   def __setattr__(self, name, value):
     raise AttributeError(f"{self.type_name} is read-only (tried to set {name!r})")
