@@ -392,7 +392,7 @@ def init_variables(model: CAEv2, rng: jax.Array) -> dict:
   images = jnp.zeros((1, model.image_size, model.image_size, model.in_chans), jnp.float32)
   visible = jnp.arange(n - 1, dtype=jnp.int32)[None]
   masked = jnp.asarray([[n - 1]], jnp.int32)
-  variables = nn.unbox(model.init(init_key, images, visible, masked))
+  variables = nn.unbox(jax.jit(model.init)(init_key, images, visible, masked))
   params = jax.tree_util.tree_map(lambda x: x, dict(variables["params"]))
   encoder = dict(params["encoder"])
   patch = dict(encoder["patch_embed"])
