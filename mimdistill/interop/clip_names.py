@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from mimdistill.interop.official_names import ConversionReport, leaf_to_flax, leaf_to_official
+from mimdistill.interop.torchscript_reader import read_torch_file
 
 LAYOUTS = ("openai", "open_clip", "visual")
 PREFIX = "visual."
@@ -276,3 +277,16 @@ def flax_to_clip_visual(params: Mapping[str, Any], prefix: str = PREFIX) -> dict
 
   walk(params, ())
   return out
+
+
+def read_clip_visual(
+  path, *, heads: int | None = None
+) -> tuple[dict, ClipVisualSpec, ConversionReport, str]:
+  """(ClipVisual params, spec, report, layout) from a file, nothing in it run:
+  OpenAI's released TorchScript `.pt`, or a torch.save state dict (OpenAI,
+  open_clip including its training checkpoints, or the bare tower). For
+  another input resolution resize `positional_embedding` with
+  `models.clip.resize_positional_embedding`, as the official
+  `clip.modeling_clip.load(..., image_resolution=...)` does."""
+  ckpt = read_torch_file(path)
+  return clip_visual_to_flax(ckpt.tensors, heads=heads, what=str(path))

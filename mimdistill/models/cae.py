@@ -71,6 +71,18 @@ Dtype = Any
 # parameters CAE v2 never uses: no gradient, no update, no weight decay.
 NO_GRAD_PARAMS = (r"regresser/norm/.*",)
 
+# The official CAE v2 pre-training models (`cae_{tiny,small,base}_patch16_224_8k_vocab`
+# with the project/CAEv2 scripts' flags): the encoder has 12 heads at EVERY
+# size (ViT-T too: 192 / 12 = 16 channels per head, unlike timm's 3; the fine-tuning
+# models cae_*_patch16_224 keep the 12), patch 16;
+# the regressor width is --decoder_embed_dim (B: run_pretraining's default 768)
+# and its depth --regressor_depth. Masked patches per size: data.block_masking.
+PRETRAIN_SIZES = {
+  "tiny": dict(width=192, depth=12, num_heads=12, regressor_width=96, regressor_depth=1),
+  "small": dict(width=384, depth=12, num_heads=12, regressor_width=384, regressor_depth=1),
+  "base": dict(width=768, depth=12, num_heads=12, regressor_width=768, regressor_depth=4),
+}
+
 
 def trunc_normal_init(std: float) -> nn.initializers.Initializer:
   """timm `trunc_normal_(std=std, a=-std, b=std)` as CAE calls it: a normal

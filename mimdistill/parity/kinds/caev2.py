@@ -70,8 +70,12 @@ def load_teacher(folder, config, report, case):
   builds it: shapes read from the weights, heads = width // 64, the position
   embedding resized (bilinear) when the resolution differs, float32."""
   teacher_args = config.get("teacher", {})
-  names = [n for n in config.get("checkpoints", {}) if "clip" in n and (folder / n).is_file()]
-  name = (names or sorted(p.name for p in folder.glob("clip*.pt*")))[0]
+  names = [
+    n
+    for n in config.get("checkpoints", {})
+    if ("clip" in n or "teacher" in n) and (folder / n).is_file()
+  ]
+  name = (names or sorted(p.name for p in folder.glob("*.pt")))[0]
   ckpt = read_torch_file(folder / name)
   dtypes = config.get("checkpoints", {}).get("teacher_dtypes")
   if dtypes:
