@@ -194,7 +194,9 @@ def official_name(path: Sequence[str], layout: str) -> str:
   parts[-1] = _LEAF_NAMES.get(parts[-1], parts[-1])
   if parts[0] == "patch_embed":
     parts = ["patch_embed", "proj"] + parts[1:]
-  return ".".join(re.sub(r"_(\d+)$", r".\1", p) for p in parts)
+  # Only module names carry a list index (`blocks_3`); a leaf such as
+  # `gamma_1` (BEiT layer scale) keeps its underscore.
+  return ".".join([re.sub(r"_(\d+)$", r".\1", p) for p in parts[:-1]] + parts[-1:])
 
 
 def _flat(variables: Mapping[str, Any]):

@@ -801,13 +801,15 @@ def _find_broken(tree) -> tuple[str, _BrokenTensor] | None:
   return None
 
 
-def _read_tree(path, use_mmap: bool):
+def _read_tree(path, use_mmap: bool, unpickler: type | None = None):
+  # `unpickler`: a subclass of _RestrictedUnpickler with a wider allow-list
+  # (interop.torchscript_reader); the default is the plain .pth reader's.
   path = _fspath(path)
   archive = _Archive(path, use_mmap)
   try:
     data = archive.read_pickle_bytes()
     try:
-      tree = _RestrictedUnpickler(data, archive).load()
+      tree = (unpickler or _RestrictedUnpickler)(data, archive).load()
     except CheckpointReadError:
       raise
     except (RecursionError, MemoryError) as exc:

@@ -375,7 +375,9 @@ def run_block_stack(
   return x
 
 
-POS_EMBED_TYPES = ("sincos", "learned", "none")
+POS_EMBED_TYPES = ("sincos", "cae_sincos", "learned", "none")
+# Position embeddings held fixed (the official models' requires_grad=False).
+FIXED_POS_EMBED_TYPES = ("sincos", "cae_sincos")
 
 
 class ViTEncoder(nn.Module):
@@ -384,10 +386,11 @@ class ViTEncoder(nn.Module):
 
   Token order is `[cls, dist?, patches]` (DeiT). `pos_embed_type`: 'sincos'
   (MAE's fixed 2-D embedding, in the non-trained 'fixed' collection),
-  'learned' (a param, initialised with the same sin-cos values) or 'none'
-  (BEiT-style backbones with relative position bias only). Prefix rows of the
-  embedding are zeros at init. `layer_scale`, `qkv_bias` and `rel_pos_bias`
-  configure every block (see `Block`).
+  'cae_sincos' (CAE's fixed embedding, first half of the channels = the
+  row, also 'fixed'), 'learned' (a param, initialised with MAE's sin-cos
+  values) or 'none' (BEiT-style backbones with relative position bias only).
+  Prefix rows of the embedding are zeros at init. `layer_scale`, `qkv_bias`
+  and `rel_pos_bias` configure every block (see `Block`).
   """
 
   width: int
@@ -452,7 +455,7 @@ class ViTEncoder(nn.Module):
     initial = lambda *_: jnp.asarray(self.initial_pos_embed())
     if self.pos_embed_type == "learned":
       self._pos_embed = self.param("pos_embed", initial)
-    elif self.pos_embed_type == "sincos":
+    elif self.pos_embed_type in FIXED_POS_EMBED_TYPES:
       # Not a param: the official models hold it with requires_grad=False, so
       # it lives in the 'fixed' collection that no optimizer ever sees. It is
       # still a variable (not a constant) so a checkpoint's copy is used.
@@ -484,9 +487,14 @@ class ViTEncoder(nn.Module):
 
   # -- pieces ---------------------------------------------------------------
   def initial_pos_embed(self) -> np.ndarray:
-    """`(1, prefix + L, D)`: MAE's sin-cos rows for the patches, zeros for the
-    prefix tokens."""
-    patches = pos_embed_lib.sincos_2d(self.width, self.grid_size, cls_token=False)
+    """`(1, prefix + L, D)`: MAE's (or with 'cae_sincos' CAE's) sin-cos rows
+    for the patches, zeros for the prefix tokens."""
+    table = (
+      pos_embed_lib.cae_sincos_2d
+      if self.pos_embed_type == "cae_sincos"
+      else pos_embed_lib.sincos_2d
+    )
+    patches = table(self.width, self.grid_size, cls_token=False)
     prefix = np.zeros((self.num_prefix_tokens, self.width), np.float32)
     return np.concatenate([prefix, patches])[None]
 
