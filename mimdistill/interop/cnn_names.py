@@ -182,12 +182,14 @@ def to_torch(
   return out
 
 
-def named_leaves(tree: Mapping[str, Any], layout: str = "cnn", collection: str = "params"):
+def named_leaves(
+  tree: Mapping[str, Any], layout: str = "cnn", collection: str = "params", is_leaf=None
+) -> dict[str, Any]:
   """Torch name -> leaf for a tree shaped like one collection (gradients,
-  lr scales); leaves are returned untouched (not re-oriented)."""
+  lr scales, layer ids); leaves are returned untouched (not re-oriented)."""
   return {
     torch_name((collection, *(str(getattr(k, "key", k)) for k in path)), layout): leaf
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
   }
 
 
