@@ -170,3 +170,36 @@ def test_parity_on_shared_fixtures(kind, capsys, monkeypatch, tmp_path):
   out = capsys.readouterr().out
   assert rc == 0, out
   assert out.strip().splitlines()[-1].endswith(" 0 failed"), out
+
+
+def test_spark_checkpoint_import_and_export(spark, tmp_path):
+  """SparK's pre-training layout ({'module': weights + a 'config' dict})
+  written torch-free, read back whole or encoder only, and the encoder's
+  export in timm names."""
+  import collections
+
+  from pth_writer import tensor, write_pth
+
+  from mimdistill.interop import cnn_names
+  from mimdistill.interop.cnn_checkpoint import export_cnn, import_cnn
+  from mimdistill.parity.kinds.spark import spark_config_entry
+
+  _, variables = spark
+  state = cnn_names.to_torch(variables, "spark", num_batches_tracked=3)
+  assert "sparse_encoder.sp_cnn.layer1.0.bn1.num_batches_tracked" in state
+  assert state["mask_tokens.0"].shape == (1, 32, 1, 1)
+  assert state["dense_decoder.dec.0.up_sample.weight"].shape[:2] == (32, 32)
+  module = collections.OrderedDict((n, tensor(v)) for n, v in state.items())
+  module["config"] = {"densify_norm_str": "bn", "dense_decoder.width": 32}
+  path = write_pth(tmp_path / "spark_style.pth", {"module": module, "epoch": 0})
+
+  assert spark_config_entry(path) == {"densify_norm_str": "bn", "dense_decoder.width": 32}
+  whole = import_cnn(path, part="spark")
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(variables), whole.variables)
+  enc = import_cnn(path)
+  assert enc.source == "spark" and enc.fields["layers"] == (1, 1, 1, 1) and enc.fields["div"] == 16
+  assert any(n.startswith("dense_decoder.") for n in enc.report.skipped)
+  sub = {c: variables[c]["encoder"] for c in ("params", "batch_stats")}
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(sub), enc.variables)
+  timm = export_cnn(enc.variables, "resnet")
+  assert set(timm) == {n[len("sparse_encoder.sp_cnn.") :] for n in state if "sp_cnn." in n}

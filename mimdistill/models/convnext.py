@@ -14,6 +14,14 @@ Sparse mode: every conv output (stem, downsample, dwconv) is masked, every
 LayerNorm is per position times the mask, the block's branch is masked
 before the residual add (see `models/sparse.py`).
 
+timm's ConvNeXt (other names, see `interop/cnn_names.convnext_from_timm`)
+computes the same, except that timm 0.5.4's `LayerNorm2d` uses the UNBIASED
+variance (`torch.var_mean`) whenever its input is not contiguous, which is
+the case for the downsample norms after a stage: its logits differ from the
+official model's by ~5e-4 on the same weights. We follow the official code
+(and later timm, which fixed it); with that one norm patched, timm 0.5.4's
+convnext_tiny and this model agree to 2e-6.
+
 Params: `downsample_layers_<i>_<j>`, `stages_<i>_<j>/{dwconv, norm,
 pwconv1, pwconv2, gamma}`, `norm`, `head` (torch names with '.<n>' as
 '_<n>', see `interop/cnn_names.py`).
