@@ -203,3 +203,13 @@ def test_spark_checkpoint_import_and_export(spark, tmp_path):
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(sub), enc.variables)
   timm = export_cnn(enc.variables, "resnet")
   assert set(timm) == {n[len("sparse_encoder.sp_cnn.") :] for n in state if "sp_cnn." in n}
+
+
+def test_scale_by_tree_applies_layer_scales():
+  params = _resnet_params(18)
+  params = jax.tree_util.tree_map(lambda s: jnp.ones(s.shape), params)
+  scales = lrd.lr_scales(params, 0.5)
+  tx = lrd.scale_by_tree(scales)
+  updates, _ = tx.update(params, tx.init(params))
+  assert float(updates["conv1"]["kernel"].max()) == 0.5**7
+  assert float(updates["fc"]["bias"].max()) == 1.0

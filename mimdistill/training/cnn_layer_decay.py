@@ -39,6 +39,7 @@ import re
 from typing import Any
 
 import jax
+import optax
 
 from mimdistill.training.optimizer import path_names
 
@@ -149,3 +150,15 @@ def weight_decay_scales(params: PyTree, no_decay_keys=NO_DECAY_KEYS) -> PyTree:
     return 0.0 if p.ndim == 1 or leaf == "bias" or any(k in name for k in no_decay_keys) else 1.0
 
   return jax.tree_util.tree_map(scale, path_names(params), params)
+
+
+def scale_by_tree(scales: PyTree) -> optax.GradientTransformation:
+  """Multiplies each update by its leaf of `scales` (e.g. `lr_scales`): the
+  per-group `lr * lr_scale` of SparK's param groups, after any optimizer
+  (AdamW, LAMB) whose own update is linear in the lr."""
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map(lambda u, s: u * s, updates, scales), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
