@@ -51,5 +51,7 @@ setup(
     # gs:// workdirs: epath reaches buckets through gcsfs; Orbax also
     # asks google-cloud-storage about the bucket's layout.
     "gcs": ["gcsfs", "google-cloud-storage"],
+    # launch/sky/*.yaml: TPU pods and GPU clusters as SkyPilot managed jobs.
+    "sky": ["skypilot[gcp]>=0.9"],
   },
 )

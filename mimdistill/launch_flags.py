@@ -23,6 +23,31 @@ def define(config_help: str, workdir_help: str | None = None) -> flags.FlagValue
   return flags.FLAGS
 
 
+def distributed_args(environ=None) -> dict:
+  """`jax.distributed.initialize` arguments for the cluster this process runs
+  in: on several SkyPilot nodes (GPU clusters) the coordinator is node 0 of
+  `SKYPILOT_NODE_IPS`, the process id `SKYPILOT_NODE_RANK`; elsewhere (Cloud
+  TPU pods, Slurm, ...) JAX detects them itself (no arguments)."""
+  import os
+
+  env = os.environ if environ is None else environ
+  nodes = int(env.get("SKYPILOT_NUM_NODES", "1") or 1)
+  if nodes <= 1:
+    return {}
+  ips = [ip for ip in env.get("SKYPILOT_NODE_IPS", "").split() if ip]
+  if len(ips) != nodes:
+    raise ValueError(
+      f"SKYPILOT_NUM_NODES={nodes} but SKYPILOT_NODE_IPS lists {len(ips)} addresses; "
+      "start the job through SkyPilot (launch/sky/gpu_nodes.yaml) or set both alike"
+    )
+  port = env.get("COORDINATOR_PORT", "12355")
+  return {
+    "coordinator_address": f"{ips[0]}:{port}",
+    "num_processes": nodes,
+    "process_id": int(env["SKYPILOT_NODE_RANK"]),
+  }
+
+
 def start(level: int = logging.INFO):
   """Logging, then `jax.distributed.initialize()` with --multihost (before
   anything touches the devices); returns the jax module."""
@@ -30,7 +55,7 @@ def start(level: int = logging.INFO):
   import jax
 
   if flags.FLAGS.multihost:
-    jax.distributed.initialize()
+    jax.distributed.initialize(**distributed_args())
   return jax
 
 
