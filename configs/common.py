@@ -51,6 +51,7 @@ def stage_config(
       eval_split="validation",
       image_size=224,
       num_workers=8,
+      bad_files="refuse",  # folder: files that do not decode: 'refuse' (listed) or 'skip'
       **data,
     )
   )

@@ -46,6 +46,9 @@ def get_config(arg: str = "quickstart") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.preset = arg
   c.teacher_source = ""  # skip stage 1: distil from this .pth or workdir
+  # Run this stage and the ones after it again (a finished stage whose config
+  # changed is refused otherwise); the finished ones are kept, renamed.
+  c.rerun_from = ""
   if preset in _THREE_STAGES:
     pre, dis, fin = _THREE_STAGES[preset]
     c.pretrain = mae_pretrain.get_config(pre)

@@ -1,12 +1,38 @@
-"""The flags and start-up that the launch scripts share (absl flags, an
-ml_collections config file with `--config.<field>=` overrides)."""
+"""The flags, start-up and error handling the launch scripts share (absl
+flags, an ml_collections config file with `--config.<field>=` overrides).
+
+`run(main)` replaces `absl.app.run`: a user error (a bad config value or
+override, a missing file, a refused checkpoint, a NaN stop) is printed as one
+line `error: <message>` with exit status 2, before any compilation where the
+stages can check it; `--verbose_errors` shows the traceback instead.
+
+Console output: the project's own log lines (stage headers, warnings), the
+progress bars and the summary. Library log lines (Orbax, absl, JAX) go to
+`<workdir>/mimdistill.log`; `--verbosity=0` (absl's flag) shows them on the
+console again.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
+import sys
 
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
+
+# What a user can cause and fix: config values and overrides, paths, files,
+# checkpoints, the data, a diverged run. Anything else is a bug and keeps its
+# traceback.
+USER_ERRORS = (
+  ValueError,
+  KeyError,
+  OSError,
+  FloatingPointError,
+  ImportError,
+  flags.Error,
+)
+LOG_FILE = "mimdistill.log"
 
 
 def define(config_help: str, workdir_help: str | None = None) -> flags.FlagValues:
@@ -19,8 +45,68 @@ def define(config_help: str, workdir_help: str | None = None) -> flags.FlagValue
     flags.DEFINE_string("workdir", None, workdir_help)
     required.append("workdir")
   flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first")
+  flags.DEFINE_bool("verbose_errors", False, "show the traceback of an error, not one line")
   flags.mark_flags_as_required(required)
   return flags.FLAGS
+
+
+def one_line(error: BaseException) -> str:
+  """The message of `error` on one line: the last exception line of a message
+  that quotes a traceback (config files raise inside absl's flag parsing),
+  an ml_collections 'did you mean', newlines joined."""
+  while error.__cause__ is not None and "config file" in str(error):
+    error = error.__cause__  # ml_collections wraps the real reason
+  text = str(error).strip() or type(error).__name__
+  quoted = re.findall(r"^\s*(?:[\w.]+(?:Error|Exception)): (.+)$", text, flags=re.M)
+  if "Traceback" in text or 'File "' in text:
+    text = quoted[-1] if quoted else text.splitlines()[-1]
+  if isinstance(error, KeyError) and text.startswith(("'", '"')):
+    text = text.strip("'\"")
+  text = text.replace("\\n", "\n").replace("\\'", "'")
+  lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+  if len(lines) == 2 and lines[1].strip("'\"").startswith("Did you mean"):
+    field, hint = lines[0].strip("'\""), lines[1].strip("'\"")
+    return f"unknown config field {field!r}; {hint[0].lower()}{hint[1:]}"
+  return "; ".join(lines)
+
+
+def fail(error: BaseException) -> None:
+  print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def run(main) -> None:
+  """`absl.app.run(main)` with the project's error handling (module doc)."""
+
+  def parse(argv):
+    import os
+
+    for i, arg in enumerate(argv):
+      value = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None
+      value = arg.split("=", 1)[1] if arg.startswith("--config=") else value
+      if value and not os.path.isfile(value.split(":")[0]):
+        print(
+          f"error: --config={value}: no such file {value.split(':')[0]!r}; pass a config "
+          "file[:preset] such as configs/pipeline.py:quickstart (relative to the repository)",
+          file=sys.stderr,
+        )
+        sys.exit(2)
+    try:
+      return flags.FLAGS(argv)
+    except Exception as e:  # anything while parsing: the command line or the config file
+      if "--verbose_errors" in argv:
+        raise
+      fail(e)
+
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except USER_ERRORS as e:
+      if flags.FLAGS.verbose_errors:
+        raise
+      fail(e)
+
+  app.run(wrapped, flags_parser=parse)
 
 
 def distributed_args(environ=None) -> dict:
@@ -48,10 +134,48 @@ def distributed_args(environ=None) -> dict:
   }
 
 
+class _ProjectOrError(logging.Filter):
+  """The console shows the project's records, and others from ERROR up."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.name.startswith("mimdistill") or record.levelno >= logging.ERROR
+
+
+def configure_logging(workdir: str | None = None, level: int = logging.INFO) -> str | None:
+  """Console: the project's log lines at `level`, library lines only from
+  ERROR (all of them at absl's --verbosity >= 0); every line at INFO into
+  `<workdir>/mimdistill.log` (a local workdir; a bucket workdir logs to the
+  console only). Returns the log file's path."""
+  import os
+
+  verbose = flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].present
+  root = logging.getLogger()
+  for handler in list(root.handlers):
+    root.removeHandler(handler)
+  root.setLevel(logging.INFO)
+  console = logging.StreamHandler(sys.stderr)
+  console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+  console.setLevel(logging.INFO if verbose else level)
+  if not verbose:
+    console.addFilter(_ProjectOrError())
+  root.addHandler(console)
+  logging.getLogger("mimdistill").setLevel(min(level, logging.INFO))
+  path = None
+  if workdir and "://" not in workdir:
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, LOG_FILE)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root.addHandler(handler)
+  return path
+
+
 def start(level: int = logging.INFO):
-  """Logging, then `jax.distributed.initialize()` with --multihost (before
-  anything touches the devices); returns the jax module."""
-  logging.basicConfig(level=level, format="%(asctime)s %(message)s")
+  """Logging (see `configure_logging`), then `jax.distributed.initialize()`
+  with --multihost (before anything touches the devices); returns the jax
+  module."""
+  workdir = flags.FLAGS["workdir"].value if "workdir" in flags.FLAGS else None
+  configure_logging(workdir, level)
   import jax
 
   if flags.FLAGS.multihost:

@@ -77,3 +77,67 @@ def read_json(workdir, name: str) -> dict | None:
 def signature(workdir) -> dict:
   """The identity of the model a workdir trained (empty if unknown)."""
   return (read_json(workdir, CONFIG) or {}).get("signature") or {}
+
+
+# Config fields that may change when a run resumes (they change how a run is
+# logged, saved, placed or computed, not what it trains): anything else that
+# differs from the saved config is refused (`config_changes`).
+RESUMABLE = (
+  "preset",
+  "log_every",
+  "checkpoint_every",
+  "keep_checkpoints",
+  "async_checkpoints",
+  "eval_every",
+  "num_visualize",
+  "figures",
+  "mesh.*",
+  "data.data_dir",
+  "data.num_workers",
+  "data.read_threads",
+  "data.prefetch",
+  "*.fused_attention",
+  "*.remat",
+  "*.scan_blocks",
+)
+# A longer (or shorter) run of the same stage resumes too.
+LENGTH = ("total_epochs", "total_steps")
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in config.items():
+    if isinstance(value, dict):
+      out.update(flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def config_changes(old: dict, new: dict, ignore=RESUMABLE) -> list[tuple[str, object, object]]:
+  """`(field, old value, new value)` of every field that differs between two
+  config dicts, but for the fields matching `ignore` (fnmatch patterns)."""
+  import fnmatch
+
+  a, b = flatten(old), flatten(new)
+  fields = sorted(set(a) | set(b))
+  skip = lambda f: any(fnmatch.fnmatchcase(f, p) for p in ignore)
+  missing = object()
+  out = []
+  for f in fields:
+    x, y = a.get(f, missing), b.get(f, missing)
+    if skip(f) or _same(x, y):
+      continue
+    out.append((f, None if x is missing else x, None if y is missing else y))
+  return out
+
+
+def _same(x, y) -> bool:
+  # JSON turns tuples into lists.
+  norm = lambda v: list(v) if isinstance(v, tuple) else v
+  return norm(x) == norm(y)
+
+
+def describe_changes(changes, limit: int = 6) -> str:
+  shown = "; ".join(f"{f}: {a!r} there, {b!r} now" for f, a, b in changes[:limit])
+  return shown + (f"; ... {len(changes) - limit} more" if len(changes) > limit else "")

@@ -409,7 +409,9 @@ def make_dataset(
     config, seed=seed, mesh=mesh, data_axis=data_axis, process_count=process_count, train=train
   )
 
-  builder = sources.get_builder(_get(config, "name"), _get(config, "data_dir", None))
+  builder = sources.get_builder(
+    _get(config, "name"), _get(config, "data_dir", None), _get(config, "bad_files", "refuse")
+  )
   sources.ensure_prepared(builder)
   image_key = _get(config, "image_key", "image")
   label_key = _get(config, "label_key", "label")

@@ -27,6 +27,7 @@ from tensorflow_datasets.core import file_adapters
 from mimdistill.data import class_folder, embedded_shapes, local_builder
 
 EMBEDDED = "embedded"
+_CURRENT: set = set()  # prepared folder copies found current in this process
 FOLDER_PREFIX = "folder:"
 
 
@@ -37,6 +38,13 @@ def check_name(name: str) -> None:
       f"Dataset name {name!r} is not a string; use 'embedded', "
       "'folder:<path>' or a TFDS dataset name."
     )
+  if not name.startswith(FOLDER_PREFIX) and (
+    name.startswith(("/", ".", "~")) or os.path.isdir(os.path.expanduser(name))
+  ):
+    raise ValueError(
+      f"Dataset name {name!r} looks like a folder; a folder of class folders is "
+      f"'folder:{name}' (<path>/<split>/<class>/*.jpg)."
+    )
   if name.startswith(FOLDER_PREFIX):
     root = name[len(FOLDER_PREFIX) :]
     if not os.path.isdir(root):
@@ -46,24 +54,43 @@ def check_name(name: str) -> None:
       )
 
 
-def get_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
-  """The TFDS builder that `name` refers to; prepares nothing."""
+def get_builder(
+  name: str, data_dir: str | None, bad_files: str = "refuse"
+) -> tfds.core.DatasetBuilder:
+  """The TFDS builder that `name` refers to; prepares nothing. A folder's
+  prepared copy that no longer matches the folder is deleted here (and
+  prepared again on use); `bad_files` ('refuse' | 'skip') is what preparing
+  a folder does with files that do not decode."""
   check_name(name)
   kwargs = {"data_dir": data_dir}
   if name == EMBEDDED:
     return embedded_shapes.ShapesBuilder(file_format=local_builder.FILE_FORMAT, **kwargs)
   if name.startswith(FOLDER_PREFIX):
-    return class_folder.ClassFolderBuilder(
-      config=class_folder.config_for(name[len(FOLDER_PREFIX) :]),
+    make = lambda: class_folder.ClassFolderBuilder(
+      config=class_folder.config_for(name[len(FOLDER_PREFIX) :], bad_files),
       file_format=local_builder.FILE_FORMAT,
       **kwargs,
     )
+    builder = make()
+    key = (os.fspath(builder.data_dir), bad_files)
+    if key not in _CURRENT and builder.is_prepared() and not builder.is_current():
+      builder.discard()
+      builder = make()
+    _CURRENT.add(key)  # checked once per process: a run reads the folder as it began
+    return builder
   try:
     return tfds.builder(name, **kwargs)
   except tfds.core.registered.DatasetNotFoundError:
     raise ValueError(
       f"Unknown dataset name {name!r}: use 'embedded', 'folder:<path>' or a "
       "TFDS dataset name (see tfds.list_builders())."
+    ) from None
+  except ValueError as e:
+    if "builder name string" not in str(e):
+      raise
+    raise ValueError(
+      f"Dataset name {name!r} is not a TFDS name (dataset[/config][:version]); use "
+      "'embedded', 'folder:<path>' or a TFDS dataset name."
     ) from None
 
 
@@ -85,11 +112,11 @@ def ensure_prepared(builder: tfds.core.DatasetBuilder) -> None:
     )
 
 
-def check_available(name: str, data_dir: str | None) -> None:
+def check_available(name: str, data_dir: str | None, bad_files: str = "refuse") -> None:
   """Fails fast (before any training is set up) on an unknown dataset name,
   a missing folder, or a TFDS dataset that is not prepared. Our own datasets
   are prepared on first use, so they always count as available."""
-  builder = get_builder(name, data_dir)
+  builder = get_builder(name, data_dir, bad_files)
   if not isinstance(builder, local_builder.LocalBuilder):
     ensure_prepared(builder)
 
@@ -140,6 +167,23 @@ def class_names(
   return None
 
 
+def to_8bit(image: Image.Image) -> Image.Image:
+  """Integer images of more than 8 bits and float images as 8-bit 'L'.
+
+  PIL's own `convert('RGB')` clips 16-bit ('I;16', 'I') and float ('F')
+  pixels to 255, so a 16-bit PNG becomes all white. 16-bit and 32-bit
+  integer pixels are taken as 16-bit data (0..65535, as PNG and TIFF store
+  them) and scaled by 255/65535; float pixels as 0..1 (TIFF's convention for
+  float images), scaled by 255. Both rounded and clipped."""
+  if image.mode.startswith("I;16") or image.mode == "I":
+    array = np.asarray(image, np.float64) * (255.0 / 65535.0)
+  elif image.mode == "F":
+    array = np.asarray(image, np.float64) * 255.0
+  else:
+    return image
+  return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "L")
+
+
 def decode_image(value) -> Image.Image:
   """An image feature (encoded bytes or uint8 array) as an RGB PIL image."""
   if isinstance(value, (bytes, bytearray)):
@@ -147,5 +191,5 @@ def decode_image(value) -> Image.Image:
   else:
     array = np.asarray(value)
     image = Image.fromarray(array[..., 0] if array.shape[-1:] == (1,) else array)
-  # Grayscale, CMYK and palette images exist in ImageNet and user folders.
-  return image.convert("RGB")
+  # Grayscale, CMYK, palette and 16-bit images exist in ImageNet and user folders.
+  return to_8bit(image).convert("RGB")

@@ -49,6 +49,17 @@ def num_visible(num_patches: int, mask_ratio: float) -> int:
   return int(num_patches * (1 - mask_ratio))
 
 
+def check_mask_ratio(ratio: float, num_patches: int, field: str) -> None:
+  """A ratio in (0, 1) that leaves at least one patch visible."""
+  if not (isinstance(ratio, (int, float)) and 0 < ratio < 1):
+    raise ValueError(f"{field}={ratio!r} must be in (0, 1); the MAE recipe uses 0.75")
+  if num_visible(num_patches, ratio) < 1:
+    most = 1 - 1 / num_patches
+    raise ValueError(
+      f"{field}={ratio} leaves no visible patch of {num_patches}; use at most {most:.4f}"
+    )
+
+
 def random_masking(noise: jax.Array, mask_ratio: float) -> Masking:
   """MAE's per-sample shuffle: keep the patches with the smallest noise."""
   b, l = noise.shape

@@ -35,14 +35,14 @@ from mimdistill import workdir as workdir_lib
 from mimdistill.data import input_pipeline, sources
 from mimdistill.models import factory, variants
 from mimdistill.models import pos_embed as pos_embed_lib
-from mimdistill.models.mae import random_masking
+from mimdistill.models.mae import check_mask_ratio, random_masking
 from mimdistill.models.tinymim import DistillStudent
 from mimdistill.models.vit import ViTEncoder
 from mimdistill.objectives import distill_targets as targets_lib
 from mimdistill.objectives.mae_loss import mae_loss
 from mimdistill.objectives.relations import RELATION_SETS
 from mimdistill.paths import as_path
-from mimdistill.stages.sources import read_encoder, shape_table
+from mimdistill.stages.sources import check_recorded_architecture, read_encoder, shape_table
 from mimdistill.stages.synthetic import Synthetic, random_images
 from mimdistill.training import loop as loop_lib
 from mimdistill.training import optimizer as opt_lib
@@ -123,10 +123,15 @@ def _one_of(value, allowed, field: str) -> None:
 
 def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
   """Every check that can fail before a checkpoint or data is read
-  (`data=False`: all but the teacher source and the dataset)."""
+  (`data=False`: all but the teacher source and the dataset). A teacher
+  workdir's recorded architecture fills the teacher fields the config leaves
+  unset and must agree with the rest."""
+  if data and config.teacher.source:
+    check_recorded_architecture(config.teacher, config.teacher.source, "teacher")
   student = variants.resolve(config.student)
   teacher = variants.resolve(config.teacher)
   factory.compute_dtype(config.dtype)
+  run_config.validate(config)
   d = config.distill
   _one_of(d.target, targets_lib.TARGETS, "distill.target")
   _one_of(d.relation_set, RELATION_SETS, "distill.relation_set")
@@ -134,8 +139,8 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
   _one_of(d.feature, targets_lib.FEATURE_TYPES, "distill.feature")
   _one_of(d.student_input, STUDENT_INPUTS, "distill.student_input")
   plan = make_plan(config)
-  if plan.masked and not 0 < plan.mask_ratio < 1:
-    raise ValueError(f"distill.mask_ratio={plan.mask_ratio} must be in (0, 1)")
+  if plan.masked:
+    check_mask_ratio(plan.mask_ratio, student.num_patches, "distill.mask_ratio")
   if plan.mae_weight and not plan.masked:
     raise ValueError(
       f"distill.mae_weight={plan.mae_weight} needs "
@@ -181,7 +186,7 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
       "stage-1/stage-2 workdir (optionally workdir:step) or an "
       "official .pth file"
     )
-  sources.check_available(config.data.name, config.data.data_dir)
+  sources.check_available(config.data.name, config.data.data_dir, config.data.bad_files)
 
 
 # -----------------------------------------------------------------------------
@@ -460,6 +465,7 @@ def build_task(
     schedule=schedule,
     total_steps=total,
     images_per_step=config.batch_size,
+    accumulate_steps=config.optimizer.accumulate_steps,
     inputs=teacher_variables,
     signature={
       "stage": "distill",

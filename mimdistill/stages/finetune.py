@@ -57,6 +57,12 @@ SYNTHETIC_NUM_CLASSES = 1000
 def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
   spec = variants.resolve(config.model)
   factory.compute_dtype(config.dtype)
+  run_config.validate(config)
+  if not isinstance(config.num_classes, int) or config.num_classes < 0 or config.num_classes == 1:
+    raise ValueError(
+      f"num_classes={config.num_classes!r}: a classifier needs at least 2 classes (0: from the "
+      "dataset)"
+    )
   if spec.image_size != config.data.image_size:
     raise ValueError(
       f"model.image_size={spec.image_size} differs from "
@@ -73,7 +79,7 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
     raise ValueError(
       "linear probing needs a pre-trained encoder: set --config.init.source=<workdir or .pth>"
     )
-  sources.check_available(config.data.name, config.data.data_dir)
+  sources.check_available(config.data.name, config.data.data_dir, config.data.bad_files)
 
 
 # -----------------------------------------------------------------------------
@@ -231,6 +237,7 @@ def build_task(
     schedule=schedule,
     total_steps=total,
     images_per_step=config.batch_size,
+    accumulate_steps=config.optimizer.accumulate_steps,
     pretrained=pretrained,
     signature={
       "stage": config.mode,

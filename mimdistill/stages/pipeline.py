@@ -21,9 +21,11 @@ from etils import epath
 from mimdistill import workdir as workdir_lib
 from mimdistill.paths import as_path
 from mimdistill.stages import registry
+from mimdistill.workdir_lock import WorkdirLock
 
 log = logging.getLogger("mimdistill")
 DONE = workdir_lib.STAGE_DONE
+RERUN = "rerun.json"
 
 
 def _link(name: str, stage_cfg, previous: epath.Path | None, teacher_source: str):
@@ -46,8 +48,59 @@ def _link(name: str, stage_cfg, previous: epath.Path | None, teacher_source: str
   return "no parent"
 
 
+def _done_record(name: str, stage_cfg, stage_dir) -> dict | None:
+  """The stage's done-record if it finished with this config (the fields of
+  `workdir.RESUMABLE` aside); raises if it finished with another one."""
+  done = workdir_lib.read_json(stage_dir, DONE)
+  if done is None:
+    return None
+  if "config" not in done:
+    log.warning(
+      "pipeline: %s in %s finished before configs were recorded; skipped", name, stage_dir
+    )
+    return done
+  changes = workdir_lib.config_changes(done["config"], stage_cfg.to_dict())
+  if changes:
+    raise ValueError(
+      f"pipeline: stage {name!r} finished in {stage_dir} with another config "
+      f"({workdir_lib.describe_changes(changes)}), so its result is not this config's; use a new "
+      f"--workdir, or --config.rerun_from={name} to run it and the stages after it again (the "
+      f"finished ones are kept as {name}.replaced-<time>)"
+    )
+  return done
+
+
+def _apply_rerun(config, names: list[str], workdir) -> None:
+  """Moves the workdirs of `config.rerun_from` and the stages after it aside
+  (`<stage>.replaced-<time>`, nothing is deleted), once per pipeline config:
+  a rerun that is itself interrupted resumes instead of starting over."""
+  target = config.rerun_from
+  if not target:
+    return
+  if target not in names:
+    raise ValueError(f"rerun_from={target!r} is not one of the stages {names}")
+  marker = {"from": target, "config": config.to_dict()}
+  if workdir_lib.read_json(workdir, RERUN) == json.loads(json.dumps(marker, default=str)):
+    return
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  for name in names[names.index(target) :]:
+    stage_dir = workdir / name
+    if stage_dir.exists():
+      aside = workdir / f"{name}.replaced-{stamp}"
+      stage_dir.rename(aside)
+      log.warning("pipeline: rerun_from=%s: moved %s to %s", target, stage_dir, aside)
+  workdir_lib.write_json(workdir, RERUN, marker)
+
+
 def run_pipeline(config, workdir) -> dict:
+  """Runs the stages in order (see the module doc), holding the pipeline
+  workdir's lock; every stage holds its own workdir's."""
   workdir = as_path(workdir)
+  with WorkdirLock(workdir):
+    return _run_pipeline(config, workdir)
+
+
+def _run_pipeline(config, workdir) -> dict:
   names = [n.strip() for n in config.stages.split(",") if n.strip()]
   unknown = [n for n in names if n not in config]
   if unknown:
@@ -57,6 +110,7 @@ def run_pipeline(config, workdir) -> dict:
     )
   if config.get("teacher_source") and names and config[names[0]].stage == "pretrain":
     names = names[1:]  # an external teacher replaces stage 1
+  _apply_rerun(config, names, workdir)
   summary = {"workdir": str(workdir), "stages": []}
   previous = None
   for name in names:
@@ -64,7 +118,7 @@ def run_pipeline(config, workdir) -> dict:
     stage_dir = workdir / name
     with stage_cfg.unlocked():
       parent_desc = _link(name, stage_cfg, previous, config.get("teacher_source", ""))
-    done = workdir_lib.read_json(stage_dir, DONE)
+    done = _done_record(name, stage_cfg, stage_dir)
     if done is not None:
       log.info("pipeline: %s already finished in %s, skipped", name, stage_dir)
       record = done
@@ -82,6 +136,7 @@ def run_pipeline(config, workdir) -> dict:
         "checkpoint": _latest_checkpoint(stage_dir),
         "lineage": workdir_lib.read_json(stage_dir, workdir_lib.LINEAGE),
         "final_metrics": workdir_lib.read_json(stage_dir, workdir_lib.FINAL_METRICS),
+        "config": stage_cfg.to_dict(),
       }
       workdir_lib.write_json(stage_dir, DONE, record)
     summary["stages"].append(record)

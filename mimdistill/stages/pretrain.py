@@ -12,7 +12,7 @@ import numpy as np
 
 from mimdistill.data import input_pipeline, sources
 from mimdistill.models import factory, variants
-from mimdistill.models.mae import MAE
+from mimdistill.models.mae import MAE, check_mask_ratio
 from mimdistill.objectives.mae_loss import mae_loss
 from mimdistill.paths import as_path
 from mimdistill.stages.synthetic import Synthetic, random_images
@@ -31,10 +31,10 @@ def build_model(config: ml_collections.ConfigDict) -> MAE:
 def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
   """Every check that can fail before data is read or anything compiles
   (`data=False`: all but the dataset's availability)."""
-  variants.resolve(config.model)
+  spec = variants.resolve(config.model)
   factory.compute_dtype(config.dtype)
-  if not 0 < config.mask_ratio < 1:
-    raise ValueError(f"mask_ratio={config.mask_ratio} must be in (0, 1); the MAE recipe uses 0.75")
+  run_config.validate(config)
+  check_mask_ratio(config.mask_ratio, spec.num_patches, "mask_ratio")
   if config.model.image_size != config.data.image_size:
     raise ValueError(
       f"model.image_size={config.model.image_size} differs from "
@@ -42,7 +42,7 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
     )
   shard_lib.check_batch(config.batch_size, shard_lib.mesh_from_config(config))
   if data:
-    sources.check_available(config.data.name, config.data.data_dir)
+    sources.check_available(config.data.name, config.data.data_dir, config.data.bad_files)
 
 
 def build_task(config, model: MAE, steps_per_epoch: int) -> loop_lib.Task:
@@ -78,6 +78,7 @@ def build_task(config, model: MAE, steps_per_epoch: int) -> loop_lib.Task:
     schedule=schedule,
     total_steps=total,
     images_per_step=config.batch_size,
+    accumulate_steps=config.optimizer.accumulate_steps,
     signature={
       "stage": "pretrain",
       "model": spec.kwargs(),

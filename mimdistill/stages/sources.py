@@ -95,3 +95,53 @@ def read_encoder(source: str, *, what: str = "init") -> EncoderSource:
   return EncoderSource(
     params["encoder"], fixed, head, {"kind": "workdir", "source": path, **record}
   )
+
+
+ARCH_FIELDS = ("width", "depth", "num_heads", "patch_size", "image_size")
+
+
+def recorded_model(source: str) -> tuple[dict, str] | None:
+  """The architecture a workdir source records (`config.json`'s signature of
+  a stage workdir, `model.json` of a converted checkpoint) and where it was
+  read; None for files and workdirs without a record. Heads a converter only
+  assumed (not stored in the weights) are left out."""
+  path = str(source)
+  if path.endswith(PTH_SUFFIXES) or path.endswith(".safetensors"):
+    return None
+  workdir, _ = workdir_lib.parse_source(path)
+  converted = workdir_lib.read_json(workdir, workdir_lib.MODEL) if workdir.is_dir() else None
+  if converted:
+    model = dict(converted.get("model") or {})
+    for field in model.get("assumed") or ():
+      model.pop(field, None)
+    return {k: model[k] for k in ARCH_FIELDS if model.get(k) is not None}, str(
+      workdir / workdir_lib.MODEL
+    )
+  model = workdir_lib.signature(workdir).get("model") if workdir.is_dir() else None
+  if not model:
+    return None
+  return {k: model[k] for k in ARCH_FIELDS if model.get(k) is not None}, str(
+    workdir / workdir_lib.CONFIG
+  )
+
+
+def check_recorded_architecture(section, source: str, what: str) -> None:
+  """Fills the architecture fields `section` leaves unset from the source's
+  record, and refuses one that disagrees with it (e.g. `teacher.num_heads=2`
+  on a 4-head teacher would split the qkv projection wrongly)."""
+  found = recorded_model(source)
+  if found is None:
+    return
+  record, where = found
+  custom = section.get("variant") == "custom"
+  for field, value in record.items():
+    if custom and section.get(field) is None:
+      section[field] = value
+  from mimdistill.models import variants
+
+  spec = variants.resolve(section).kwargs()
+  wrong = [(f, spec[f], v) for f, v in record.items() if spec.get(f) != v]
+  if wrong:
+    shown = ", ".join(f"{what}.{f}={a} but {b} there" for f, a, b in wrong)
+    fix = " ".join(f"--config.{what}.{f}={b}" for f, _, b in wrong)
+    raise ValueError(f"{what}.source={source}: {shown} ({where}); set {fix}")

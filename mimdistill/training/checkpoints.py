@@ -7,6 +7,7 @@ Reading a saved state's parts elsewhere: `mimdistill.interop.orbax_tree`.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import grain
@@ -15,30 +16,89 @@ import orbax.checkpoint as ocp
 from mimdistill import workdir as workdir_lib
 from mimdistill.paths import INSTALL_HINT
 
+log = logging.getLogger("mimdistill")
+
 PyTree = Any
+
+
+class CheckpointDamagedError(OSError):
+  """Every checkpoint of a workdir is damaged."""
 
 
 class Checkpointer:
   """Saves and restores `{'state': TrainState, 'data': iterator state}`."""
 
   def __init__(self, workdir, *, every_steps: int, keep: int = 3, async_save: bool = True):
-    directory = workdir_lib.checkpoint_dir(workdir)
+    self.directory = workdir_lib.checkpoint_dir(workdir)
+    self._options = dict(
+      save_interval_steps=max(1, every_steps),
+      max_to_keep=keep,
+      enable_async_checkpointing=async_save,
+      create=True,
+    )
+    self.manager = self._open()
+
+  def _open(self) -> ocp.CheckpointManager:
     try:
-      self.manager = ocp.CheckpointManager(
-        directory,
-        options=ocp.CheckpointManagerOptions(
-          save_interval_steps=max(1, every_steps),
-          max_to_keep=keep,
-          enable_async_checkpointing=async_save,
-          create=True,
-        ),
+      return ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(**self._options)
       )
     except ImportError as e:
       # Orbax asks google-cloud-storage about a gs:// bucket's layout.
-      raise ImportError(f"Orbax cannot reach {directory} ({e}); {INSTALL_HINT}") from e
+      raise ImportError(f"Orbax cannot reach {self.directory} ({e}); {INSTALL_HINT}") from e
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
+
+  def _set_aside(self, step: int, why: str) -> None:
+    """Moves a damaged step folder out of Orbax's sight (kept, not deleted)."""
+    src = self.directory / str(step)
+    dst = self.directory / f"{step}.damaged"
+    n = 1
+    while dst.exists():
+      n += 1
+      dst = self.directory / f"{step}.damaged{n}"
+    log.warning(
+      "checkpoint step %d in %s is damaged (%s); moved to %s, resuming from the one before",
+      step,
+      self.directory,
+      why,
+      dst.name,
+    )
+    src.rename(dst)
+
+  def restore_latest(self, abstract_state: PyTree, data_iterator=None):
+    """`(step, state)` of the newest intact checkpoint, or None when there is
+    none. A damaged one (missing or truncated data, a deleted `state/` or
+    metadata) is set aside with a warning that names its step, and the one
+    before it is tried; when every one is damaged, one error says which
+    folder to delete."""
+    listed = set(self.manager.all_steps())
+    damaged = {
+      step: "not a finished Orbax checkpoint (its metadata is missing)"
+      for step in set(workdir_lib.checkpoint_steps(self.directory.parent)) - listed
+    }
+    restored = None
+    for step in sorted(listed, reverse=True):
+      try:
+        restored = (step, self.restore(step, abstract_state, data_iterator))
+        break
+      except Exception as e:  # TensorStore and Orbax raise many types for broken files
+        text = str(e).strip()
+        damaged[step] = text.splitlines()[0][:200] if text else type(e).__name__
+    if restored is None and damaged:
+      steps = ", ".join(str(s) for s in sorted(damaged))
+      first = damaged[max(damaged)]
+      raise CheckpointDamagedError(
+        f"every checkpoint in {self.directory} is damaged (steps {steps}: {first}); delete "
+        f"{self.directory} to start this stage over (or restore it from a backup)"
+      )
+    if damaged:
+      for step, why in sorted(damaged.items()):
+        self._set_aside(step, why)
+      self.manager.close()
+      self.manager = self._open()
+    return restored
 
   def save(self, step: int, state: PyTree, data_iterator=None, force: bool = False) -> bool:
     """`data_iterator`: a grain iterator; its position is saved per process."""

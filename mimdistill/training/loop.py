@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -37,6 +38,7 @@ from mimdistill.training import checkpoints as ckpt_lib
 from mimdistill.training import sharding as shard_lib
 from mimdistill.training.metrics import MetricWriter, to_host
 from mimdistill.training.state import TrainState
+from mimdistill.workdir_lock import WorkdirLock
 
 PyTree = Any
 log = logging.getLogger("mimdistill")
@@ -76,6 +78,9 @@ class Task:
   best_metric: str = "top1"
   # > 0 keeps `state.ema = d * ema + (1 - d) * params` after every update.
   ema_decay: float = 0.0
+  # Micro-steps per optimizer update (the optimizer accumulates them); only
+  # the logged lr needs it here.
+  accumulate_steps: int = 1
 
 
 @dataclasses.dataclass
@@ -116,7 +121,9 @@ def build_update(task: Task, tx: optax.GradientTransformation):
     (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(loss)
+    grad_norm = optax.tree.norm(grads)
+    # A finite loss with an overflowing gradient would still write NaN params.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # A non-finite loss leaves the state untouched (the host stops the run at
     # its next check), so what gets checkpointed is always a good state.
     keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -133,13 +140,21 @@ def build_update(task: Task, tx: optax.GradientTransformation):
     metrics = dict(
       metrics,
       loss=loss,
-      lr=task.schedule(state.step),
-      grad_norm=optax.tree.norm(grads),
+      lr=applied_lr(task, state.step),
+      grad_norm=grad_norm,
       nonfinite=(~finite).astype(jnp.int32),
     )
     return new_state, metrics
 
   return update
+
+
+def applied_lr(task: Task, step):
+  """The lr the optimizer applies at loop step `step`: with gradient
+  accumulation over k micro-steps, update j (made at micro-step j*k + k-1)
+  uses the schedule at micro-step j*k (MAE's engine)."""
+  k = task.accumulate_steps
+  return task.schedule(step // k * k) if k > 1 else task.schedule(step)
 
 
 def make_init_state(task: Task) -> Callable[[jax.Array], TrainState]:
@@ -231,7 +246,10 @@ def prepare(task: Task, mesh, rng: jax.Array) -> Prepared:
 
 
 def check_workdir(workdir, config_dict: dict, signature: dict):
-  """Refuses a workdir whose checkpoints belong to another model."""
+  """Refuses a workdir whose checkpoints belong to another model, or to
+  another run of it (another dataset, batch size, recipe: anything but the
+  fields of `workdir.RESUMABLE` and the run's length), then records the
+  config."""
   saved = workdir_lib.read_json(workdir, workdir_lib.CONFIG)
   if saved and workdir_lib.has_checkpoints(workdir):
     old = saved.get("signature", {})
@@ -242,8 +260,25 @@ def check_workdir(workdir, config_dict: dict, signature: dict):
         f"({', '.join(f'{k}: {a} there vs {b} now' for k, (a, b) in diff.items())}); "
         "use a new --workdir or the same model config"
       )
+    changes = workdir_lib.config_changes(
+      saved.get("config") or {},
+      config_dict,
+      ignore=workdir_lib.RESUMABLE + workdir_lib.LENGTH,
+    )
+    if changes and saved.get("config"):
+      raise ValueError(
+        f"workdir {workdir} holds checkpoints of a run with another config "
+        f"({workdir_lib.describe_changes(changes)}); resuming would mix the two: use the saved "
+        "settings to resume, or a new --workdir for the new ones"
+      )
   workdir_lib.write_json(
     workdir, workdir_lib.CONFIG, {"config": config_dict, "signature": signature}
+  )
+
+
+def _max_abs(tree) -> float:
+  return float(
+    max((jnp.max(jnp.abs(x)) for x in jax.tree_util.tree_leaves(tree) if x.size), default=0.0)
   )
 
 
@@ -258,13 +293,19 @@ def train(
   lineage: dict | None = None,
   on_log: Callable[[int, dict], None] | None = None,
 ) -> TrainResult:
-  """Runs (or resumes) `task` to `task.total_steps` on `mesh`.
+  """Runs (or resumes) `task` to `task.total_steps` on `mesh`, holding the
+  workdir's lock for the whole run.
 
   `data` is a `mimdistill.data` train `BatchIterator` (global batches; its
   `grain_iterator` position is checkpointed with the state). Returns the
   final state and the metrics written to `final_metrics.json`.
   """
   workdir = as_path(workdir)
+  with WorkdirLock(workdir):
+    return _train(task, data, workdir, loop, mesh, config_dict, lineage, on_log)
+
+
+def _train(task, data, workdir, loop, mesh, config_dict, lineage, on_log) -> TrainResult:
   check_workdir(workdir, config_dict or {}, task.signature)
   if lineage is not None:
     workdir_lib.write_json(workdir, workdir_lib.LINEAGE, lineage)
@@ -277,13 +318,15 @@ def train(
     keep=loop.keep_checkpoints,
     async_save=loop.async_checkpoints,
   )
-  start = checkpointer.latest_step()
-  if start is not None:
-    state = checkpointer.restore(start, prep.abstract_state, data.grain_iterator)
+  restored = checkpointer.restore_latest(prep.abstract_state, data.grain_iterator)
+  if restored is not None:
+    start, state = restored
     log.info("resumed %s from step %d of %s", task.name, start, workdir)
   else:
     start = 0
     state = prep.init_state()
+  # The checkpoint a NaN/Inf stop leaves: (step, its logged loss).
+  kept = (start, None) if restored is not None else None
 
   # -- the loop ---------------------------------------------------------------
   best = None
@@ -314,12 +357,7 @@ def train(
       if done % loop.log_every == 0 or is_last or wants_save:
         host = to_host(metrics)
         if int(nonfinite):
-          raise NonFiniteLossError(
-            f"{task.name}: the loss became NaN/Inf at or before step {done} "
-            f"(last value {host['loss']}); stopped without saving, the last "
-            f"good checkpoint in {checkpointer.manager.directory} is kept. "
-            "Lower the learning rate, enable clip_grad_norm or check the data."
-          )
+          raise NonFiniteLossError(_nonfinite_message(task, done, host, kept, checkpointer, loop))
         host.pop("nonfinite")
         rate = writer.progress(done, task.images_per_step, loss=host["loss"])
         host["img_per_s"] = rate
@@ -328,7 +366,12 @@ def train(
         if on_log:
           on_log(done, host)
       if wants_save:
+        if not math.isfinite(_max_abs(state.params)):
+          raise NonFiniteLossError(
+            _nonfinite_message(task, done, last_metrics, kept, checkpointer, loop, params=True)
+          )
         checkpointer.save(done, state, data.grain_iterator, force=is_last)
+        kept = (done, last_metrics.get("loss"))
       if task.evaluate is not None and (
         is_last or (loop.eval_every and done % loop.eval_every == 0)
       ):
@@ -361,3 +404,26 @@ def train(
     record = {**previous, **{k: v for k, v in record.items() if k.startswith("eval_")}}
   workdir_lib.write_json(workdir, workdir_lib.FINAL_METRICS, record)
   return TrainResult(state, record)
+
+
+def _nonfinite_message(task, done, host, kept, checkpointer, loop, params=False) -> str:
+  what = (
+    f"the params became NaN/Inf by step {done} (last logged loss {host.get('loss')})"
+    if params
+    else f"the loss became NaN/Inf at or before step {done} (last value {host.get('loss')})"
+  )
+  if kept is None:
+    where = (
+      f"no checkpoint was saved before it (the first is at step {loop.checkpoint_every}, "
+      "checkpoint_every)"
+    )
+  else:
+    loss = f", loss {kept[1]:.4g} there" if kept[1] is not None else ""
+    where = (
+      f"the newest checkpoint, step {kept[0]}{loss}, is kept in {checkpointer.directory} and "
+      "nothing after it was saved"
+    )
+  return (
+    f"{task.name}: {what}; stopped: {where}. Lower the learning rate, enable "
+    "optimizer.clip_grad_norm or check the data, then rerun (it resumes from that checkpoint)."
+  )

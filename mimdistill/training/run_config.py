@@ -4,9 +4,61 @@ the input pipeline's config and the loop's."""
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from mimdistill.training.loop import LoopConfig
+
+
+def _number(config, field: str, value, *, minimum: float, strict: bool = False, fix: str) -> None:
+  ok = isinstance(value, (int, float)) and math.isfinite(value)
+  ok = ok and (value > minimum if strict else value >= minimum)
+  if not ok:
+    bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+    raise ValueError(f"{field}={value!r} must be a finite number {bound}; {fix}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """The shared run fields, checked before any data is read or anything
+  compiles: each error names the field and the fix."""
+  for field in ("batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+    value = config[field]
+    if not isinstance(value, int) or value < 1:
+      extra = " (0 would let Orbax delete every checkpoint)" if field == "keep_checkpoints" else ""
+      raise ValueError(f"{field}={value!r} must be an integer >= 1{extra}")
+  if not isinstance(config.eval_every, int) or config.eval_every < 0:
+    raise ValueError(f"eval_every={config.eval_every!r} must be an integer >= 0 (0: at the end)")
+  if not isinstance(config.total_steps, int) or config.total_steps < 0:
+    raise ValueError(f"total_steps={config.total_steps!r} must be an integer >= 0 (0: epochs)")
+  if not config.total_steps:
+    _number(
+      config, "total_epochs", config.total_epochs, minimum=0, strict=True, fix="or set total_steps"
+    )
+  _number(config, "warmup_epochs", config.warmup_epochs, minimum=0, fix="0 disables warmup")
+  if config.lr:
+    _number(
+      config,
+      "lr",
+      config.lr,
+      minimum=0,
+      strict=True,
+      fix="a negative lr is gradient ascent; use 0 to take base_lr * batch / 256",
+    )
+  else:
+    _number(config, "base_lr", config.base_lr, minimum=0, strict=True, fix="or set lr directly")
+  _number(config, "min_lr", config.min_lr, minimum=0, fix="the cosine decays to it")
+  peak = peak_lr(config)
+  if config.min_lr > peak:
+    raise ValueError(
+      f"min_lr={config.min_lr:g} is above the peak lr {peak:g} (lr or base_lr * batch / 256): "
+      "the 'decay' would rise; lower min_lr"
+    )
+  o = config.optimizer
+  if not isinstance(o.accumulate_steps, int) or o.accumulate_steps < 1:
+    raise ValueError(f"optimizer.accumulate_steps={o.accumulate_steps!r} must be an integer >= 1")
+  _number(config, "optimizer.clip_grad_norm", o.clip_grad_norm, minimum=0, fix="0 disables it")
+  _number(config, "optimizer.weight_decay", o.weight_decay, minimum=0, fix="0 disables it")
 
 
 def peak_lr(config: ml_collections.ConfigDict) -> float:
