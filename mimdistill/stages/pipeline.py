@@ -86,7 +86,10 @@ def _apply_rerun(config, names: list[str], workdir) -> None:
   for name in names[names.index(target) :]:
     stage_dir = workdir / name
     if stage_dir.exists():
-      aside = workdir / f"{name}.replaced-{stamp}"
+      aside, n = workdir / f"{name}.replaced-{stamp}", 1
+      while aside.exists():
+        n += 1
+        aside = workdir / f"{name}.replaced-{stamp}-{n}"
       stage_dir.rename(aside)
       log.warning("pipeline: rerun_from=%s: moved %s to %s", target, stage_dir, aside)
   workdir_lib.write_json(workdir, RERUN, marker)

@@ -1,0 +1,354 @@
+"""Bad input is refused early in one line, or handled correctly; no run loses
+finished work (mimdistill issue 13, one test per point)."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import REPO, set_path
+from PIL import Image
+
+from mimdistill import workdir as workdir_lib
+from mimdistill.data import class_folder, sources
+from mimdistill.stages import distill, finetune, pipeline, pretrain
+from mimdistill.training import loop as loop_lib
+from mimdistill.training import sharding as shard_lib
+from mimdistill.workdir_lock import WorkdirBusyError, WorkdirLock
+
+sys.path.insert(0, str(REPO))
+from configs import finetune as finetune_configs  # noqa: E402
+from configs import mae_pretrain, tinymim_distill  # noqa: E402
+from configs import pipeline as pipeline_configs  # noqa: E402
+
+
+def _config(module, arg="quickstart", **overrides):
+  c = module.get_config(arg)
+  for key, value in overrides.items():
+    set_path(c, key, value)
+  return c
+
+
+# -- 1 and 7: numeric settings, checked before anything is read or compiled --
+@pytest.mark.parametrize(
+  "override,message",
+  [
+    ({"keep_checkpoints": 0}, "keep_checkpoints=0 must be an integer >= 1"),
+    ({"lr": -1e-3}, "lr=-0.001 must be a finite number > 0"),
+    ({"lr": float("nan")}, "lr=nan must be a finite number"),
+    ({"base_lr": 0.0}, "base_lr=0.0 must be a finite number > 0"),
+    ({"min_lr": 1.0}, "min_lr=1 is above the peak lr"),
+    ({"mask_ratio": 0.999}, "mask_ratio=0.999 leaves no visible patch of 64"),
+    ({"log_every": 0}, "log_every=0 must be an integer >= 1"),
+    ({"checkpoint_every": -5}, "checkpoint_every=-5 must be an integer >= 1"),
+    ({"optimizer.accumulate_steps": 0}, "accumulate_steps=0"),
+  ],
+)
+def test_numeric_settings_are_refused_before_compiling(override, message):
+  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    pretrain.validate(_config(mae_pretrain, **override), data=False)
+
+
+def test_distill_mask_that_leaves_nothing_and_one_class_finetune_are_refused():
+  c = _config(tinymim_distill, **{"distill.student_input": "masked", "distill.mask_ratio": 0.99})
+  with pytest.raises(ValueError, match="distill.mask_ratio=0.99 leaves no visible patch"):
+    distill.validate(c, data=False)
+  with pytest.raises(ValueError, match="at least 2 classes"):
+    finetune.validate(_config(finetune_configs, num_classes=1), data=False)
+
+
+# -- 2: safetensors whose header and data lengths disagree ----------------------
+def test_safetensors_with_a_short_data_section_is_refused(tmp_path):
+  from mimdistill.interop.conversion import SafetensorsError, read_safetensors, write_safetensors
+
+  path = tmp_path / "x.safetensors"
+  write_safetensors(path, {"a": np.ones((4, 4), np.float32)})
+  data = path.read_bytes()
+  (tmp_path / "short.safetensors").write_bytes(data[:-8])
+  with pytest.raises(SafetensorsError, match="truncated or its data lengths disagree"):
+    read_safetensors(tmp_path / "short.safetensors")
+
+
+# -- 3: one writer per workdir ----------------------------------------------------
+HOLD = (
+  "import sys, time; from mimdistill.workdir_lock import WorkdirLock\n"
+  "with WorkdirLock(sys.argv[1]):\n  print('held', flush=True); time.sleep(60)\n"
+)
+
+
+def test_a_second_writer_is_refused_and_a_dead_holder_taken_over(tmp_path, caplog):
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+  holder = subprocess.Popen(
+    [sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
+  )
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(WorkdirBusyError, match=rf"in use by host \S+ pid {holder.pid}"):
+      with WorkdirLock(tmp_path):
+        pass
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+  assert (tmp_path / ".lock").is_file()  # left behind by the killed holder
+  caplog.set_level("WARNING", logger="mimdistill")
+  with WorkdirLock(tmp_path):
+    assert f"pid {holder.pid}" in caplog.text and "no longer running" in caplog.text
+  assert not (tmp_path / ".lock").exists()
+
+
+# -- 4 and 9: class folders: fingerprint, undecodable files ------------------------
+def _image(path, value, fmt="PNG"):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(path, fmt)
+
+
+def _folder(root):
+  for split in ("train", "test"):
+    for c in ("a", "b"):
+      for i in range(2):
+        _image(root / split / c / f"{i}.png", 10 * i + (c == "b") * 100)
+  return root
+
+
+def test_a_changed_folder_is_prepared_again(tmp_path, caplog):
+  root, data_dir = _folder(tmp_path / "imgs"), str(tmp_path / "tfds")
+  caplog.set_level("INFO")
+  first = sources.get_builder(f"folder:{root}", data_dir)
+  sources.ensure_prepared(first)
+  assert first.info.splits["train"].num_examples == 4
+  (root / "train" / "a" / "0.png").unlink()
+  _image(root / "train" / "c" / "0.png", 200)
+  _image(root / "test" / "c" / "0.png", 201)
+  sources._CURRENT.clear()  # a new run
+  again = sources.get_builder(f"folder:{root}", data_dir)
+  assert "changed since it was prepared (2 added" in caplog.text and "1 removed" in caplog.text
+  sources.ensure_prepared(again)
+  assert again.info.features["label"].names == ["a", "b", "c"]
+  assert again.info.splits["train"].num_examples == 4  # 3 - 1 + ... : a1, b0, b1, c0
+  sources._CURRENT.clear()
+  caplog.clear()
+  sources.get_builder(f"folder:{root}", data_dir)
+  assert "unchanged: reusing its prepared copy" in caplog.text
+
+
+def test_undecodable_files_are_named_then_refused_or_skipped(tmp_path):
+  root, data_dir = _folder(tmp_path / "imgs"), str(tmp_path / "tfds")
+  (root / "train" / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+  (root / "test" / "a" / "text.jpg").write_text("a text file named .jpg")
+  builder = sources.get_builder(f"folder:{root}", data_dir)
+  with pytest.raises(
+    ValueError, match=r"2 file\(s\) do not decode.*train/b/broken.png.*bad_files=skip"
+  ):
+    sources.ensure_prepared(builder)
+  skipping = sources.get_builder(f"folder:{root}", data_dir, bad_files="skip")
+  sources.ensure_prepared(skipping)
+  assert skipping.info.splits["train"].num_examples == 4
+  assert skipping.info.splits["test"].num_examples == 4
+  with pytest.raises(ValueError, match="bad_files='ignore'"):
+    class_folder.config_for(root, "ignore")
+
+
+# -- 5: a changed config is not silently skipped or resumed --------------------------
+def test_pipeline_refuses_a_finished_stage_with_another_config(tmp_path, monkeypatch):
+  runs = []
+
+  def fake_run(stage_cfg, stage_dir, **_):
+    runs.append(stage_cfg.stage)
+    (stage_dir / "checkpoints" / "1").mkdir(parents=True, exist_ok=True)
+    return {"stage": stage_cfg.stage, "steps": 1}
+
+  monkeypatch.setattr(pipeline.registry, "run_stage", fake_run)
+  c = pipeline_configs.get_config("quickstart")
+  pipeline.run_pipeline(c, tmp_path)
+  assert runs == ["pretrain", "distill", "finetune"]
+  pipeline.run_pipeline(pipeline_configs.get_config("quickstart"), tmp_path)  # all skipped
+  assert len(runs) == 3
+  c = pipeline_configs.get_config("quickstart")
+  c.distill.total_epochs = 8.0
+  with pytest.raises(
+    ValueError,
+    match=r"stage 'distill' finished .*total_epochs: 7.0 there, 8.0 now.*rerun_from=distill",
+  ):
+    pipeline.run_pipeline(c, tmp_path)
+
+  def changed():
+    c = pipeline_configs.get_config("quickstart")
+    c.distill.total_epochs, c.rerun_from = 8.0, "distill"
+    return c
+
+  pipeline.run_pipeline(changed(), tmp_path)
+  assert runs[3:] == ["distill", "finetune"]
+  kept = sorted(p.name for p in tmp_path.iterdir() if ".replaced-" in p.name)
+  assert [k.split(".")[0] for k in kept] == ["distill", "finetune"]
+  pipeline.run_pipeline(changed(), tmp_path)  # the same rerun again: moves nothing
+  assert len(runs) == 5 and len([p for p in tmp_path.iterdir() if ".replaced-" in p.name]) == 2
+
+
+def test_a_stage_resumed_with_another_dataset_or_batch_is_refused(tmp_path):
+  config = _config(mae_pretrain)
+  (tmp_path / "checkpoints" / "2").mkdir(parents=True)
+  loop_lib.check_workdir(tmp_path, config.to_dict(), {"stage": "pretrain"})
+  longer = config.to_dict()
+  longer["total_epochs"] = 30.0
+  longer["log_every"] = 1
+  loop_lib.check_workdir(tmp_path, longer, {"stage": "pretrain"})  # longer: fine
+  other = json.loads(json.dumps(config.to_dict()))
+  other["batch_size"] = 64
+  other["data"]["name"] = "folder:/x"
+  with pytest.raises(ValueError, match=r"batch_size: 128 there, 64 now; data.name: 'embedded'"):
+    loop_lib.check_workdir(tmp_path, other, {"stage": "pretrain"})
+  saved = workdir_lib.read_json(tmp_path, workdir_lib.CONFIG)["config"]
+  assert saved["batch_size"] == 128  # config.json was not overwritten
+
+
+# -- 6: a teacher workdir's recorded architecture -------------------------------------
+def test_teacher_architecture_is_read_from_its_workdir(tmp_path):
+  model = dict(width=64, depth=4, num_heads=4, patch_size=4, image_size=32)
+  workdir_lib.write_json(
+    tmp_path, workdir_lib.CONFIG, {"config": {}, "signature": {"model": model}}
+  )
+  c = _config(tinymim_distill, **{"teacher.source": str(tmp_path), "teacher.num_heads": 2})
+  with pytest.raises(
+    ValueError, match=r"teacher.num_heads=2 but 4 there.*--config.teacher.num_heads=4"
+  ):
+    distill.check_recorded_architecture(c.teacher, c.teacher.source, "teacher")
+  c = _config(tinymim_distill, **{"teacher.source": str(tmp_path)})
+  c.teacher.update(width=None, depth=None, num_heads=None, patch_size=None)
+  distill.check_recorded_architecture(c.teacher, c.teacher.source, "teacher")
+  assert (c.teacher.width, c.teacher.depth, c.teacher.num_heads) == (64, 4, 4)
+
+
+# -- 8: image modes -----------------------------------------------------------------
+def test_16_bit_and_float_images_become_8_bit():
+  buffer = io.BytesIO()
+  Image.fromarray(np.array([[0, 32768, 65535]], np.uint16)).save(buffer, "PNG")
+  assert Image.open(io.BytesIO(buffer.getvalue())).mode.startswith("I")
+  np.testing.assert_array_equal(
+    np.asarray(sources.decode_image(buffer.getvalue()))[0, :, 0], [0, 128, 255]
+  )
+  as_i = Image.fromarray(np.array([[0, 32768, 65535]], np.int32), "I")
+  as_f = Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32), "F")
+  for image in (as_i, as_f):
+    np.testing.assert_array_equal(np.asarray(sources.to_8bit(image))[0], [0, 128, 255])
+
+
+# -- 10, 11, 14: the loop: damaged checkpoints, NaN stops, the applied lr -------------
+class Batches:
+  """Host batches in order (no grain iterator to checkpoint)."""
+
+  grain_iterator = None
+
+  def __init__(self, batches):
+    self.batches = list(batches)
+    self.i = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = self.batches[min(self.i, len(self.batches) - 1)]
+    self.i += 1
+    return batch
+
+
+def _toy_task(total_steps, accumulate=1):
+  def loss_fn(params, model_state, batch, rng, inputs):
+    return jnp.mean((batch["x"] @ params["w"] - 1.0) ** 2), ({}, model_state)
+
+  schedule = optax.linear_schedule(0.1, 0.0, 100)
+  return loop_lib.Task(
+    name="toy",
+    init_variables=lambda rng: {"params": {"w": jax.random.normal(rng, (4, 2))}},
+    loss_fn=loss_fn,
+    make_optimizer=lambda params, sched: (
+      optax.MultiSteps(optax.sgd(sched), accumulate) if accumulate > 1 else optax.sgd(sched)
+    ),
+    schedule=schedule,
+    total_steps=total_steps,
+    images_per_step=8,
+    accumulate_steps=accumulate,
+  )
+
+
+LOOP = loop_lib.LoopConfig(
+  seed=0, log_every=1, checkpoint_every=2, keep_checkpoints=5, async_checkpoints=False
+)
+MESH = shard_lib.make_mesh(1, num_devices=1)
+X = {"x": np.ones((8, 4), np.float32)}
+
+
+def test_a_damaged_checkpoint_is_set_aside_and_the_one_before_resumed(tmp_path, caplog):
+  loop_lib.train(_toy_task(4), Batches([X]), tmp_path, LOOP, mesh=MESH)
+  # Truncate the data files of step 4 (Orbax's OCDBT chunks).
+  for data in (tmp_path / "checkpoints" / "4" / "state").rglob("d/*"):
+    data.write_bytes(data.read_bytes()[:10])
+  caplog.set_level("WARNING", logger="mimdistill")
+  result = loop_lib.train(_toy_task(6), Batches([X]), tmp_path, LOOP, mesh=MESH)
+  assert "checkpoint step 4" in caplog.text and "damaged" in caplog.text
+  assert int(result.state.step) == 6 and (tmp_path / "checkpoints" / "4.damaged").is_dir()
+  # Every step damaged: state/ deleted.
+  import shutil
+
+  assert workdir_lib.checkpoint_steps(tmp_path) == [2, 4, 6]
+  for step in (2, 4, 6):
+    shutil.rmtree(tmp_path / "checkpoints" / str(step) / "state")
+  with pytest.raises(OSError, match=r"every checkpoint in .* is damaged .*delete"):
+    loop_lib.train(_toy_task(8), Batches([X]), tmp_path, LOOP, mesh=MESH)
+
+
+def test_a_nan_stop_names_the_kept_checkpoint_and_saves_nothing_after(tmp_path):
+  bad = {"x": np.full((8, 4), np.nan, np.float32)}
+  with pytest.raises(
+    FloatingPointError, match=r"step 3.*newest checkpoint, step 2, loss .* is kept"
+  ):
+    loop_lib.train(_toy_task(6), Batches([X, X, bad]), tmp_path, LOOP, mesh=MESH)
+  assert workdir_lib.checkpoint_steps(tmp_path) == [2]
+  with pytest.raises(FloatingPointError, match="no checkpoint was saved before it"):
+    loop_lib.train(_toy_task(6), Batches([bad]), tmp_path / "b", LOOP, mesh=MESH)
+  assert workdir_lib.checkpoint_steps(tmp_path / "b") == []
+
+
+def test_the_logged_lr_under_accumulation_is_the_applied_one(tmp_path):
+  loop_lib.train(_toy_task(6, accumulate=3), Batches([X]), tmp_path, LOOP, mesh=MESH)
+  lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  lrs = [round(line["lr"], 6) for line in lines if line["prefix"] == "train"]
+  schedule = optax.linear_schedule(0.1, 0.0, 100)
+  assert lrs == [round(float(schedule(s // 3 * 3)), 6) for s in range(6)]
+
+
+# -- 12: one-line errors from the launch scripts ----------------------------------------
+@pytest.mark.parametrize(
+  "args,message",
+  [
+    (
+      ["--config.batchsize=3"],
+      "error: unknown config field 'batchsize'; did you mean \"batch_size\"",
+    ),
+    (
+      ["--config.data.name=/data/imgs"],
+      "looks like a folder; a folder of class folders is 'folder:/data/imgs'",
+    ),
+    (["--config.keep_checkpoints=0"], "error: keep_checkpoints=0 must be an integer >= 1"),
+  ],
+)
+def test_launch_scripts_print_one_line(args, message, tmp_path):
+  cmd = [
+    sys.executable,
+    str(REPO / "launch" / "train.py"),
+    "--config",
+    str(REPO / "configs" / "mae_pretrain.py") + ":quickstart",
+    "--workdir",
+    str(tmp_path),
+    *args,
+  ]
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+  assert out.returncode == 2, out.stderr[-2000:]
+  lines = [line for line in out.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.stderr
