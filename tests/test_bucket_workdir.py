@@ -24,6 +24,7 @@ from mimdistill.interop import conversion as convert
 from mimdistill.interop.orbax_tree import restore_subtree
 from mimdistill.stages.pipeline import run_pipeline
 from mimdistill.training import checkpoints as ckpt_lib
+from mimdistill.training.metrics import read_metrics_lines
 
 BUCKET = "gs://test-bucket/pipe"
 # The mutable registry (the package's `fsspec.registry` is a read-only view).
@@ -88,10 +89,16 @@ def test_pipeline_writes_everything_into_the_bucket(bucket_pipeline):
     assert (stage / "checkpoints" / str(steps) / "data").is_dir(), name
     for record in ("config.json", "lineage.json", "stage_done.json"):
       assert (stage / record).is_file(), (name, record)
-    lines = [json.loads(l) for l in (stage / "metrics.jsonl").read_text().splitlines()]
+    # Objects cannot be appended to: the metrics are numbered parts, each
+    # holding only what its flush added (no object is rewritten).
+    assert not (stage / "metrics.jsonl").exists()
+    parts = sorted(stage.glob("metrics.jsonl.*"))
+    assert parts and parts[0].name == "metrics.jsonl.000001", name
+    lines = [json.loads(l) for l in read_metrics_lines(stage / "metrics.jsonl")]
+    assert sum(len(p.read_text().splitlines()) for p in parts) == len(lines)
     assert [l["step"] for l in lines if l["prefix"] == "train"] == list(range(1, steps + 1))
     events = list((stage / "tensorboard").glob("events.out.tfevents.*"))
-    assert events and events[0].stat().st_size > 100, name
+    assert events and sum(e.stat().st_size for e in events) > 100, name
   for png in (
     "pretrain/reconstructions.png",
     "distill/relation_maps.png",
@@ -118,9 +125,7 @@ def test_rerun_skips_finished_stages_and_a_longer_stage_resumes(bucket_pipeline,
   with caplog.at_level("INFO"):
     pretrain.run(config, f"{BUCKET}/pretrain")
   assert f"resumed pretrain from step 4 of {BUCKET}/pretrain" in caplog.text
-  steps = [
-    json.loads(l)["step"] for l in (local / "pretrain" / "metrics.jsonl").read_text().splitlines()
-  ]
+  steps = [json.loads(l)["step"] for l in read_metrics_lines(local / "pretrain" / "metrics.jsonl")]
   assert steps == [1, 2, 3, 4, 5, 6]
   assert ckpt_lib.Checkpointer(f"{BUCKET}/pretrain", every_steps=1).latest_step() == 6
 

@@ -1,9 +1,14 @@
 """Metrics: JSON lines + TensorBoard events per workdir, a progress bar on
 process 0. TensorBoard files are written with tensorboardX (no TensorFlow).
 
-In a bucket workdir (gs://...) objects cannot be appended to, so both files
-are kept in memory and the whole object is rewritten at each flush, as
-tensorboardX's own GCS writer does; flushes happen at logging steps only.
+In a bucket workdir (gs://...) objects cannot be appended to. Rewriting the
+whole object at each log step (what tensorboardX's own GCS writer does)
+costs bytes quadratic in the run's length, so there each flush writes only
+what it adds, as a new numbered part object: `metrics.jsonl` becomes
+`metrics.jsonl.<n>` parts (read back in order by `read_metrics_lines`), an
+event file becomes `<event file>.<n>` parts (TensorBoard reads every file
+with 'tfevents' in its name and merges them). Parts are flushed at most every
+`BUCKET_FLUSH_SECONDS` and at the end.
 """
 
 from __future__ import annotations
@@ -74,32 +79,49 @@ class MetricWriter:
       self._jsonl.close()
 
 
-class _BucketObject:
-  """An append-only file in a bucket, for metrics.jsonl and the TensorBoard
-  events: the content is kept in memory and the whole object rewritten at
-  each flush."""
+BUCKET_FLUSH_SECONDS = 30.0
+
+
+class _BucketParts:
+  """An append-only file in a bucket, as numbered part objects: each flush
+  writes the bytes added since the last one (at most every
+  `BUCKET_FLUSH_SECONDS`, and always at close)."""
 
   def __init__(self, path: str | os.PathLike):
     self._path = epath.Path(path)
-    self._data = bytearray(self._path.read_bytes() if self._path.exists() else b"")
+    parent, name = self._path.parent, self._path.name
+    taken = [
+      int(p.name.rsplit(".", 1)[1])
+      for p in parent.glob(f"{name}.*")
+      if p.name.rsplit(".", 1)[1].isdigit()
+    ]
+    self._next = max(taken, default=0) + 1  # a resumed run continues the numbering
+    self._pending = bytearray()
+    self._last = time.monotonic()
 
   def write(self, data: bytes):
-    self._data += data
+    self._pending += data
 
-  def flush(self):
-    self._path.write_bytes(bytes(self._data))
+  def flush(self, force: bool = False):
+    if not self._pending or (not force and time.monotonic() - self._last < BUCKET_FLUSH_SECONDS):
+      return
+    part = self._path.parent / f"{self._path.name}.{self._next:06d}"
+    part.write_bytes(bytes(self._pending))
+    self._next += 1
+    self._pending = bytearray()
+    self._last = time.monotonic()
 
   def close(self):
-    self.flush()
+    self.flush(force=True)
 
 
 def _open_append(path: epath.Path):
-  return _BucketObject(path) if is_remote(path) else open(path, "ab")
+  return _BucketParts(path) if is_remote(path) else open(path, "ab")
 
 
 class _BucketEventFactory:
   def open(self, path: str):
-    return _BucketObject(path)
+    return _BucketParts(path)
 
   def directory_check(self, path: str):
     pass  # buckets have no folders to create
@@ -115,3 +137,16 @@ def _register_bucket_event_writer():
 
 def to_host(metrics) -> dict[str, float]:
   return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+
+
+def read_metrics_lines(path: str | os.PathLike) -> list[str]:
+  """The lines of a workdir's metrics file: `metrics.jsonl` itself, or its
+  numbered bucket parts in order."""
+  path = as_path(path)
+  if path.is_file():
+    return path.read_text(encoding="utf-8").splitlines()
+  parts = sorted(
+    (p for p in path.parent.glob(f"{path.name}.*") if p.name.rsplit(".", 1)[1].isdigit()),
+    key=lambda p: int(p.name.rsplit(".", 1)[1]),
+  )
+  return [line for p in parts for line in p.read_text(encoding="utf-8").splitlines()]

@@ -25,31 +25,33 @@ METRICS = "metrics.jsonl"
 def metrics_path(source: PathLike) -> epath.Path:
   """A workdir or a metrics.jsonl file -> the metrics.jsonl file."""
   path = as_path(source)
-  return path / METRICS if path.is_dir() else path
+  return path / METRICS if path.is_dir() or not path.name.startswith(METRICS) else path
 
 
 def read_metrics(source: PathLike) -> dict[str, dict[str, np.ndarray]]:
   """`{prefix: {"step": steps, key: values (NaN where a line lacks it)}}`,
   sorted by step, one entry per step (the last logged)."""
+  from mimdistill.training.metrics import read_metrics_lines
+
   path = metrics_path(source)
-  if not path.is_file():
+  lines = read_metrics_lines(path)
+  if not lines and not path.is_file():
     raise FileNotFoundError(
       f"{path} does not exist: point at a workdir a stage has trained in (it writes metrics.jsonl)"
     )
   latest: dict[tuple[str, int], dict] = {}
-  with path.open(encoding="utf-8") as f:
-    for line in f:
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        # A run killed mid-write leaves a partial last line.
-        continue
-      if "step" not in record:
-        continue
-      latest[(record.get("prefix", "train"), int(record["step"]))] = record
+  for line in lines:
+    line = line.strip()
+    if not line:
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      # A run killed mid-write leaves a partial last line.
+      continue
+    if "step" not in record:
+      continue
+    latest[(record.get("prefix", "train"), int(record["step"]))] = record
   out: dict[str, dict[str, np.ndarray]] = {}
   for prefix in sorted({p for p, _ in latest}):
     steps = sorted(s for p, s in latest if p == prefix)
