@@ -41,22 +41,42 @@ flags.DEFINE_multi_string(
   "a cartesian product), e.g. --sweep dtype=float32,bfloat16",
 )
 flags.DEFINE_string("json_out", None, "also append the JSON lines to this file")
+flags.DEFINE_bool(
+  "calibrate",
+  False,
+  "measure the device's matmul FLOP/s in the run's dtype first and report each step's "
+  "FLOP/s as a fraction of it (MFU calib.), on any device, the CPU included",
+)
+flags.DEFINE_integer("calibrate_size", 0, "matmul size of --calibrate (0: 2048 CPU, 8192 else)")
 
 
 def main(argv):
   del argv
   jax = launch_flags.start(logging.WARNING)
   from mimdistill.stages import registry
-  from mimdistill.training import benchmark
+  from mimdistill.training import benchmark, peak_flops
 
   primary = jax.process_index() == 0
   records = []
+  calibrations: dict = {}
   for name, config in benchmark.variants(FLAGS.config, FLAGS.sweep):
     if FLAGS.input_only:
       record = benchmark.measure_input(config, steps=FLAGS.steps, warmup=FLAGS.warmup, variant=name)
     else:
+      calibrated = None
+      if FLAGS.calibrate:
+        if config.dtype not in calibrations:
+          calibrations[config.dtype] = peak_flops.calibrate(
+            config.dtype, FLAGS.calibrate_size or None
+          )
+        calibrated = calibrations[config.dtype]
       record = benchmark.measure_step(
-        config, registry.synthetic, steps=FLAGS.steps, warmup=FLAGS.warmup, variant=name
+        config,
+        registry.synthetic,
+        steps=FLAGS.steps,
+        warmup=FLAGS.warmup,
+        variant=name,
+        calibrated=calibrated,
       )
     records.append(record)
     if primary:

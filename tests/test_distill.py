@@ -439,3 +439,25 @@ def test_distill_from_stage1_then_sequential_link(stage1_workdir, tfds_dir, tmp_
     distill.load_teacher(
       tiny_config(**{"teacher.source": str(stage1_workdir), "teacher.width": 128})
     )
+
+
+def test_teacher_is_cast_once_and_a_scanned_teacher_stacked_once():
+  """The frozen teacher's variables come in the compute dtype, and with
+  teacher.scan_blocks its scanned blocks are one stacked subtree: same loss."""
+  base = tiny_config(**{"teacher.depth": 3, "teacher.block": 3})
+  teacher, plain = distill.random_teacher(base)
+  assert {x.dtype for x in jax.tree_util.tree_leaves(plain)} == {np.dtype(np.float32)}
+  scan = tiny_config(**{"teacher.depth": 3, "teacher.block": 3, "teacher.scan_blocks": True})
+  scanned_teacher, scanned = distill.random_teacher(scan)
+  assert "blocks_stacked" in scanned["params"] and "blocks_0" not in scanned["params"]
+  assert scanned["params"]["blocks_stacked"]["mlp"]["fc1"]["kernel"].shape == (2, 64, 256)
+  assert "blocks_2" in scanned["params"]  # the target block is read directly
+  images = random_batch(4)["image"]
+  plan = distill.make_plan(base)
+  a = jax.jit(lambda v: distill.teacher_outputs(teacher, v, images, plan))(plain)
+  b = jax.jit(lambda v: distill.teacher_outputs(scanned_teacher, v, images, plan))(scanned)
+  for x, y in zip(a["qkv"], b["qkv"]):
+    np.testing.assert_allclose(x, y, atol=1e-5)
+  half = tiny_config(dtype="bfloat16")
+  _, variables = distill.random_teacher(half)
+  assert {x.dtype for x in jax.tree_util.tree_leaves(variables)} == {jnp.dtype(jnp.bfloat16)}

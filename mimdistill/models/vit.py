@@ -294,6 +294,25 @@ def _drop_path(y: jax.Array, keep: jax.Array, key: jax.Array) -> jax.Array:
   return jnp.where(mask, y / safe_keep, jnp.zeros_like(y))
 
 
+STACKED = "blocks_stacked"
+
+
+def stack_blocks(params: dict, count: int) -> dict:
+  """`params` (host numpy, `blocks_<i>` layout) with blocks 0..count-1 moved
+  into one stacked subtree `blocks_stacked`, for a frozen model run with
+  `scan_blocks`: the scan then reads the stack instead of stacking the
+  blocks again on every forward. Blocks from `count` on stay as they are (a
+  teacher's target block is called directly)."""
+  import numpy as np
+
+  if count < 2:
+    return params
+  out = dict(params)
+  blocks = [out.pop(f"blocks_{i}") for i in range(count)]
+  out[STACKED] = jax.tree_util.tree_map(lambda *a: np.stack(a), *blocks)
+  return out
+
+
 def run_block_stack(
   module: nn.Module, blocks: Sequence[Block], x: jax.Array, train: bool, *, scan: bool, remat: bool
 ) -> jax.Array:
@@ -301,7 +320,9 @@ def run_block_stack(
 
   With `scan`, outside of init and for two or more blocks, the blocks'
   params (`module.variables['params'][<block name>]`, the usual
-  `blocks_<i>` layout) are stacked on the fly and one standalone `Block` is
+  `blocks_<i>` layout) are stacked on the fly (or read from a
+  `blocks_stacked` subtree made once by `stack_blocks`, for a frozen
+  model) and one standalone `Block` is
   applied under `jax.lax.scan`: XLA compiles the block body once instead of
   once per block, and gradients reach each `blocks_<i>` through the stack.
   At init the plain loop runs, so the params are created in that layout.
@@ -336,7 +357,12 @@ def run_block_stack(
       f"drop_path rate, got {[static(b) for b in blocks]}"
     )
   params = module.variables["params"]
-  stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[params[b.name] for b in blocks])
+  pre = params.get(STACKED)
+  count = len(jax.tree_util.tree_leaves(pre)[0]) if pre is not None else 0
+  if pre is not None and count == len(blocks) and blocks[0].name == "blocks_0":
+    stacked = pre  # a frozen model stacked once when loaded (`stack_blocks`)
+  else:
+    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[params[b.name] for b in blocks])
   # Keep probabilities rounded from float64 like `nn.Dropout`'s 1 - rate.
   keeps = jnp.asarray([1.0 - float(b.drop_path) for b in blocks], jnp.float32)
   drops = train and any(float(b.drop_path) > 0 for b in blocks)

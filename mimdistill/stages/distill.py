@@ -37,7 +37,7 @@ from mimdistill.models import factory, variants
 from mimdistill.models import pos_embed as pos_embed_lib
 from mimdistill.models.mae import check_mask_ratio, random_masking
 from mimdistill.models.tinymim import DistillStudent
-from mimdistill.models.vit import ViTEncoder
+from mimdistill.models.vit import ViTEncoder, stack_blocks
 from mimdistill.objectives import distill_targets as targets_lib
 from mimdistill.objectives.mae_loss import mae_loss
 from mimdistill.objectives.relations import RELATION_SETS
@@ -268,16 +268,32 @@ def read_teacher_source(source: str) -> tuple[dict, dict]:
 
 
 def prune_teacher(variables: dict, config) -> dict:
-  """Only the leaves the truncated teacher has, as float32 numpy arrays."""
+  """Only the leaves the truncated teacher has, as numpy arrays in the
+  compute dtype (cast once here, not in every step, and half the memory in
+  bfloat16); with `teacher.scan_blocks` the blocks the scan runs are stacked
+  once (`vit.stack_blocks`)."""
   template = _abstract_variables(build_teacher(config))
+  dtype = np.dtype(factory.compute_dtype(config.dtype))
 
   def take(tmpl, tree):
     return {
-      k: (take(v, tree[k]) if isinstance(v, dict) else np.asarray(tree[k], np.float32))
+      k: (take(v, tree[k]) if isinstance(v, dict) else np.asarray(tree[k], dtype))
       for k, v in tmpl.items()
     }
 
-  return take(dict(template), dict(variables))
+  pruned = take(dict(template), dict(variables))
+  if config.teacher.scan_blocks:
+    pruned["params"] = stack_blocks(pruned["params"], scanned_teacher_blocks(config))
+  return pruned
+
+
+def scanned_teacher_blocks(config) -> int:
+  """Blocks of the truncated teacher that its forward runs under the scan:
+  all of them for the targets that read its output, those before the
+  target block (whose norm1/qkv or branches are read directly) otherwise."""
+  plan = make_plan(config)
+  whole = plan.target == "cls" or (plan.target == "feature" and plan.feature == "output")
+  return plan.teacher_block if whole else plan.teacher_block - 1
 
 
 def load_teacher(config) -> tuple[ViTEncoder, dict, dict]:
@@ -308,7 +324,7 @@ def random_teacher(config) -> tuple[ViTEncoder, dict]:
     ).astype(np.float32),
     abstract,
   )
-  return teacher, variables
+  return teacher, prune_teacher(variables, config)
 
 
 def _token_index(ids_keep: jax.Array) -> jax.Array:

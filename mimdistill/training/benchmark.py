@@ -74,6 +74,7 @@ STEP_KEYS = (
   "tflops_per_s_per_device",
   "peak_tflops_per_device",
   "mfu",
+  "mfu_calibrated",
   "peak_memory_bytes",
   "xla_memory",
   "host_load_1m",
@@ -173,9 +174,12 @@ def measure_step(
   warmup: int = 2,
   mesh=None,
   variant: str = "",
+  calibrated: dict | None = None,
 ) -> dict:
   """One record for the training step of `config` (see the module doc);
-  `build(config, steps_per_epoch)` returns the stage's `Synthetic` task."""
+  `build(config, steps_per_epoch)` returns the stage's `Synthetic` task;
+  `calibrated` (`peak_flops.calibrate`) adds the step's FLOP/s as a fraction
+  of the measured matmul rate (`mfu_calibrated`)."""
   if steps < 1 or warmup < 0:
     raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")
   mesh = mesh or shard_lib.mesh_from_config(config)
@@ -202,7 +206,7 @@ def measure_step(
     # stack would show one block's FLOPs: count the same step unrolled (same
     # params and shapes; compiled only to be counted, never run).
     unrolled = loop_lib.prepare(build(_without_scan(config), STEPS_PER_EPOCH).task, mesh, prep.rng)
-    flops = _flops(unrolled.update.lower(state, batch, inputs).compile())
+    flops = _flops(unrolled.update.lower(state, batch, unrolled.inputs).compile())
 
   # -- run --------------------------------------------------------------------
   for _ in range(warmup):
@@ -269,6 +273,10 @@ def measure_step(
     "tflops_per_s_per_device": None if per_device is None else per_device / 1e12,
     "peak_tflops_per_device": None if peak is None else peak / 1e12,
     "mfu": None if (peak is None or per_device is None) else per_device / peak,
+    **(calibrated or {}),
+    "mfu_calibrated": None
+    if (not calibrated or per_device is None)
+    else per_device / calibrated["calibrated_flops_per_s"],
     "peak_memory_bytes": _peak_memory(mesh.local_devices),
     "xla_memory": _xla_memory(compiled),
     "final_loss": loss,
@@ -453,6 +461,7 @@ def format_table(records: list[dict]) -> str:
       "GFLOP/img",
       "TFLOP/s",
       "MFU",
+      "MFU calib.",
       "peak mem",
       "XLA temp",
     )
@@ -472,6 +481,8 @@ def format_table(records: list[dict]) -> str:
           _fmt(r["tflops_per_s"], ".3g"),
           _fmt(r["mfu"] if r["mfu"] is None else 100 * r["mfu"], ".1f")
           + ("%" if r["mfu"] is not None else ""),
+          _fmt(r.get("mfu_calibrated") and 100 * r["mfu_calibrated"], ".1f")
+          + ("%" if r.get("mfu_calibrated") is not None else ""),
           _bytes(r["peak_memory_bytes"]),
           _bytes(mem.get("temp_bytes")),
         )

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The device check: what mimdistill does on one H100/H200 (or any GPU/TPU),
+# in under 10 minutes. Prints, as JSON lines and tables:
+#   1. the ViT-L (block 18) -> ViT-B distillation step (configs/tinymim_distill.py:b_from_l)
+#      at 224 px, bfloat16, batch 128, fused attention off and on: img/s, MFU against the
+#      vendor peak and against the measured matmul rate (--calibrate), peak memory;
+#   2. the input pipeline on this host's cores (distill augmentation, 224 px, workers = cores);
+#   3. TinyMIM distillation against MAE pre-training of the same student at equal budget,
+#      each followed by the same fine-tuning, on the embedded dataset (or DATA=folder:<path>),
+#      with the final top-1 of both.
+#
+#   bash launch/device_check.sh [OUT_DIR]        # OUT_DIR default /tmp/device_check
+#
+# Packages the device lacks (tensorflow-datasets, grain, array-record, ml-collections,
+# ...) are installed first from ./.whl when that folder exists (see the device tool's
+# README); nothing is downloaded.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-/tmp/device_check}
+DATA=${DATA:-embedded}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+python3 -c "import jax; print('devices:', jax.devices())"
+
+echo "== 1. b_from_l step, 224 px, bf16, batch 128, fused attention off / on"
+timeout 300 python3 launch/benchmark.py --config configs/tinymim_distill.py:b_from_l \
+  --config.dtype=bfloat16 --config.batch_size=128 --steps 10 --warmup 3 --calibrate \
+  --sweep student.fused_attention+teacher.fused_attention=false,true \
+  --json_out "$OUT/step.jsonl" 2>&1 | tee "$OUT/step.txt"
+
+echo "== 2. input pipeline, distill augmentation, 224 px, $(nproc) workers"
+timeout 120 python3 launch/benchmark.py --config configs/tinymim_distill.py:quickstart \
+  --config.data.name="$DATA" --config.data.data_dir="$OUT/tfds" --config.data.image_size=224 \
+  --config.student.image_size=224 --config.teacher.image_size=224 --config.batch_size=256 \
+  --input_only --steps 20 --sweep data.num_workers=0,$(nproc) \
+  --json_out "$OUT/input.jsonl" 2>&1 | tee "$OUT/input.txt"
+
+echo "== 3. TinyMIM distillation vs MAE pre-training of the same student, equal budget"
+COMMON=(--config.pretrain.data.name="$DATA" --config.distill.data.name="$DATA"
+        --config.finetune.data.name="$DATA" --config.pretrain.data.data_dir="$OUT/tfds"
+        --config.distill.data.data_dir="$OUT/tfds" --config.finetune.data.data_dir="$OUT/tfds"
+        --config.distill.dtype=bfloat16 --config.pretrain.dtype=bfloat16
+        --config.finetune.dtype=bfloat16)
+timeout 150 python3 launch/pipeline.py --config configs/pipeline.py:quickstart \
+  --workdir "$OUT/tinymim" "${COMMON[@]}" 2>&1 | tail -8 | tee "$OUT/tinymim.txt"
+timeout 120 python3 launch/pipeline.py --config configs/pipeline.py:mae_baseline:quickstart \
+  --workdir "$OUT/mae" "${COMMON[@]}" 2>&1 | tail -6 | tee "$OUT/mae.txt"
+echo "== done: $OUT"
