@@ -48,7 +48,9 @@ def test_eval_on_8_devices_counts_every_example_once(tfds_dir):
   eval_data = input_pipeline.make_dataset(
     cfg, split=split, train=False, mesh=mesh, data_axis=shard_lib.BATCH_AXES
   )
-  got = make_evaluator(lambda v, x: model.apply(v, x), eval_data)(variables)
+  evaluator = make_evaluator(lambda v, x: model.apply(v, x), eval_data, num_classes=10)
+  got = evaluator(variables)
+  assert evaluator(variables) == got and evaluator.compiles == 1  # one compile for every pass
 
   # Reference: every real example exactly once, numpy top-k.
   host = input_pipeline.make_dataset(cfg, split=split, train=False)
@@ -64,6 +66,9 @@ def test_eval_on_8_devices_counts_every_example_once(tfds_dir):
   assert got["count"] == 997
   np.testing.assert_allclose(got["top1"], np.mean(top5[:, 0] == labels), atol=1e-6)
   np.testing.assert_allclose(got["top5"], np.mean((top5 == labels[:, None]).any(1)), atol=1e-6)
+  want = np.zeros((10, 10), np.int64)
+  np.add.at(want, (labels, top5[:, 0]), 1)
+  np.testing.assert_array_equal(evaluator.last_confusion, want)  # from the same pass
 
 
 @pytest.fixture(scope="module")

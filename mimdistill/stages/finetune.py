@@ -323,10 +323,13 @@ def run(config: ml_collections.ConfigDict, workdir, *, mesh=None, lineage: dict 
   def apply_eval(variables, images):
     return model.apply(variables, images)
 
-  evaluator = make_evaluator(apply_eval, eval_data)
+  evaluator = make_evaluator(apply_eval, eval_data, num_classes=num_classes)
+
+  confusion_of_params: list = [None]  # the last evaluation's, not the EMA's
 
   def evaluate(state):
     metrics = evaluator({"params": state.params, **state.model_state})
+    confusion_of_params[0] = evaluator.last_confusion
     if state.ema is not None:  # the EMA weights, evaluated alongside
       ema = evaluator({"params": state.ema, **state.model_state})
       metrics.update({f"ema_{k}": v for k, v in ema.items() if k != "count"})
@@ -350,10 +353,7 @@ def run(config: ml_collections.ConfigDict, workdir, *, mesh=None, lineage: dict 
     # Learning curves and the eval confusion matrix of the final state.
     from mimdistill.visualize import confusion, curves
 
-    state = result.state
-    counts = confusion.confusion_counts(  # every process: global batches
-      apply_eval, {"params": state.params, **state.model_state}, eval_data, num_classes
-    )
+    counts = confusion_of_params[0]  # of the final evaluation: no second pass
     if jax.process_index() == 0:
       for png in (
         curves.plot_learning_curves(
