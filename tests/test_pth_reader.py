@@ -420,6 +420,47 @@ def test_build_cannot_tamper_with_allowed_globals(tmp_path):
   assert ckpt.metadata["args"] == {"a": 1}
 
 
+# GLOBAL torch.FloatStorage as a persistent id ('storage', type, '0', 'cpu', 2).
+_STORAGE_PID = (
+  b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x02tQ"
+)
+
+
+@pytest.mark.parametrize(
+  "body,match",
+  [
+    # BUILD on a storage record, as a dict and as slot state: it is immutable.
+    (_STORAGE_PID + b"}X\x05\x00\x00\x00numelJ\x00\xca\x9a\x3bsb", "could not be unpickled"),
+    (_STORAGE_PID + b"(N}X\x05\x00\x00\x00numelJ\x00\xca\x9a\x3bstb", "could not be unpickled"),
+    # argparse.Namespace called with arguments, or given its state twice.
+    (b"cargparse\nNamespace\n(X\x01\x00\x00\x00xtR", "could not be unpickled"),
+    (b"cargparse\nNamespace\n)\x81}b}b", "could not be unpickled"),
+    # a stand-in that is not a storage type used as one
+    (_STORAGE_PID.replace(b"ctorch\nFloatStorage\n", b"cargparse\nNamespace\n"), "storage class"),
+  ],
+  ids=["build-storage", "build-storage-slots", "namespace-called", "namespace-twice", "fake-type"],
+)
+def test_stand_ins_and_storages_cannot_be_misused(tmp_path, body, match):
+  path = write_raw_pth(tmp_path / "raw.pth", b"\x80\x02" + body + b".", {"0": b"\x00" * 8})
+  with pytest.raises(CorruptCheckpointError, match=match):
+    read_pickle_tree(path)
+
+
+def test_namespace_record_is_read_only(tmp_path):
+  path = write_pth(
+    tmp_path / "ns.pth",
+    {"model": {"w": tensor(np.ones(1, np.float32))}, "args": FakeNamespace(lr=0.5)},
+  )
+  args = read_pickle_tree(path)["args"]
+  assert isinstance(args, PickledNamespace) and args.lr == 0.5 and dict(vars(args)) == {"lr": 0.5}
+  with pytest.raises(TypeError):
+    vars(args)["lr"] = 1.0
+  with pytest.raises(AttributeError):
+    args.lr = 1.0
+  with pytest.raises(AttributeError, match="no field 'missing'"):
+    args.missing  # noqa: B018
+
+
 def test_object_numpy_dtype_is_refused(tmp_path):
   # numpy.core.multiarray.scalar(numpy.dtype('O8'), ...) would build an object scalar.
   body = (
