@@ -15,7 +15,8 @@ a program (``torch.load`` calls whatever function the file names), so this reade
   protocol 2); one without a re-implementation (``argparse.Namespace``, ``numpy.dtype``,
   torch storage types) only makes an inert record of what the pickle hands it;
 * rebuilds tensors as numpy arrays over the storage records, memory-mapped when they are
-  stored uncompressed (as torch writes them);
+  stored uncompressed (as torch writes them), and checks each record's zip CRC-32 as it is
+  read, so bytes changed on disk are refused instead of converted;
 * never imports torch.
 """
 
@@ -398,7 +399,7 @@ def _not_a_zip(path: str, size: int) -> CheckpointReadError:
 
 
 class _Archive:
-  """An open torch.save zip: its records and the memory map of the file."""
+  """An open torch.save zip: its records, CRC-checked as they are read."""
 
   def __init__(self, path: str, use_mmap: bool):
     self.path = path
@@ -491,8 +492,8 @@ class _Archive:
     return _Storage(key, entry, dtype_name, numel, array, None)
 
   def _mapped(self, info: zipfile.ZipInfo):
-    """A stored (uncompressed) record's bytes as a view of the mapped file; None when not
-    mapped or compressed."""
+    """A stored (uncompressed) record's bytes as a view of the mapped file, after checking
+    its CRC-32 over them (the one read of those pages); None when not mapped or compressed."""
     if self.mm is None or info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
       return None
     # zipfile has no API for where an entry's data starts: after the 30-byte local header,
@@ -505,6 +506,14 @@ class _Archive:
     if begin + info.file_size > len(self.mm):
       return None
     view = memoryview(self.mm)[begin : begin + info.file_size]
+    crc = 0
+    for pos in range(0, len(view), _CHUNK):
+      crc = zlib.crc32(view[pos : pos + _CHUNK], crc)
+    if crc != info.CRC:
+      return (
+        f"its storage record {info.filename!r} fails its CRC-32 check (the stored bytes "
+        "were changed on disk or in transfer)"
+      )
     return view
 
   def _read(self, info: zipfile.ZipInfo):
@@ -741,7 +750,7 @@ def load_pth(path, *, mmap: bool = True, key: str | None = None) -> PthCheckpoin
     path: the ``.pth`` file (torch >= 1.6 zip format).
     mmap: memory-map the file so contiguous tensors are zero-copy read-only views (the file
       must not be rewritten while they are in use); with False every storage is read into
-      writable memory (storages are then CRC-checked by zipfile as they are read).
+      writable memory. Either way each storage record's CRC-32 is checked as it is read.
     key: top-level key holding the state dict. Default: the first of 'model', 'state_dict',
       'module' that holds tensors, else the top level itself if it maps names to tensors.
 
