@@ -23,6 +23,7 @@ import subprocess
 import sys
 import textwrap
 import zipfile
+import zlib
 
 import ml_dtypes
 import numpy as np
@@ -186,6 +187,85 @@ def test_corrupted_data_pkl_fails_crc(tmp_path):
   bad.write_bytes(bytes(raw))
   with pytest.raises(CorruptCheckpointError, match=r"data\.pkl.*corrupt"):
     load_pth(bad)
+
+
+def _data_offset(path: pathlib.Path, name: str) -> tuple[int, int]:
+  """Where the stored bytes of zip entry `name` start in the file, and how many there are."""
+  with zipfile.ZipFile(path) as zf:
+    info = zf.getinfo(name)
+  with open(path, "rb") as f:
+    f.seek(info.header_offset + 26)
+    name_len, extra_len = struct.unpack("<HH", f.read(4))
+  return info.header_offset + 30 + name_len + extra_len, info.compress_size
+
+
+def _flip_byte(path: pathlib.Path, name: str) -> pathlib.Path:
+  """Change one byte in the middle of entry `name`, as a disk or transfer error would."""
+  start, size = _data_offset(path, name)
+  raw = bytearray(path.read_bytes())
+  raw[start + size // 2] ^= 0x01
+  bad = path.with_name(f"bad_{path.name}")
+  bad.write_bytes(bytes(raw))
+  return bad
+
+
+def _small_pth(tmp_path) -> pathlib.Path:
+  model = {
+    "a": tensor(np.arange(6, dtype=np.float32).reshape(2, 3)),
+    "b": tensor(np.linspace(-1, 1, 40, dtype=np.float32).reshape(5, 8)),
+  }
+  return write_pth(tmp_path / "small.pth", {"model": model, "epoch": 2})
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_intact_file_passes_crc_and_a_changed_storage_byte_is_refused(tmp_path, mmap):
+  path = _small_pth(tmp_path)
+  ckpt = load_pth(path, mmap=mmap)
+  np.testing.assert_array_equal(
+    ckpt.tensors["b"], np.linspace(-1, 1, 40, dtype=np.float32).reshape(5, 8)
+  )
+  bad = _flip_byte(path, "archive/data/1")
+  with pytest.raises(CorruptCheckpointError) as info:
+    load_pth(bad, mmap=mmap)
+  message = str(info.value)
+  assert str(bad) in message and "'model.b'" in message and "'archive/data/1'" in message
+  assert "CRC-32" in message and "re-download" in message.lower() and "\n" not in message
+  with pytest.raises(CorruptCheckpointError, match=r"'archive/data/1'.*CRC-32"):
+    read_pickle_tree(bad, mmap=mmap)
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_changed_data_pkl_byte_is_refused(tmp_path, mmap):
+  bad = _flip_byte(_small_pth(tmp_path), "archive/data.pkl")
+  with pytest.raises(CorruptCheckpointError) as info:
+    load_pth(bad, mmap=mmap)
+  message = str(info.value)
+  assert "'archive/data.pkl'" in message and "CRC-32" in message
+  assert "re-download" in message.lower()
+
+
+def test_mapped_storages_are_checked_once_as_they_are_read(tmp_path, monkeypatch):
+  # One storage shared by three tensors plus one of its own: each record's bytes go through
+  # the CRC once, when its storage is first rebuilt, and nothing else is summed.
+  shared = FakeStorage("", np.arange(10, dtype=np.int64))
+  model = {
+    "head": FakeTensor(shared, 0, (2,)),
+    "body": FakeTensor(shared, 2, (2, 3)),
+    "tail": FakeTensor(shared, 8, (2,)),
+    "own": tensor(np.ones((3, 3), np.float32)),
+  }
+  path = write_pth(tmp_path / "shared.pth", {"model": model})
+  summed = []
+
+  def crc32(data, value=0):
+    summed.append(len(data))
+    return real_crc32(data, value)
+
+  real_crc32 = zlib.crc32  # zipfile keeps its own reference: only the reader's sums count
+  monkeypatch.setattr(zlib, "crc32", crc32)
+  ckpt = load_pth(path)
+  assert not ckpt.tensors["body"].flags.writeable  # views of the mapped file
+  assert sorted(summed) == [3 * 3 * 4, 10 * 8]
 
 
 def test_random_bytes_are_not_a_checkpoint(tmp_path):
@@ -418,6 +498,47 @@ def test_build_cannot_tamper_with_allowed_globals(tmp_path):
   ckpt = load_pth(path)
   np.testing.assert_array_equal(ckpt.tensors["w"], [0, 1, 2])
   assert ckpt.metadata["args"] == {"a": 1}
+
+
+# GLOBAL torch.FloatStorage as a persistent id ('storage', type, '0', 'cpu', 2).
+_STORAGE_PID = (
+  b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x02tQ"
+)
+
+
+@pytest.mark.parametrize(
+  "body,match",
+  [
+    # BUILD on a storage record, as a dict and as slot state: it is immutable.
+    (_STORAGE_PID + b"}X\x05\x00\x00\x00numelJ\x00\xca\x9a\x3bsb", "could not be unpickled"),
+    (_STORAGE_PID + b"(N}X\x05\x00\x00\x00numelJ\x00\xca\x9a\x3bstb", "could not be unpickled"),
+    # argparse.Namespace called with arguments, or given its state twice.
+    (b"cargparse\nNamespace\n(X\x01\x00\x00\x00xtR", "could not be unpickled"),
+    (b"cargparse\nNamespace\n)\x81}b}b", "could not be unpickled"),
+    # a stand-in that is not a storage type used as one
+    (_STORAGE_PID.replace(b"ctorch\nFloatStorage\n", b"cargparse\nNamespace\n"), "storage class"),
+  ],
+  ids=["build-storage", "build-storage-slots", "namespace-called", "namespace-twice", "fake-type"],
+)
+def test_stand_ins_and_storages_cannot_be_misused(tmp_path, body, match):
+  path = write_raw_pth(tmp_path / "raw.pth", b"\x80\x02" + body + b".", {"0": b"\x00" * 8})
+  with pytest.raises(CorruptCheckpointError, match=match):
+    read_pickle_tree(path)
+
+
+def test_namespace_record_is_read_only(tmp_path):
+  path = write_pth(
+    tmp_path / "ns.pth",
+    {"model": {"w": tensor(np.ones(1, np.float32))}, "args": FakeNamespace(lr=0.5)},
+  )
+  args = read_pickle_tree(path)["args"]
+  assert isinstance(args, PickledNamespace) and args.lr == 0.5 and dict(vars(args)) == {"lr": 0.5}
+  with pytest.raises(TypeError):
+    vars(args)["lr"] = 1.0
+  with pytest.raises(AttributeError):
+    args.lr = 1.0
+  with pytest.raises(AttributeError, match="no field 'missing'"):
+    args.missing  # noqa: B018
 
 
 def test_object_numpy_dtype_is_refused(tmp_path):

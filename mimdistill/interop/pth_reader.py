@@ -1,26 +1,23 @@
-"""Safe reader for PyTorch ``.pth`` checkpoints, without torch and without pickle code.
+"""Safe reader for PyTorch ``.pth`` checkpoints, without torch and without running pickle code.
 
-Official MAE / TinyMIM weights are distributed as ``torch.save`` files. Those are
-zip archives holding a pickle (``<archive>/data.pkl``) that describes the object
-tree, plus one raw little-endian byte blob per tensor storage
-(``<archive>/data/<key>``). A pickle is a program: ``torch.load`` (and plain
-``pickle.load``) will call any importable function the file names, so a ``.pth``
-downloaded from the internet can run arbitrary code. This module therefore:
+A ``torch.save`` file (torch >= 1.6) is a zip archive: ``<archive>/data.pkl`` pickles the
+object tree and every tensor storage is one raw record ``<archive>/data/<key>``. A pickle is
+a program (``torch.load`` calls whatever function the file names), so this reader:
 
-* unpickles ``data.pkl`` with a restricted :class:`pickle.Unpickler` whose
-  ``find_class`` consults an ALLOW-LIST (tensor rebuild functions, storage types,
-  ``OrderedDict``, ``argparse.Namespace``, numpy scalars, and the few builtins
-  pickle protocol 2 needs for bytes/sets). Every other global raises
-  :class:`UnsafeCheckpointError` at lookup time, i.e. before anything could be
-  called. The allowed callables are our own re-implementations that validate
-  their arguments; no torch / argparse / numpy code ever sees pickle data.
-* rebuilds tensors as numpy arrays straight from the storage blobs, which are
-  memory-mapped when possible (torch writes them uncompressed and 64-byte
-  aligned), so multi-GB checkpoints are not read into memory twice.
+* unpickles ``data.pkl`` with a :class:`pickle.Unpickler` whose ``find_class`` answers only
+  from an allow-list. Any other global raises :class:`UnsafeCheckpointError` when it is looked
+  up, before anything could be called (GLOBAL, STACK_GLOBAL, INST, OBJ and EXT* all go through
+  ``find_class``, so REDUCE / NEWOBJ can only call what it returned);
+* answers with immutable stdlib types (``OrderedDict``, ``set``, ``frozenset``, ``complex``,
+  which only iterate or convert already-unpickled values) or with a :class:`StandIn`, which
+  runs none of the real code: calling one runs our re-implementation that validates its
+  arguments (tensor and ``nn.Parameter`` rebuild, numpy scalars, the bytes helpers of pickle
+  protocol 2); one without a re-implementation (``argparse.Namespace``, ``numpy.dtype``,
+  torch storage types) only makes an inert record of what the pickle hands it;
+* rebuilds tensors as numpy arrays over the storage records, memory-mapped when they are
+  stored uncompressed (as torch writes them), and checks each record's zip CRC-32 as it is
+  read, so bytes changed on disk are refused instead of converted;
 * never imports torch.
-
-Public API: :func:`load_pth`, :func:`read_pickle_tree`, :func:`summarize`,
-:class:`PthCheckpoint`, :class:`PickledNamespace` and the exception classes.
 """
 
 from __future__ import annotations
@@ -36,14 +33,16 @@ import re
 import struct
 import sys
 import types
+import typing
 import zipfile
 import zlib
-from collections.abc import Callable
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 __all__ = [
+  "PREFERRED_KEYS",
   "CheckpointNotFoundError",
   "CheckpointReadError",
   "CorruptCheckpointError",
@@ -51,29 +50,23 @@ __all__ = [
   "NoTensorsFoundError",
   "PickledNamespace",
   "PthCheckpoint",
+  "StandIn",
   "UnsafeCheckpointError",
   "load_pth",
   "read_pickle_tree",
+  "stand_in",
   "summarize",
 ]
 
-# Top-level keys that hold the model weights, in order of preference. Official
-# MAE / TinyMIM / DeiT checkpoints use 'model'; many other repos use
-# 'state_dict'; a few wrap the module itself under 'module'.
+# Top-level keys that hold the model weights, in order of preference: official MAE / TinyMIM
+# / DeiT checkpoints use 'model', mmcv and many repos 'state_dict', SparK 'module'.
 PREFERRED_KEYS = ("model", "state_dict", "module")
-
-# DistributedDataParallel prefixes every parameter name with this.
-DDP_PREFIX = "module."
+DDP_PREFIX = "module."  # DistributedDataParallel prefixes every parameter name with this
 
 _RESAVE_HINT = (
   "Re-download the file, or re-save it on a machine with torch: "
   "torch.save(torch.load(src, map_location='cpu'), dst)"
 )
-
-
-# --------------------------------------------------------------------------
-# Errors
-# --------------------------------------------------------------------------
 
 
 class CheckpointReadError(ValueError):
@@ -101,267 +94,210 @@ class UnsafeCheckpointError(CheckpointReadError):
 
 
 # --------------------------------------------------------------------------
-# Objects the restricted unpickler hands to the pickle machine.
-#
-# The pickle opcodes BUILD / APPEND / SETITEM act on whatever object is on the
-# stack (setattr, __setstate__, .append, ...). To keep those from mutating our
-# module-level helpers, every helper object is "frozen": __slots__ (no
-# __dict__) plus a __setattr__ that refuses. Nothing here is callable except
-# _SafeCallable, whose target functions validate their arguments.
+# The stand-in for allow-listed globals
 # --------------------------------------------------------------------------
 
 
-class _Frozen:
-  __slots__ = ()
+class StandIn:
+  """What an allow-listed global is inside a checkpoint: a subclass named after it.
 
-  def __setattr__(self, name, value):
-    raise AttributeError(f"{type(self).__name__} is read-only (tried to set {name!r})")
+  ``find_class`` returns the subclass; all a pickle can do with a class is call it (REDUCE,
+  NEWOBJ, INST and OBJ all end in ``cls.__new__``), use it as a token (a storage type in a
+  persistent id: ``dtype_name``), or BUILD it:
 
-  def __delattr__(self, name):
-    raise AttributeError(f"{type(self).__name__} is read-only (tried to delete {name!r})")
-
-  def _init(self, **fields):
-    for name, value in fields.items():
-      object.__setattr__(self, name, value)
-
-
-class _SafeCallable(_Frozen):
-  """An allow-listed global: one of our own functions, never the real one."""
-
-  __slots__ = ("_fn", "qualname")
-
-  def __init__(self, fn: Callable[..., Any], qualname: str):
-    self._init(_fn=fn, qualname=qualname)
-
-  def __call__(self, *args):
-    # REDUCE / NEWOBJ only ever pass positional arguments.
-    return self._fn(*args)
-
-  def __repr__(self):
-    return f"<safe stand-in for {self.qualname}>"
-
-
-class _StorageType(_Frozen):
-  """Stand-in for ``torch.FloatStorage`` & co. or a ``torch.float32``-style dtype."""
-
-  __slots__ = ("qualname", "dtype_name")
-
-  def __init__(self, qualname: str, dtype_name: str):
-    self._init(qualname=qualname, dtype_name=dtype_name)
-
-  def __repr__(self):
-    return f"<{self.qualname} -> {self.dtype_name}>"
-
-
-class _Storage(_Frozen):
-  """A storage referenced by a persistent id, with its data (or why it has none)."""
-
-  __slots__ = ("key", "entry", "dtype_name", "numel", "array", "error")
-  __hash__ = None  # keep storages out of sets / dict keys
-
-  def __init__(self, key, entry, dtype_name, numel, array, error):
-    self._init(key=key, entry=entry, dtype_name=dtype_name, numel=numel, array=array, error=error)
-
-
-class _BrokenTensor(_Frozen):
-  """Placeholder for a tensor whose bytes are missing; reported with its path later.
-
-  The rebuild function does not know the tensor's name (the dict key is set
-  after the tensor is built), so instead of raising there we leave this
-  marker and search the finished tree for it, to name e.g. ``model.cls_token``.
+  * with ``impl``, the call returns ``impl(*args)``, a function of this module that
+    validates its arguments (e.g. the tensor rebuild); nothing of the real global runs;
+  * without, it makes an inert record of the arguments (``_args``, only when
+    ``takes_args``) and of the state BUILD gives it once (``_state``). A dict state's
+    fields read as ``vars(record)`` and as attributes, e.g. an ``argparse.Namespace``'s.
+  * BUILD on the class itself finds ``__setstate__`` unbound and calls it with one
+    argument, a TypeError, so no pickle can set attributes on a stand-in class. Records
+    have slots and no instance ``__dict__``, so BUILD always goes through ``__setstate__``
+    (a field cannot shadow it). Fields hold only what the pickle put there, so reaching
+    one through pickle's own attribute lookups (APPEND's ``append``) calls nothing that
+    REDUCE could not.
   """
 
-  __slots__ = ("reason",)
-  __hash__ = None
+  __slots__ = ("_args", "_state")
+  qualname: typing.ClassVar[str] = "StandIn"
+  impl: typing.ClassVar[Any] = None
+  takes_args: typing.ClassVar[bool] = False
+  dtype_name: typing.ClassVar[str | None] = None
 
-  def __init__(self, reason: str):
-    self._init(reason=reason)
-
-
-class _NumpyDtypeSpec(_Frozen):
-  """Stand-in for ``numpy.dtype(code, align, copy)`` plus its BUILD state.
-
-  Kept as a plain record (rather than a real ``np.dtype``) so no numpy code
-  parses attacker-controlled state; only ``_numpy_scalar`` consumes it.
-  """
-
-  __slots__ = ("code", "byteorder")
-
-  def __init__(self, code: str):
-    self._init(code=code, byteorder="=")
+  def __new__(cls, *args):
+    if cls.impl is not None:
+      return cls.impl(*args)
+    if args and not cls.takes_args:
+      # A TypeError: the reader reports it as a corrupt data.pkl, naming the file.
+      raise TypeError(f"{cls.qualname} is called with arguments {args!r:.100} in the pickle")
+    record = object.__new__(cls)
+    record._args, record._state = args, None
+    return record
 
   def __setstate__(self, state):
-    # numpy's state: (version, byteorder, subarray, names, fields, elsize,
-    # alignment, flags[, metadata]). Only plain scalar dtypes are accepted.
-    if (
-      not isinstance(state, tuple)
-      or len(state) < 5
-      or state[1] not in ("<", ">", "|", "=")
-      or any(s is not None for s in state[2:5])
-    ):
-      raise UnsafeCheckpointError(
-        f"numpy dtype {self.code!r} has an unsupported pickled state {state!r:.200}; "
-        "only plain numeric/bool dtypes are allowed in checkpoints"
-      )
-    self._init(byteorder=state[1])
+    if self._state is not None:
+      raise TypeError(f"{self.qualname} is given its state twice")
+    self._state = state
 
-  def to_numpy(self) -> np.dtype:
-    dtype = np.dtype(self.code)
-    return dtype.newbyteorder(self.byteorder) if self.byteorder in "<>" else dtype
+  @property
+  def __dict__(self):
+    # vars(record): the fields, read-only; only a dict state has fields.
+    state = self._state if isinstance(self._state, dict) else {}
+    return types.MappingProxyType(state)
 
+  def __getattr__(self, name):
+    # Only called when normal lookup fails, i.e. never for the methods above.
+    state = object.__getattribute__(self, "_state")
+    if not name.startswith("__") and isinstance(state, dict) and name in state:
+      return state[name]
+    raise AttributeError(f"{self.qualname} record has no field {name!r}")
 
-class _FrozenMeta(type):
-  # A class returned by find_class sits on the pickle stack, where BUILD could
-  # setattr on the class object itself; refuse so the class stays as written.
-  def __setattr__(cls, name, value):
-    raise AttributeError(f"{cls.__name__} is read-only (tried to set {name!r})")
-
-  def __delattr__(cls, name):
-    raise AttributeError(f"{cls.__name__} is read-only (tried to delete {name!r})")
+  def __repr__(self):
+    return f"<{self.qualname} {self._state!r:.200}>"
 
 
-class PickledNamespace(types.SimpleNamespace, metaclass=_FrozenMeta):
-  """What an ``argparse.Namespace`` in a checkpoint becomes: a plain attribute record.
+def stand_in(qualname: str, impl=None, *, base: type = StandIn, **attrs) -> type:
+  """The StandIn subclass for the global `qualname` (`attrs`: takes_args, dtype_name)."""
+  body = {"__slots__": (), "qualname": qualname, **attrs}
+  if impl is not None:
+    body["impl"] = staticmethod(impl)
+  return type(qualname.rsplit(".", 1)[-1], (base,), body)
 
-  The pickle builds it with NEWOBJ (``cls.__new__(cls)``) then BUILD with a
-  dict of fields; we only accept str-keyed dicts and set attributes, so no
-  argparse code runs. ``vars(ns)`` gives the fields as a dict.
+
+# An argparse.Namespace (official training checkpoints save their `args`) comes back as this.
+PickledNamespace = stand_in("argparse.Namespace")
+
+
+# --------------------------------------------------------------------------
+# Validated re-implementations of the allowed functions
+# --------------------------------------------------------------------------
+
+
+class _Storage(typing.NamedTuple):
+  """A storage referenced by a persistent id: its 1-D array, or why it has none.
+
+  A NamedTuple is immutable and has no ``__setstate__`` or ``__dict__``, so BUILD cannot
+  change one; and the pickle cannot make one (the class is not on the allow-list).
   """
 
-  def __setstate__(self, state):
-    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-      raise CorruptCheckpointError(
-        f"argparse.Namespace state must be a dict with str keys, got {type(state).__name__}"
-      )
-    self.__dict__.update(state)
+  key: str
+  entry: str
+  dtype_name: str
+  numel: int
+  array: np.ndarray | None
+  error: str | None
 
 
-# --------------------------------------------------------------------------
-# Safe re-implementations of the allowed globals.
-# --------------------------------------------------------------------------
+class _Unreadable(typing.NamedTuple):
+  """Left in the tree for a tensor whose bytes are missing or corrupt: the rebuild does not
+  know the tensor's name (the dict key is set after), so the finished tree is searched for
+  it to name e.g. ``model.cls_token``."""
+
+  reason: str
 
 
-def _int_tuple(value, what: str) -> tuple[int, ...]:
+def _ints(value, what: str) -> tuple[int, ...]:
   if not isinstance(value, (tuple, list)) or not all(
-    isinstance(v, int) and not isinstance(v, bool) for v in value
+    type(v) is int and v >= 0
+    for v in value  # bool is not a size
   ):
-    raise CorruptCheckpointError(f"tensor {what} must be a tuple of ints, got {value!r:.200}")
+    raise CorruptCheckpointError(f"tensor {what} must be a tuple of ints >= 0, got {value!r:.200}")
   return tuple(value)
 
 
-def _is_c_contiguous(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
-  expected = 1
-  for dim, step in zip(reversed(size), reversed(stride)):
-    if dim != 1 and step != expected:  # a size-1 dim's stride is irrelevant
-      return False
-    expected *= dim
-  return True
-
-
-def _tensor_from_storage(storage, storage_offset, size, stride):
-  """numpy equivalent of ``torch.empty(0).set_(storage, offset, size, stride)``."""
-  if not isinstance(storage, _Storage):
+def _rebuild_tensor(storage, storage_offset, size, stride, *_unused):
+  """numpy equivalent of ``torch._utils._rebuild_tensor(_v2)``, i.e. of
+  ``torch.empty(0).set_(storage, offset, size, stride)``; requires_grad, hooks and
+  metadata (the v2 extras) have no numpy meaning."""
+  if type(storage) is not _Storage:
     raise CorruptCheckpointError(
       f"tensor rebuild expected a storage as first argument, got {type(storage).__name__}"
     )
-  if not isinstance(storage_offset, int) or isinstance(storage_offset, bool) or storage_offset < 0:
-    raise CorruptCheckpointError(
-      f"tensor storage offset must be an int >= 0, got {storage_offset!r:.100}"
-    )
-  size = _int_tuple(size, "size")
-  stride = _int_tuple(stride, "stride")
-  if len(size) != len(stride) or any(d < 0 for d in size) or any(s < 0 for s in stride):
-    raise CorruptCheckpointError(f"tensor has invalid size {size} / stride {stride}")
+  (storage_offset,) = _ints((storage_offset,), "storage offset")
+  size, stride = _ints(size, "size"), _ints(stride, "stride")
+  if len(size) != len(stride):
+    raise CorruptCheckpointError(f"tensor has size {size} but stride {stride}")
   if storage.error is not None:
-    return _BrokenTensor(storage.error)
+    return _Unreadable(storage.error)
   arr = storage.array
-  numel = math.prod(size)
-  if numel == 0:
+  if math.prod(size) == 0:
     return np.empty(size, dtype=arr.dtype)
   last = storage_offset + sum((d - 1) * s for d, s in zip(size, stride))
   if last >= storage.numel:
-    return _BrokenTensor(
+    return _Unreadable(
       f"it needs element {last} of storage {storage.key!r} (entry {storage.entry!r}) "
       f"but that storage has only {storage.numel} elements (size {size}, stride {stride}, "
       f"offset {storage_offset})"
     )
-  if _is_c_contiguous(size, stride):
-    # Common case: a zero-copy view (into the memory-mapped file when mmap=True).
-    return arr[storage_offset : storage_offset + numel].reshape(size)
-  # Transposed / sliced / expanded tensors: build the strided view, then copy
-  # so callers always get an ordinary C-contiguous array.
+  # as_strided is safe here: the check above keeps every element inside the storage.
   view = np.lib.stride_tricks.as_strided(
-    arr[storage_offset:],
-    shape=size,
-    strides=tuple(s * arr.itemsize for s in stride),
-    writeable=False,
+    arr[storage_offset:], shape=size, strides=[s * arr.itemsize for s in stride], writeable=False
   )
-  return np.ascontiguousarray(view)
+  if view.flags.c_contiguous:
+    # Zero-copy: a view into the memory-mapped file when mmap=True; the read path's own
+    # buffer is writable.
+    return arr[storage_offset : storage_offset + view.size].reshape(size)
+  return np.ascontiguousarray(view)  # transposed / sliced tensors come back C-contiguous
 
 
-def _rebuild_tensor_v2(
-  storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
-):
-  # requires_grad / hooks / metadata (python attributes) have no numpy meaning.
-  del requires_grad, backward_hooks, metadata
-  return _tensor_from_storage(storage, storage_offset, size, stride)
-
-
-def _rebuild_tensor(storage, storage_offset, size, stride):
-  return _tensor_from_storage(storage, storage_offset, size, stride)
-
-
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
-  # nn.Parameter(tensor): the parameter is just its tensor for our purposes.
-  del requires_grad, backward_hooks
-  if not isinstance(data, (np.ndarray, _BrokenTensor)):
+def _rebuild_parameter(data, *_unused):
+  """``torch._utils._rebuild_parameter``: an ``nn.Parameter`` is just its tensor here."""
+  if not isinstance(data, (np.ndarray, _Unreadable)):
     raise CorruptCheckpointError(f"_rebuild_parameter expected a tensor, got {type(data).__name__}")
   return data
 
 
 # Plain numeric dtype codes as numpy pickles them (e.g. 'f8', 'i8', 'b1').
-_NUMPY_DTYPE_CODE = re.compile(r"^(b1|[iu](1|2|4|8)|f(2|4|8)|c(8|16))$")
+_NUMPY_CODE = re.compile(r"b1|[iu](1|2|4|8)|f(2|4|8)|c(8|16)")
 
 
-def _numpy_dtype(code, align=False, copy=False):
-  del align, copy
-  if not isinstance(code, str) or not _NUMPY_DTYPE_CODE.match(code):
+def _numpy_scalar(dtype, data):
+  """``numpy.core.multiarray.scalar(numpy.dtype(code, align, copy) + BUILD state, bytes)``.
+
+  The dtype is an inert record whose code and byte order are checked here, so no numpy code
+  parses pickle data: the real ``numpy.dtype(code, align, copy=False)`` returns numpy's
+  shared builtin dtype object, on which BUILD would then run numpy's ``__setstate__``.
+  """
+  code, state = None, None
+  if type(dtype) is _NumpyDtype and dtype._args:
+    code, state = dtype._args[0], dtype._state
+  if not isinstance(code, str) or not _NUMPY_CODE.fullmatch(code):
     raise UnsafeCheckpointError(
       f"numpy dtype {code!r:.100} is not allowed; only plain numeric/bool dtypes "
       "(e.g. 'f4', 'i8', 'b1') may appear in a checkpoint"
     )
-  return _NumpyDtypeSpec(code)
-
-
-def _numpy_scalar(dtype, data=None):
-  if not isinstance(dtype, _NumpyDtypeSpec) or not isinstance(data, (bytes, bytearray)):
+  # numpy's state: (version, byteorder, subarray, names, fields, ...); only plain dtypes.
+  order = state[1] if isinstance(state, tuple) and len(state) >= 5 else None
+  if order not in ("<", ">", "|", "=") or any(s is not None for s in state[2:5]):
+    raise UnsafeCheckpointError(f"numpy dtype {code!r} has an unsupported state {state!r:.200}")
+  np_dtype = np.dtype(code).newbyteorder(order if order in "<>" else "=")
+  if not isinstance(data, (bytes, bytearray)) or len(data) != np_dtype.itemsize:
     raise CorruptCheckpointError(
-      f"numpy scalar needs (dtype, bytes), got ({type(dtype).__name__}, {type(data).__name__})"
-    )
-  np_dtype = dtype.to_numpy()
-  if len(data) != np_dtype.itemsize:
-    raise CorruptCheckpointError(
-      f"numpy scalar of dtype {np_dtype} needs {np_dtype.itemsize} bytes, got {len(data)}"
+      f"numpy scalar of dtype {np_dtype} needs {np_dtype.itemsize} bytes"
     )
   return np.frombuffer(bytes(data), dtype=np_dtype)[0]
 
 
-def _codecs_encode(text, encoding="utf-8", errors="strict"):
-  # Protocol-2 pickles store bytes as _codecs.encode(str, 'latin1').
-  if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
-    raise CorruptCheckpointError(
-      f"_codecs.encode is only allowed as encode(str, 'latin1'), got encoding {encoding!r:.50}"
-    )
+def _codecs_encode(text, encoding, *errors):
+  # Protocol 2 stores bytes as _codecs.encode(str, 'latin1'); other codecs could decompress.
+  if (
+    not isinstance(text, str)
+    or encoding not in ("latin1", "latin-1")
+    or errors not in ((), ("strict",))
+  ):
+    raise CorruptCheckpointError("_codecs.encode is only allowed as encode(str, 'latin1')")
   return text.encode("latin1")
 
 
 def _bytes(*args):
+  # bytes() / bytes(b'...'): bytes(n) would allocate n bytes.
   if args and not (len(args) == 1 and isinstance(args[0], (bytes, bytearray))):
     raise CorruptCheckpointError("bytes() in a checkpoint may only take a bytes argument")
   return bytes(*args)
 
 
 def _bytearray(*args):
+  # Protocol 2 stores a bytearray as bytearray(str, 'latin-1').
   if len(args) == 2 and isinstance(args[0], str) and args[1] in ("latin1", "latin-1"):
     return bytearray(args[0].encode("latin1"))
   if len(args) > 1 or (args and not isinstance(args[0], (bytes, bytearray))):
@@ -371,161 +307,84 @@ def _bytearray(*args):
   return bytearray(*args)
 
 
-def _container(kind):
-  def build(items=()):
-    if not isinstance(items, (list, tuple, set, frozenset)):
-      raise CorruptCheckpointError(f"{kind.__name__}() expects a list, got {type(items).__name__}")
-    return kind(items)
+_NumpyDtype = stand_in("numpy.dtype", takes_args=True)
 
-  return build
-
-
-def _complex(real=0.0, imag=0.0):
-  if not all(isinstance(v, (int, float)) for v in (real, imag)):
-    raise CorruptCheckpointError("complex() in a checkpoint may only take numbers")
-  return complex(real, imag)
-
-
-# Storage classes and torch dtypes -> dtype names. Names are resolved to numpy
-# dtypes lazily (bfloat16 needs ml_dtypes).
-_STORAGE_CLASSES = {
-  "FloatStorage": "float32",
-  "DoubleStorage": "float64",
-  "HalfStorage": "float16",
-  "BFloat16Storage": "bfloat16",
-  "LongStorage": "int64",
-  "IntStorage": "int32",
-  "ShortStorage": "int16",
-  "CharStorage": "int8",
-  "ByteStorage": "uint8",
-  "BoolStorage": "bool",
-  "ComplexFloatStorage": "complex64",
-  "ComplexDoubleStorage": "complex128",
-  # torch.save writes an untyped storage's persistent id with numel in bytes.
-  "UntypedStorage": "uint8",
+# torch storage classes (torch.save's persistent ids) and torch dtypes -> numpy dtype names.
+_STORAGE_DTYPES = {
+  "Float": "float32",
+  "Double": "float64",
+  "Half": "float16",
+  "BFloat16": "bfloat16",
+  "Long": "int64",
+  "Int": "int32",
+  "Short": "int16",
+  "Char": "int8",
+  "Byte": "uint8",
+  "Bool": "bool",
+  "ComplexFloat": "complex64",
+  "ComplexDouble": "complex128",
+  "Untyped": "uint8",  # an untyped storage's numel counts bytes
 }
 _TORCH_DTYPES = {
-  "float32": "float32",
-  "float": "float32",
-  "float64": "float64",
-  "double": "float64",
-  "float16": "float16",
-  "half": "float16",
-  "bfloat16": "bfloat16",
-  "int64": "int64",
-  "long": "int64",
-  "int32": "int32",
-  "int": "int32",
-  "int16": "int16",
-  "short": "int16",
-  "int8": "int8",
-  "uint8": "uint8",
-  "bool": "bool",
-  "complex64": "complex64",
-  "cfloat": "complex64",
-  "complex128": "complex128",
-  "cdouble": "complex128",
+  **{name: name for name in set(_STORAGE_DTYPES.values())},
+  **{"float": "float32", "double": "float64", "half": "float16", "long": "int64"},
+  **{"int": "int32", "short": "int16", "cfloat": "complex64", "cdouble": "complex128"},
 }
 
+_ALLOWED: dict[tuple[str, str], type] = {
+  ("torch._utils", "_rebuild_tensor_v2"): stand_in(
+    "torch._utils._rebuild_tensor_v2", _rebuild_tensor
+  ),
+  ("torch._utils", "_rebuild_tensor"): stand_in("torch._utils._rebuild_tensor", _rebuild_tensor),
+  ("torch._utils", "_rebuild_parameter"): stand_in(
+    "torch._utils._rebuild_parameter", _rebuild_parameter
+  ),
+  # BUILD on a real OrderedDict only sets instance attributes (torch's state dict `_metadata`).
+  ("collections", "OrderedDict"): collections.OrderedDict,
+  ("argparse", "Namespace"): PickledNamespace,
+  ("numpy", "dtype"): _NumpyDtype,
+  ("numpy.core.multiarray", "scalar"): stand_in("numpy.core.multiarray.scalar", _numpy_scalar),
+  ("numpy._core.multiarray", "scalar"): stand_in("numpy._core.multiarray.scalar", _numpy_scalar),
+  # What pickle protocol 2 itself needs for bytes, sets and complex numbers.
+  ("_codecs", "encode"): stand_in("_codecs.encode", _codecs_encode),
+  ("builtins", "bytes"): stand_in("builtins.bytes", _bytes),
+  ("builtins", "bytearray"): stand_in("builtins.bytearray", _bytearray),
+  ("builtins", "set"): set,
+  ("builtins", "frozenset"): frozenset,
+  ("builtins", "complex"): complex,
+  **{
+    ("torch", f"{k}Storage"): stand_in(f"torch.{k}Storage", dtype_name=v)
+    for k, v in _STORAGE_DTYPES.items()
+  },
+  **{("torch", k): stand_in(f"torch.{k}", dtype_name=v) for k, v in _TORCH_DTYPES.items()},
+}
 
-def _build_allow_list() -> dict[tuple[str, str], Any]:
-  allowed: dict[tuple[str, str], Any] = {
-    ("torch._utils", "_rebuild_tensor_v2"): _SafeCallable(
-      _rebuild_tensor_v2, "torch._utils._rebuild_tensor_v2"
-    ),
-    ("torch._utils", "_rebuild_tensor"): _SafeCallable(
-      _rebuild_tensor, "torch._utils._rebuild_tensor"
-    ),
-    ("torch._utils", "_rebuild_parameter"): _SafeCallable(
-      _rebuild_parameter, "torch._utils._rebuild_parameter"
-    ),
-    # The real OrderedDict is harmless: its constructor only iterates
-    # already-unpickled data, and BUILD on it just sets instance attributes
-    # (torch stores the state dict's `_metadata` that way).
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("argparse", "Namespace"): PickledNamespace,
-    ("numpy", "dtype"): _SafeCallable(_numpy_dtype, "numpy.dtype"),
-    ("numpy.core.multiarray", "scalar"): _SafeCallable(
-      _numpy_scalar, "numpy.core.multiarray.scalar"
-    ),
-    ("numpy._core.multiarray", "scalar"): _SafeCallable(
-      _numpy_scalar, "numpy._core.multiarray.scalar"
-    ),
-    # Needed by pickle protocol 2 itself for bytes, sets and complex numbers.
-    ("_codecs", "encode"): _SafeCallable(_codecs_encode, "_codecs.encode"),
-    ("builtins", "bytes"): _SafeCallable(_bytes, "builtins.bytes"),
-    ("builtins", "bytearray"): _SafeCallable(_bytearray, "builtins.bytearray"),
-    ("builtins", "set"): _SafeCallable(_container(set), "builtins.set"),
-    ("builtins", "frozenset"): _SafeCallable(_container(frozenset), "builtins.frozenset"),
-    ("builtins", "complex"): _SafeCallable(_complex, "builtins.complex"),
-  }
-  for name, dtype_name in _STORAGE_CLASSES.items():
-    allowed[("torch", name)] = _StorageType(f"torch.{name}", dtype_name)
-  for name, dtype_name in _TORCH_DTYPES.items():
-    allowed[("torch", name)] = _StorageType(f"torch.{name}", dtype_name)
-  return allowed
-
-
-_ALLOWED_GLOBALS = _build_allow_list()
-
-# Python-2-era module names that protocol-2 pickles use; the default
-# find_class maps them, but an overriding find_class receives them raw.
-_MODULE_ALIASES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
-
-
-def _numpy_dtype_for(dtype_name: str) -> np.dtype:
-  if dtype_name == "bfloat16":
-    try:
-      import ml_dtypes  # installed with jax
-    except ImportError as exc:  # pragma: no cover - ml_dtypes ships with jax
-      raise CheckpointReadError(
-        "this checkpoint holds bfloat16 tensors, which need the ml_dtypes package; "
-        "install it with `pip install ml_dtypes`"
-      ) from exc
-    return np.dtype(ml_dtypes.bfloat16)
-  return np.dtype(dtype_name)
+# Protocol-2 pickles name builtins '__builtin__'; an overriding find_class receives it raw.
+_MODULE_ALIASES = {"__builtin__": "builtins"}
 
 
 # --------------------------------------------------------------------------
 # Archive access
 # --------------------------------------------------------------------------
 
-_ZIP_LOCAL_HEADER = b"PK\x03\x04"
-_ZIP_LOCAL_HEADER_SIZE = 30
+_LOCAL_HEADER = b"PK\x03\x04"
 # torch.save's legacy format starts with pickle.dumps(MAGIC_NUMBER, protocol=2).
 _LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
-_READ_CHUNK = 1 << 24
+_CHUNK = 1 << 24
 
 
-def _fspath(path) -> str:
-  try:
-    return os.fspath(path)
-  except TypeError as exc:
-    raise TypeError(
-      f"checkpoint path must be a str or os.PathLike, got {type(path).__name__}"
-    ) from exc
-
-
-def _sniff(path: str, size: int) -> None:
-  """Raise a precise error for files that are not torch zip checkpoints."""
+def _not_a_zip(path: str, size: int) -> CheckpointReadError:
+  """A precise error for a file that does not start like a zip archive."""
   with open(path, "rb") as f:
-    head = f.read(512)
-  if head.startswith(_ZIP_LOCAL_HEADER):
-    return
-  if head.startswith(b"\x80") and _LEGACY_MAGIC in head[:32]:
-    raise LegacyFormatError(
+    head = f.read(32)
+  if head.startswith(b"\x80") and _LEGACY_MAGIC in head:
+    return LegacyFormatError(
       f"{path!r} is in the legacy torch.save format (torch < 1.6, not a zip archive), "
       "which this reader does not support. Re-save it on a machine with torch "
       "(any version >= 1.6 writes the zip format): "
       "torch.save(torch.load(old_path, map_location='cpu'), new_path)"
     )
-  if len(head) >= 262 and head[257:262] == b"ustar":
-    raise LegacyFormatError(
-      f"{path!r} is a tar archive: the very old torch.save format (torch < 0.4?), "
-      "which this reader does not support. Re-save it on a machine with torch: "
-      "torch.save(torch.load(old_path, map_location='cpu'), new_path)"
-    )
-  if len(head) >= 9 and head[8:9] == b"{":
+  if head[8:9] == b"{":
     hint = "it looks like a safetensors file; read it with the safetensors package instead"
   elif head.startswith(b"\x80"):
     hint = (
@@ -534,13 +393,13 @@ def _sniff(path: str, size: int) -> None:
     )
   else:
     hint = "it is not a torch.save checkpoint, or it is corrupt. " + _RESAVE_HINT
-  raise CorruptCheckpointError(
+  return CorruptCheckpointError(
     f"{path!r} is not a zip archive (size {size} bytes, first bytes {head[:8]!r}): {hint}"
   )
 
 
 class _Archive:
-  """An open torch.save zip: the data.pkl bytes and access to storage blobs."""
+  """An open torch.save zip: its records, CRC-checked as they are read."""
 
   def __init__(self, path: str, use_mmap: bool):
     self.path = path
@@ -557,7 +416,16 @@ class _Archive:
     size = os.path.getsize(path)
     if size == 0:
       raise CorruptCheckpointError(f"{path!r} is empty (0 bytes). " + _RESAVE_HINT)
-    _sniff(path, size)
+    with open(path, "rb") as f:
+      if f.read(4) != _LOCAL_HEADER:
+        raise _not_a_zip(path, size)
+      try:
+        # The map is never closed: the arrays are views into it and keep it alive.
+        self.mm = (
+          mmap_module.mmap(f.fileno(), 0, access=mmap_module.ACCESS_READ) if use_mmap else None
+        )
+      except (OSError, ValueError):
+        self.mm = None  # a filesystem without mmap: read the records instead
     try:
       self.zip = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
@@ -568,57 +436,32 @@ class _Archive:
       ) from exc
     try:
       self.entries = {info.filename: info for info in self.zip.infolist()}
-      self.prefix = self._find_prefix()
-      self.byteorder = self._read_byteorder()
-      self.mm = self._map(use_mmap, size)
+      # torch writes every record under one top folder ('<stem>/' or 'archive/').
+      tops = [
+        n[: -len("data.pkl")] for n in self.entries if n.endswith("/data.pkl") and n.count("/") == 1
+      ]
+      if len(tops) != 1:
+        listing = ", ".join(sorted(self.entries)[:10]) or "(none)"
+        raise CorruptCheckpointError(
+          f"{path!r} is a zip archive but has {'several' if tops else 'no'} "
+          f"'<archive>/data.pkl' record(s), so it is not a torch.save checkpoint "
+          f"(entries: {listing}). " + _RESAVE_HINT
+        )
+      self.prefix = tops[0]
+      self.byteorder = "little"  # torch 1.6-1.x wrote no record; they are little-endian
+      if self.prefix + "byteorder" in self.entries:
+        self.byteorder = self.read(self.prefix + "byteorder").decode("ascii", "replace").strip()
+        if self.byteorder not in ("little", "big"):
+          raise CorruptCheckpointError(
+            f"{path!r}: record {self.prefix + 'byteorder'!r} holds {self.byteorder!r:.40}, "
+            "expected 'little' or 'big'. " + _RESAVE_HINT
+          )
     except BaseException:
       self.zip.close()
       raise
 
-  def close(self) -> None:
-    # The mmap is deliberately left open: the returned arrays are views into
-    # it and keep it alive; it is released when the last array goes away.
-    self.zip.close()
-
-  def _find_prefix(self) -> str:
-    # torch writes every record under one top directory ("<stem>/" or
-    # "archive/"); data.pkl in it is the entry point.
-    candidates = [
-      name[: -len("data.pkl")]
-      for name in self.entries
-      if name.endswith("/data.pkl") and name.count("/") == 1
-    ]
-    if len(candidates) != 1:
-      listing = ", ".join(sorted(self.entries)[:10]) or "(none)"
-      what = "no" if not candidates else "several"
-      raise CorruptCheckpointError(
-        f"{self.path!r} is a zip archive but has {what} '<archive>/data.pkl' record(s), "
-        f"so it is not a torch.save checkpoint (entries: {listing}). " + _RESAVE_HINT
-      )
-    return candidates[0]
-
-  def _read_byteorder(self) -> str:
-    name = self.prefix + "byteorder"
-    if name not in self.entries:
-      return "little"  # torch 1.6-1.x files had no record; they are little-endian
-    value = self._read_entry(name).decode("ascii", "replace").strip()
-    if value not in ("little", "big"):
-      raise CorruptCheckpointError(
-        f"{self.path!r}: record {name!r} holds {value!r:.40}, expected 'little' or 'big'. "
-        + _RESAVE_HINT
-      )
-    return value
-
-  def _map(self, use_mmap: bool, size: int):
-    if not use_mmap:
-      return None
-    try:
-      with open(self.path, "rb") as f:
-        return mmap_module.mmap(f.fileno(), 0, access=mmap_module.ACCESS_READ)
-    except (OSError, ValueError):
-      return None  # e.g. a filesystem without mmap support: read entries instead
-
-  def _read_entry(self, name: str) -> bytes:
+  def read(self, name: str) -> bytes:
+    """A whole small record; zipfile checks its CRC-32 as it reads."""
     try:
       return self.zip.read(name)
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
@@ -627,77 +470,67 @@ class _Archive:
         "transfer or on disk. " + _RESAVE_HINT
       ) from exc
 
-  def read_pickle_bytes(self) -> bytes:
-    return self._read_entry(self.prefix + "data.pkl")
-
-  def load_storage(self, key: str, dtype_name: str, numel: int) -> _Storage:
-    """Return the storage's 1-D native-endian array, or a _Storage carrying the error."""
+  def storage(self, key: str, dtype_name: str, numel: int) -> _Storage:
+    """The storage's 1-D native-endian array, or a _Storage carrying why it has none."""
     entry = f"{self.prefix}data/{key}"
-
-    def broken(reason: str) -> _Storage:
-      return _Storage(key, entry, dtype_name, numel, None, reason)
-
     info = self.entries.get(entry)
-    if info is None:
-      return broken(f"its storage record {entry!r} is missing from the zip archive")
-    dtype = _numpy_dtype_for(dtype_name)
+    dtype = np.dtype(ml_dtypes.bfloat16 if dtype_name == "bfloat16" else dtype_name)
     nbytes = numel * dtype.itemsize
-    if info.file_size < nbytes:
-      return broken(
-        f"its storage record {entry!r} has {info.file_size} bytes but "
-        f"{numel} x {dtype_name} needs {nbytes}"
-      )
-    if numel == 0:
-      return _Storage(key, entry, dtype_name, 0, np.empty(0, dtype), None)
-    array = self._mapped_view(info, dtype, numel)
-    if array is None:
-      array = self._read_array(info, dtype, numel)
-      if isinstance(array, str):
-        return broken(array)
+    if info is None:
+      error = f"its storage record {entry!r} is missing from the zip archive"
+    elif info.file_size < nbytes:
+      error = f"its storage record {entry!r} has {info.file_size} bytes but {numel} x {dtype_name} needs {nbytes}"
+    else:
+      mapped = self._mapped(info)
+      data = self._read(info) if mapped is None else mapped
+      error = data if isinstance(data, str) else None
+    if error is not None:
+      return _Storage(key, entry, dtype_name, numel, None, error)
+    array = np.frombuffer(data, dtype=dtype, count=numel)
     if self.byteorder != sys.byteorder and dtype.itemsize > 1:
-      array = array.byteswap()  # copy in native order; rare (big-endian writers)
+      array = array.byteswap()  # a native-order copy; only files from big-endian machines
     return _Storage(key, entry, dtype_name, numel, array, None)
 
-  def _mapped_view(self, info: zipfile.ZipInfo, dtype: np.dtype, numel: int):
-    """Zero-copy view into the mmap for stored (uncompressed) entries, else None."""
-    if (
-      self.mm is None
-      or info.compress_type != zipfile.ZIP_STORED
-      or info.flag_bits & 0x1
-      or info.compress_size != info.file_size
-    ):
+  def _mapped(self, info: zipfile.ZipInfo):
+    """A stored (uncompressed) record's bytes as a view of the mapped file, after checking
+    its CRC-32 over them (the one read of those pages); None when not mapped or compressed."""
+    if self.mm is None or info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
       return None
-    # The central directory gives the local header's offset; the data
-    # follows the 30-byte header, the file name and the local extra field
-    # (which torch uses as padding to 64-byte-align the data).
+    # zipfile has no API for where an entry's data starts: after the 30-byte local header,
+    # the name and the local extra field (torch's padding to 64-byte-align the data).
     start = info.header_offset
-    header = self.mm[start : start + _ZIP_LOCAL_HEADER_SIZE]
-    if len(header) < _ZIP_LOCAL_HEADER_SIZE or header[:4] != _ZIP_LOCAL_HEADER:
-      return None  # let the zipfile path produce the precise error
-    name_len, extra_len = struct.unpack("<HH", header[26:30])
-    data_start = start + _ZIP_LOCAL_HEADER_SIZE + name_len + extra_len
-    if data_start + numel * dtype.itemsize > len(self.mm):
+    if self.mm[start : start + 4] != _LOCAL_HEADER:
+      return None  # let zipfile's reader produce the precise error
+    name_len, extra_len = struct.unpack("<HH", self.mm[start + 26 : start + 30])
+    begin = start + 30 + name_len + extra_len
+    if begin + info.file_size > len(self.mm):
       return None
-    return np.frombuffer(self.mm, dtype=dtype, count=numel, offset=data_start)
+    view = memoryview(self.mm)[begin : begin + info.file_size]
+    crc = 0
+    for pos in range(0, len(view), _CHUNK):
+      crc = zlib.crc32(view[pos : pos + _CHUNK], crc)
+    if crc != info.CRC:
+      return (
+        f"its storage record {info.filename!r} fails its CRC-32 check (the stored bytes "
+        "were changed on disk or in transfer)"
+      )
+    return view
 
-  def _read_array(self, info: zipfile.ZipInfo, dtype: np.dtype, numel: int):
-    """Read an entry into a fresh writable array (CRC-checked); error text on failure."""
-    buf = np.empty(info.file_size, dtype=np.uint8)
-    view = memoryview(buf)
-    pos = 0
+  def _read(self, info: zipfile.ZipInfo):
+    """A record read into a fresh writable buffer (zipfile checks the CRC-32 as it reads
+    the last chunk); the error text on failure."""
+    buf = np.empty(info.file_size, np.uint8)  # numpy's allocator: huge pages, no zeroing
+    view, pos = memoryview(buf), 0
     try:
       with self.zip.open(info) as f:
-        while pos < info.file_size:
-          chunk = f.read(min(_READ_CHUNK, info.file_size - pos))
-          if not chunk:
-            break
+        while pos < info.file_size and (chunk := f.read(min(_CHUNK, info.file_size - pos))):
           view[pos : pos + len(chunk)] = chunk
           pos += len(chunk)
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
       return f"its storage record {info.filename!r} is corrupt ({exc})"
     if pos < info.file_size:
       return f"its storage record {info.filename!r} ends after {pos} of {info.file_size} bytes"
-    return buf[: numel * dtype.itemsize].view(dtype)
+    return buf
 
 
 # --------------------------------------------------------------------------
@@ -706,26 +539,19 @@ class _Archive:
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-  """pickle.Unpickler that resolves globals only from the allow-list.
-
-  ``find_class`` is the only way a pickle can obtain a callable (GLOBAL,
-  STACK_GLOBAL, INST, OBJ and the EXT* opcodes all go through it), so
-  refusing there means REDUCE / NEWOBJ can only ever call our stand-ins.
-  """
+  """pickle.Unpickler that resolves globals only from the allow-list (a subclass may widen
+  ``find_class``, as interop.torchscript_reader does) and persistent ids only as storages."""
 
   def __init__(self, data: bytes, archive: _Archive):
-    # encoding='utf-8' matches torch.load for py2-era str records.
-    super().__init__(io.BytesIO(data), encoding="utf-8")
+    super().__init__(io.BytesIO(data), encoding="utf-8")  # as torch.load, for py2-era str
     self._archive = archive
     self._storages: dict[str, _Storage] = {}
 
   def find_class(self, module, name):
-    module_name = _MODULE_ALIASES.get(module, module)
-    allowed = _ALLOWED_GLOBALS.get((module_name, name))
+    allowed = _ALLOWED.get((_MODULE_ALIASES.get(module, module), name))
     if allowed is None:
       qualname = f"{module}.{name}"
-      if len(qualname) > 200:
-        qualname = qualname[:200] + "..."
+      qualname = qualname if len(qualname) <= 200 else qualname[:200] + "..."
       raise UnsafeCheckpointError(
         f"refusing to load {self._archive.path!r}: its pickle references the global "
         f"'{qualname}', which is not on this reader's allow-list. The file was NOT "
@@ -738,78 +564,71 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
   def persistent_load(self, pid):
     # torch >= 1.6: ('storage', storage_type, key, location, numel).
+    path = self._archive.path
     if not isinstance(pid, tuple) or len(pid) != 5 or pid[0] not in ("storage", b"storage"):
       raise CorruptCheckpointError(
-        f"{self._archive.path!r}: unsupported persistent id {pid!r:.200}; only torch "
-        "storages ('storage', type, key, location, numel) are understood"
+        f"{path!r}: unsupported persistent id {pid!r:.200}; only torch storages "
+        "('storage', type, key, location, numel) are understood"
       )
     _, storage_type, key, _location, numel = pid
-    if isinstance(key, bytes):
-      key = key.decode("ascii", "replace")
-    if not isinstance(storage_type, _StorageType):
+    key = key.decode("ascii", "replace") if isinstance(key, bytes) else key
+    if not (
+      isinstance(storage_type, type)
+      and issubclass(storage_type, StandIn)
+      and storage_type.dtype_name
+    ):
       raise CorruptCheckpointError(
-        f"{self._archive.path!r}: storage {key!r:.50} has type {storage_type!r:.100}, "
+        f"{path!r}: storage {key!r:.50} has type {storage_type!r:.100}, "
         "expected a torch storage class or dtype"
       )
     if (
-      not isinstance(key, str)
-      or not re.fullmatch(r"[A-Za-z0-9_.\-]+", key)
-      or not isinstance(numel, int)
-      or isinstance(numel, bool)
+      not (isinstance(key, str) and re.fullmatch(r"[A-Za-z0-9_.\-]+", key))
+      or type(numel) is not int
       or numel < 0
     ):
       raise CorruptCheckpointError(
-        f"{self._archive.path!r}: malformed storage reference (key {key!r:.50}, "
-        f"numel {numel!r:.50})"
+        f"{path!r}: malformed storage reference (key {key!r:.50}, numel {numel!r:.50})"
       )
-    cached = self._storages.get(key)
-    if cached is not None:
-      if cached.dtype_name != storage_type.dtype_name or cached.numel != numel:
-        raise CorruptCheckpointError(
-          f"{self._archive.path!r}: storage {key!r} is referenced both as "
-          f"{cached.numel} x {cached.dtype_name} and {numel} x {storage_type.dtype_name}; "
-          "torch.save never writes that, so the file is corrupt"
-        )
-      return cached
-    storage = self._archive.load_storage(key, storage_type.dtype_name, numel)
-    self._storages[key] = storage
+    dtype_name = storage_type.dtype_name
+    storage = self._storages.get(key)
+    if storage is None:
+      storage = self._storages[key] = self._archive.storage(key, dtype_name, numel)
+    elif (storage.dtype_name, storage.numel) != (dtype_name, numel):
+      raise CorruptCheckpointError(
+        f"{path!r}: storage {key!r} is referenced both as {storage.numel} x "
+        f"{storage.dtype_name} and {numel} x {dtype_name}; torch.save never writes that, "
+        "so the file is corrupt"
+      )
     return storage
 
 
-def _find_broken(tree) -> tuple[str, _BrokenTensor] | None:
-  """Depth-first search for a _BrokenTensor; returns its dotted path (cycle-safe)."""
+def _find_unreadable(tree) -> tuple[str, _Unreadable] | None:
+  """Depth-first search for an _Unreadable; returns its dotted path (cycle-safe)."""
   stack: list[tuple[str, Any]] = [("", tree)]
   seen: set[int] = set()
   while stack:
     path, obj = stack.pop()
-    if isinstance(obj, _BrokenTensor):
+    if isinstance(obj, _Unreadable):
       return path or "<top level>", obj
-    if isinstance(obj, (dict, list, tuple, PickledNamespace)):
-      if id(obj) in seen:
-        continue
+    if isinstance(obj, (dict, list, tuple, StandIn)) and id(obj) not in seen:
       seen.add(id(obj))
-      if isinstance(obj, PickledNamespace):
-        items = vars(obj).items()
-      elif isinstance(obj, dict):
-        items = obj.items()
+      if isinstance(obj, (dict, StandIn)):
+        items = vars(obj).items() if isinstance(obj, StandIn) else obj.items()
       else:
         items = ((f"[{i}]", v) for i, v in enumerate(obj))
       for k, v in items:
         k = str(k)
-        sep = "" if not path or k.startswith("[") else "."
-        stack.append((f"{path}{sep}{k}", v))
+        stack.append((f"{path}{'' if not path or k.startswith('[') else '.'}{k}", v))
   return None
 
 
-def _read_tree(path, use_mmap: bool, unpickler: type | None = None):
-  # `unpickler`: a subclass of _RestrictedUnpickler with a wider allow-list
-  # (interop.torchscript_reader); the default is the plain .pth reader's.
-  path = _fspath(path)
+def _read_tree(path, use_mmap: bool, unpickler: type = _RestrictedUnpickler):
+  path = os.fspath(path)
   archive = _Archive(path, use_mmap)
   try:
-    data = archive.read_pickle_bytes()
+    data = archive.read(archive.prefix + "data.pkl")
     try:
-      tree = (unpickler or _RestrictedUnpickler)(data, archive).load()
+      tree = unpickler(data, archive).load()
     except CheckpointReadError:
       raise
     except (RecursionError, MemoryError) as exc:
@@ -817,16 +636,16 @@ def _read_tree(path, use_mmap: bool, unpickler: type | None = None):
         f"{path!r}: data.pkl is too deeply nested or too large to read "
         f"({type(exc).__name__}); the file is corrupt or hostile"
       ) from exc
-    except Exception as exc:  # malformed pickle: many exception types are possible
+    except Exception as exc:  # a malformed pickle can raise many exception types
       raise CorruptCheckpointError(
         f"{path!r}: its data.pkl record could not be unpickled "
         f"({type(exc).__name__}: {exc}); the file is truncated or corrupt. " + _RESAVE_HINT
       ) from exc
   finally:
-    archive.close()
-  broken = _find_broken(tree)
-  if broken is not None:
-    where, marker = broken
+    archive.zip.close()
+  unreadable = _find_unreadable(tree)
+  if unreadable is not None:
+    where, marker = unreadable
     raise CorruptCheckpointError(
       f"{path!r}: tensor {where!r} cannot be read: {marker.reason}. The file is "
       "incomplete or corrupt. " + _RESAVE_HINT
@@ -870,31 +689,31 @@ class PthCheckpoint:
 def read_pickle_tree(path, *, mmap: bool = True) -> Any:
   """Safely unpickle a whole ``.pth`` file: the object tree with tensors as numpy.
 
-  Containers come back as dict / OrderedDict / list / tuple, an
-  ``argparse.Namespace`` as :class:`PickledNamespace`. Raises
-  :class:`UnsafeCheckpointError` if the pickle names any global outside the
-  allow-list and :class:`CheckpointReadError` subclasses for other problems.
+  Containers come back as dict / OrderedDict / list / tuple, an ``argparse.Namespace`` as
+  a :data:`PickledNamespace` record (``vars(ns)``, ``ns.lr``). Raises
+  :class:`UnsafeCheckpointError` if the pickle names any global outside the allow-list
+  and :class:`CheckpointReadError` subclasses for other problems.
   """
   return _read_tree(path, mmap)
 
 
 def _preview(names, limit: int = 6) -> str:
   names = [str(n) for n in names]
-  shown = ", ".join(names[:limit])
-  return shown + (", ..." if len(names) > limit else "")
+  return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
 
 
 def _describe(value) -> str:
   """One-line description of a skipped value, e.g. 'dict with 2 entries (state, param_groups)'."""
   if isinstance(value, np.ndarray):
     return f"tensor {value.dtype} {tuple(value.shape)}"
-  if isinstance(value, PickledNamespace):
-    return f"argparse.Namespace ({_preview(vars(value))})"
+  if isinstance(value, StandIn):
+    return f"{value.qualname} ({_preview(vars(value))})"
   if isinstance(value, dict):
     kind = "OrderedDict" if isinstance(value, collections.OrderedDict) else "dict"
     n = len(value)
-    body = f" ({_preview(value)})" if n else ""
-    return f"{kind} with {n} entr{'y' if n == 1 else 'ies'}{body}"
+    return f"{kind} with {n} entr{'y' if n == 1 else 'ies'}" + (
+      f" ({_preview(value)})" if n else ""
+    )
   if isinstance(value, (list, tuple, set, frozenset)):
     n = len(value)
     return f"{type(value).__name__} of {n} item{'' if n == 1 else 's'}"
@@ -906,18 +725,17 @@ def _describe(value) -> str:
     return f"str {value[:60]!r}" + ("..." if len(value) > 60 else "")
   if isinstance(value, (bytes, bytearray)):
     return f"{type(value).__name__} of {len(value)} bytes"
-  if value is None:
-    return "None"
-  return type(value).__name__
+  return "None" if value is None else type(value).__name__
 
 
 def _has_tensors(value) -> bool:
   return isinstance(value, dict) and any(isinstance(v, np.ndarray) for v in value.values())
 
 
-def _metadata_value(value):
-  if isinstance(value, PickledNamespace):
-    return dict(vars(value))
+def _metadata_value(name, value):
+  if isinstance(value, PickledNamespace) or (name == "args" and isinstance(value, dict)):
+    # Some repos save vars(args) instead of the Namespace.
+    return dict(vars(value) if isinstance(value, PickledNamespace) else value)
   if isinstance(value, np.generic):
     return value.item()
   if value is None or isinstance(value, (bool, int, float, str)):
@@ -930,21 +748,19 @@ def load_pth(path, *, mmap: bool = True, key: str | None = None) -> PthCheckpoin
 
   Args:
     path: the ``.pth`` file (torch >= 1.6 zip format).
-    mmap: memory-map the file so contiguous tensors are zero-copy read-only
-      views (storage blobs are then not CRC-checked, and the file must not be
-      rewritten while the arrays are in use); with False every storage is
-      read (and CRC-checked) into writable memory.
-    key: top-level key holding the state dict. Default: the first of
-      'model', 'state_dict', 'module' that holds tensors, else the top level
-      itself if it maps names to tensors.
+    mmap: memory-map the file so contiguous tensors are zero-copy read-only views (the file
+      must not be rewritten while they are in use); with False every storage is read into
+      writable memory. Either way each storage record's CRC-32 is checked as it is read.
+    key: top-level key holding the state dict. Default: the first of 'model', 'state_dict',
+      'module' that holds tensors, else the top level itself if it maps names to tensors.
 
   Raises:
-    UnsafeCheckpointError: the pickle names a global outside the allow-list
-      (nothing was executed).
-    CheckpointNotFoundError, LegacyFormatError, CorruptCheckpointError,
-    NoTensorsFoundError: all subclasses of CheckpointReadError (ValueError).
+    UnsafeCheckpointError: the pickle names a global outside the allow-list (nothing was
+      executed).
+    CheckpointNotFoundError, LegacyFormatError, CorruptCheckpointError, NoTensorsFoundError:
+      all subclasses of CheckpointReadError (ValueError).
   """
-  path = _fspath(path)
+  path = os.fspath(path)
   tree = _read_tree(path, mmap)
   if not isinstance(tree, dict):
     raise NoTensorsFoundError(
@@ -952,7 +768,6 @@ def load_pth(path, *, mmap: bool = True, key: str | None = None) -> PthCheckpoin
       "was found; use read_pickle_tree() to inspect it"
     )
   top_keys = _preview(tree, limit=20) or "(none)"
-
   if key is not None:
     if key not in tree:
       raise NoTensorsFoundError(
@@ -966,7 +781,7 @@ def load_pth(path, *, mmap: bool = True, key: str | None = None) -> PthCheckpoin
     source_key = key
   else:
     source_key = next((k for k in PREFERRED_KEYS if k in tree and _has_tensors(tree[k])), None)
-    if source_key is None and not any(isinstance(v, np.ndarray) for v in tree.values()):
+    if source_key is None and not _has_tensors(tree):
       details = "; ".join(f"{k}: {_describe(v)}" for k, v in list(tree.items())[:20])
       raise NoTensorsFoundError(
         f"{path!r}: no tensors found under {', '.join(map(repr, PREFERRED_KEYS))} or at "
@@ -981,31 +796,20 @@ def load_pth(path, *, mmap: bool = True, key: str | None = None) -> PthCheckpoin
   for name, value in state.items():
     if isinstance(value, np.ndarray):
       tensors[str(name)] = value
-    else:
-      # A flat top level is the state dict itself: list its extras plainly.
+    else:  # a flat top level is the state dict itself: its extras are listed plainly
       skipped[str(name) if source_key is None else f"{source_key}.{name}"] = _describe(value)
   if source_key is not None:
     for name, value in tree.items():
-      if name == source_key:
-        continue
-      skipped[str(name)] = _describe(value)
-      # Some repos save vars(args) instead of the Namespace itself.
-      kept = dict(value) if name == "args" and isinstance(value, dict) else _metadata_value(value)
-      if kept is not None:
-        metadata[str(name)] = kept
+      if name != source_key:
+        skipped[str(name)] = _describe(value)
+        if (kept := _metadata_value(name, value)) is not None:
+          metadata[str(name)] = kept
 
   stripped = None
   if tensors and all(name.startswith(DDP_PREFIX) for name in tensors):
     tensors = {name[len(DDP_PREFIX) :]: value for name, value in tensors.items()}
     stripped = DDP_PREFIX
-  return PthCheckpoint(
-    path=path,
-    tensors=tensors,
-    source_key=source_key,
-    skipped=skipped,
-    metadata=metadata,
-    stripped_prefix=stripped,
-  )
+  return PthCheckpoint(path, tensors, source_key, skipped, metadata, stripped)
 
 
 def summarize(ckpt: PthCheckpoint) -> str:
@@ -1023,10 +827,6 @@ def summarize(ckpt: PthCheckpoint) -> str:
   width = max((len(n) for n in ckpt.tensors), default=0)
   for name, value in ckpt.tensors.items():
     lines.append(f"    {name:<{width}}  {str(value.dtype):<8}  {tuple(value.shape)}")
-  if ckpt.skipped:
-    lines.append("  skipped:")
-    for name, description in ckpt.skipped.items():
-      lines.append(f"    {name}: {description}")
-  else:
-    lines.append("  skipped: nothing")
+  lines.append("  skipped:" if ckpt.skipped else "  skipped: nothing")
+  lines.extend(f"    {name}: {description}" for name, description in ckpt.skipped.items())
   return "\n".join(lines)

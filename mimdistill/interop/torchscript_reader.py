@@ -12,9 +12,9 @@ widened by exactly two things:
 
 * ``__torch__.*`` classes (the archive's module classes, e.g.
   ``__torch__.torch.nn.modules.linear.Linear``): each becomes an inert
-  :class:`ScriptObject` record. Pickle can only create one (``NEWOBJ`` with no
-  arguments) and hand it its attribute dict (``BUILD``); it has no methods to
-  call, keeps its type name as a string and refuses any other attribute.
+  :class:`ScriptObject`, a ``pth_reader.StandIn`` record. Pickle can only create
+  one (``NEWOBJ`` with no arguments) and hand it its attribute dict once
+  (``BUILD``); it runs no code and keeps its type name as a string.
 * the list helpers of ``torch.jit._pickle`` (``build_intlist`` & co. and
   ``restore_type_tag``), reimplemented as validating identity functions.
 
@@ -29,6 +29,7 @@ Public API: :func:`read_torchscript`, :func:`is_torchscript_archive`,
 
 from __future__ import annotations
 
+import os
 import re
 import zipfile
 from typing import Any
@@ -49,48 +50,26 @@ _MODULE = re.compile(r"__torch__(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-class ScriptObject(metaclass=pth_reader._FrozenMeta):
+class ScriptObject(pth_reader.StandIn):
   """One TorchScript object of an archive: its type name and its state.
 
-  ``state`` is what the archive pickled for it: the dict of its attributes
+  An inert :class:`~mimdistill.interop.pth_reader.StandIn` record: created without
+  arguments (``NEWOBJ``), given its state once (``BUILD``): the dict of its attributes
   (parameters, buffers, submodules, flags) for ordinary modules.
   """
 
-  __slots__ = ("_state",)
-  type_name = "__torch__"
+  __slots__ = ()
 
-  def __new__(cls, *args):
-    if args:
-      # A TypeError: the reader reports it as a corrupt data.pkl, naming the file.
-      raise TypeError(
-        f"TorchScript object {cls.type_name} is built with arguments {args!r:.100}; "
-        "archives create module objects without arguments"
-      )
-    return object.__new__(cls)
-
-  def __setstate__(self, state):
-    try:
-      object.__getattribute__(self, "_state")
-    except AttributeError:
-      object.__setattr__(self, "_state", state)
-      return
-    raise TypeError(f"TorchScript object {self.type_name} is built twice")
-
-  def __setattr__(self, name, value):
-    raise AttributeError(f"{self.type_name} is read-only (tried to set {name!r})")
-
-  def __delattr__(self, name):
-    raise AttributeError(f"{self.type_name} is read-only (tried to delete {name!r})")
+  @property
+  def type_name(self) -> str:
+    return self.qualname
 
   @property
   def state(self) -> Any:
-    try:
-      return object.__getattribute__(self, "_state")
-    except AttributeError:
-      return None
+    return self._state
 
   def __repr__(self):
-    return f"<TorchScript object {self.type_name}>"
+    return f"<TorchScript object {self.qualname}>"
 
 
 _SCRIPT_CLASSES: dict[str, type] = {}
@@ -100,9 +79,7 @@ def _script_class(qualname: str) -> type:
   """The inert record class standing for the archive's class `qualname`."""
   cls = _SCRIPT_CLASSES.get(qualname)
   if cls is None:
-    short = qualname.rsplit(".", 1)[-1]
-    cls = pth_reader._FrozenMeta(short, (ScriptObject,), {"__slots__": (), "type_name": qualname})
-    _SCRIPT_CLASSES[qualname] = cls
+    cls = _SCRIPT_CLASSES[qualname] = pth_reader.stand_in(qualname, base=ScriptObject)
   return cls
 
 
@@ -124,7 +101,7 @@ def _restore_type_tag(value, type_tag):
 
 
 _JIT_HELPERS = {
-  ("torch.jit._pickle", name): pth_reader._SafeCallable(_as_list(name), f"torch.jit._pickle.{name}")
+  ("torch.jit._pickle", name): pth_reader.stand_in(f"torch.jit._pickle.{name}", _as_list(name))
   for name in (
     "build_intlist",
     "build_floatlist",
@@ -133,8 +110,8 @@ _JIT_HELPERS = {
     "build_tensorlist",
   )
 }
-_JIT_HELPERS[("torch.jit._pickle", "restore_type_tag")] = pth_reader._SafeCallable(
-  _restore_type_tag, "torch.jit._pickle.restore_type_tag"
+_JIT_HELPERS[("torch.jit._pickle", "restore_type_tag")] = pth_reader.stand_in(
+  "torch.jit._pickle.restore_type_tag", _restore_type_tag
 )
 
 
@@ -177,7 +154,7 @@ def is_torchscript_archive(path) -> bool:
   )
 
 
-def _collect(obj: ScriptObject, prefix: str, tensors: dict, skipped: dict, path: str, seen: set):
+def _collect(obj: ScriptObject, prefix: str, tensors: dict, skipped: dict, seen: set):
   if id(obj) in seen:
     return
   seen.add(id(obj))
@@ -185,19 +162,15 @@ def _collect(obj: ScriptObject, prefix: str, tensors: dict, skipped: dict, path:
   where = prefix[:-1] or "<root>"
   if not isinstance(state, dict):
     if state is not None:
-      skipped[where] = f"{obj.type_name} pickled a {type(state).__name__} state, not attributes"
+      skipped[where] = f"{obj.qualname} pickled a {type(state).__name__} state, not attributes"
     return
   for key, value in state.items():
+    # (Unreadable tensors were already refused by name, by pth_reader._read_tree.)
     name = f"{prefix}{key}"
-    if isinstance(value, pth_reader._BrokenTensor):
-      raise CorruptCheckpointError(
-        f"{path!r}: tensor {name!r} cannot be read: {value.reason}. The archive is "
-        "incomplete or corrupt"
-      )
     if isinstance(value, np.ndarray):
       tensors[name] = value
     elif isinstance(value, ScriptObject):
-      _collect(value, f"{name}.", tensors, skipped, path, seen)
+      _collect(value, f"{name}.", tensors, skipped, seen)
 
 
 def read_torchscript(path, *, mmap: bool = True) -> PthCheckpoint:
@@ -211,7 +184,7 @@ def read_torchscript(path, *, mmap: bool = True) -> PthCheckpoint:
       (nothing was executed); NoTensorsFoundError: the root is not a module
       or holds no tensors; other CheckpointReadError subclasses as load_pth.
   """
-  path = pth_reader._fspath(path)
+  path = os.fspath(path)
   if not is_torchscript_archive(path):
     raise NoTensorsFoundError(
       f"{path!r} is not a TorchScript archive (no '<name>/code/' or "
@@ -226,15 +199,15 @@ def read_torchscript(path, *, mmap: bool = True) -> PthCheckpoint:
     )
   tensors: dict[str, np.ndarray] = {}
   skipped: dict[str, str] = {}
-  _collect(tree, "", tensors, skipped, path, set())
+  _collect(tree, "", tensors, skipped, set())
   if not tensors:
-    raise NoTensorsFoundError(f"{path!r}: TorchScript module {tree.type_name} holds no tensors")
+    raise NoTensorsFoundError(f"{path!r}: TorchScript module {tree.qualname} holds no tensors")
   return PthCheckpoint(
     path=path,
     tensors=tensors,
     source_key=None,
     skipped=skipped,
-    metadata={"format": "torchscript", "root_type": tree.type_name},
+    metadata={"format": "torchscript", "root_type": tree.qualname},
   )
 
 
