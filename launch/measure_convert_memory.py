@@ -32,9 +32,9 @@ import numpy as np
 from absl import app, flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO)]
 
-from pth_writer import write_state_dict  # noqa: E402  (tests/pth_writer.py)
+from mimdistill.interop.pth_writer import write_state_dict  # noqa: E402
 
 WIDTH, DEPTH, PATCH, IMAGE, CHANS = 1280, 32, 14, 224, 3
 BLOCK_LEAVES = {

@@ -352,3 +352,45 @@ def test_launch_scripts_print_one_line(args, message, tmp_path):
   assert out.returncode == 2, out.stderr[-2000:]
   lines = [line for line in out.stderr.splitlines() if line.strip()]
   assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.stderr
+
+
+# -- 13: the destination's extension decides the format; timm options named ------------
+def test_convert_to_pth_writes_a_torch_checkpoint_and_odd_vits_are_named(tmp_path):
+  from test_convert import official_shapes, random_state
+
+  from mimdistill.interop.conversion import convert
+  from mimdistill.interop.layouts import LayoutError
+  from mimdistill.interop.pth_reader import load_pth
+  from mimdistill.interop.pth_writer import write_state_dict
+
+  state = random_state(official_shapes("finetune"))
+  src = write_state_dict(tmp_path / "src.pth", state)
+  report = convert(src, tmp_path / "w", num_heads=2)
+  convert(tmp_path / "w", tmp_path / "out.pth")
+  back = load_pth(tmp_path / "out.pth")
+  assert back.source_key == "model" and list(back.tensors) == list(state)
+  for name, value in state.items():
+    assert back.tensors[name].tobytes() == np.ascontiguousarray(value).tobytes(), name
+  assert any("global_pool='avg'" in n for n in report.notes) == (report.spec.pooling == "cls")
+  try:
+    import torch
+  except ImportError:
+    torch = None
+  if torch is not None:  # the official loader, when this environment has torch
+    loaded = torch.load(tmp_path / "out.pth", weights_only=True)["model"]
+    assert set(loaded) == set(state)
+  with pytest.raises(ValueError, match=r"unknown extension '.ckpt'"):
+    convert(tmp_path / "w", tmp_path / "out.ckpt")
+  cases = {
+    "reg_token": ({"reg_token": np.zeros((1, 4, 32), np.float32)}, "reg_tokens=N"),
+    "no_embed_class": ({"pos_embed": np.zeros((1, 16, 32), np.float32)}, "no_embed_class=True"),
+  }
+  for name, (change, message) in cases.items():
+    odd = write_state_dict(tmp_path / f"{name}.pth", {**state, **change})
+    with pytest.raises(LayoutError, match=message):
+      convert(odd, tmp_path / f"{name}.safetensors", allow_unknown=True)
+  no_cls = write_state_dict(
+    tmp_path / "nocls.pth", {k: v for k, v in state.items() if k != "cls_token"}
+  )
+  with pytest.raises(LayoutError, match="class_token=False"):
+    convert(no_cls, tmp_path / "nocls.safetensors", allow_unknown=True)

@@ -15,7 +15,10 @@ Destinations:
   * `*.safetensors`: official / timm names and orientation, the fixed
     buffers (`pos_embed`, `decoder_pos_embed`) included, so the official
     modules and timm load it with `strict=True`;
-  * anything else: a directory laid out as a workdir that every stage reads
+  * `*.pth` / `*.pt` / `*.bin`: the same tensors as an official torch
+    checkpoint `{'model': state_dict}`, written without torch
+    (`pth_writer`), which `torch.load(weights_only=True)` reads;
+  * a folder name (no other extension): a directory laid out as a workdir that every stage reads
     (`teacher.source=DST`, or `restore_subtree(DST, ('params', 'encoder'))`):
         DST/checkpoints/0/state   Orbax: {'params': ..., 'model_state': {'fixed': ...}}
         DST/model.json            layout + detected model (`ModelSpec`)
@@ -586,7 +589,7 @@ class ConvertReport:
   src: str
   dst: str
   src_kind: str
-  dst_kind: str  # 'safetensors' | 'orbax'
+  dst_kind: str  # 'safetensors' | 'pth' | 'orbax'
   spec: ModelSpec
   used: list[str]
   skipped: dict[str, str]  # name or top-level key -> why
@@ -633,6 +636,13 @@ def _heads_note(spec: ModelSpec) -> list[str]:
     notes.append(
       f"decoder num_heads={spec.decoder.num_heads} is assumed (MAE's default); "
       "override with --decoder_num_heads=N"
+    )
+  if spec.layout == "classifier" and spec.pooling == "cls":
+    notes.append(
+      "pooling=cls is read from the weights (a final norm, no fc_norm): the CLS token feeds the "
+      "head, as timm's global_pool='token'; a timm model made with global_pool='avg' and "
+      "fc_norm=False looks the same but averages the patch tokens, which mimdistill's classifier "
+      "does not do: do not use such a model through this conversion"
     )
   if "image_size" in spec.assumed:
     notes.append(
@@ -708,7 +718,8 @@ def convert(
       "path, then copy it (gcloud storage cp -r LOCAL "
       f"{dst})"
     )
-  to_safetensors = dst.endswith(".safetensors")
+  dst_kind = destination_kind(dst)
+  to_safetensors = dst_kind != "orbax"  # a single file
   _check_destination(dst, to_safetensors, overwrite)
 
   source = read_source(src, key=key)
@@ -764,18 +775,18 @@ def convert(
   tensors = {n: source.tensors.pop(n) for n in order}
   source.tensors.clear()
 
-  if to_safetensors:
+  if dst_kind == "safetensors":
     metadata = {
       "format": "pt",
       "mimdistill.model": json.dumps(spec.to_json()),
       "mimdistill.source": os.fspath(source.path),
     }
     write_safetensors(dst, tensors, metadata=metadata, consume=True)
-    dst_kind = "safetensors"
+  elif dst_kind == "pth":
+    write_official_pth(dst, tensors)
   else:
     report_stub = dict(src=os.fspath(source.path), src_kind=source.kind)
     _write_converted_dir(dst, spec, tensors, report_stub, order=order, overwrite=overwrite)
-    dst_kind = "orbax"
   report = ConvertReport(
     src=os.fspath(source.path),
     dst=dst,
@@ -790,6 +801,53 @@ def convert(
   return report
 
 
+PTH_SUFFIXES = (".pth", ".pt", ".bin")
+
+
+def destination_kind(dst: str) -> str:
+  """The extension decides: '.safetensors', '.pth' / '.pt' / '.bin' (a torch
+  checkpoint) or a folder (an Orbax checkpoint laid out as a workdir: a name
+  without one of those extensions, or an existing folder)."""
+  if dst.endswith(".safetensors"):
+    return "safetensors"
+  if dst.endswith(PTH_SUFFIXES):
+    return "pth"
+  suffix = pathlib.Path(dst).suffix
+  if suffix and not pathlib.Path(dst).is_dir() and not suffix[1:].isdigit():
+    raise ValueError(
+      f"destination {dst!r}: unknown extension {suffix!r}; use *.safetensors, *.pth (a torch "
+      "checkpoint) or a folder name (an Orbax checkpoint every stage reads)"
+    )
+  return "orbax"
+
+
+def write_official_pth(dst: str, tensors: MutableMapping[str, Any]) -> None:
+  """`{'model': state_dict}` in torch's zip format with official names, the
+  official orientation and dtypes, written without torch, one tensor in
+  memory at a time, atomically; `torch.load(dst, weights_only=True)` and the
+  official model's `load_state_dict(..., strict=True)` read it."""
+  from mimdistill.interop.pth_writer import write_state_dict
+
+  def lazy(value):
+    def make():
+      array = np.ascontiguousarray(_materialize(value))
+      release(value)
+      return array
+
+    return make, tuple(value.shape), np.dtype(value.dtype)
+
+  state = {name: lazy(value) for name, value in tensors.items()}
+  path = pathlib.Path(dst)
+  tmp = path.with_name(path.name + f".partial-{os.getpid()}")
+  try:
+    write_state_dict(tmp, state, wrap="model")
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+  tensors.clear()
+
+
 def _check_destination(dst: str, to_safetensors: bool, overwrite: bool) -> None:
   path = pathlib.Path(dst)
   if path.exists() and not overwrite:
@@ -799,7 +857,7 @@ def _check_destination(dst: str, to_safetensors: bool, overwrite: bool) -> None:
         "replace it, or choose another destination"
       )
   if to_safetensors and path.is_dir():
-    raise IsADirectoryError(f"{dst} is a directory; a .safetensors destination is a file")
+    raise IsADirectoryError(f"{dst} is a directory; a {path.suffix} destination is a file")
   if not to_safetensors and path.exists() and not path.is_dir():
     raise FileExistsError(
       f"{dst} is a file; an Orbax destination is a directory (name it "

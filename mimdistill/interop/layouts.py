@@ -317,6 +317,17 @@ def detect(
     raise LayoutError(f"unknown layout {layout!r}; use one of {LAYOUTS}")
   if pos_embed is not None and pos_embed not in POS_EMBED_TYPES:
     raise LayoutError(f"unknown pos_embed type {pos_embed!r}; use one of {POS_EMBED_TYPES}")
+  if "reg_token" in shapes:
+    raise LayoutError(
+      f"the checkpoint has register tokens (reg_token {tuple(shapes['reg_token'])}: a timm ViT "
+      "built with reg_tokens=N), which mimdistill's ViT does not have; converting without them "
+      "would change every output"
+    )
+  if "cls_token" not in shapes and "patch_embed.proj.weight" in shapes and "pos_embed" in shapes:
+    raise LayoutError(
+      "the checkpoint has no cls_token: a timm ViT built with class_token=False, which "
+      "mimdistill's ViT (always a CLS token first) cannot hold"
+    )
   if "cls_token" not in shapes or "patch_embed.proj.weight" not in shapes:
     missing = [n for n in ("cls_token", "patch_embed.proj.weight") if n not in shapes]
     raise LayoutError(
@@ -339,6 +350,16 @@ def detect(
 
   if "pos_embed" in shapes:
     pos = _shape(shapes, "pos_embed")
+    if (
+      len(pos) == 3
+      and math.isqrt(pos[1]) ** 2 == pos[1]
+      and math.isqrt(pos[1] - 1) ** 2 != pos[1] - 1
+    ):
+      raise LayoutError(
+        f"pos_embed {pos} has a row per patch and none for the CLS token: a timm ViT built with "
+        "no_embed_class=True (the CLS token gets no position embedding), which mimdistill's "
+        "ViT does not do; its outputs would differ"
+      )
     grid = math.isqrt(max(pos[1] - 1, 0)) if len(pos) == 3 else -1
     if len(pos) != 3 or pos[0] != 1 or pos[2] != width or grid * grid != pos[1] - 1 or grid == 0:
       raise LayoutError(
