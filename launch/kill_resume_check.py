@@ -4,11 +4,13 @@ r"""Kill -9 anywhere, rerun, and get the same params: a check of resumption.
 
 Runs a tiny three-stage pipeline (the quickstart's stages at width 32, depth
 2, 6-8 steps each, every stage checkpointing asynchronously, stage 3
-evaluating) once without interruption, then, for each of `--points` random
-moments, starts the same pipeline in a fresh workdir (and a fresh TFDS data
-dir, so dataset preparation is on the path too), sends it SIGKILL at that
-moment, and reruns the same command until it finishes (a rerun may be killed
-again at a second random moment). Every stage's final params must equal the
+evaluating) once without interruption, then, for each of `--points` kill
+points, starts the same pipeline in a fresh workdir (and a fresh TFDS data
+dir, so dataset preparation is on the path too), waits for that point's
+moment (the dataset being prepared, a stage's first steps, a checkpoint save
+in flight, an evaluation, the summary; taken in turn), sends SIGKILL after a
+random extra delay, and reruns the same command until it finishes (a rerun
+may be killed again). Every stage's final params must equal the
 uninterrupted run's bit for bit (max |diff| 0.0). Prints one line per point
 (the time of the kill, what the run was doing then: preparing data, a stage
 and its latest checkpoint, evaluation) and exits 1 if any point differs or
@@ -96,35 +98,60 @@ def final_params(workdir: pathlib.Path) -> dict:
   return out
 
 
-def doing(workdir: pathlib.Path, data_dir: pathlib.Path) -> str:
-  """What a killed run was doing, read from what it left."""
+# (what, condition on the workdir and data dir): the moments to kill at, in turn.
+def _steps(work, stage):
   from mimdistill import workdir as workdir_lib
 
-  if not any(data_dir.rglob("dataset_info.json")):
-    return "preparing the dataset"
-  for stage in STAGES:
-    if workdir_lib.read_json(workdir / stage, workdir_lib.STAGE_DONE) is None:
-      steps = workdir_lib.checkpoint_steps(workdir / stage)
-      tmp = (
-        list((workdir / stage / "checkpoints").glob("*tmp*")) if (workdir / stage).exists() else []
-      )
-      state = f"latest checkpoint {steps[-1] if steps else None}"
-      if tmp:
-        state += ", a save in flight"
-      return f"{stage}, {state}"
-  return "writing the summary"
+  return workdir_lib.checkpoint_steps(work / stage)
 
 
-def run(cmd, log, kill_after: float | None) -> tuple[int, float]:
-  start = time.time()
+def _logged(work, stage) -> int:
+  path = work / stage / "metrics.jsonl"
+  return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def _saving(work, stage) -> bool:
+  ckpt = work / stage / "checkpoints"
+  return ckpt.is_dir() and any("tmp" in p.name for p in ckpt.iterdir())
+
+
+MOMENTS = (
+  ("preparing the dataset", lambda w, d: d.exists()),
+  ("a pretrain step", lambda w, d: _logged(w, "pretrain") >= 1),
+  ("a pretrain checkpoint save", lambda w, d: _saving(w, "pretrain") or _steps(w, "pretrain")),
+  ("distill start (teacher loading, compile)", lambda w, d: (w / "distill").exists()),
+  ("a distill step", lambda w, d: _logged(w, "distill") >= 2),
+  ("a distill checkpoint save", lambda w, d: _saving(w, "distill") or _steps(w, "distill")),
+  ("finetune start (init from distill)", lambda w, d: (w / "finetune").exists()),
+  ("a finetune step", lambda w, d: _logged(w, "finetune") >= 1),
+  ("a finetune evaluation", lambda w, d: _logged(w, "finetune") >= 3),
+  ("the last finetune save and summary", lambda w, d: _steps(w, "finetune")[-1:] == [6]),
+)
+
+
+def run(cmd, log, moment=None, work=None, data=None, rng=None) -> tuple[int, str]:
+  """Runs `cmd`; with a moment, SIGKILLs it once the moment's condition holds
+  plus a random delay of up to 1 s. Returns (return code, what happened)."""
   with open(log, "a") as f:
     proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
-    try:
-      proc.wait(timeout=kill_after)
-    except subprocess.TimeoutExpired:
-      proc.send_signal(signal.SIGKILL)
-      proc.wait()
-  return proc.returncode, time.time() - start
+    if moment is None:
+      return proc.wait(), "finished"
+    what, ready = moment
+    start = time.time()
+    while proc.poll() is None:
+      try:
+        hit = ready(work, data)
+      except OSError:  # a folder renamed while looking
+        hit = False
+      if hit:
+        time.sleep(rng.uniform(0.0, 1.0))
+        if proc.poll() is None:
+          proc.send_signal(signal.SIGKILL)
+          proc.wait()
+          return proc.returncode, f"killed at {time.time() - start:.1f} s during {what}"
+        break
+      time.sleep(0.05)
+    return proc.wait(), f"finished before {what}"
 
 
 def main(argv) -> int:
@@ -135,26 +162,26 @@ def main(argv) -> int:
   shutil.rmtree(root, ignore_errors=True)
   root.mkdir(parents=True)
   rng = random.Random(FLAGS.seed)
-  rc, total = run(command(root / "ref", root / "ref_data"), root / "ref.log", None)
+  t0 = time.time()
+  rc, _ = run(command(root / "ref", root / "ref_data"), root / "ref.log")
   if rc:
     print(f"the uninterrupted run failed (rc {rc}); see {root / 'ref.log'}")
     return 1
-  print(f"uninterrupted run: {total:.0f} s", flush=True)
+  print(f"uninterrupted run: {time.time() - t0:.0f} s", flush=True)
   reference = final_params(root / "ref")
   failures = 0
   for i in range(FLAGS.points):
     work, data, log = root / f"w{i}", root / f"d{i}", root / f"w{i}.log"
-    kills = []
-    at = rng.uniform(0.05, 0.95) * total
-    rc, _ = run(command(work, data), log, at)
-    kills.append((at, doing(work, data)))
-    if rng.random() < 0.3:  # a second kill during the rerun
-      at2 = rng.uniform(0.05, 0.6) * total
-      rc, _ = run(command(work, data), log, at2)
-      kills.append((at2, doing(work, data)))
-    rc, _ = run(command(work, data), log, None)
+    moment = MOMENTS[i % len(MOMENTS)]
+    rc, first = run(command(work, data), log, moment, work, data, rng)
+    events = [first]
+    if rng.random() < 0.3:  # a second kill, during the rerun
+      second = MOMENTS[rng.randrange(len(MOMENTS))]
+      rc, again = run(command(work, data), log, second, work, data, rng)
+      events.append(again)
+    rc, _ = run(command(work, data), log)
     if rc:
-      print(f"point {i}: the rerun failed (rc {rc}); see {log}")
+      print(f"point {i}: {'; then '.join(events)}; the rerun failed (rc {rc}); see {log}")
       failures += 1
       continue
     got = final_params(work)
@@ -165,8 +192,7 @@ def main(argv) -> int:
       for s in STAGES
       for k in reference[s]
     )
-    where = "; then ".join(f"killed at {t:.1f} s ({what})" for t, what in kills)
-    print(f"point {i}: {where}; rerun finished; max |diff| {diff}", flush=True)
+    print(f"point {i}: {'; then '.join(events)}; rerun finished; max |diff| {diff}", flush=True)
     failures += diff != 0.0
   print(f"kill_resume_check: {FLAGS.points - failures} of {FLAGS.points} points bit-identical")
   return 1 if failures else 0
