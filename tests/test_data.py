@@ -135,14 +135,30 @@ def test_normalisation_matches_to_tensor_and_normalize():
   np.testing.assert_allclose(transforms.denormalize(out)[0, 0] * 255, [0, 128, 255], atol=1e-3)
 
 
+def test_normalising_uint8_on_the_device_is_the_host_normalisation_bit_for_bit():
+  import jax
+
+  pixels = np.random.default_rng(3).integers(0, 256, (4, 9, 7, 3), dtype=np.uint8)
+  host = np.stack([transforms.to_normalized_array(Image.fromarray(p)) for p in pixels])
+  device = np.asarray(jax.jit(transforms.normalize)(pixels))
+  assert device.dtype == np.float32 and np.array_equal(device, host)
+  every = np.arange(256, dtype=np.uint8).repeat(3).reshape(1, 256, 3)
+  np.testing.assert_array_equal(
+    np.asarray(transforms.normalize(every)), transforms.to_normalized_array(Image.fromarray(every))
+  )
+  floats = host.copy()
+  assert transforms.normalize(floats) is floats  # already normalised: unchanged
+
+
 def test_eval_transform_resizes_shorter_side_then_center_crops():
   image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
   out = transforms.Eval(32)(image)["image"]
-  assert out.shape == (32, 32, 3) and out.dtype == np.float32
+  assert out.shape == (32, 32, 3) and out.dtype == np.uint8
   # int(32 / 0.875) = 36: 64x48 -> 48x36, then a centred 32x32 window.
   resized = image.resize((48, 36), Image.Resampling.BICUBIC)
-  expected = transforms.to_normalized_array(resized.crop((8, 2, 40, 34)))
-  np.testing.assert_array_equal(out, expected)
+  crop = resized.crop((8, 2, 40, 34))
+  np.testing.assert_array_equal(out, np.asarray(crop))
+  np.testing.assert_array_equal(transforms.normalize(out), transforms.to_normalized_array(crop))
 
 
 def test_color_jitter_disabled_is_identity_and_enabled_changes_colours():
@@ -164,8 +180,8 @@ def test_distill_views_share_the_crop_and_only_the_student_is_jittered():
   # one factor (PIL Brightness blends with black: pixel * factor, rounded).
   views = transforms.DistillTrain(32, jitter=(0.4, 0, 0))(image, np.random.default_rng(7))
   np.testing.assert_array_equal(views["image"], mae["image"])
-  teacher = transforms.denormalize(views["image"]) * 255
-  student = transforms.denormalize(views["image_student"]) * 255
+  teacher = views["image"].astype(np.float64)
+  student = views["image_student"].astype(np.float64)
   unclipped = (teacher > 20) & (student < 250)
   factor = np.median(student[unclipped] / teacher[unclipped])
   assert factor != pytest.approx(1.0, abs=1e-3)
@@ -186,7 +202,7 @@ def test_train_batches_have_the_documented_layout(data_dir):
   (batch,) = take(pipeline, 1)
   assert sorted(batch) == ["image", "image_student", "label"]
   assert batch["image"].shape == batch["image_student"].shape == (16, 32, 32, 3)
-  assert batch["image"].dtype == np.float32
+  assert batch["image"].dtype == batch["image_student"].dtype == np.uint8  # normalised on device
   assert batch["label"].shape == (16,) and batch["label"].dtype == np.int32
 
 

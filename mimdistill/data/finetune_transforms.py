@@ -567,10 +567,10 @@ class FinetuneTrain:
       image = self.rand_augment(image, rng)
     elif self.color_jitter is not None:
       image = transforms.color_jitter(image, rng, *self.color_jitter)
-    array = transforms.to_normalized_array(image)
-    if self.random_erasing is not None:
-      array = self.random_erasing(array, rng)
-    return {"image": array}
+    if self.random_erasing is None:
+      return {"image": transforms.to_uint8_array(image)}
+    # Random erasing fills in the normalised space (timm): a float image.
+    return {"image": self.random_erasing(transforms.to_normalized_array(image), rng)}
 
 
 class LinprobeTrain:
@@ -586,4 +586,4 @@ class LinprobeTrain:
       (self.size, self.size), transforms.BICUBIC
     )
     image = transforms.random_horizontal_flip(image, rng)
-    return {"image": transforms.to_normalized_array(image)}
+    return {"image": transforms.to_uint8_array(image)}

@@ -49,7 +49,9 @@ process), so it goes into the training checkpoint next to the model:
     # `it` now continues with the batch after the one of `step`.
 """
 
+import collections
 import dataclasses
+import json
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -216,39 +218,81 @@ class _MixBatch:
 # ---------------------------------------------------------------------------
 # The pipeline
 # ---------------------------------------------------------------------------
+class _Position:
+  """The input position a checkpoint saves: the grain state after the last
+  batch handed OUT (batches already prefetched onto the devices do not count),
+  in the bytes form grain's Orbax handler writes and reads back."""
+
+  def __init__(self, batches: "BatchIterator"):
+    self._batches = batches
+
+  def get_state(self) -> bytes:
+    return json.dumps(self._batches.get_state(), indent=4).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self._batches.set_state(json.loads(state))
+
+  def start_prefetch(self) -> None:
+    pass  # the next `next()` refills the queue
+
+
 class BatchIterator(Iterator[Any]):
   """Iterator over batches with a checkpointable position.
 
-  `grain_iterator` is the underlying `grain.DatasetIterator` (host-local numpy
-  batches): hand it to `grain.checkpoint.CheckpointSave/Restore`.
+  With a mesh, the next `device_prefetch` batches are already placed on the
+  devices (the transfer overlaps the running step). `grain_iterator` is what
+  `grain.checkpoint.CheckpointSave/Restore` takes: it saves the position after
+  the last batch returned, not after the prefetched ones, so a resume
+  continues the exact stream.
   """
 
-  def __init__(self, grain_iterator, mesh: Mesh | None, data_axis: str | tuple[str, ...]):
-    self.grain_iterator = grain_iterator
+  def __init__(
+    self,
+    grain_iterator,
+    mesh: Mesh | None,
+    data_axis: str | tuple[str, ...],
+    device_prefetch: int = 1,
+  ):
+    self._source = grain_iterator
     self._mesh, self._data_axis = mesh, data_axis
+    self._prefetch = device_prefetch if mesh is not None else 0
+    self._queue: collections.deque = collections.deque()
+    self._state = None
+    self.grain_iterator = _Position(self)
+
+  def _pull(self) -> bool:
+    try:
+      batch = next(self._source)
+    except StopIteration:
+      return False
+    placed = batch if self._mesh is None else to_global(batch, self._mesh, self._data_axis)
+    self._queue.append((placed, self._source.get_state()))
+    return True
 
   def __next__(self):
-    try:
-      batch = next(self.grain_iterator)
-    except StopIteration:
+    while len(self._queue) <= self._prefetch and self._pull():
+      pass
+    if not self._queue:
       # An exhausted (eval) pass releases its threads and processes now.
       self.close()
-      raise
-    if self._mesh is None:
-      return batch
-    return to_global(batch, self._mesh, self._data_axis)
+      raise StopIteration
+    batch, self._state = self._queue.popleft()
+    return batch
 
   def get_state(self) -> dict[str, Any]:
     """Position after the last batch returned (JSON-serialisable)."""
-    return self.grain_iterator.get_state()
+    return self._source.get_state() if self._state is None else self._state
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Continue after the batch at which `state` was taken."""
-    self.grain_iterator.set_state(state)
+    self._queue.clear()
+    self._source.set_state(state)
+    self._state = state
 
   def close(self) -> None:
     """Stops worker processes now rather than at garbage collection."""
-    self.grain_iterator.close()
+    self._queue.clear()
+    self._source.close()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mimdistill.data.transforms import NORMALIZED
+
 MODES = ("batch",)
 
 
@@ -194,6 +196,14 @@ class Mixup:
   def __call__(
     self, batch: dict[str, np.ndarray], rng: np.random.Generator
   ) -> dict[str, np.ndarray]:
-    """A new batch: 'image' mixed, 'label_soft' added, the rest unchanged."""
-    images, targets, _ = self.mix(batch["image"], batch["label"], rng)
+    """A new batch: 'image' mixed, 'label_soft' added, the rest unchanged.
+
+    Mixup blends in the normalised space (timm mixes normalised tensors), so
+    with `mixup_alpha > 0` uint8 images are normalised here first, for every
+    batch alike (one dtype, one compiled step); CutMix alone pastes uint8
+    pixels as they are."""
+    images = batch["image"]
+    if self.mixup_alpha > 0 and images.dtype == np.uint8:
+      images = NORMALIZED[images, np.arange(images.shape[-1])]
+    images, targets, _ = self.mix(images, batch["label"], rng)
     return {**batch, "image": images, "label_soft": targets}

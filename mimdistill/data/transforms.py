@@ -8,9 +8,10 @@ a `np.random.Generator` handed in by the caller (the input pipeline derives one
 per example from (seed, stream position), which makes augmentation
 deterministic and resumable).
 
-Images come in as `PIL.Image.Image` (RGB) and go out as float32 HWC arrays
-(the JAX layout), scaled to [0, 1] and normalised with the ImageNet mean/std,
-as torchvision's `ToTensor()` + `Normalize(...)` do.
+Images come in as `PIL.Image.Image` (RGB) and go out as uint8 HWC arrays
+(the JAX layout); `normalize`, inside the training step on the device, turns
+them into the float32 values torchvision's `ToTensor()` + `Normalize(...)`
+give with the ImageNet mean/std, bit for bit.
 """
 
 import math
@@ -148,10 +149,37 @@ def color_jitter(
   return image
 
 
+# `ToTensor()` + `Normalize(IMAGENET_MEAN, IMAGENET_STD)` of every uint8 value
+# per channel, computed once with torch's float32 operations. The input
+# pipeline sends uint8 pixels (a quarter of float32's bytes) and the step
+# looks them up on the device (`normalize`): the same float32 values, bit for
+# bit, as normalising on the host (a division on the device would not be: XLA
+# multiplies by the reciprocal).
+NORMALIZED = (np.arange(256, dtype=np.float32)[:, None] / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def to_uint8_array(image: Image.Image) -> np.ndarray:
+  """The RGB pixels as uint8 HWC (what the pipeline sends to the devices)."""
+  return np.asarray(image, dtype=np.uint8)
+
+
 def to_normalized_array(image: Image.Image) -> np.ndarray:
   """`ToTensor()` + `Normalize(IMAGENET_MEAN, IMAGENET_STD)`, as float32 HWC."""
   pixels = np.asarray(image, dtype=np.float32) / 255.0
   return (pixels - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def normalize(images):
+  """Model input from a batch's images: uint8 pixels (numpy or jax, any
+  leading shape, RGB last) become `to_normalized_array`'s float32 values;
+  float images (already normalised on the host, e.g. after mixup or random
+  erasing) pass through. Runs inside the jitted step."""
+  if images.dtype != np.uint8:
+    return images
+  import jax.numpy as jnp
+
+  table = jnp.asarray(NORMALIZED)
+  return table[images.astype(jnp.int32), jnp.arange(images.shape[-1])]
 
 
 def denormalize(array: np.ndarray) -> np.ndarray:
@@ -160,7 +188,7 @@ def denormalize(array: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------
-# The stage recipes. Each maps (PIL RGB image, rng) -> dict of float32 HWC.
+# The stage recipes. Each maps (PIL RGB image, rng) -> dict of uint8 HWC.
 # ---------------------------------------------------------------------------
 class MaeTrain:
   """MAE pre-training: RandomResizedCrop(scale) bicubic + flip + normalise."""
@@ -171,7 +199,7 @@ class MaeTrain:
   def __call__(self, image: Image.Image, rng: np.random.Generator) -> dict[str, np.ndarray]:
     image = random_resized_crop(image, rng, self.size, self.scale)
     image = random_horizontal_flip(image, rng)
-    return {"image": to_normalized_array(image)}
+    return {"image": to_uint8_array(image)}
 
 
 class DistillTrain:
@@ -191,7 +219,7 @@ class DistillTrain:
     image = random_resized_crop(image, rng, self.size, self.scale)
     image = random_horizontal_flip(image, rng)
     student = color_jitter(image, rng, self.brightness, self.contrast, self.saturation)
-    return {"image": to_normalized_array(image), "image_student": to_normalized_array(student)}
+    return {"image": to_uint8_array(image), "image_student": to_uint8_array(student)}
 
 
 class Eval:
@@ -205,7 +233,7 @@ class Eval:
   ) -> dict[str, np.ndarray]:
     del rng  # Deterministic.
     image = resize_shorter_side(image, int(self.size / self.crop_pct))
-    return {"image": to_normalized_array(center_crop(image, self.size))}
+    return {"image": to_uint8_array(center_crop(image, self.size))}
 
 
 Transform = Callable[[Image.Image, np.random.Generator], dict[str, np.ndarray]]

@@ -33,6 +33,7 @@ import numpy as np
 
 from mimdistill import workdir as workdir_lib
 from mimdistill.data import input_pipeline, sources
+from mimdistill.data.transforms import normalize
 from mimdistill.models import factory, variants
 from mimdistill.models import pos_embed as pos_embed_lib
 from mimdistill.models.mae import check_mask_ratio, random_masking
@@ -413,7 +414,8 @@ def make_loss_fn(plan: Plan, student: DistillStudent, teacher: ViTEncoder):
   patch = student.encoder.patch_size
 
   def loss_fn(params, model_state, batch, rng, inputs):
-    t_images, s_images = batch["image"], batch.get("image_student", batch["image"])
+    t_images = normalize(batch["image"])
+    s_images = normalize(batch["image_student"]) if "image_student" in batch else t_images
     mask_rng, drop_rng = jax.random.split(rng)
     ids_keep = ids_restore = mask = None
     if plan.masked:
@@ -517,7 +519,7 @@ def synthetic(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Synthe
   image = random_images(config.batch_size, s_spec, rng)
   batch = {
     "image": image,
-    "image_student": image + np.float32(0.1),
+    "image_student": 255 - image,
     "label": np.zeros((config.batch_size,), np.int32),
   }
   info = {
@@ -564,6 +566,7 @@ def _relation_maps(config, result, teacher, teacher_variables, student, workdir)
       )
     )
   )["image"][:count]
+  images = np.asarray(normalize(images))
   plan, enc = make_plan(config), student.encoder
   png = relation_maps.save_relation_maps(
     images,

@@ -30,6 +30,7 @@ import optax
 
 from mimdistill import workdir as workdir_lib
 from mimdistill.data import input_pipeline, sources
+from mimdistill.data.transforms import normalize
 from mimdistill.models import factory, variants
 from mimdistill.models.classifier import ViTClassifier
 from mimdistill.models.pos_embed import resize_pos_embed, sincos_2d
@@ -217,7 +218,7 @@ def build_task(
 
   def loss_fn(params, model_state, batch, rng, inputs):
     variables = {"params": params, **model_state}
-    image = batch["image"]
+    image = normalize(batch["image"])
     if linprobe:
       logits, updates = model.apply(
         variables, image, train=True, rngs={"drop_path": rng}, mutable=["batch_stats"]
@@ -321,7 +322,7 @@ def run(config: ml_collections.ConfigDict, workdir, *, mesh=None, lineage: dict 
     pretrained, parent = init_from_source(abstract_params(model), config)
 
   def apply_eval(variables, images):
-    return model.apply(variables, images)
+    return model.apply(variables, normalize(images))
 
   evaluator = make_evaluator(apply_eval, eval_data, num_classes=num_classes)
 

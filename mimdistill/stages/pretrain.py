@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 
 from mimdistill.data import input_pipeline, sources
+from mimdistill.data.transforms import normalize
 from mimdistill.models import factory, variants
 from mimdistill.models.mae import MAE, check_mask_ratio
 from mimdistill.objectives.mae_loss import mae_loss
@@ -56,7 +57,7 @@ def build_task(config, model: MAE, steps_per_epoch: int) -> loop_lib.Task:
     return model.init({"params": rng}, dummy, jnp.zeros((1, *noise_shape)), config.mask_ratio)
 
   def loss_fn(params, model_state, batch, rng, inputs):
-    images = batch["image"]
+    images = normalize(batch["image"])
     mask_rng, drop_rng = jax.random.split(rng)
     noise = jax.random.uniform(mask_rng, (images.shape[0], *noise_shape))
     out = model.apply(
@@ -145,7 +146,7 @@ def run(config: ml_collections.ConfigDict, workdir, *, mesh=None, lineage: dict 
       train=False,
       seed=config.seed,
     )
-    images = next(iter(eval_data))["image"][:count]
+    images = normalize(next(iter(eval_data))["image"][:count])
     state = jax.device_get((result.state.params, result.state.model_state))
     png = save_reconstructions(
       model,

@@ -22,6 +22,5 @@ class Synthetic:
 
 
 def random_images(batch: int, spec: EncoderSpec, rng: np.random.Generator) -> np.ndarray:
-  return rng.standard_normal(
-    (batch, spec.image_size, spec.image_size, spec.in_chans), dtype=np.float32
-  )
+  """uint8 pixels, as the input pipeline sends them (normalised in the step)."""
+  return rng.integers(0, 256, (batch, spec.image_size, spec.image_size, spec.in_chans), np.uint8)

@@ -1,14 +1,14 @@
 """Confusion matrix on the eval split (stage 3's `confusion_matrix.png`).
 
-`confusion_counts` runs over a padded, masked eval pipeline like the stage's
-evaluator (every real example counted once, whatever the devices or hosts);
-`plot_confusion_matrix` draws it with the class names.
+The counts come from the stage's evaluation pass itself
+(`training.evaluate.Evaluator`, every real example counted once whatever the
+devices or hosts); `plot_confusion_matrix` draws them with the class names.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from etils import epath
@@ -24,28 +24,6 @@ def confusion_from_predictions(labels, predictions, num_classes: int, mask=None)
   counts = np.zeros((num_classes, num_classes), np.float64)
   np.add.at(counts, (labels, predictions), 1.0 if weights is None else weights)
   return counts.astype(np.int64)
-
-
-def confusion_counts(apply_fn: Callable, variables, eval_data, num_classes: int) -> np.ndarray:
-  """`(C, C)` counts of `argmax(apply_fn(variables, images))` against the
-  labels over one pass of `eval_data` (a Pipeline of padded batches with
-  `mask`). With global (mesh) batches every process must call it; the
-  result is the same on all."""
-  import jax
-  import jax.numpy as jnp
-
-  @jax.jit
-  def step(variables, batch, acc):
-    pred = jnp.argmax(apply_fn(variables, batch["image"]), axis=-1)
-    onehot_t = jax.nn.one_hot(batch["label"], num_classes, dtype=jnp.float32)
-    onehot_p = jax.nn.one_hot(pred, num_classes, dtype=jnp.float32)
-    onehot_t = onehot_t * batch["mask"][:, None].astype(jnp.float32)
-    return acc + onehot_t.T @ onehot_p
-
-  acc = jnp.zeros((num_classes, num_classes), jnp.float32)
-  for batch in iter(eval_data):
-    acc = step(variables, batch, acc)
-  return np.rint(np.asarray(jax.device_get(acc))).astype(np.int64)
 
 
 def plot_confusion_matrix(
