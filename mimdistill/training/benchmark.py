@@ -97,6 +97,7 @@ INPUT_KEYS = (
   "batch_s_p10",
   "batch_s_p90",
   "images_per_s",
+  "h2d_bytes_per_image",
   "host_cpus",
   "host_load_1m",
 )
@@ -315,8 +316,11 @@ def measure_input(
   )
   it = iter(pipeline)
   try:
-    next(it)
+    batch = next(it)
     first = time.perf_counter() - t0
+    # What crosses to the devices per image: every array of the batch.
+    h2d = sum(np.asarray(v).nbytes for v in batch.values()) / pipeline.local_batch_size
+    dtypes = {k: str(np.asarray(v).dtype) for k, v in batch.items()}
     for _ in range(warmup):
       next(it)
     times = []
@@ -345,6 +349,8 @@ def measure_input(
     "batch_s_p10": _percentile(times, 10),
     "batch_s_p90": _percentile(times, 90),
     "images_per_s": steps * pipeline.local_batch_size / total,
+    "h2d_bytes_per_image": h2d,
+    "batch_dtypes": dtypes,
     "host_cpus": os.cpu_count(),
     "host_load_1m": _load(),
   }
@@ -507,6 +513,7 @@ def format_table(records: list[dict]) -> str:
       "first batch s",
       "batch ms mean [p10-p90]",
       "img/s",
+      "bytes/img to device",
     )
     rows = [
       (
@@ -518,6 +525,7 @@ def format_table(records: list[dict]) -> str:
         f"{r['batch_s_mean'] * 1e3:.1f} [{r['batch_s_p10'] * 1e3:.1f}-"
         f"{r['batch_s_p90'] * 1e3:.1f}]",
         f"{r['images_per_s']:.1f}",
+        f"{r['h2d_bytes_per_image']:.0f}",
       )
       for r in inputs
     ]
