@@ -27,7 +27,7 @@ import numpy as np
 from conftest import REPO
 
 from mimdistill.models import factory
-from mimdistill.models.vit import Block, ViTEncoder, _drop_path
+from mimdistill.models.vit import Block, ViTEncoder, traced_drop_path
 from mimdistill.objectives.mae_loss import mae_loss
 from mimdistill.stages import distill, finetune, pretrain
 from mimdistill.training import benchmark
@@ -180,15 +180,15 @@ def test_mae_eval_loss_and_train_gradients_match_unrolled_without_drop_path():
 def test_drop_path_helper_is_per_sample_and_rescaled():
   y = jnp.ones((4000, 3, 2))
   keep = np.float32(0.8)
-  per_sample = np.asarray(_drop_path(y, keep, jax.random.PRNGKey(3))).reshape(4000, -1)
+  per_sample = np.asarray(traced_drop_path(y, keep, jax.random.PRNGKey(3))).reshape(4000, -1)
   # One decision per sample: all of its tokens and channels alike.
   assert (per_sample == per_sample[:, :1]).all()
   assert set(np.unique(per_sample)) == {0.0, np.float32(1.0) / keep}
   assert abs((per_sample[:, 0] > 0).mean() - keep) < 0.03
-  np.testing.assert_array_equal(_drop_path(y, jnp.float32(1.0), KEY), y)
-  np.testing.assert_array_equal(_drop_path(y, jnp.float32(0.0), KEY), 0 * y)
+  np.testing.assert_array_equal(traced_drop_path(y, jnp.float32(1.0), KEY), y)
+  np.testing.assert_array_equal(traced_drop_path(y, jnp.float32(0.0), KEY), 0 * y)
   # keep = 0 also keeps the gradient finite (zero).
-  g = jax.grad(lambda y: _drop_path(y, jnp.float32(0.0), KEY).sum())(y)
+  g = jax.grad(lambda y: traced_drop_path(y, jnp.float32(0.0), KEY).sum())(y)
   np.testing.assert_array_equal(g, 0 * y)
 
 

@@ -284,7 +284,7 @@ def drop_path_rates(rate: float, depth: int, schedule: str = "linear") -> tuple[
   )
 
 
-def _drop_path(y: jax.Array, keep: jax.Array, key: jax.Array) -> jax.Array:
+def traced_drop_path(y: jax.Array, keep: jax.Array, key: jax.Array) -> jax.Array:
   """timm DropPath with a traced keep probability: one Bernoulli per sample,
   survivors scaled by 1/keep, as `Block.drop` does with a static rate."""
   mask = jax.random.bernoulli(key, keep, (y.shape[0],) + (1,) * (y.ndim - 1))
@@ -385,7 +385,7 @@ def run_block_stack(
     p, keep, index = xs
     if drops:
       keys = jax.random.split(jax.random.fold_in(base_key, index))
-      drop = lambda y, branch: _drop_path(y, keep, keys[branch])
+      drop = lambda y, branch: traced_drop_path(y, keep, keys[branch])
     else:
       drop = lambda y, _: y
     return block.apply({"params": p}, h, drop, method=Block.residual_forward), None
