@@ -243,7 +243,9 @@ def test_linprobe_is_mae_crop_bicubic_then_flip_then_normalise():
     expected = image.crop((left, top, left + w, top + h)).resize((32, 32), Image.Resampling.BICUBIC)
     expected = transforms.random_horizontal_flip(expected, rng)
     np.testing.assert_array_equal(out, np.asarray(expected))
-    np.testing.assert_array_equal(transforms.normalize(out), transforms.to_normalized_array(expected))
+    np.testing.assert_array_equal(
+      transforms.normalize(out), transforms.to_normalized_array(expected)
+    )
 
 
 # ---------------------------------------------------------------------------
