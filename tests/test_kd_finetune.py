@@ -19,6 +19,7 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -297,10 +298,11 @@ def test_kd_8_devices_with_fsdp_match_1_and_teacher_is_frozen():
 
 
 def test_kd_finetune_run_end_to_end(tfds_dir, tmp_path):
-  """Stage 3 with hard KD from a `.pth` teacher: the teacher's top-1 is
+  """Stage 3 with hard KD from a `.pth` teacher into a single-head student
+  (its one head takes both terms, as in G2SD): the teacher's top-1 is
   reported, the lineage names it, the checkpoint holds only the student."""
   pth = write_state_dict(tmp_path / "teacher.pth", official_classifier())
-  c = kd_config("hard", source=pth)
+  c = kd_config("hard", source=pth, dist_token=False, extra_width=0)
   c.data.update(data_dir=str(tfds_dir), eval_split="test[:64]")
   c.init.source = ""
   c.figures = False
@@ -311,7 +313,7 @@ def test_kd_finetune_run_end_to_end(tfds_dir, tmp_path):
   metrics = [json.loads(l) for l in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
   assert any("kd_loss" in m for m in metrics)
   saved, _ = restore_subtree(str(tmp_path / "ft"), ("params",))
-  assert set(saved) == {"encoder", "conv1x1_0", "conv1x1_1", "fc_norm", "head", "head_dist"}
+  assert set(saved) == {"encoder", "fc_norm", "head"}
   assert saved["encoder"]["cls_token"].shape == (1, 1, 32)
 
 
@@ -338,13 +340,19 @@ def test_star_student_distillation(mode):
   assert np.isfinite(loss) and set(parts) == {"qk", "vv"}
   # The dist token is trained through block 1 either way.
   assert np.any(np.asarray(grads["encoder"]["dist_token"]) != 0)
-  t = distill.teacher_outputs(teacher, teacher_vars, IMAGES, distill.make_plan(c))
-  s = student.apply({"params": params, **variables}, IMAGES, relation_heads=4)
-  t2, s2 = distill.align_dist_token(distill.make_plan(c), t, s)
+  plan = distill.make_plan(c)
+
+  def aligned(s_vars, t_vars):
+    t = distill.teacher_outputs(teacher, t_vars, IMAGES, plan)
+    s = student.apply(s_vars, IMAGES, relation_heads=4)
+    return t, distill.align_dist_token(plan, t, s)
+
+  t, (t2, s2) = jax.eval_shape(aligned, {"params": params, **variables}, teacher_vars)
   tokens = 16 + (1 if mode == "exclude" else 2)
-  assert t2["qkv"][0].shape[2] == s2["qkv"][0].shape[2] == tokens
-  if mode == "as_cls":
-    np.testing.assert_array_equal(t2["qkv"][1][:, :, 1], t["qkv"][1][:, :, 0])
+  assert t["qkv"][0].shape[2] == 17 and t2["qkv"][0].shape[2] == s2["qkv"][0].shape[2] == tokens
+  x = jnp.arange(2 * 17.0).reshape(1, 1, 17, 2)
+  if mode == "as_cls":  # the teacher's CLS is the dist token's target
+    np.testing.assert_array_equal(distill._cls_twice(x, 2)[0, 0, :3], x[0, 0, [0, 0, 1]])
 
 
 def test_presets_validate():
@@ -422,6 +430,21 @@ def test_two_head_export_has_deit_names_and_loads_in_timm(tmp_path):
   convert(tmp_path / "deit.safetensors", tmp_path / "back", num_heads=2)
   back, _ = restore_subtree(str(tmp_path / "back"), ("params",))
   jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
+  # TinyMIM*-T's classifier (global pool, extra layer): detected and named,
+  # back bit for bit (no timm class holds it: timm's distilled ViT pools tokens).
+  star = factory.build(
+    "classifier", dict(section, global_pool=True, extra_width=24), num_classes=10
+  )
+  star_params = jax.device_get(jax.jit(star.init)(jax.random.PRNGKey(4), IMAGES)["params"])
+  with ocp.PyTreeCheckpointer() as ckptr:
+    ckptr.save(tmp_path / "star_orbax", {"params": star_params})
+  report = convert(tmp_path / "star_orbax", tmp_path / "star.safetensors", num_heads=2)
+  assert (report.spec.extra_width, report.spec.pooling, report.spec.dist_token) == (24, "avg", True)
+  tensors, _ = read_safetensors(tmp_path / "star.safetensors")
+  assert tensors["conv1x1.1.weight"].shape == (24, 32) and tensors["fc_norm.weight"].shape == (24,)
+  convert(tmp_path / "star.safetensors", tmp_path / "star_back", num_heads=2)
+  back, _ = restore_subtree(str(tmp_path / "star_back"), ("params",))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, back, star_params)
 
   python = _torch_python()
   if python is None:
