@@ -320,39 +320,45 @@ def test_kd_finetune_run_end_to_end(tfds_dir, tmp_path):
 # -----------------------------------------------------------------------------
 # Stage 2 into the dist-token student
 # -----------------------------------------------------------------------------
-@pytest.mark.parametrize("mode", ["exclude", "as_cls"])
-def test_star_student_distillation(mode):
+def test_star_student_distillation():
+  """Both `distill.dist_token` modes line the student's N + 2 tokens up with
+  the teacher's N + 1; 'exclude' is also run (the dist token still learns
+  through block 1), 'as_cls' traced (shapes only, no compile)."""
   c = tinymim_distill.get_config("quickstart,star")
   c.teacher.update(variant="custom", source="unused", width=64, depth=1, num_heads=4, patch_size=8)
   c.student.update(**{**STUDENT, "depth": 2, "num_heads": 4})
-  c.distill.dist_token = mode
   c.update(TINY_RUN)
-  distill.validate(c, data=False)
-  teacher, teacher_vars = distill.random_teacher(c)
-  student = distill.build_student(c)
-  task = distill.build_task(c, student, teacher, teacher_vars, 100)
-  variables = dict(task.init_variables(jax.random.PRNGKey(0)))
-  params = variables.pop("params")
   batch = {"image": IMAGES, "image_student": IMAGES + 0.1, "label": np.zeros(4, np.int32)}
-  (loss, (parts, _)), grads = jax.jit(jax.value_and_grad(task.loss_fn, has_aux=True))(
-    params, variables, batch, jax.random.PRNGKey(1), teacher_vars
-  )
-  assert np.isfinite(loss) and set(parts) == {"qk", "vv"}
-  # The dist token is trained through block 1 either way.
-  assert np.any(np.asarray(grads["encoder"]["dist_token"]) != 0)
-  plan = distill.make_plan(c)
+  for mode in ("exclude", "as_cls"):
+    c.distill.dist_token = mode
+    distill.validate(c, data=False)
+    teacher, teacher_vars = distill.random_teacher(c)
+    student = distill.build_student(c)
+    task = distill.build_task(c, student, teacher, teacher_vars, 100)
+    variables = dict(jax.eval_shape(task.init_variables, jax.random.PRNGKey(0)))
+    plan = distill.make_plan(c)
 
-  def aligned(s_vars, t_vars):
-    t = distill.teacher_outputs(teacher, t_vars, IMAGES, plan)
-    s = student.apply(s_vars, IMAGES, relation_heads=4)
-    return t, distill.align_dist_token(plan, t, s)
+    def aligned(s_vars, t_vars, teacher=teacher, student=student, plan=plan):
+      t = distill.teacher_outputs(teacher, t_vars, IMAGES, plan)
+      s = student.apply(s_vars, IMAGES, relation_heads=4)
+      return t, distill.align_dist_token(plan, t, s)
 
-  t, (t2, s2) = jax.eval_shape(aligned, {"params": params, **variables}, teacher_vars)
-  tokens = 16 + (1 if mode == "exclude" else 2)
-  assert t["qkv"][0].shape[2] == 17 and t2["qkv"][0].shape[2] == s2["qkv"][0].shape[2] == tokens
-  x = jnp.arange(2 * 17.0).reshape(1, 1, 17, 2)
-  if mode == "as_cls":  # the teacher's CLS is the dist token's target
-    np.testing.assert_array_equal(distill._cls_twice(x, 2)[0, 0, :3], x[0, 0, [0, 0, 1]])
+    t, (t2, s2) = jax.eval_shape(aligned, variables, teacher_vars)
+    tokens = 16 + (1 if mode == "exclude" else 2)
+    assert t["qkv"][0].shape[2] == 17 and t2["qkv"][0].shape[2] == s2["qkv"][0].shape[2] == tokens
+    grad_fn = jax.value_and_grad(task.loss_fn, has_aux=True)
+    params = variables.pop("params")
+    args = (params, variables, batch, jax.random.PRNGKey(1), teacher_vars)
+    if mode == "as_cls":
+      jax.eval_shape(grad_fn, *args)
+      x = jnp.arange(2 * 17.0).reshape(1, 1, 17, 2)  # the teacher's CLS is the dist token's target
+      np.testing.assert_array_equal(distill._cls_twice(x, 2)[0, 0, :3], x[0, 0, [0, 0, 1]])
+      continue
+    real = dict(task.init_variables(jax.random.PRNGKey(0)))
+    params = real.pop("params")
+    (loss, (parts, _)), grads = jax.jit(grad_fn)(params, real, *args[2:])
+    assert np.isfinite(loss) and set(parts) == {"qk", "vv"}
+    assert np.any(np.asarray(grads["encoder"]["dist_token"]) != 0)
 
 
 def test_presets_validate():
