@@ -14,6 +14,16 @@ Presets (`:<arg>`):
                   MAE ViT-L teacher (set teacher_source=<mae_pretrain_vit_large.pth>):
                   TinyMIM-B (R=16) -> TinyMIM-S (R=12) -> TinyMIM-T (R=12, 6 heads)
                   -> fine-tune ViT-T with 3 heads
+  imagenet_star   TinyMIM*-T: the same chain into the 12-head, distillation-token
+                  ViT-T (MAE-L -> B -> S -> T*), then 1000 epochs of hard KD
+                  fine-tuning from a fine-tuned TinyMIM-B
+                  (finetune.kd.teacher.source, default workdirs/imagenet/finetune:
+                  run the imagenet preset there first, or point at any classifier)
+  quickstart_star the same at quickstart size on the embedded dataset: the
+                  quickstart's stage-1 teacher -> TinyMIM*-T-style student,
+                  then KD fine-tuning from the quickstart's fine-tuned student
+                  (run the quickstart preset in workdirs/quickstart first);
+                  --config.finetune.kd.type=none is the same run without KD
 Baselines (paper Table 1), same data and student as the preset after the colon:
   mae_baseline:<preset>      MAE pre-training of the student itself, then fine-tuning
   scratch_baseline:<preset>  fine-tuning from random init
@@ -54,6 +64,17 @@ def get_config(arg: str = "quickstart") -> ml_collections.ConfigDict:
     c.pretrain = mae_pretrain.get_config(pre)
     c.distill = tinymim_distill.get_config(dis)
     c.finetune = finetune.get_config(fin)
+  elif preset == "imagenet_star":
+    c.pretrain = mae_pretrain.get_config("large")
+    c.distill = tinymim_distill.get_config("b_from_l")
+    c.distill_s = tinymim_distill.get_config("s_from_b")
+    c.distill_t = tinymim_distill.get_config("tstar_from_s")
+    c.finetune = finetune.get_config("tiny_star")
+    c.teacher_source = "mae_pretrain_vit_large.pth"
+  elif preset == "quickstart_star":
+    c.distill = tinymim_distill.get_config("quickstart,star")
+    c.finetune = finetune.get_config("quickstart_star")
+    c.teacher_source = "workdirs/quickstart/pretrain"  # the quickstart's stage 1
   elif preset == "imagenet_chain":
     c.pretrain = mae_pretrain.get_config("large")
     c.distill = tinymim_distill.get_config("b_from_l")
@@ -63,7 +84,8 @@ def get_config(arg: str = "quickstart") -> ml_collections.ConfigDict:
     c.teacher_source = "mae_pretrain_vit_large.pth"
   else:
     raise ValueError(
-      f"unknown pipeline preset {preset!r}; use {', '.join([*_THREE_STAGES, 'imagenet_chain'])} "
+      f"unknown pipeline preset {preset!r}; use "
+      f"{', '.join([*_THREE_STAGES, 'imagenet_chain', 'imagenet_star', 'quickstart_star'])} "
       "(optionally mae_baseline:<preset> or scratch_baseline:<preset>)"
     )
   order = [k for k in _ORDER if k in c]

@@ -18,6 +18,9 @@ Presets (`:<arg>`):
               AdamW (0.9, 0.95), wd 0.05); the default
   s_from_b    TinyMIM-B -> TinyMIM-S, R=12
   t_from_s    TinyMIM-S -> TinyMIM-T, R=12, student with 6 heads
+  tstar_from_s  TinyMIM-S -> TinyMIM*-T: ViT-T with 12 heads (head dim 16)
+              and DeiT's distillation token, R=12 (then fine-tuned with KD:
+              configs/finetune.py:tiny_star)
 Sequential distillation (each link's teacher is the previous link's workdir):
   python launch/train.py --config configs/tinymim_distill.py:b_from_l --workdir W/b \
       --config.teacher.source=mae_pretrain_vit_large.pth
@@ -39,6 +42,10 @@ to a preset (alone they modify b_from_l), e.g. `:cifar10,feature_attn`:
   masked              MAE-masked student input (teacher sees the whole image)
   masked_mae          masked input plus the MAE reconstruction loss (decoder
                       head in params['heads']['decoder'])
+  star                the TinyMIM*-T student on the preset's: 12 heads and the
+                      distillation token (`distill.dist_token`: 'exclude', our
+                      choice, drops it from the relations; 'as_cls' gives it
+                      the teacher's CLS relations as targets)
 Override anything: --config.total_epochs=5 --config.distill.relation_heads=8 ...
 """
 
@@ -75,6 +82,7 @@ def base_config(arg: str) -> ml_collections.ConfigDict:
     fused_attention=False,
     remat=False,
     scan_blocks=False,
+    dist_token=False,  # DeiT's distillation token (TinyMIM*-T), see distill.dist_token
   )
   # The frozen teacher: architecture, where its weights come from, and the
   # target block (1-based; 0 = 18 for a depth-24 teacher, else its last).
@@ -99,6 +107,9 @@ def base_config(arg: str) -> ml_collections.ConfigDict:
       mae_weight=0.0,  # > 0 (masked input): + weight * MAE loss
       norm_pix_loss=True,
       decoder=dict(width=512, depth=8, num_heads=16),
+      # A student dist token in the targets: 'exclude' (dropped from the
+      # student's relations / features) | 'as_cls' (target = teacher's CLS).
+      dist_token="exclude",
     )
   )
   c.num_visualize = 3  # query rows of relation_maps.png (0: none)
@@ -159,7 +170,16 @@ PRESETS = {
   # Distilled with 6 heads (fine-tuned later with 3 on the same weights);
   # R=12 relation heads on a 6-head teacher/student works here.
   "t_from_s": _pair("small", "tiny", 12, student_heads=6),
+  "tstar_from_s": lambda c: (_pair("small", "tiny", 12)(c), _star(c)),
 }
+
+
+def _star(c):
+  """TinyMIM*-T's student: 12 heads (head dim 16 at ViT-T's width 192) and
+  the distillation token; the extra layer after the last block belongs to
+  fine-tuning (configs/finetune.py `star`), distillation never reaches it."""
+  c.student.num_heads = 12
+  c.student.dist_token = True
 
 
 def _set_distill(**fields):
@@ -186,6 +206,7 @@ MODIFIERS = {
   "feature": _set_distill(target="feature"),
   "masked": _set_distill(student_input="masked"),
   "masked_mae": _set_distill(student_input="masked", mae_weight=1.0),
+  "star": _star,
 }
 
 

@@ -598,12 +598,21 @@ def test_not_a_vit_and_incomplete_and_unknown_tensors(tmp_path):
   with pytest.raises(LayoutError, match=r"blocks.0.attn.proj.weight is \(32, 31\)"):
     convert(write_state_dict(tmp_path / "wrong.pth", wrong), tmp_path / "w", num_heads=4)
 
+  # Layer scale is part of the model now: in some blocks only, the others lack it.
   scaled = dict(state, **{"blocks.0.ls1.gamma": np.ones(32, np.float32)})
-  path = write_state_dict(tmp_path / "ls.pth", scaled)
-  with pytest.raises(LayoutError, match="layer scale.*--allow_unknown"):
+  with pytest.raises(LayoutError, match="blocks.1.gamma_1"):
+    convert(write_state_dict(tmp_path / "ls.pth", scaled), tmp_path / "w", num_heads=4)
+  # Register tokens change every output: refused even with --allow_unknown.
+  registers = dict(state, reg_token=np.ones((1, 4, 32), np.float32))
+  path = write_state_dict(tmp_path / "reg.pth", registers)
+  with pytest.raises(LayoutError, match="register tokens"):
+    convert(path, tmp_path / "w", num_heads=4, allow_unknown=True)
+  qk = dict(state, **{"blocks.0.attn.q_norm.weight": np.ones(8, np.float32)})
+  path = write_state_dict(tmp_path / "qk.pth", qk)
+  with pytest.raises(LayoutError, match="qk-norm.*--allow_unknown"):
     convert(path, tmp_path / "w", num_heads=4)
   report = convert(path, tmp_path / "w", num_heads=4, allow_unknown=True)
-  assert "layer scale" in report.skipped["blocks.0.ls1.gamma"]
+  assert "qk-norm" in report.skipped["blocks.0.attn.q_norm.weight"]
   with pytest.raises(LayoutError, match="image_size=32 was asked for.*16x16"):
     convert(path, tmp_path / "w2", num_heads=4, image_size=32, allow_unknown=True)
 

@@ -57,7 +57,12 @@ from etils import epath
 from mimdistill import workdir as workdir_lib
 from mimdistill.interop import layouts
 from mimdistill.interop.layouts import LayoutError, ModelSpec
-from mimdistill.interop.official_names import iter_official_to_flax, official_name, to_official_leaf
+from mimdistill.interop.official_names import (
+  canonical_name,
+  iter_official_to_flax,
+  official_name,
+  to_official_leaf,
+)
 from mimdistill.interop.orbax_tree import numpy_restore_args, saved_state
 from mimdistill.interop.pth_reader import CheckpointReadError, CorruptCheckpointError, load_pth
 from mimdistill.paths import is_remote
@@ -273,7 +278,8 @@ class Source:
   order: list[str] | None = None  # the original official order, when known
 
 
-_ENCODER_PARTS = ("encoder", "decoder", "fc_norm", "head")
+_ENCODER_PARTS = ("encoder", "decoder", "fc_norm", "head", "head_dist", "conv1x1_0", "conv1x1_1")
+_CLASSIFIER_PARTS = ("fc_norm", "head", "head_dist")
 
 
 class LazyTensor:
@@ -394,7 +400,7 @@ def _lazy_official(
     skipped[f"fixed/{part}"] = "not part of an official model"
   params = {k: v for k, v in params.items() if k in _ENCODER_PARTS}
   fixed = {k: v for k, v in fixed.items() if k in ("encoder", "decoder")}
-  names_layout = "classifier" if ("head" in params or "fc_norm" in params) else "mae"
+  names_layout = "classifier" if set(params) & set(_CLASSIFIER_PARTS) else "mae"
   if "pos_embed" in params["encoder"]:
     hints["pos_embed"] = "learned"
   elif "pos_embed" in fixed.get("encoder", {}):
@@ -660,7 +666,10 @@ def _fill_missing(spec: ModelSpec, tensors: dict, missing: list[str]) -> dict[st
   filled, absent = {}, []
   for name in missing:
     if name == "pos_embed":
-      tensors[name] = sincos_2d(spec.width, spec.grid)[None].astype(dtype)
+      table = sincos_2d(spec.width, spec.grid)
+      if spec.dist_token:  # the distillation token's row, zeros like CLS's
+        table = np.concatenate([table[:1], np.zeros_like(table[:1]), table[1:]])
+      tensors[name] = table[None].astype(dtype)
       filled[name] = (
         f"computed: 2-D sin-cos for {spec.image_size}x{spec.image_size} "
         f"images (MAE's fixed embedding)"
@@ -705,8 +714,8 @@ def convert(
       for classifiers, else fixed.
     key: top-level key of a `.pth` holding the state dict (default 'model',
       'state_dict', 'module' or the top level).
-    allow_unknown: skip tensors mimdistill's ViT has no place for (layer
-      scale, distillation tokens, ...) instead of refusing the file.
+    allow_unknown: skip tensors mimdistill's ViT has no place for (register
+      tokens, qk-norm, ...) instead of refusing the file.
     overwrite: replace an existing DST.
     log: called with progress lines (e.g. `print`).
   """
@@ -723,6 +732,10 @@ def convert(
   _check_destination(dst, to_safetensors, overwrite)
 
   source = read_source(src, key=key)
+  # One name per tensor whatever codebase wrote it (timm's layer scale).
+  source.tensors = {canonical_name(n): v for n, v in source.tensors.items()}
+  if source.order:
+    source.order = [canonical_name(n) for n in source.order]
   say(f"read {source.path} ({source.kind}): {len(source.tensors)} tensors")
   hints = dict(source.hints)
   given = dict(
@@ -911,6 +924,10 @@ def _write_converted_dir(
       "mlp_ratio": spec.mlp_ratio,
       "in_chans": spec.in_chans,
     }
+    if spec.dist_token:
+      model["dist_token"] = True
+    if spec.layer_scale:
+      model["layer_scale"] = True
     workdir_lib.write_json(
       tmp, workdir_lib.CONFIG, {"config": {}, "signature": {"stage": "convert", "model": model}}
     )

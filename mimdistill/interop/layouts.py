@@ -4,14 +4,21 @@ Official MAE / TinyMIM / timm ViT checkpoints carry no config, but their
 tensors tell almost everything:
 
   width        `cls_token` (1, 1, D)
+  dist token   `dist_token` (1, 1, D): DeiT's tokens `[cls, dist, patches]`,
+               a classifier then has `head_dist` too
   depth        the number of `blocks.<i>` (0..depth-1, none missing)
   patch, chans `patch_embed.proj.weight` (D, C, p, p)
-  image size   `pos_embed` (1, 1 + (S/p)^2, D)  (else `--image_size`, default 224)
+  image size   `pos_embed` (1, prefix + (S/p)^2, D), prefix = 1 or 2 with the
+               dist token (else `--image_size`, default 224)
   mlp ratio    `blocks.0.mlp.fc1.weight` (ratio*D, D)
+  layer scale  `blocks.<i>.gamma_1` / `gamma_2` (BEiT; timm's `ls1.gamma` /
+               `ls2.gamma` are the same tensors under other names)
   decoder      `decoder_embed` (width), `decoder_blocks.<i>` (depth) -> layout 'mae'
   pooling      `fc_norm` -> average pooling (`models_vit` global_pool, encoder
                `norm` deleted); `norm` + `head` -> CLS token pooling
   classes      `head.weight` (num_classes, D)          -> layout 'classifier'
+  extra layer  `conv1x1.1.weight` (E, D): TinyMIM*-T's LayerNorm-Linear-GELU
+               after the blocks, so `fc_norm` and the heads are E wide
 
 The number of attention heads is NOT in the weights (it only splits the
 qkv projection). It is taken from the caller or assumed from the standard
@@ -35,6 +42,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from mimdistill.interop.official_names import canonical_name
 from mimdistill.models.variants import MAE_DECODER, STANDARD_HEADS
 
 LAYOUTS = ("vit", "mae", "classifier")
@@ -61,8 +69,7 @@ BLOCK_LEAVES = (
 
 # Well-known tensors of ViT variants this project does not implement.
 _UNSUPPORTED_HINTS = (
-  (re.compile(r"(^|\.)ls[12]\.gamma$|(^|\.)gamma_[12]$"), "layer scale (CaiT/DeiT-III/BEiT style)"),
-  (re.compile(r"^dist_token$|^head_dist\."), "a DeiT distillation token"),
+  (re.compile(r"(^|\.)ls[12]\.gamma$|(^|\.)gamma_[12]$"), "layer scale outside the blocks"),
   (re.compile(r"^reg_token$"), "register tokens"),
   (re.compile(r"relative_position|rel_pos"), "relative position biases (BEiT style)"),
   (re.compile(r"(^|\.)q_norm\.|(^|\.)k_norm\."), "qk-norm"),
@@ -104,16 +111,29 @@ class ModelSpec:
   decoder: DecoderSpec | None = None
   dtype: str = "float32"
   assumed: tuple[str, ...] = ()  # fields not read from the weights
+  dist_token: bool = False  # DeiT: tokens [cls, dist, patches], `head_dist`
+  layer_scale: bool = False  # `gamma_1` / `gamma_2` in every block
+  extra_width: int = 0  # TinyMIM*-T's extra layer `conv1x1` (classifier)
 
   # -- naming ---------------------------------------------------------------
   @property
   def grid(self) -> int:
     return self.image_size // self.patch_size
 
+  @property
+  def num_prefix_tokens(self) -> int:
+    return 2 if self.dist_token else 1
+
+  @property
+  def head_width(self) -> int:
+    return self.extra_width or self.width
+
   def expected_names(self) -> list[str]:
     """Official names of every tensor the official module's state dict has."""
-    names = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
-    names += [f"blocks.{i}.{leaf}" for i in range(self.depth) for leaf in BLOCK_LEAVES]
+    names = ["cls_token", "pos_embed"] + (["dist_token"] if self.dist_token else [])
+    names += ["patch_embed.proj.weight", "patch_embed.proj.bias"]
+    leaves = (("gamma_1", "gamma_2") if self.layer_scale else ()) + BLOCK_LEAVES
+    names += [f"blocks.{i}.{leaf}" for i in range(self.depth) for leaf in leaves]
     if self.final_norm:
       names += ["norm.weight", "norm.bias"]
     if self.decoder is not None:
@@ -128,9 +148,13 @@ class ModelSpec:
         "decoder_pred.bias",
       ]
     if self.layout == "classifier":
+      if self.extra_width:
+        names += [f"conv1x1.{i}.{leaf}" for i in (0, 1) for leaf in ("weight", "bias")]
       if self.pooling == "avg":
         names += ["fc_norm.weight", "fc_norm.bias"]
       names += ["head.weight", "head.bias"]
+      if self.dist_token:
+        names += ["head_dist.weight", "head_dist.bias"]
     return names
 
   def expected_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -139,13 +163,15 @@ class ModelSpec:
     n = 1 + self.grid**2
     shapes = {
       "cls_token": (1, 1, d),
-      "pos_embed": (1, n, d),
+      "dist_token": (1, 1, d),
+      "pos_embed": (1, self.num_prefix_tokens + self.grid**2, d),
       "patch_embed.proj.weight": (d, c, p, p),
       "patch_embed.proj.bias": (d,),
       "norm.weight": (d,),
       "norm.bias": (d,),
     }
     shapes.update(_block_shapes("blocks", self.depth, d, hidden))
+    shapes.update({f"blocks.{i}.gamma_{j}": (d,) for i in range(self.depth) for j in (1, 2)})
     if self.decoder is not None:
       dd = self.decoder.width
       shapes.update(
@@ -164,12 +190,19 @@ class ModelSpec:
         _block_shapes("decoder_blocks", self.decoder.depth, dd, int(dd * self.mlp_ratio))
       )
     if self.layout == "classifier":
+      h, e = self.head_width, self.extra_width
       shapes.update(
         {
-          "fc_norm.weight": (d,),
-          "fc_norm.bias": (d,),
-          "head.weight": (self.num_classes, d),
+          "conv1x1.0.weight": (d,),
+          "conv1x1.0.bias": (d,),
+          "conv1x1.1.weight": (e, d),
+          "conv1x1.1.bias": (e,),
+          "fc_norm.weight": (h,),
+          "fc_norm.bias": (h,),
+          "head.weight": (self.num_classes, h),
           "head.bias": (self.num_classes,),
+          "head_dist.weight": (self.num_classes, h),
+          "head_dist.bias": (self.num_classes,),
         }
       )
     return {name: shapes[name] for name in self.expected_names()}
@@ -214,8 +247,14 @@ class ModelSpec:
       f"final_norm={self.final_norm}",
       f"dtype={self.dtype}",
     ]
+    if self.dist_token:
+      parts.append("dist_token=True")
+    if self.layer_scale:
+      parts.append("layer_scale=True")
     if self.layout == "classifier":
       parts += [f"pooling={self.pooling}", f"num_classes={self.num_classes}"]
+      if self.extra_width:
+        parts.append(f"extra_width={self.extra_width}")
     if self.decoder is not None:
       dh = str(self.decoder.num_heads) + (
         " (assumed)" if "decoder.num_heads" in self.assumed else ""
@@ -312,6 +351,7 @@ def detect(
   `pos_embed` ('fixed' | 'learned', default: learned for classifiers, as in
   fine-tuning, else the fixed sin-cos buffer of pre-training).
   """
+  shapes = {canonical_name(n): v for n, v in shapes.items()}
   names = list(shapes)
   if layout is not None and layout not in LAYOUTS:
     raise LayoutError(f"unknown layout {layout!r}; use one of {LAYOUTS}")
@@ -347,24 +387,34 @@ def detect(
       "with square patches"
     )
   in_chans, patch = pe[1], pe[2]
+  dist_token = "dist_token" in shapes
+  if dist_token and _shape(shapes, "dist_token") != (1, 1, width):
+    raise LayoutError(
+      f"dist_token has shape {_shape(shapes, 'dist_token')}, expected (1, 1, {width})"
+    )
+  prefix = 2 if dist_token else 1
 
   if "pos_embed" in shapes:
     pos = _shape(shapes, "pos_embed")
     if (
       len(pos) == 3
+      and pos[1] > 1
       and math.isqrt(pos[1]) ** 2 == pos[1]
-      and math.isqrt(pos[1] - 1) ** 2 != pos[1] - 1
+      and math.isqrt(pos[1] - prefix) ** 2 != pos[1] - prefix
     ):
       raise LayoutError(
         f"pos_embed {pos} has a row per patch and none for the CLS token: a timm ViT built with "
         "no_embed_class=True (the CLS token gets no position embedding), which mimdistill's "
         "ViT does not do; its outputs would differ"
       )
-    grid = math.isqrt(max(pos[1] - 1, 0)) if len(pos) == 3 else -1
-    if len(pos) != 3 or pos[0] != 1 or pos[2] != width or grid * grid != pos[1] - 1 or grid == 0:
+    grid = math.isqrt(max(pos[1] - prefix, 0)) if len(pos) == 3 else -1
+    if (
+      len(pos) != 3 or pos[0] != 1 or pos[2] != width or grid * grid != pos[1] - prefix or grid == 0
+    ):
+      tokens = "CLS and distillation tokens" if dist_token else "a CLS token"
       raise LayoutError(
-        f"pos_embed has shape {pos}; expected (1, 1 + grid**2, {width}) for a square "
-        "image with a CLS token"
+        f"pos_embed has shape {pos}; expected (1, {prefix} + grid**2, {width}) for a square "
+        f"image with {tokens}"
       )
     if image_size is not None and image_size != grid * patch:
       raise LayoutError(
@@ -388,9 +438,10 @@ def detect(
     raise LayoutError("blocks.0.mlp.fc1.weight is missing; the checkpoint is incomplete")
   hidden = int(fc1[0])
   mlp_ratio = hidden / width
+  layer_scale = "blocks.0.gamma_1" in shapes or "blocks.0.gamma_2" in shapes
 
   has_decoder = any(n.startswith(("decoder_", "mask_token")) for n in names)
-  has_head = any(n.startswith(("head.", "fc_norm.")) for n in names)
+  has_head = any(n.startswith(("head.", "fc_norm.", "head_dist.")) for n in names)
   if has_decoder and has_head:
     raise LayoutError(
       "the checkpoint has both an MAE decoder and a classifier head; no official model has both"
@@ -441,6 +492,7 @@ def detect(
     decoder = DecoderSpec(dwidth, ddepth, dheads, out_dim)
 
   pooling = num_classes = None
+  extra_width = 0
   final_norm = "norm.weight" in shapes
   if layout == "classifier":
     if "head.weight" not in shapes:
@@ -448,6 +500,18 @@ def detect(
         "the checkpoint has fc_norm but no head.weight; a classifier needs its head"
       )
     num_classes = int(shapes["head.weight"][0])
+    if dist_token and "head_dist.weight" not in shapes:
+      raise LayoutError(
+        "the checkpoint has a dist_token and a head but no head_dist.weight; a DeiT "
+        "distilled classifier has both heads"
+      )
+    if "head_dist.weight" in shapes and not dist_token:
+      raise LayoutError(
+        "the checkpoint has head_dist but no dist_token; DeiT's distillation head reads "
+        "the distillation token"
+      )
+    if "conv1x1.1.weight" in shapes:
+      extra_width = int(shapes["conv1x1.1.weight"][0])
     if "fc_norm.weight" in shapes:
       if final_norm:
         raise LayoutError(
@@ -486,6 +550,9 @@ def detect(
     decoder=decoder,
     dtype=dtype,
     assumed=tuple(assumed),
+    dist_token=dist_token,
+    layer_scale=layer_scale,
+    extra_width=extra_width,
   )
 
 
@@ -501,6 +568,7 @@ class NameCheck:
 
 
 def check_names(spec: ModelSpec, shapes: Mapping[str, Sequence[int]]) -> NameCheck:
+  """`shapes` by canonical names (`official_names.canonical_name`)."""
   expected = spec.expected_shapes()
   used, dropped, unexpected, wrong = [], {}, {}, {}
   for name, shape in shapes.items():
@@ -521,7 +589,9 @@ def check_names(spec: ModelSpec, shapes: Mapping[str, Sequence[int]]) -> NameChe
 def _dropped_by_layout(name: str, spec: ModelSpec) -> str | None:
   if name.startswith(("decoder_", "mask_token")) and spec.layout != "mae":
     return f"MAE decoder, not kept by the '{spec.layout}' layout"
-  if name.startswith(("head.", "fc_norm.")) and spec.layout != "classifier":
+  if (
+    name.startswith(("head.", "fc_norm.", "head_dist.", "conv1x1.")) and spec.layout != "classifier"
+  ):
     return f"classifier head, not kept by the '{spec.layout}' layout"
   return None
 

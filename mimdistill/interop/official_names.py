@@ -18,7 +18,13 @@ Trees here are Flax *variables*: `{'params': ..., 'fixed': ...}`.
 Layouts (where the encoder lives in the tree):
   'vit'        encoder params at the top level (teachers, students);
   'mae'        `{'encoder': ..., 'decoder': ...}`;
-  'classifier' `{'encoder': ..., 'fc_norm': ..., 'head': ...}`.
+  'classifier' `{'encoder': ..., 'fc_norm': ..., 'head': ...}`, plus DeiT's
+               `head_dist` and TinyMIM*-T's extra layer `conv1x1_0`,
+               `conv1x1_1` (`conv1x1.0`, `conv1x1.1`) when the model has them.
+
+DeiT's `dist_token` is an encoder param like `cls_token`. Layer scale has
+BEiT's names (`blocks.<i>.gamma_1`, `gamma_2`, what TinyMIM's backbones
+use); timm's `blocks.<i>.ls1.gamma` / `ls2.gamma` are read as those.
 """
 
 from __future__ import annotations
@@ -39,7 +45,9 @@ _DECODER_RENAMES = {
   "decoder_blocks": "blocks",
   "mask_token": "mask_token",
 }
-_HEAD_MODULES = ("fc_norm", "head")
+_HEAD_MODULES = ("fc_norm", "head", "head_dist", "conv1x1")
+# timm's layer-scale names -> BEiT's (`blocks.3.ls1.gamma` -> `blocks.3.gamma_1`).
+_TIMM_LAYER_SCALE = re.compile(r"^(blocks\.\d+)\.ls([12])\.gamma$")
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 
 
@@ -103,11 +111,18 @@ def leaf_to_official(leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
   raise ValueError(f"cannot convert Flax leaf {leaf!r} of shape {value.shape}")
 
 
+def canonical_name(name: str) -> str:
+  """The project's official name of a tensor another codebase names
+  differently (timm's layer scale)."""
+  return _TIMM_LAYER_SCALE.sub(r"\1.gamma_\2", name)
+
+
 def official_path(
   name: str, layout: str, *, learned_pos_embed: bool = False
 ) -> tuple[str, ...] | str:
   """Variables path for an official name, or a string saying why it is skipped."""
   _check_layout(layout)
+  name = canonical_name(name)
   parts = name.split(".")
   root = parts[0]
   collection = "params"

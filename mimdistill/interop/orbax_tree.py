@@ -109,3 +109,35 @@ def restore_subtree(source: str, subtree: Sequence[str]) -> tuple[PyTree, dict]:
   for key in subtree:
     node = node[key]
   return node, {"path": saved.location, "step": saved.step}
+
+
+def is_best_dir(path) -> bool:
+  """A stage's `best/` folder (`<workdir>/best/<step>/params`, the one step
+  the loop's best-checkpoint manager keeps)."""
+  path = epath.Path(path)
+  if not path.is_dir() or (path / workdir_lib.CHECKPOINTS).is_dir():
+    return False
+  return any(p.name.isdigit() and (p / "params").is_dir() for p in path.iterdir())
+
+
+def restore_best(path) -> tuple[PyTree, dict]:
+  """`{'params', 'model_state'}` of a `best/` folder's latest step as numpy,
+  and `{'path', 'step'}` for the lineage record."""
+  path = epath.Path(path)
+  handler = ocp.PyTreeCheckpointHandler()
+  with ocp.CheckpointManager(
+    path, options=ocp.CheckpointManagerOptions(read_only=True), item_handlers={"params": handler}
+  ) as manager:
+    steps = manager.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"{path} holds no finished best checkpoint")
+    step = max(steps)
+    meta = manager.item_metadata(step)["params"]
+    item = getattr(meta, "tree", meta)
+    out = manager.restore(
+      step,
+      args=ocp.args.Composite(
+        params=ocp.args.PyTreeRestore(item=item, restore_args=numpy_restore_args(item))
+      ),
+    )
+  return out["params"], {"path": str(path / str(step)), "step": int(step)}

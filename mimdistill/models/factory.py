@@ -90,11 +90,14 @@ def classifier(
   head_init_std: float = 2e-5,
 ) -> ViTClassifier:
   """MAE `models_vit`: a learned position embedding, global pooling (no
-  encoder norm) unless `global_pool` is False."""
+  encoder norm) unless `global_pool` is False. `dist_token` adds DeiT's
+  `head_dist` (what it reads under global pooling: `dist_pool`);
+  `extra_width` > 0 adds TinyMIM*-T's extra layer (see `ViTClassifier`)."""
   global_pool = bool(section["global_pool"]) if _set(section, "global_pool") else True
   overrides = {"final_norm": not global_pool}
   if not _set(section, "pos_embed_type"):
     overrides["pos_embed_type"] = "learned"
+  options = {k: section[k] for k in ("dist_pool", "extra_width") if _set(section, k)}
   return ViTClassifier(
     encoder=encoder(section, dtype=dtype, **overrides),
     num_classes=int(num_classes),
@@ -102,6 +105,7 @@ def classifier(
     linear_probe=linear_probe,
     head_init_std=head_init_std,
     dtype=compute_dtype(dtype),
+    **options,
   )
 
 

@@ -44,6 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mimdistill.models import star_layer
 from mimdistill.models.conv_layers import ConvTranspose, torch_conv
 from mimdistill.models.torch_batch_norm import BatchNorm
 from mimdistill.models.vit import ViTEncoder
@@ -52,9 +53,6 @@ Dtype = Any
 NECKS = ("tinymim", "tinymim_star")
 PATCH_SIZES = (8, 16)
 STAR_EXTRA_BLOCK = 11  # the official `if i == 11`
-
-# timm `_init_weights` of the official backbone: Linear trunc_normal(0.02), bias 0.
-_trunc02 = nn.initializers.truncated_normal(0.02)
 
 
 def _gelu(x):
@@ -157,8 +155,7 @@ class SegmentationBackbone(nn.Module):
     )
     d, dt = self.width, self.dtype
     if self.star:
-      self.conv1x1_0 = nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=dt)
-      self.conv1x1_1 = nn.Dense(self.fc_dim, kernel_init=_trunc02, dtype=dt)
+      self.conv1x1_0, self.conv1x1_1 = star_layer.modules(self.fc_dim, dt)
     if self.patch_size == 16:
       mid, out = (2 * d, 4 * d) if self.star else (d, d)
       self.fpn1_0 = ConvTranspose(mid, dtype=dt)
@@ -173,7 +170,7 @@ class SegmentationBackbone(nn.Module):
 
   def extra_layer(self, tokens):
     """TinyMIM*-T's `conv1x1`: LayerNorm(1e-5) -> Linear -> exact GELU."""
-    return _gelu(self.conv1x1_1(self.conv1x1_0(tokens)))
+    return star_layer.apply(self.conv1x1_0, self.conv1x1_1, tokens)
 
   def necks(self, maps: Sequence[jax.Array], train: bool) -> list[jax.Array]:
     x0, x1, x2, x3 = maps

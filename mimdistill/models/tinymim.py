@@ -80,6 +80,10 @@ class DistillStudent(nn.Module):
       if feature == "output":
         out["feature"] = self.heads.proj(y)
       if reconstruct:
+        # MAE's decoder knows one prefix token (CLS): a distillation token
+        # is left out of the reconstruction.
+        if enc.dist_token:
+          y = jnp.concatenate([y[:, :1], y[:, 2:]], axis=1)
         out["pred"] = self.heads.decoder(y, ids_restore, train=train)
     return out
 
@@ -91,6 +95,8 @@ class DistillStudent(nn.Module):
       jnp.arange(self.encoder.num_patches), (b, self.encoder.num_patches)
     )
     y = self.encoder(images)
+    if self.encoder.dist_token:
+      y = jnp.concatenate([y[:, :1], y[:, 2:]], axis=1)  # see `__call__`'s reconstruct
     if self.heads is not None:
       if self.heads.proj_width:
         self.heads.proj(y)

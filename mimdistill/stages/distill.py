@@ -16,6 +16,17 @@ The teacher's variables are the loop's non-trained `inputs`: sharded like
 params, passed to every step, differentiated never (its outputs go through
 `stop_gradient`), never in the optimizer state nor in a checkpoint;
 `lineage.json` records where they came from.
+
+A student with DeiT's distillation token (`student.dist_token`, TinyMIM*-T:
+tokens `[cls, dist, patches]`) has one token more than the teacher.
+`distill.dist_token` says what the targets do with it (our choice; TinyMIM
+never published how its star model was distilled): 'exclude' (default)
+drops it from the student's last-block q/k/v (and token features) before
+the relations, so both sides relate `[cls, patches]` and the token is
+trained through the earlier blocks only, as in any student without it;
+'as_cls' keeps it and gives the teacher's CLS q/k/v (and features) to it as
+its target, so the relations are over N + 2 tokens on both sides (the
+teacher's CLS key then counts twice in its softmax).
 """
 
 from __future__ import annotations
@@ -57,6 +68,7 @@ PyTree = Any
 # last block (ViT-B/S: 12 of 12).
 DEFAULT_TEACHER_BLOCK = {24: 18}
 STUDENT_INPUTS = ("raw", "masked")
+DIST_TOKEN_MODES = ("exclude", "as_cls")
 
 
 # -----------------------------------------------------------------------------
@@ -79,6 +91,8 @@ class Plan:
   mask_ratio: float
   mae_weight: float
   norm_pix_loss: bool
+  dist_token: str = "exclude"  # what the targets do with a student dist token
+  student_dist: bool = False  # the student has one
 
   @property
   def needs_projection(self) -> bool:
@@ -109,6 +123,8 @@ def make_plan(config) -> Plan:
     mask_ratio=float(d.mask_ratio),
     mae_weight=float(d.mae_weight),
     norm_pix_loss=bool(d.norm_pix_loss),
+    dist_token=d.dist_token,
+    student_dist=bool(config.student.dist_token),
   )
 
 
@@ -139,6 +155,7 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
   _one_of(d.raw_loss, targets_lib.RAW_RELATION_LOSSES, "distill.raw_loss")
   _one_of(d.feature, targets_lib.FEATURE_TYPES, "distill.feature")
   _one_of(d.student_input, STUDENT_INPUTS, "distill.student_input")
+  _one_of(d.dist_token, DIST_TOKEN_MODES, "distill.dist_token")
   plan = make_plan(config)
   if plan.masked:
     check_mask_ratio(plan.mask_ratio, student.num_patches, "distill.mask_ratio")
@@ -406,6 +423,39 @@ def frozen_patterns(plan: Plan, depth: int) -> list[str]:
   return []
 
 
+def _drop_token_1(x: jax.Array, axis: int) -> jax.Array:
+  """`x` without token 1 (the distillation token) along `axis`."""
+  keep = jnp.asarray([0, *range(2, x.shape[axis])])
+  return jnp.take(x, keep, axis=axis)
+
+
+def _cls_twice(x: jax.Array, axis: int) -> jax.Array:
+  """The teacher's tokens `[cls, cls, patches]` along `axis`: CLS's copy is
+  the target of the student's distillation token."""
+  keep = jnp.asarray([0, 0, *range(1, x.shape[axis])])
+  return jnp.take(x, keep, axis=axis)
+
+
+def align_dist_token(plan: Plan, t: dict, s: dict) -> tuple[dict, dict]:
+  """Teacher and student outputs over the same tokens when the student has a
+  distillation token (see the module doc): q/k/v `(B, R, N, d)` on axis 2,
+  token features `(B, N, D)` on axis 1; the CLS target needs nothing."""
+  if not plan.student_dist:
+    return t, s
+  t, s = dict(t), dict(s)
+  if plan.dist_token == "exclude":
+    if "qkv" in s:
+      s["qkv"] = tuple(_drop_token_1(x, 2) for x in s["qkv"])
+    if "feature" in s:
+      s["feature"] = _drop_token_1(s["feature"], 1)
+  else:
+    if "qkv" in t:
+      t["qkv"] = tuple(_cls_twice(x, 2) for x in t["qkv"])
+    if "feature" in t:
+      t["feature"] = _cls_twice(t["feature"], 1)
+  return t, s
+
+
 # -----------------------------------------------------------------------------
 # 4. The task for the shared loop
 # -----------------------------------------------------------------------------
@@ -434,6 +484,7 @@ def make_loss_fn(plan: Plan, student: DistillStudent, teacher: ViTEncoder):
       reconstruct=bool(plan.mae_weight),
       rngs={"drop_path": drop_rng},
     )
+    t, s = align_dist_token(plan, t, s)
     if plan.target == "relation":
       losses = targets_lib.relation_target_losses(
         t["qkv"],
@@ -485,14 +536,24 @@ def build_task(
     images_per_step=config.batch_size,
     accumulate_steps=config.optimizer.accumulate_steps,
     inputs=teacher_variables,
-    signature={
-      "stage": "distill",
-      "model": spec.kwargs(),
-      "teacher": variants.resolve(config.teacher).kwargs(),
-      "distill": dataclasses.asdict(plan),
-      "decoder": (config.distill.decoder.to_dict() if plan.mae_weight else None),
-    },
+    signature=signature(config, plan, spec),
   )
+
+
+def signature(config, plan: Plan, spec) -> dict:
+  distill = dataclasses.asdict(plan)
+  sig = {
+    "stage": "distill",
+    "model": spec.kwargs(),
+    "teacher": variants.resolve(config.teacher).kwargs(),
+    "distill": distill,
+    "decoder": (config.distill.decoder.to_dict() if plan.mae_weight else None),
+  }
+  if plan.student_dist:
+    sig["dist_token"] = True
+  else:  # workdirs of students without the token keep resuming
+    del distill["dist_token"], distill["student_dist"]
+  return sig
 
 
 def synthetic(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Synthetic:

@@ -11,10 +11,17 @@ Reads top to bottom:
      loaded weights stay on the host until the loop places them with their
      shardings (`Task.pretrained`): they are never constants of a compiled
      program;
-  4. `build_task`: soft-target cross-entropy (mixup/cutmix + label smoothing
-     from the data pipeline), AdamW with layer-wise lr decay and the official
-     no-weight-decay set (linear probe: LARS, encoder frozen);
-  5. `run`: data, the shared loop with periodic eval (best kept), pictures,
+  4. `load_kd_teacher` (knowledge distillation, `kd.type` soft / hard): the
+     frozen classifier from `kd.teacher.source`, checked against the
+     `kd.teacher` section and the model's class count before anything
+     compiles; its variables are the loop's non-trained `inputs` (sharded
+     like params, FSDP when set; never optimised, never saved);
+  5. `build_task`: soft-target cross-entropy (mixup/cutmix + label smoothing
+     from the data pipeline) on the CLS head, plus DeiT's distillation term
+     on the distillation head (`objectives.kd_loss`), the teacher in eval
+     mode on the same mixed images; AdamW with layer-wise lr decay and the
+     official no-weight-decay set (linear probe: LARS, encoder frozen);
+  6. `run`: data, the shared loop with periodic eval (best kept), pictures,
      the summary.
 """
 
@@ -32,10 +39,11 @@ from mimdistill import workdir as workdir_lib
 from mimdistill.data import input_pipeline, sources
 from mimdistill.data.transforms import normalize
 from mimdistill.models import factory, variants
-from mimdistill.models.classifier import ViTClassifier
+from mimdistill.models.classifier import DIST_POOLS, ViTClassifier
 from mimdistill.models.pos_embed import resize_pos_embed, sincos_2d
+from mimdistill.objectives import kd_loss
 from mimdistill.paths import as_path
-from mimdistill.stages.sources import read_encoder, shape_table
+from mimdistill.stages.sources import HEAD_PARTS, read_classifier, read_encoder, shape_table
 from mimdistill.stages.synthetic import Synthetic, random_images
 from mimdistill.training import loop as loop_lib
 from mimdistill.training import optimizer as opt_lib
@@ -71,6 +79,29 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
     )
   if config.mode not in MODES:
     raise ValueError(f"mode={config.mode!r}: use 'finetune' or 'linprobe'")
+  for section, name in ((config.model, "model"), (config.kd.teacher, "kd.teacher")):
+    if section.dist_pool not in DIST_POOLS:
+      raise ValueError(f"{name}.dist_pool={section.dist_pool!r} is not one of {DIST_POOLS}")
+  if config.mode == "linprobe" and config.model.dist_token:
+    raise ValueError(
+      "linear probing of a distillation-token model is not supported; set "
+      "--config.model.dist_token=False"
+    )
+  kd = config.kd
+  if kd.type not in kd_loss.KD_TYPES:
+    raise ValueError(f"kd.type={kd.type!r} is not one of {kd_loss.KD_TYPES}")
+  if kd.type != "none":
+    if config.mode == "linprobe":
+      raise ValueError("knowledge distillation is for fine-tuning; set --config.kd.type=none")
+    if not 0 <= kd.alpha <= 1 or kd.tau <= 0:
+      raise ValueError(f"kd.alpha={kd.alpha} must be in [0, 1] and kd.tau={kd.tau} > 0")
+    teacher = variants.resolve(kd.teacher)
+    if teacher.image_size != config.data.image_size:
+      raise ValueError(
+        f"kd.teacher.image_size={teacher.image_size} differs from data.image_size="
+        f"{config.data.image_size}; the teacher sees the student's (mixed) images: set both "
+        "alike"
+      )
   mesh = shard_lib.mesh_from_config(config)
   shard_lib.check_batch(config.batch_size, mesh)
   shard_lib.check_batch(config.eval_batch_size, mesh, "eval_batch_size")
@@ -79,6 +110,12 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
   if config.mode == "linprobe" and not config.init.source:
     raise ValueError(
       "linear probing needs a pre-trained encoder: set --config.init.source=<workdir or .pth>"
+    )
+  if kd.type != "none" and not kd.teacher.source:
+    raise ValueError(
+      f"kd.type={kd.type!r} needs a teacher: set --config.kd.teacher.source= a fine-tuned "
+      "classifier (stage-3 workdir or its best/, official MAE fine-tuned .pth, timm ViT "
+      ".pth / .safetensors), or --config.kd.type=none"
     )
   sources.check_available(config.data.name, config.data.data_dir, config.data.bad_files)
 
@@ -125,9 +162,12 @@ def init_from_source(params: dict, config) -> tuple[dict, dict]:
   if pos is None:
     pos = sincos_2d(spec.width, 1)[None]  # shape check below reports it
   grid = spec.grid_size
-  if pos.shape[-1] == spec.width and pos.shape[1] != grid * grid + 1:
+  prefix = 2 if config.model.dist_token else 1  # [cls, dist?]
+  rows = pos.shape[1] - prefix
+  square = rows > 0 and round(np.sqrt(rows)) ** 2 == rows  # else the shape check says why
+  if pos.shape[-1] == spec.width and rows != grid * grid and square:
     log.info("init: resizing position embedding %s -> grid %d", pos.shape, grid)
-    pos = resize_pos_embed(pos, grid)
+    pos = resize_pos_embed(pos, grid, num_extra_tokens=prefix)
   encoder["pos_embed"] = pos
   want = shape_table(params["encoder"])
   got = shape_table(encoder)
@@ -149,7 +189,7 @@ def init_from_source(params: dict, config) -> tuple[dict, dict]:
       + ". Set --config.model.* to the checkpoint's architecture."
     )
   new = {"encoder": {k: encoder[k] for k in params["encoder"]}}
-  for name in ("fc_norm", "head"):
+  for name in HEAD_PARTS:
     if name in src.head and name in params:
       if shape_table(src.head[name]) == shape_table(params[name]):
         new[name] = src.head[name]
@@ -166,7 +206,69 @@ def init_from_source(params: dict, config) -> tuple[dict, dict]:
 
 
 # -----------------------------------------------------------------------------
-# 4. Task
+# 4. The knowledge-distillation teacher
+# -----------------------------------------------------------------------------
+def build_kd_teacher(config, num_classes: int) -> ViTClassifier:
+  """The frozen classifier of `kd.teacher` (run in eval mode only)."""
+  return factory.build("classifier", config.kd.teacher, num_classes=num_classes, dtype=config.dtype)
+
+
+def _describe_model(model: dict) -> str:
+  keys = ("width", "depth", "num_heads", "patch_size", "image_size", "dist_token", "extra_width")
+  return " ".join(f"{k}={model[k]}" for k in keys if k in model)
+
+
+def load_kd_teacher(config, num_classes: int) -> tuple[ViTClassifier, dict, dict]:
+  """(teacher module, its variables as host numpy, lineage record of the
+  source). Raises before anything compiles if the source is not a
+  classifier, has another class count or another architecture than
+  `kd.teacher`."""
+  source = config.kd.teacher.source
+  src = read_classifier(source, what="kd.teacher.source")
+  classes = int(np.shape(src.params["head"]["kernel"])[-1])
+  if classes != num_classes:
+    raise ValueError(
+      f"kd.teacher.source={source} classifies {classes} classes but the model has "
+      f"{num_classes}; the teacher must be fine-tuned on the same classes"
+    )
+  teacher = build_kd_teacher(config, num_classes)
+  want = shape_table(abstract_params(teacher))
+  got = shape_table(src.params)
+  diffs = [f"missing {k} {want[k]}" for k in want if k not in got]
+  diffs += [f"unexpected {k} {got[k]}" for k in got if k not in want]
+  diffs += [
+    f"{k} is {got[k]}, kd.teacher wants {want[k]}" for k in want if k in got and got[k] != want[k]
+  ]
+  if diffs:
+    shown = "; ".join(diffs[:8]) + (f"; ... {len(diffs) - 8} more" if len(diffs) > 8 else "")
+    hint = f" (its config.json says: {_describe_model(src.model)})" if src.model else ""
+    raise ValueError(
+      f"kd.teacher.source={source} is of another architecture than kd.teacher "
+      f"({variants.resolve(config.kd.teacher).kwargs()}){hint}: {shown}. Set "
+      "--config.kd.teacher.* (variant, width, depth, num_heads, patch_size, image_size, "
+      "global_pool, dist_token, extra_width) to the teacher's architecture."
+    )
+  params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), src.params)
+  record = dict(src.record, model=variants.resolve(config.kd.teacher).kwargs())
+  return teacher, {"params": params}, record
+
+
+def random_kd_teacher(config, num_classes: int) -> tuple[ViTClassifier, dict]:
+  """Random teacher variables drawn on the host (benchmarks and scale tests:
+  speed does not depend on the weights)."""
+  teacher = build_kd_teacher(config, num_classes)
+  rng = np.random.default_rng(config.seed + 1)
+  params = jax.tree_util.tree_map_with_path(
+    lambda path, a: (
+      float("scale" in jax.tree_util.keystr(path)) + 0.05 * rng.standard_normal(a.shape)
+    ).astype(np.float32),
+    abstract_params(teacher),
+  )
+  return teacher, {"params": params}
+
+
+# -----------------------------------------------------------------------------
+# 5. Task
 # -----------------------------------------------------------------------------
 def soft_targets(batch, num_classes: int, smoothing: float) -> jax.Array:
   if "label_soft" in batch:
@@ -206,8 +308,15 @@ def build_task(
   *,
   pretrained: dict | None = None,
   evaluate=None,
+  teacher: ViTClassifier | None = None,
+  teacher_variables: dict | None = None,
 ) -> loop_lib.Task:
+  """`teacher` / `teacher_variables`: the frozen KD teacher (needed when
+  `kd.type` is not 'none'), passed to every step as the loop's `inputs`."""
   spec = variants.resolve(config.model)
+  kd = config.kd
+  if kd.type != "none" and (teacher is None or teacher_variables is None):
+    raise ValueError(f"kd.type={kd.type!r}: build_task needs the teacher and its variables")
   total, warmup = run_config.steps(config, steps_per_epoch)
   schedule = schedules.warmup_cosine(run_config.peak_lr(config), config.min_lr, total, warmup)
   linprobe = config.mode == "linprobe"
@@ -227,8 +336,22 @@ def build_task(
     else:
       logits = model.apply(variables, image, train=True, rngs={"drop_path": rng})
     targets = soft_targets(batch, model.num_classes, config.data.label_smoothing)
-    loss = jnp.mean(optax.softmax_cross_entropy(logits, targets))
-    return loss, ({}, model_state)
+    if kd.type == "none" and not model.distilled:
+      loss = kd_loss.soft_target_cross_entropy(logits, targets)
+      return loss, ({}, model_state)
+    # The teacher: eval mode, the same (mixed) images, no gradient.
+    t_logits = teacher.apply(inputs, image) if kd.type != "none" else None
+    loss, parts = kd_loss.distillation_loss(
+      logits,
+      targets,
+      t_logits,
+      base=kd_loss.soft_target_cross_entropy,
+      kd_type=kd.type,
+      alpha=float(kd.alpha),
+      tau=float(kd.tau),
+    )
+    metrics = {f"{k}_loss": v for k, v in parts.items()} if kd.type != "none" else {}
+    return loss, (metrics, model_state)
 
   return loop_lib.Task(
     name=config.mode,
@@ -239,16 +362,27 @@ def build_task(
     total_steps=total,
     images_per_step=config.batch_size,
     accumulate_steps=config.optimizer.accumulate_steps,
+    inputs=teacher_variables if kd.type != "none" else None,
     pretrained=pretrained,
-    signature={
-      "stage": config.mode,
-      "model": spec.kwargs(),
-      "num_classes": model.num_classes,
-      "global_pool": bool(config.model.global_pool),
-    },
+    signature=signature(config, spec, model),
     evaluate=evaluate,
     ema_decay=config.ema_decay,
   )
+
+
+def signature(config, spec, model: ViTClassifier) -> dict:
+  sig = {
+    "stage": config.mode,
+    "model": spec.kwargs(),
+    "num_classes": model.num_classes,
+    "global_pool": bool(config.model.global_pool),
+  }
+  # Only when set, so that workdirs of plain classifiers keep resuming.
+  if model.distilled:
+    sig.update(dist_token=True, dist_pool=model.dist_pool)
+  if model.extra_width:
+    sig["extra_width"] = int(model.extra_width)
+  return sig
 
 
 def synthetic(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Synthetic:
@@ -263,7 +397,19 @@ def synthetic(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Synthe
   if config.init.source:
     notes.append("init.source is not read: random init (same speed)")
   model = build_model(config, num_classes)
-  task = build_task(config, model, steps_per_epoch)
+  teacher = teacher_vars = None
+  if config.kd.type != "none":
+    source = config.kd.teacher.source
+    if source and ("://" in source or workdir_lib.parse_source(source)[0].exists()):
+      teacher, teacher_vars, _ = load_kd_teacher(config, num_classes)
+    else:
+      teacher, teacher_vars = random_kd_teacher(config, num_classes)
+      notes.append(
+        "kd teacher: random init (kd.teacher.source "
+        + (f"{source!r} does not exist" if source else "is empty")
+        + "); speed does not depend on the weights"
+      )
+  task = build_task(config, model, steps_per_epoch, teacher=teacher, teacher_variables=teacher_vars)
   spec = variants.resolve(config.model)
   rng = np.random.default_rng(config.seed)
   b = config.batch_size
@@ -279,13 +425,14 @@ def synthetic(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Synthe
     "remat": bool(config.model.remat),
     "scan_blocks": bool(config.model.scan_blocks),
     "model": f"ViT w{spec.width} d{spec.depth} h{spec.num_heads} p{spec.patch_size}, "
-    f"{num_classes} classes, {config.mode}",
+    f"{num_classes} classes, {config.mode}"
+    + (f", kd {config.kd.type} from {config.kd.teacher.variant}" if teacher else ""),
   }
   return Synthetic("finetune", task, batch, info, notes)
 
 
 # -----------------------------------------------------------------------------
-# 5. Run
+# 6. Run
 # -----------------------------------------------------------------------------
 def run(config: ml_collections.ConfigDict, workdir, *, mesh=None, lineage: dict | None = None):
   """Runs (or resumes) stage 3 in `workdir`; returns a summary dict."""
@@ -313,6 +460,9 @@ def run(config: ml_collections.ConfigDict, workdir, *, mesh=None, lineage: dict 
   if not num_classes:
     raise ValueError(f"dataset {config.data.name} has no class labels; set --config.num_classes")
   model = build_model(config, num_classes)
+  teacher = teacher_variables = teacher_record = None
+  if config.kd.type != "none":  # before anything compiles: its errors come first
+    teacher, teacher_variables, teacher_record = load_kd_teacher(config, num_classes)
   parent = None
   if config.init.source and workdir_lib.has_checkpoints(workdir):
     # A resume: the weights come from the checkpoint, the lineage from before.
@@ -325,7 +475,12 @@ def run(config: ml_collections.ConfigDict, workdir, *, mesh=None, lineage: dict 
     return model.apply(variables, normalize(images))
 
   evaluator = make_evaluator(apply_eval, eval_data, num_classes=num_classes)
-
+  teacher_metrics = {}
+  if teacher is not None:
+    teacher_metrics = make_evaluator(
+      lambda v, x: teacher.apply(v, normalize(x)), eval_data, num_classes=num_classes
+    )(teacher_variables)
+    log.info("kd teacher %s: eval %s", config.kd.teacher.source, teacher_metrics)
   confusion_of_params: list = [None]  # the last evaluation's, not the EMA's
 
   def evaluate(state):
@@ -337,9 +492,17 @@ def run(config: ml_collections.ConfigDict, workdir, *, mesh=None, lineage: dict 
     return metrics
 
   task = build_task(
-    config, model, train_data.steps_per_epoch, pretrained=pretrained, evaluate=evaluate
+    config,
+    model,
+    train_data.steps_per_epoch,
+    pretrained=pretrained,
+    evaluate=evaluate,
+    teacher=teacher,
+    teacher_variables=teacher_variables,
   )
   record = {"stage": config.mode, "parent": parent}
+  if teacher_record is not None:
+    record["kd_teacher"] = teacher_record
   record.update(lineage or {})
   result = loop_lib.train(
     task,
@@ -380,4 +543,6 @@ def run(config: ml_collections.ConfigDict, workdir, *, mesh=None, lineage: dict 
     "best_step": final.get("best_step"),
     "final_loss": final.get("loss"),
     "train_seconds": final.get("train_seconds"),
+    "kd_type": config.kd.type,
+    "kd_teacher_top1": teacher_metrics.get("top1"),
   }

@@ -4,8 +4,12 @@ one) or an official / timm `.pth` file.
 
 `read_encoder` returns numpy trees in mimdistill layout: `encoder` is a
 ViTEncoder's params, `encoder_fixed` its 'fixed' collection (the sin-cos
-`pos_embed`), `head` the classifier params (`fc_norm`, `head`) when the
-source has them. The file formats themselves are `mimdistill.interop`'s.
+`pos_embed`), `head` the classifier params (`fc_norm`, `head`, and
+`head_dist` / `conv1x1_*` of a distilled or TinyMIM*-T classifier) when the
+source has them. `read_classifier` reads a whole classifier (a knowledge-
+distillation teacher) from a workdir, its `best/`, or a `.pth` /
+`.safetensors` file with official / timm names. The file formats themselves
+are `mimdistill.interop`'s.
 """
 
 from __future__ import annotations
@@ -19,12 +23,15 @@ import numpy as np
 
 from mimdistill import workdir as workdir_lib
 from mimdistill.interop.official_names import official_to_flax
-from mimdistill.interop.orbax_tree import restore_subtree
+from mimdistill.interop.orbax_tree import is_best_dir, restore_best, restore_subtree, saved_state
 from mimdistill.interop.pth_reader import load_pth
-from mimdistill.paths import is_remote
+from mimdistill.paths import as_path, is_remote
 
 PyTree = Any
 PTH_SUFFIXES = (".pth", ".pt", ".bin")
+FILE_SUFFIXES = (*PTH_SUFFIXES, ".safetensors")
+# The classifier's params besides `encoder` (models.classifier).
+HEAD_PARTS = ("fc_norm", "head", "head_dist", "conv1x1_0", "conv1x1_1")
 
 
 def shape_table(tree: PyTree) -> dict[str, tuple]:
@@ -67,7 +74,7 @@ def read_encoder(source: str, *, what: str = "init") -> EncoderSource:
       raise ValueError(
         f"{what}={path} holds no ViT encoder weights (found {sorted(ckpt.tensors)[:8]}...)"
       )
-    head = {k: params[k] for k in ("fc_norm", "head") if k in params}
+    head = {k: params[k] for k in HEAD_PARTS if k in params}
     return EncoderSource(
       params["encoder"], None, head, {"kind": "pth", "path": os.path.abspath(path), "step": None}
     )
@@ -91,7 +98,7 @@ def read_encoder(source: str, *, what: str = "init") -> EncoderSource:
     fixed, _ = restore_subtree(path, ("model_state", "fixed", "encoder"))
   except KeyError:
     fixed = None  # a learned position embedding is a param
-  head = {k: params[k] for k in ("fc_norm", "head") if k in params}
+  head = {k: params[k] for k in HEAD_PARTS if k in params}
   return EncoderSource(
     params["encoder"], fixed, head, {"kind": "workdir", "source": path, **record}
   )
@@ -145,3 +152,70 @@ def check_recorded_architecture(section, source: str, what: str) -> None:
     shown = ", ".join(f"{what}.{f}={a} but {b} there" for f, a, b in wrong)
     fix = " ".join(f"--config.{what}.{f}={b}" for f, _, b in wrong)
     raise ValueError(f"{what}.source={source}: {shown} ({where}); set {fix}")
+
+
+@dataclasses.dataclass
+class ClassifierSource:
+  params: PyTree  # {'encoder', 'head', 'fc_norm'?, 'head_dist'?, 'conv1x1_*'?}, numpy
+  record: dict  # lineage: kind, path, step
+  model: dict  # what the source says its model is (a workdir's signature), else {}
+
+
+def _not_a_classifier(what: str, path: str, found) -> ValueError:
+  return ValueError(
+    f"{what}={path} is not a classifier (it has {sorted(found)[:8]}, no head): point it at "
+    "a fine-tuned model, i.e. a stage-3 workdir or its best/, an official fine-tuned "
+    ".pth or a timm ViT .pth / .safetensors"
+  )
+
+
+def read_classifier(source: str, *, what: str = "teacher.source") -> ClassifierSource:
+  """A whole classifier as numpy params in mimdistill layout (see the
+  module doc). Linear-probe classifiers are refused: their BatchNorm
+  statistics are not part of a fine-tuned model's params."""
+  path = str(source)
+  if path.endswith(FILE_SUFFIXES):
+    from mimdistill.interop.conversion import read_source
+
+    if is_remote(path):
+      raise ValueError(
+        f"{what}={path}: checkpoint files are memory-mapped and must be on a local disk; "
+        f"copy it first (gcloud storage cp {path} .) and pass the local path"
+      )
+    if not os.path.isfile(path):
+      raise FileNotFoundError(
+        f"{what}={path} does not exist; point it at a classifier file or a mimdistill workdir"
+      )
+    tensors = {n: np.asarray(v) for n, v in read_source(path).tensors.items()}
+    variables, _ = official_to_flax(tensors, "classifier", learned_pos_embed=True)
+    params = variables.get("params", {})
+    if "encoder" not in params or "head" not in params:
+      raise _not_a_classifier(what, path, tensors)
+    kind = "safetensors" if path.endswith(".safetensors") else "pth"
+    return ClassifierSource(params, {"kind": kind, "path": os.path.abspath(path), "step": None}, {})
+  if is_best_dir(path):
+    state, record = restore_best(path)
+    params = state.get("params", {})
+    model_state = state.get("model_state") or {}
+    workdir = as_path(path).parent
+  else:
+    workdir, _ = workdir_lib.parse_source(path)
+    if not workdir.is_dir():
+      raise FileNotFoundError(
+        f"{what}={path}: no such workdir; point it at a stage-3 workdir (W or W:step), its "
+        "best/ folder, or a classifier .pth / .safetensors file"
+      )
+    saved = saved_state(path)
+    if "params" not in saved.tree:
+      raise ValueError(f"{what}={path} holds no params")
+    model_state = saved.tree.get("model_state") or {}
+    params, record = restore_subtree(path, ("params",))
+  if "encoder" not in params or "head" not in params:
+    raise _not_a_classifier(what, path, params)
+  if model_state.get("batch_stats"):
+    raise ValueError(
+      f"{what}={path} is a linear-probe classifier (BatchNorm before the head); use a "
+      "fine-tuned classifier as the teacher"
+    )
+  model = workdir_lib.signature(workdir).get("model") or {}
+  return ClassifierSource(params, {"kind": "workdir", "source": path, **record}, dict(model))

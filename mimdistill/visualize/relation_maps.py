@@ -61,6 +61,10 @@ def encoder_attention(encoder, variables, images, *, block: int, heads: int) -> 
     return encoder.apply(v, x, block=block, heads=heads, method=ViTEncoder.relation_qkv)
 
   q, k, _ = qkv(variables, np.asarray(images, np.float32))
+  if getattr(encoder, "dist_token", False):
+    # A distillation token is no relation token (the stage excludes it by
+    # default): the maps are over [CLS, patches] like the teacher's.
+    q, k = (np.concatenate([x[:, :, :1], x[:, :, 2:]], axis=2) for x in (q, k))
   return qk_attention(q, k)
 
 
