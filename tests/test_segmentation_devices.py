@@ -12,7 +12,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from test_segmentation_model import tiny_config
 
-from mimdistill.models.segmentor import build_segmentor
+from mimdistill.models import factory
 from mimdistill.objectives.segmentation_loss import segmentation_loss
 from mimdistill.training.poly_schedule import poly_warmup
 from mimdistill.training.segmentation_optim import segmentation_adamw
@@ -51,7 +51,7 @@ def test_eight_devices_equal_one_device_after_three_steps():
   # compile twice, the same BatchNorm and sharding behaviour.
   config["decode_head"].update(channels=8, pool_scales=(1, 2))
   config["auxiliary_head"] = None
-  model = build_segmentor(config)
+  model = factory.build("segmentor", config)
   variables = _random_variables(model, jnp.zeros((8, 32, 32, 3)))
   tx = segmentation_adamw(
     variables["params"],
