@@ -174,6 +174,16 @@ def _take_matching(template, given, what: str, source: str) -> tuple[dict, list[
   return _unflat(taken), reinit
 
 
+def _zero_given(tree: dict, given: dict) -> dict:
+  out = dict(tree)
+  for name, sub in given.items():
+    if isinstance(sub, dict):
+      out[name] = _zero_given(out[name], sub)
+    else:
+      out[name] = jnp.zeros_like(out[name])
+  return out
+
+
 def init_from_source(model: EncoderDecoder, config) -> tuple[dict, dict | None, dict]:
   """`(pretrained params, pretrained model_state or None, lineage record)`
   from `config.init.source` (host numpy; see the module doc)."""
@@ -277,7 +287,12 @@ def build_task(
   dummy = _dummy(config)
 
   def init_variables(rng):
-    return model.init({"params": rng}, dummy)
+    variables = model.init({"params": rng}, dummy)
+    if not pretrained:
+      return variables
+    # Leaves the pretrained weights replace are zeros here, so XLA drops
+    # their random draws (compiling an init's RNG is costly on CPU).
+    return {**variables, "params": _zero_given(variables["params"], pretrained)}
 
   def loss_fn(params, model_state, batch, rng, inputs):
     k_dropout, k_path = jax.random.split(rng)

@@ -197,7 +197,7 @@ class SegmentationEvaluator:
     if self.mode not in MODES:
       raise ValueError(f"eval mode {self.mode!r}; use one of {MODES}")
 
-    def step(variables, batch, acc):
+    def step(variables, batch):
       pred = predict_batch(
         lambda x: self.apply_fn(variables, x),
         batch,
@@ -207,24 +207,22 @@ class SegmentationEvaluator:
         mode=self.mode,
       )
       areas = seg_metrics.batch_areas(pred, batch["label"], self.num_classes, mask=batch["mask"])
-      count = jnp.sum(batch["mask"])
-      return {"areas": acc["areas"] + areas, "count": acc["count"] + count}, pred
+      return {"areas": areas, "count": jnp.sum(batch["mask"])}, pred
 
+    # One compiled program for every batch (and `predict`); the per-batch
+    # sums are added outside it, so no carried input changes its placement.
     self._step = jax.jit(step)
 
-  def _zeros(self):
-    return {
-      "areas": jnp.zeros((len(seg_metrics.AREAS), self.num_classes), jnp.int32),
-      "count": jnp.zeros((), jnp.float32),
-    }
-
   def predict(self, variables, batch) -> jax.Array:
-    return self._step(variables, batch, self._zeros())[1]
+    return self._step(variables, batch)[1]
 
   def __call__(self, variables) -> dict[str, float]:
-    acc = self._zeros()
+    acc = None
     for batch in iter(self.eval_data):
-      acc, _ = self._step(variables, batch, acc)
+      sums, _ = self._step(variables, batch)
+      acc = sums if acc is None else jax.tree_util.tree_map(jnp.add, acc, sums)
+    if acc is None:
+      raise ValueError("the eval split yielded no batches")
     acc = jax.device_get(acc)
     areas = np.asarray(acc["areas"], np.int64)
     full = seg_metrics.metrics_from_areas(areas)
