@@ -1,12 +1,15 @@
 r"""python launch/pipeline.py --config configs/pipeline.py:quickstart --workdir workdirs/quickstart
 
-The three stages as one resumable job: W/pretrain -> W/distill -> W/finetune,
-each stage reading the previous stage's checkpoint. A rerun skips finished
+The stages as one resumable job: W/pretrain -> W/distill -> W/finetune,
+each stage reading the previous stage's checkpoint; the quickstart adds
+W/segment (stage 4, semantic segmentation), a sibling of fine-tuning: it
+also starts from the distilled checkpoint (`segment.parent='distill'`). A rerun skips finished
 stages and resumes an interrupted one; W/summary.json records per stage the
 metrics, time, steps, checkpoint and lineage.
 
 Presets (`:<arg>`):
-  quickstart      embedded dataset, tiny models, about 10 minutes on 2 CPU cores
+  quickstart      embedded dataset, tiny models, about 12 minutes on 2 CPU cores
+                  (with the segmentation stage on the embedded scenes)
   cifar10         class folders (default ../shared/data/cifar10)
   imagenet        TFDS imagenet2012, official recipes: MAE ViT-L pre-training,
                   TinyMIM-B distillation, ViT-B fine-tuning
@@ -26,7 +29,8 @@ Presets (`:<arg>`):
                   --config.finetune.kd.type=none is the same run without KD
 Baselines (paper Table 1), same data and student as the preset after the colon:
   mae_baseline:<preset>      MAE pre-training of the student itself, then fine-tuning
-  scratch_baseline:<preset>  fine-tuning from random init
+                             (and segmentation, from the same MAE encoder)
+  scratch_baseline:<preset>  fine-tuning (and segmentation) from random init
 `teacher_source=<.pth or workdir>` skips stage 1 and distils from it.
 Stage fields are overridden as --config.<stage>.<field>=..., e.g.
 --config.distill.total_epochs=3.
@@ -34,7 +38,7 @@ Stage fields are overridden as --config.<stage>.<field>=..., e.g.
 
 import ml_collections
 
-from configs import finetune, mae_pretrain, tinymim_distill
+from configs import finetune, mae_pretrain, segment, tinymim_distill
 
 # preset -> the (stage-1, stage-2, stage-3) config presets it chains.
 _THREE_STAGES = {
@@ -42,7 +46,7 @@ _THREE_STAGES = {
   "cifar10": ("cifar10", "cifar10", "cifar10"),
   "imagenet": ("large", "b_from_l", "base"),
 }
-_ORDER = ("pretrain", "distill", "distill_s", "distill_t", "finetune")
+_ORDER = ("pretrain", "distill", "distill_s", "distill_t", "finetune", "segment")
 
 
 def _student_as_mae(pre, student):
@@ -64,6 +68,8 @@ def get_config(arg: str = "quickstart") -> ml_collections.ConfigDict:
     c.pretrain = mae_pretrain.get_config(pre)
     c.distill = tinymim_distill.get_config(dis)
     c.finetune = finetune.get_config(fin)
+    if preset == "quickstart":
+      c.segment = segment.get_config("quickstart")  # parent: distill
   elif preset == "imagenet_star":
     c.pretrain = mae_pretrain.get_config("large")
     c.distill = tinymim_distill.get_config("b_from_l")
@@ -92,9 +98,16 @@ def get_config(arg: str = "quickstart") -> ml_collections.ConfigDict:
   if baseline == "mae_baseline":
     _student_as_mae(c.pretrain, c.distill.student)
     order = ["pretrain", "finetune"]
+    if "segment" in c:
+      c.segment.parent = "pretrain"
+      order.append("segment")
   elif baseline == "scratch_baseline":
     order = ["finetune"]
     c.finetune.init.source = ""
+    if "segment" in c:
+      c.segment.parent = "none"
+      c.segment.init.source = ""
+      order.append("segment")
   elif baseline:
     raise ValueError(f"unknown baseline {baseline!r}; use mae_baseline or scratch_baseline")
   c.stages = ",".join(order)

@@ -14,6 +14,8 @@ Examples:
     python -m mimdistill.convert mae_pretrain_vit_large.pth W/mae_l
     python -m mimdistill.convert W/mae_l mae_l.safetensors
     python -m mimdistill.convert tinymim_vit_tiny.pth W/t --num_heads=3
+    python -m mimdistill.convert upernet_tinymim_b.pth W/seg     # a whole mmseg segmentor
+    python -m mimdistill.convert W/seg upernet.safetensors        # back to mmcv names
 
 The detected model and a report of the tensors used, skipped and missing
 are printed; what is not in the weights (attention heads) is assumed from
@@ -67,6 +69,13 @@ flags.DEFINE_bool(
   "drop tensors mimdistill's ViT has no place for instead of refusing",
   flag_values=FLAGS,
 )
+flags.DEFINE_list(
+  "out_indices",
+  None,
+  "a segmentor's backbone out_indices, e.g. 3,5,7,11 (not stored in the weights; default: "
+  "TinyMIM's for the depth)",
+  flag_values=FLAGS,
+)
 flags.DEFINE_bool("overwrite", False, "replace an existing DST", flag_values=FLAGS)
 flags.DEFINE_string(
   "report_json", None, "also write the report as JSON to this file", flag_values=FLAGS
@@ -100,6 +109,7 @@ def main(argv=None) -> int:
       key=FLAGS.key,
       allow_unknown=FLAGS.allow_unknown,
       overwrite=FLAGS.overwrite,
+      out_indices=[int(i) for i in FLAGS.out_indices] if FLAGS.out_indices else None,
     )
   except (
     CheckpointReadError,
@@ -108,6 +118,7 @@ def main(argv=None) -> int:
     FileNotFoundError,
     IsADirectoryError,
     KeyError,
+    ValueError,
   ) as exc:
     print(f"convert: error: {exc}", file=sys.stderr)
     return 2

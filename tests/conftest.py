@@ -118,6 +118,8 @@ def tiny_pipeline_overrides(tfds_dir, distill_steps: int = 4) -> dict:
       "pretrain.model.decoder.num_heads": 2,
     }
   )
+  # The first three stages (the quickstart's segmentation stage has tests of its own).
+  o["stages"] = "pretrain,distill,finetune"
   return o
 
 

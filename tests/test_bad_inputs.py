@@ -167,14 +167,15 @@ def test_pipeline_refuses_a_finished_stage_with_another_config(tmp_path, monkeyp
   monkeypatch.setattr(pipeline.registry, "run_stage", fake_run)
   c = pipeline_configs.get_config("quickstart")
   pipeline.run_pipeline(c, tmp_path)
-  assert runs == ["pretrain", "distill", "finetune"]
+  stages = ["pretrain", "distill", "finetune", "segment"]
+  assert runs == stages
   pipeline.run_pipeline(pipeline_configs.get_config("quickstart"), tmp_path)  # all skipped
-  assert len(runs) == 3
+  assert len(runs) == 4
   c = pipeline_configs.get_config("quickstart")
-  c.distill.total_epochs = 8.0
+  before, c.distill.total_epochs = c.distill.total_epochs, 8.0
   with pytest.raises(
     ValueError,
-    match=r"stage 'distill' finished .*total_epochs: 7.0 there, 8.0 now.*rerun_from=distill",
+    match=rf"stage 'distill' finished .*total_epochs: {before} there, 8.0 now.*rerun_from=distill",
   ):
     pipeline.run_pipeline(c, tmp_path)
 
@@ -184,11 +185,11 @@ def test_pipeline_refuses_a_finished_stage_with_another_config(tmp_path, monkeyp
     return c
 
   pipeline.run_pipeline(changed(), tmp_path)
-  assert runs[3:] == ["distill", "finetune"]
+  assert runs[4:] == stages[1:]
   kept = sorted(p.name for p in tmp_path.iterdir() if ".replaced-" in p.name)
-  assert [k.split(".")[0] for k in kept] == ["distill", "finetune"]
+  assert [k.split(".")[0] for k in kept] == stages[1:]
   pipeline.run_pipeline(changed(), tmp_path)  # the same rerun again: moves nothing
-  assert len(runs) == 5 and len([p for p in tmp_path.iterdir() if ".replaced-" in p.name]) == 2
+  assert len(runs) == 7 and len([p for p in tmp_path.iterdir() if ".replaced-" in p.name]) == 3
 
 
 def test_a_stage_resumed_with_another_dataset_or_batch_is_refused(tmp_path):

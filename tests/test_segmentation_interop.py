@@ -15,7 +15,7 @@ from mimdistill.interop.segmentation_names import (
   flax_to_mmcv,
   mmcv_to_flax,
 )
-from mimdistill.models.segmentor import build_segmentor
+from mimdistill.models import factory
 from mimdistill.models.vit import ViTEncoder
 
 
@@ -36,14 +36,14 @@ VARIANTS = {
     width=16, depth=12, out_indices=(3, 5, 7, 11), neck="tinymim_star", fc_dim=24
   ),
   "patch8": dict(patch_size=8),
-  "plain": dict(layer_scale=None, rel_pos_bias=False, abs_pos_embed=False),
+  "plain": dict(layer_scale=None, rel_pos_bias=False, pos_embed_type="none"),
 }
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def variables(request):
   config = tiny_config(**VARIANTS[request.param])
-  model = build_segmentor(config)
+  model = factory.build("segmentor", config)
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 3))))
   return _random_tree(dict(shapes))
 
@@ -104,7 +104,7 @@ def test_a_foreign_name_is_refused(variables):
 
 
 def test_plain_encoder_initialises_the_backbone():
-  model = build_segmentor(tiny_config())
+  model = factory.build("segmentor", tiny_config())
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
   template = _random_tree(dict(shapes))["params"]["backbone"]
   # An MAE-style encoder pre-trained at 64 px: no rel-pos, no layer scale, a final norm.
@@ -126,7 +126,7 @@ def test_plain_encoder_initialises_the_backbone():
 
 
 def test_an_encoder_of_another_depth_is_refused():
-  model = build_segmentor(tiny_config())
+  model = factory.build("segmentor", tiny_config())
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
   template = _random_tree(dict(shapes))["params"]["backbone"]
   vit = ViTEncoder(32, 2, 2, 16, 32, pos_embed_type="learned")

@@ -9,21 +9,34 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mimdistill.models import resize
-from mimdistill.models.segmentation_backbone import SegmentationBackbone
+from mimdistill.models import factory, resize
 from mimdistill.models.torch_batch_norm import BatchNorm
 from mimdistill.objectives.segmentation_loss import pixel_cross_entropy, segmentation_loss
 
-TINY = dict(width=32, depth=4, num_heads=2, patch_size=16, image_size=32, out_indices=(0, 1, 2, 3))
+TINY = dict(
+  width=32,
+  depth=4,
+  num_heads=2,
+  patch_size=16,
+  image_size=32,
+  out_indices=(0, 1, 2, 3),
+  layer_scale=1.0,
+  rel_pos_bias=True,
+)
 
 
 def tiny_config(**backbone):
-  fields = dict(TINY, **backbone)
-  return {
-    "backbone": fields,
-    "decode_head": {"num_classes": 5, "channels": 16, "dropout_ratio": 0.0},
-    "auxiliary_head": {"num_classes": 5, "channels": 8, "dropout_ratio": 0.0},
-  }
+  """A segmentor model section (`factory.build('segmentor', ...)`)."""
+  return dict(
+    TINY,
+    **backbone,
+    decode_head={"num_classes": 5, "channels": 16, "dropout_ratio": 0.0},
+    auxiliary_head={"num_classes": 5, "channels": 8, "dropout_ratio": 0.0},
+  )
+
+
+def backbone(**fields):
+  return factory.build("segmentor", tiny_config(**fields)).backbone
 
 
 def _torch_bilinear_reference(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
@@ -87,11 +100,11 @@ def test_adaptive_pool_bins_as_torch(n, s, bins):
   [
     (16, "tinymim", [(8, 32), (4, 32), (2, 32), (1, 32)]),
     (8, "tinymim", [(8, 32), (4, 32), (2, 32), (1, 32)]),
+    (4, "tinymim", [(8, 32), (4, 32), (2, 32), (1, 32)]),
   ],
 )
 def test_backbone_strides_and_channels(patch, neck, expected):
-  fields = dict(TINY, patch_size=patch, neck=neck, depth=4, out_indices=(0, 1, 2, 3))
-  model = SegmentationBackbone(**fields)
+  model = backbone(patch_size=patch, neck=neck, depth=4, out_indices=(0, 1, 2, 3))
   x = jnp.zeros((2, 32, 32, 3))
   shapes = jax.eval_shape(lambda: model.init_with_output(jax.random.PRNGKey(0), x)[0])
   assert [(s.shape[1], s.shape[-1]) for s in shapes] == expected
@@ -99,8 +112,8 @@ def test_backbone_strides_and_channels(patch, neck, expected):
 
 
 def test_star_backbone_shapes():
-  model = SegmentationBackbone(
-    width=16, depth=12, num_heads=2, image_size=32, neck="tinymim_star", fc_dim=24
+  model = backbone(
+    width=16, depth=12, num_heads=2, out_indices=(3, 5, 7, 11), neck="tinymim_star", fc_dim=24
   )
   x = jnp.zeros((2, 32, 32, 3))
   out, variables = jax.eval_shape(lambda: model.init_with_output(jax.random.PRNGKey(0), x))
@@ -114,18 +127,16 @@ def test_star_backbone_shapes():
 @pytest.mark.parametrize(
   "fields,message",
   [
-    (dict(image_size=40), "not a multiple of the patch size"),
+    (dict(image_size=40), "not divisible by patch_size=16"),
     (dict(out_indices=(0, 1, 2, 4)), "out_indices"),
+    (dict(out_indices=(0, 1, 2, 3), depth=2), "beyond the backbone.s depth 2"),
     (dict(patch_size=14, image_size=28), "patch sizes"),
     (dict(neck="tinymim_star"), "depth 12"),
   ],
 )
 def test_backbone_errors(fields, message):
-  args = dict(TINY, **fields)
-  model = SegmentationBackbone(**args)
-  x = jnp.zeros((1, args["image_size"], args["image_size"], 3))
   with pytest.raises(ValueError, match=message):
-    model.init(jax.random.PRNGKey(0), x)
+    backbone(**fields)
 
 
 def test_loss_counts_ignored_pixels_in_the_denominator():

@@ -168,6 +168,7 @@ def test_plot_confusion_matrix(tmp_path):
 # -----------------------------------------------------------------------------
 def tiny_pipeline(tfds_dir):
   c = pipeline_configs.get_config("quickstart")
+  c.stages = "pretrain,distill,finetune"  # segmentation's picture: test_segmentation_stage
   for name in ("pretrain", "distill", "finetune"):
     s = c[name]
     s.data.data_dir = str(tfds_dir)

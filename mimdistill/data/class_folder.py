@@ -29,15 +29,18 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 
 import tensorflow_datasets as tfds
-from absl import logging
 from PIL import Image
 
 from mimdistill.data import local_builder
+
+# The project's logger, so the quiet console keeps these lines (absl's are library lines).
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -172,15 +175,15 @@ class ClassFolderBuilder(local_builder.LocalBuilder):
       return False
     path = self._fingerprint_path()
     if not os.path.isfile(path):
-      logging.warning("%s: prepared copy has no fingerprint; re-preparing", self.info.full_name)
+      log.warning("%s: prepared copy has no fingerprint; re-preparing", self.info.full_name)
       return False
     with open(path) as f:
       old = json.load(f)["files"]
     new = fingerprint(self.builder_config.root, self._files)
     if old == new:
-      logging.info("folder %s unchanged: reusing its prepared copy", self.builder_config.root)
+      log.info("folder %s unchanged: reusing its prepared copy", self.builder_config.root)
       return True
-    logging.warning(
+    log.warning(
       "folder %s changed since it was prepared (%s): preparing it again",
       self.builder_config.root,
       describe_change(old, new),
@@ -204,7 +207,7 @@ class ClassFolderBuilder(local_builder.LocalBuilder):
           f"folder {root}: {len(bad)} file(s) do not decode as images: {shown}{more}; fix or "
           "remove them, or set --config.data.bad_files=skip to leave them out"
         )
-      logging.warning(
+      log.warning(
         "folder %s: leaving out %d undecodable file(s): %s%s", root, len(bad), shown, more
       )
       self._skip = {rel for rel, _ in bad}

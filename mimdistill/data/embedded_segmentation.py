@@ -26,7 +26,7 @@ CLASS_NAMES = ("background",) + embedded_shapes.CLASS_NAMES
 NUM_CLASSES = len(CLASS_NAMES)
 IMAGE_SIZE = 64
 MAX_SHAPES = 3
-SPLIT_SIZES = {"train": 2000, "test": 200}
+SPLIT_SIZES = {"train": 1000, "test": 200}
 SEED = 20230132
 _SPLIT_STREAM = {"train": 0, "test": 1}
 

@@ -31,6 +31,13 @@ Batches (B = global batch; host-local numpy arrays when `mesh` is None):
     eval (train=False):        + 'mask': f32[B], 1 for real examples, 0 for
                                padding; the last batch is padded, so every
                                example counts exactly once on any topology.
+    segmentation (`data.segmentation_transforms`, mmseg's ADE20K pipelines):
+      train, augment 'segment': {'image': f32[B,crop,crop,3], 'label':
+                               i32[B,crop,crop]} (255 = ignored)
+      eval, 'segment_eval':    {'image': f32[B,h,w,3] padded resized images,
+                               'label': i32[B,lh,lw] original-size labels
+                               padded with 255, 'img_shape', 'ori_shape':
+                               i32[B,2], 'transposed': i32[B], 'mask': f32[B]}
 
 Resuming the exact data stream. The iterator's position is a small JSON-able
 dict (`it.get_state()` / `it.set_state(state)`). grain ships an Orbax handler
@@ -64,10 +71,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from mimdistill.data import finetune_transforms, sources, transforms
+from mimdistill.data import finetune_transforms, segmentation_transforms, sources, transforms
 from mimdistill.data import mixup as mixup_lib
 
-AUGMENTS = ("mae", "distill", "eval", "finetune", "linprobe")
+AUGMENTS = ("mae", "distill", "eval", "finetune", "linprobe", "segment", "segment_eval")
+SEGMENTATION_AUGMENTS = ("segment", "segment_eval")
 _REQUIRED = object()
 
 
@@ -358,6 +366,8 @@ def _validate(
     )
   if augment in ("finetune", "linprobe"):
     make_transform(config, augment)  # Parses and checks the recipe fields.
+  if augment in SEGMENTATION_AUGMENTS:
+    segmentation_transforms.preprocess_from_config(config, train=train, seed=seed)
   batch = _get(config, "batch_size")
   devices = data_parallelism(mesh, data_axis)
   if not isinstance(batch, int) or batch <= 0 or batch % devices:
@@ -458,7 +468,8 @@ def make_dataset(
   )
   sources.ensure_prepared(builder)
   image_key = _get(config, "image_key", "image")
-  label_key = _get(config, "label_key", "label")
+  segmentation = _get(config, "augment") in SEGMENTATION_AUGMENTS
+  label_key = _get(config, "label_key", "annotation" if segmentation else "label")
   source = sources.open_split(builder, split, image_key)
   class_names = sources.class_names(builder, label_key)
   num_examples = len(source)
@@ -485,8 +496,10 @@ def make_dataset(
   # Augment before taking this host's share, so that the rng is indexed by
   # the position in the global stream (the map is lazy: each host only
   # computes its own elements).
-  ds = ds.map_with_index(
-    _Preprocess(
+  if segmentation:
+    preprocess = segmentation_transforms.preprocess_from_config(config, train=train, seed=seed)
+  else:
+    preprocess = _Preprocess(
       make_transform(config, _get(config, "augment")),
       seed=seed,
       image_size=_get(config, "image_size"),
@@ -494,7 +507,7 @@ def make_dataset(
       label_key=label_key,
       with_mask=not train,
     )
-  )
+  ds = ds.map_with_index(preprocess)
   ds = ds[process_index::process_count]
   # Batching before `mp_prefetch` makes each worker produce whole batches,
   # so batch contents do not depend on the number of workers.

@@ -11,8 +11,12 @@ tensorflow-datasets 4.9):
     needs the `importlib_resources` package, which TFDS does not declare).
 """
 
+import logging
+
 import tensorflow_datasets as tfds
-from absl import logging
+
+# The project's logger, so the quiet console keeps these lines (absl's are library lines).
+log = logging.getLogger(__name__)
 
 FILE_FORMAT = "array_record"
 
@@ -31,7 +35,7 @@ class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Writes the dataset into its data dir once; later calls are no-ops."""
     if self.is_prepared():
       return
-    logging.info("Preparing %s into %s (once).", self.info.full_name, self.data_dir)
+    log.info("Preparing %s into %s (once).", self.info.full_name, self.data_dir)
     try:
       self.download_and_prepare(
         file_format=FILE_FORMAT,

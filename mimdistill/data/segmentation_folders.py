@@ -65,6 +65,16 @@ def _config(pairs: dict[str, tuple[str, str]], base: str) -> SegFolderConfig:
   )
 
 
+def has_layout(root: str | os.PathLike) -> bool:
+  """Whether `root` looks like a segmentation layout (an `images/` folder, or
+  an `ADEChallengeData2016/` one) rather than class folders; `find_layout`
+  then checks it."""
+  root = os.fspath(root)
+  return os.path.isdir(os.path.join(root, "images")) or os.path.isdir(
+    os.path.join(root, "ADEChallengeData2016")
+  )
+
+
 def find_layout(root: str | os.PathLike) -> dict[str, tuple[str, str]]:
   """`{split: (image_dir, mask_dir)}` of a recognised layout under `root`."""
   root = os.path.realpath(os.fspath(root))

@@ -213,9 +213,17 @@ class SegmentationPreprocess:
   Train: `{'image': f32[crop, crop, 3], 'label': i32[crop, crop]}`.
   Eval: the keep-ratio resized image padded (bottom/right, 0) to
   `eval_image_size`, the original-size label padded with 255 to
-  `eval_label_size`, `img_shape` / `ori_shape` (the unpadded sizes) and
-  `mask` (0 for the pipeline's padding records `{}`, whose label is all
-  255), so a padded, masked eval batch counts every pixel once.
+  `eval_label_size`, `img_shape` / `ori_shape` (the unpadded (h, w)),
+  `transposed` and `mask` (0 for the pipeline's padding records `{}`,
+  whose label is all 255), so a padded, masked eval batch counts every
+  pixel once.
+
+  Both eval sizes are (short side, long side): a portrait image (resized
+  height > width) is stored transposed, image and label alike, with
+  `transposed = 1`, so one landscape canvas holds every image (ADE20K at
+  (2048, 512): 512 x 2048, not 2048 x 2048). `img_shape` / `ori_shape`
+  stay the untransposed sizes; the evaluator transposes each window back
+  before the model sees it, and pixel counts do not care.
   """
 
   augment: SegmentationAugment
@@ -242,20 +250,86 @@ class SegmentationPreprocess:
         "label": np.full((lh, lw), IGNORE_INDEX, np.int32),
         "img_shape": np.zeros(2, np.int32),
         "ori_shape": np.zeros(2, np.int32),
+        "transposed": np.int32(0),
         "mask": np.float32(0.0),
       }
     image = np.asarray(decode_image(record[self.image_key]))
     label = decode_annotation(record[self.label_key])
     example = self.augment.eval(image, label)
     img_shape = np.asarray(example["image"].shape[:2], np.int32)
-    image, _ = pad_to(example["image"], None, self.eval_image_size)
-    _, label = pad_to(
-      np.zeros(example["label"].shape + (1,), np.uint8), example["label"], self.eval_label_size
-    )
+    resized, label = example["image"], example["label"]
+    transposed = bool(img_shape[0] > img_shape[1])
+    if transposed:
+      resized, label = resized.transpose(1, 0, 2), label.T
+    for what, size, shape, field in (
+      ("resized image", self.eval_image_size, resized.shape, "eval_pad_size"),
+      ("annotation", self.eval_label_size, label.shape, "eval_label_pad_size"),
+    ):
+      if shape[0] > size[0] or shape[1] > size[1]:
+        raise ValueError(
+          f"eval example {index}: the {what} is {shape[0]}x{shape[1]} (short x long side), "
+          f"larger than data.{field}={tuple(size)}; raise it (or leave it unset: the "
+          "stage then measures the split)"
+        )
+    image, _ = pad_to(resized, None, self.eval_image_size)
+    _, label = pad_to(np.zeros(label.shape + (1,), np.uint8), label, self.eval_label_size)
     return {
       "image": image,
       "label": label.astype(np.int32),
       "img_shape": img_shape,
       "ori_shape": example["ori_shape"],
+      "transposed": np.int32(transposed),
       "mask": np.float32(1.0),
     }
+
+
+def _field(config, key: str, default):
+  value = config.get(key, default)
+  return default if value is None else value
+
+
+def augment_from_config(config) -> SegmentationAugment:
+  """The transforms' settings from a data config: `num_classes`,
+  `image_size` (the crop), `img_scale`, `ratio_range`, `cat_max_ratio`,
+  `flip_prob`, `photometric`, `reduce_zero_label`, `mean`, `std` (each
+  optional but `num_classes` and `image_size`; defaults are TinyMIM's)."""
+  d = SegmentationAugment
+  crop = int(config.get("image_size"))
+  num_classes = config.get("num_classes")
+  if not num_classes:
+    raise ValueError("segmentation data needs num_classes (150 for ADE20K); set it in the config")
+  return SegmentationAugment(
+    num_classes=int(num_classes),
+    crop_size=(crop, crop),
+    img_scale=tuple(int(v) for v in _field(config, "img_scale", d.img_scale)),
+    ratio_range=tuple(float(v) for v in _field(config, "ratio_range", d.ratio_range)),
+    cat_max_ratio=float(_field(config, "cat_max_ratio", d.cat_max_ratio)),
+    flip_prob=float(_field(config, "flip_prob", d.flip_prob)),
+    photometric=bool(_field(config, "photometric", d.photometric)),
+    reduce_zero_label=bool(_field(config, "reduce_zero_label", d.reduce_zero_label)),
+    mean=tuple(float(v) for v in _field(config, "mean", d.mean)),
+    std=tuple(float(v) for v in _field(config, "std", d.std)),
+  )
+
+
+def preprocess_from_config(config, *, train: bool, seed: int) -> SegmentationPreprocess:
+  """The input pipeline's map step for augment 'segment' (train) or
+  'segment_eval' from a data config (see `augment_from_config`; eval also
+  needs `eval_pad_size` and `eval_label_pad_size`, (short, long) sides,
+  which the stage measures on the split when unset)."""
+  pad = config.get("eval_pad_size")
+  label_pad = config.get("eval_label_pad_size")
+  if not train and (not pad or not label_pad):
+    raise ValueError(
+      "segmentation eval batches need data.eval_pad_size and data.eval_label_pad_size "
+      "((short, long) sides; the segment stage measures them on the split when unset)"
+    )
+  return SegmentationPreprocess(
+    augment_from_config(config),
+    train=train,
+    seed=int(seed),
+    eval_image_size=None if train else (int(pad[0]), int(pad[1])),
+    eval_label_size=None if train else (int(label_pad[0]), int(label_pad[1])),
+    image_key=config.get("image_key") or "image",
+    label_key=config.get("label_key") or "annotation",
+  )

@@ -6,7 +6,12 @@
     (`mimdistill_shapes`), generated on first use;
   * `'folder:<path>'`: a class-folder tree `<path>/<split>/<class>/*.jpg`,
     prepared on first use (one prepared copy per folder);
-  * any TFDS name (`'imagenet2012'`, `'cifar10:3.0.2'`, ...): must already be
+  * `'embedded_segmentation'`: the same shapes as scenes with per-pixel
+    class maps (`mimdistill_shapes_seg`, `data.embedded_segmentation`);
+  * `'ade20k:<root>'`: ADE20K's `ADEChallengeData2016` folder layout (or
+    any image / annotation folder pair, `data.segmentation_folders`), and
+    `'folder:<root>'` on such a layout, prepared on first use;
+  * any TFDS name (`'imagenet2012'`, `'cifar10:3.0.2'`, `'scene_parse150'`, ...): must already be
     prepared in `array_record` format in the data dir. Preparing catalog
     datasets usually needs TensorFlow, so it is a separate, one-off step
     (see `_not_prepared_error`); reading never does.
@@ -24,11 +29,19 @@ import tensorflow_datasets as tfds
 from PIL import Image
 from tensorflow_datasets.core import file_adapters
 
-from mimdistill.data import class_folder, embedded_shapes, local_builder
+from mimdistill.data import (
+  class_folder,
+  embedded_segmentation,
+  embedded_shapes,
+  local_builder,
+  segmentation_folders,
+)
 
 EMBEDDED = "embedded"
 _CURRENT: set = set()  # prepared folder copies found current in this process
+EMBEDDED_SEGMENTATION = "embedded_segmentation"
 FOLDER_PREFIX = "folder:"
+ADE20K_PREFIX = "ade20k:"
 
 
 def check_name(name: str) -> None:
@@ -52,6 +65,13 @@ def check_name(name: str) -> None:
         f"Dataset folder {root!r} (from name {name!r}) does not exist; "
         f"pass 'folder:<path>' with <path>/<split>/<class>/*.jpg."
       )
+  if name.startswith(ADE20K_PREFIX):
+    root = name[len(ADE20K_PREFIX) :]
+    if not os.path.isdir(root):
+      raise FileNotFoundError(
+        f"Dataset folder {root!r} (from name {name!r}) does not exist; "
+        + segmentation_folders.EXPECTED_LAYOUT
+      )
 
 
 def get_builder(
@@ -65,6 +85,21 @@ def get_builder(
   kwargs = {"data_dir": data_dir}
   if name == EMBEDDED:
     return embedded_shapes.ShapesBuilder(file_format=local_builder.FILE_FORMAT, **kwargs)
+  if name == EMBEDDED_SEGMENTATION:
+    return embedded_segmentation.SegShapesBuilder(file_format=local_builder.FILE_FORMAT, **kwargs)
+  segmentation_root = None
+  if name.startswith(ADE20K_PREFIX):
+    segmentation_root = name[len(ADE20K_PREFIX) :]
+  elif name.startswith(FOLDER_PREFIX) and segmentation_folders.has_layout(
+    name[len(FOLDER_PREFIX) :]
+  ):
+    segmentation_root = name[len(FOLDER_PREFIX) :]
+  if segmentation_root is not None:
+    return segmentation_folders.SegFolderBuilder(
+      config=segmentation_folders.config_for(segmentation_root),
+      file_format=local_builder.FILE_FORMAT,
+      **kwargs,
+    )
   if name.startswith(FOLDER_PREFIX):
     make = lambda: class_folder.ClassFolderBuilder(
       config=class_folder.config_for(name[len(FOLDER_PREFIX) :], bad_files),
@@ -82,8 +117,8 @@ def get_builder(
     return tfds.builder(name, **kwargs)
   except tfds.core.registered.DatasetNotFoundError:
     raise ValueError(
-      f"Unknown dataset name {name!r}: use 'embedded', 'folder:<path>' or a "
-      "TFDS dataset name (see tfds.list_builders())."
+      f"Unknown dataset name {name!r}: use 'embedded', 'embedded_segmentation', "
+      "'folder:<path>', 'ade20k:<path>' or a TFDS dataset name (see tfds.list_builders())."
     ) from None
   except ValueError as e:
     if "builder name string" not in str(e):

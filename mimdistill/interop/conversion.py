@@ -701,8 +701,11 @@ def convert(
   allow_unknown: bool = False,
   overwrite: bool = False,
   log: Callable[[str], None] | None = None,
+  out_indices: list[int] | None = None,
 ) -> ConvertReport:
   """Converts SRC into DST (see the module doc); returns the report.
+  A whole segmentor (mmcv `backbone.*` / `decode_head.*` names, or a
+  workdir holding one) goes to `segmentation_conversion.convert`.
 
   Args:
     layout: 'vit' | 'mae' | 'classifier'; default detected ('vit' keeps only
@@ -719,6 +722,20 @@ def convert(
     overwrite: replace an existing DST.
     log: called with progress lines (e.g. `print`).
   """
+  from mimdistill.interop import segmentation_conversion
+
+  if not is_remote(os.fspath(src)) and segmentation_conversion.handles(src, key=key):
+    if not is_remote(os.fspath(dst)):
+      return segmentation_conversion.convert(
+        src,
+        dst,
+        key=key,
+        out_indices=out_indices,
+        num_heads=num_heads,
+        image_size=image_size,
+        overwrite=overwrite,
+        log=log,
+      )
   say = log or (lambda _: None)
   dst = os.fspath(dst)
   if is_remote(dst):

@@ -1,6 +1,8 @@
 """mmseg / TinyMIM segmentor configs (the dicts of the official config
 files, as the fixtures' config.json records them) -> mimdistill's segmentor
-config (`models.segmentor.build_segmentor`).
+model section (`models.factory.build("segmentor", section)`: the encoder's
+fields at the top, `out_indices`, `neck`, `fc_dim`, and the `decode_head`
+/ `auxiliary_head` subsections).
 
 Official backbone arguments: `img_size`, `patch_size`, `embed_dim`,
 `depth`, `num_heads`, `mlp_ratio`, `qkv_bias`, `init_values`,
@@ -34,7 +36,8 @@ def _check(name: str, args: Mapping[str, Any], key: str, allowed) -> None:
 
 
 def backbone_fields(args: Mapping[str, Any], *, star: bool | None = None) -> dict[str, Any]:
-  """SegmentationBackbone fields from the official backbone arguments."""
+  """The backbone part of a segmentor model section (encoder fields plus
+  `out_indices`, `neck`, `fc_dim`) from the official backbone arguments."""
   if star is None:
     star = args.get("type") in STAR_TYPES or _fc_dim(args) is not None
   _check("backbone", args, "qk_scale", (None,))
@@ -52,7 +55,7 @@ def backbone_fields(args: Mapping[str, Any], *, star: bool | None = None) -> dic
     drop_path=float(args.get("drop_path_rate", 0.0)),
     layer_scale=None if args.get("init_values") is None else float(args["init_values"]),
     rel_pos_bias=bool(args.get("use_rel_pos_bias", False)),
-    abs_pos_embed=bool(args.get("use_abs_pos_emb", True)),
+    pos_embed_type="learned" if args.get("use_abs_pos_emb", True) else "none",
     qkv_bias="fused" if args.get("qkv_bias", False) else "none",
     out_indices=tuple(int(i) for i in args.get("out_indices", (3, 5, 7, 11))),
     neck="tinymim_star" if star else "tinymim",
@@ -113,11 +116,11 @@ def loss_weights(segmentor: Mapping[str, Any]) -> dict[str, float]:
 
 
 def segmentor_config(segmentor: Mapping[str, Any], *, star: bool | None = None) -> dict[str, Any]:
-  """The `build_segmentor` config of an official EncoderDecoder config."""
+  """The segmentor model section of an official EncoderDecoder config."""
   if segmentor.get("type", "EncoderDecoder") != "EncoderDecoder":
     raise ValueError(f"segmentor type {segmentor['type']!r}: only EncoderDecoder")
   config = {
-    "backbone": backbone_fields(segmentor["backbone"], star=star),
+    **backbone_fields(segmentor["backbone"], star=star),
     "decode_head": decode_head_fields(segmentor["decode_head"]),
     "auxiliary_head": None,
   }

@@ -1,5 +1,5 @@
 """A plain ViT encoder (MAE / TinyMIM / timm names, a mimdistill workdir:
-anything `interop.encoder_source.read_encoder` reads) as the initialisation
+anything `stages.sources.read_encoder` reads) as the initialisation
 of the segmentation backbone, as TinyMIM's `mmcv_custom/checkpoint.py
 load_checkpoint(strict=False)` does it:
 
@@ -81,10 +81,13 @@ def init_backbone(
   encoder_fixed: Mapping[str, Any] | None = None,
   *,
   num_prefix_tokens: int = 1,
+  only_loaded: bool = False,
 ) -> tuple[dict[str, Any], BackboneInitReport]:
   """Backbone params (the `backbone` subtree of a segmentor's params) with
   `encoder` (a ViTEncoder params tree, numpy) loaded into `template` (the
-  freshly initialised backbone params)."""
+  freshly initialised backbone params). With `only_loaded`, the result
+  holds the loaded leaves only (the rest keeps whatever init the caller
+  has), and `template` may be abstract (`jax.eval_shape` leaves)."""
   report = BackboneInitReport()
   source = {f"encoder/{k}": np.asarray(v) for k, v in _flat(encoder).items()}
   for key, value in _flat(encoder_fixed or {}).items():
@@ -94,20 +97,22 @@ def init_backbone(
     source[key[len("encoder/") :]] = source.pop(key)
   out = {}
   for path, init in _flat(template).items():
-    init = np.asarray(init)
+    if not only_loaded:
+      init = np.asarray(init)
     leaf = path.rsplit("/", 1)[-1]
     if path not in source:
       if path.startswith("encoder/") and leaf not in KEPT_INIT:
         raise ValueError(
-          f"the encoder has no {path[len('encoder/') :]!r} (shape {init.shape}): it does not "
-          "match the backbone (another depth, or not a ViT encoder)"
+          f"the encoder has no {path[len('encoder/') :]!r} (shape {tuple(init.shape)}): it does "
+          "not match the backbone (another depth, or not a ViT encoder)"
         )
-      out[path] = init
+      if not only_loaded:
+        out[path] = init
       if path.startswith("encoder/"):
         report.initialised[path] = KEPT_INIT[leaf]
       continue
     value = source.pop(path)
-    if leaf == "pos_embed" and value.shape != init.shape:
+    if leaf == "pos_embed" and value.shape != tuple(init.shape):
       grid = math.isqrt(init.shape[1] - num_prefix_tokens)
       old = value.shape
       side = math.isqrt(max(value.shape[1] - num_prefix_tokens, 0))
@@ -118,7 +123,7 @@ def init_backbone(
         )
       value = resize_pos_embed(value, grid, num_prefix_tokens)
       report.resized[path] = f"{old} -> {value.shape} (bicubic)"
-    if value.shape != init.shape:
+    if value.shape != tuple(init.shape):
       why = (
         "relative position tables of another size are not interpolated (the official "
         "loader's geometric-progression resize is not implemented)"
@@ -128,7 +133,7 @@ def init_backbone(
       raise ValueError(
         f"encoder {path} has shape {value.shape}, the backbone needs {init.shape}: {why}"
       )
-    out[path] = value.astype(init.dtype)
+    out[path] = value.astype(np.dtype(init.dtype))
     report.loaded.append(path)
   for path in source:
     report.skipped[path] = "not part of the segmentation backbone"

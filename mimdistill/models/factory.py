@@ -4,6 +4,7 @@
     build("encoder", config.teacher, dtype=config.dtype, depth=block, final_norm=False)
     build("classifier", config.model, num_classes=10, dtype=config.dtype)
     build("tinymim_student", config.student, dtype=config.dtype, proj_width=768)
+    build("segmentor", config.model, num_classes=150, dtype=config.dtype)
 
 A section is any mapping (an `ml_collections.ConfigDict`, a dict): the
 variant fields that `variants.resolve` reads, plus the options a family
@@ -26,8 +27,12 @@ import jax.numpy as jnp
 
 from mimdistill.models import variants
 from mimdistill.models.classifier import ViTClassifier
+from mimdistill.models.fcn_head import FCNHead
 from mimdistill.models.mae import MAE
+from mimdistill.models.segmentation_backbone import SegmentationBackbone, check_backbone
+from mimdistill.models.segmentor import EncoderDecoder
 from mimdistill.models.tinymim import DistillHeads, DistillStudent
+from mimdistill.models.uper_head import UPerHead
 from mimdistill.models.vit import ViTEncoder, drop_path_rates
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -133,11 +138,79 @@ def tinymim_student(
   return DistillStudent(encoder=enc, heads=heads)
 
 
+SEGMENTOR_BACKBONE_OPTIONS = ("out_indices", "neck", "fc_dim")
+_HEAD_FIELDS = {
+  "decode_head": ("num_classes", "channels", "pool_scales", "in_index", "dropout_ratio"),
+  "auxiliary_head": (
+    "num_classes",
+    "channels",
+    "in_index",
+    "num_convs",
+    "kernel_size",
+    "dilation",
+    "concat_input",
+    "dropout_ratio",
+  ),
+}
+
+
+def _head_fields(section: Mapping[str, Any], name: str, num_classes: int | None) -> dict:
+  head = dict(section[name])
+  unknown = set(head) - set(_HEAD_FIELDS[name])
+  if unknown:
+    raise ValueError(
+      f"model.{name} has unknown fields {sorted(unknown)}; known: {list(_HEAD_FIELDS[name])}"
+    )
+  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in head.items() if v is not None}
+  if num_classes is not None:
+    fields["num_classes"] = int(num_classes)
+  if "num_classes" not in fields:
+    raise ValueError(f"model.{name} needs num_classes (or pass num_classes=)")
+  return fields
+
+
+def segmentor(
+  section: Mapping[str, Any], *, num_classes: int | None = None, dtype: str = "float32"
+) -> EncoderDecoder:
+  """TinyMIM's UperNet (`models.segmentor`): the section's encoder (no
+  final norm; the distillation token for `neck='tinymim_star'`; a learned
+  position embedding unless `pos_embed_type` says otherwise) with the
+  backbone options `out_indices`, `neck`, `fc_dim`, a `decode_head`
+  (UPerHead fields) and an optional `auxiliary_head` (FCNHead fields; None
+  or empty: none). `num_classes` (e.g. the dataset's) overrides the heads'."""
+  spec = variants.resolve(section)
+  options = {k: section[k] for k in SEGMENTOR_BACKBONE_OPTIONS if _set(section, k)}
+  if "out_indices" in options:
+    options["out_indices"] = tuple(int(i) for i in options["out_indices"])
+  neck = options.get("neck", "tinymim")
+  check_backbone(
+    neck=neck,
+    patch_size=spec.patch_size,
+    image_size=spec.image_size,
+    depth=spec.depth,
+    out_indices=options.get("out_indices", SegmentationBackbone.out_indices),
+  )
+  overrides = {"final_norm": False, "dist_token": neck == "tinymim_star"}
+  if not _set(section, "pos_embed_type"):
+    overrides["pos_embed_type"] = "learned"
+  backbone = SegmentationBackbone(
+    encoder=encoder(section, dtype=dtype, **overrides), dtype=compute_dtype(dtype), **options
+  )
+  heads = {}
+  for name, cls in (("decode_head", UPerHead), ("auxiliary_head", FCNHead)):
+    if name in section and section[name]:
+      heads[name] = cls(**_head_fields(section, name, num_classes), dtype=compute_dtype(dtype))
+  if "decode_head" not in heads:
+    raise ValueError("a segmentor model section needs a decode_head subsection")
+  return EncoderDecoder(backbone, heads["decode_head"], heads.get("auxiliary_head"))
+
+
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
   "encoder": encoder,
   "mae": mae,
   "classifier": classifier,
   "tinymim_student": tinymim_student,
+  "segmentor": segmentor,
 }
 
 

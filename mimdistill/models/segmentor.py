@@ -11,20 +11,17 @@ In training, random parts draw from the rng collections 'dropout' (the
 heads' Dropout2d) and 'drop_path' (the backbone's stochastic depth), and
 BatchNorm statistics are updated in 'batch_stats' (`mutable=['batch_stats']`).
 
-`build_segmentor(config)` makes one from a config-like mapping with
-sections `backbone` (`SegmentationBackbone` fields), `decode_head`
-(`UPerHead` fields), optional `auxiliary_head` (`FCNHead` fields; None or
-absent: no auxiliary head) and an optional top-level `dtype`. The heads'
-input channels follow from the backbone (Flax infers them).
+`models.factory.build("segmentor", section, num_classes=K)` makes one
+from a model section (the encoder's fields, `out_indices`, `neck`,
+`fc_dim`, and the `decode_head` / `auxiliary_head` subsections). The
+heads' input channels follow from the backbone (Flax infers them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from mimdistill.models.fcn_head import FCNHead
 from mimdistill.models.resize import resize_bilinear
@@ -59,36 +56,3 @@ class EncoderDecoder(nn.Module):
     feats = self.backbone(images, train=False)
     logits = self.decode_head(feats, train=False)
     return resize_bilinear(logits, images.shape[1:3])
-
-
-def build_segmentor(config: Mapping[str, Any]) -> EncoderDecoder:
-  """An `EncoderDecoder` from `{'backbone': {...}, 'decode_head': {...},
-  'auxiliary_head': {...} | None, 'dtype': ...}`."""
-  config = dict(config)
-  unknown = set(config) - {"backbone", "decode_head", "auxiliary_head", "dtype"}
-  if unknown:
-    raise ValueError(
-      f"unknown segmentor config sections {sorted(unknown)}; use backbone, decode_head, "
-      "auxiliary_head, dtype"
-    )
-  dtype = config.get("dtype") or jnp.float32
-  if isinstance(dtype, str):
-    dtype = jnp.dtype(dtype)
-
-  def section(name, cls):
-    fields = dict(config[name])
-    fields.setdefault("dtype", dtype)
-    for key in ("out_indices", "pool_scales", "in_index"):
-      if isinstance(fields.get(key), list):
-        fields[key] = tuple(fields[key])
-    try:
-      return cls(**fields, parent=None)
-    except TypeError as e:
-      raise ValueError(f"segmentor config section {name!r}: {e}") from None
-
-  if "backbone" not in config or "decode_head" not in config:
-    raise ValueError("a segmentor config needs 'backbone' and 'decode_head' sections")
-  backbone = section("backbone", SegmentationBackbone)
-  decode = section("decode_head", UPerHead)
-  aux = section("auxiliary_head", FCNHead) if config.get("auxiliary_head") else None
-  return EncoderDecoder(backbone, decode, aux)

@@ -2,7 +2,11 @@
 
 `run_pipeline(config, W)` runs the stages named in `config.stages` in
 `W/<stage>`, wiring each stage's source to the previous stage's workdir
-(stage 2's teacher, stage 3's init) unless the config names one. A stage that
+(stage 2's teacher, stage 3's and stage 4's init) unless the config names
+one. A stage section with a `parent` field names the stage it starts from
+instead ('distill': segmentation as a sibling of fine-tuning, both
+children of the distilled checkpoint; 'none': no parent, the configured
+source is kept). A stage that
 finished leaves `W/<stage>/stage_done.json` and is skipped on a rerun; an
 interrupted stage resumes from its latest checkpoint (the shared loop does
 that). `W/summary.json` holds, per stage, metrics, time, steps, checkpoint
@@ -42,7 +46,7 @@ def _link(name: str, stage_cfg, previous: epath.Path | None, teacher_source: str
         "before it or set --config.teacher_source"
       )
     return f"teacher {stage_cfg.teacher.source}"
-  if kind == "finetune" and previous is not None:
+  if kind in ("finetune", "segment") and previous is not None:
     stage_cfg.init.source = str(previous)
     return f"init {previous}"
   return "no parent"
@@ -95,6 +99,23 @@ def _apply_rerun(config, names: list[str], workdir) -> None:
   workdir_lib.write_json(workdir, RERUN, marker)
 
 
+def _parent_dir(name: str, stage_cfg, previous, done: dict, names: list):
+  """The workdir a stage starts from: its `parent` stage's, if it names
+  one ('none': no parent), else the previous stage's."""
+  parent = stage_cfg.get("parent") or ""
+  if not parent:
+    return previous
+  if parent == "none":
+    return None
+  if parent not in done:
+    raise ValueError(
+      f"stage {name!r} names parent {parent!r}, which does not run before it in "
+      f"config.stages={','.join(names)}; set --config.{name}.parent to one of "
+      f"{sorted(done) + ['none']}"
+    )
+  return done[parent]
+
+
 def run_pipeline(config, workdir) -> dict:
   """Runs the stages in order (see the module doc), holding the pipeline
   workdir's lock; every stage holds its own workdir's."""
@@ -116,11 +137,13 @@ def _run_pipeline(config, workdir) -> dict:
   _apply_rerun(config, names, workdir)
   summary = {"workdir": str(workdir), "stages": []}
   previous = None
+  done_dirs: dict = {}
   for name in names:
     stage_cfg = config[name]
     stage_dir = workdir / name
+    parent_dir = _parent_dir(name, stage_cfg, previous, done_dirs, names)
     with stage_cfg.unlocked():
-      parent_desc = _link(name, stage_cfg, previous, config.get("teacher_source", ""))
+      parent_desc = _link(name, stage_cfg, parent_dir, config.get("teacher_source", ""))
     done = _done_record(name, stage_cfg, stage_dir)
     if done is not None:
       log.info("pipeline: %s already finished in %s, skipped", name, stage_dir)
@@ -143,6 +166,7 @@ def _run_pipeline(config, workdir) -> dict:
       }
       workdir_lib.write_json(stage_dir, DONE, record)
     summary["stages"].append(record)
+    done_dirs[name] = stage_dir
     previous = stage_dir
   workdir_lib.write_json(workdir, "summary.json", summary)
   if jax.process_index() == 0:
@@ -164,6 +188,8 @@ def print_summary(summary: dict) -> None:
     extra = ""
     if s.get("top1") is not None:
       extra = f" top1={s['top1']:.4f} top5={s.get('top5') or 0:.4f}"
+    if s.get("mIoU") is not None:
+      extra += f" mIoU={s['mIoU']:.2f} mAcc={s.get('mAcc') or 0:.2f} aAcc={s.get('aAcc') or 0:.2f}"
     print(
       f"  {s['name']:<10} steps={s.get('steps')} loss={metrics.get('loss', float('nan')):.4f}"
       f"{extra} time={s.get('seconds')}s{' (skipped, done before)' if s.get('skipped') else ''}"
@@ -174,7 +200,10 @@ def print_summary(summary: dict) -> None:
       {
         "final_top1": next(
           (s.get("top1") for s in reversed(summary["stages"]) if s.get("top1") is not None), None
-        )
+        ),
+        "final_mIoU": next(
+          (s.get("mIoU") for s in reversed(summary["stages"]) if s.get("mIoU") is not None), None
+        ),
       }
     )
   )

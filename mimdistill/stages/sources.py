@@ -219,3 +219,49 @@ def read_classifier(source: str, *, what: str = "teacher.source") -> ClassifierS
     )
   model = workdir_lib.signature(workdir).get("model") or {}
   return ClassifierSource(params, {"kind": "workdir", "source": path, **record}, dict(model))
+
+
+@dataclasses.dataclass
+class SegmentorSource:
+  params: PyTree  # {'backbone', 'decode_head', 'auxiliary_head'?}
+  batch_stats: PyTree  # the same roots, BatchNorm buffers
+  record: dict  # lineage: kind, path, step
+
+
+def _is_segmentor(names) -> bool:
+  names = list(names)
+  return any(n.startswith("backbone") for n in names) and any(
+    n.startswith("decode_head") for n in names
+  )
+
+
+def read_segmentor(source: str, *, what: str = "init.source") -> SegmentorSource | None:
+  """A whole segmentor (params and BatchNorm statistics) from an mmseg
+  checkpoint (`{'meta', 'state_dict'}` with `backbone.*`, `decode_head.*`
+  names), a converted one or a segmentation workdir; None when `source`
+  holds only an encoder (then `read_encoder` reads it)."""
+  from mimdistill.interop.orbax_tree import saved_state
+  from mimdistill.interop.segmentation_names import mmcv_to_flax
+
+  path = str(source)
+  if path.endswith(PTH_SUFFIXES):
+    if is_remote(path) or not os.path.isfile(path):
+      return None  # read_encoder reports it
+    ckpt = load_pth(path)
+    if not _is_segmentor(ckpt.tensors):
+      return None
+    variables, _ = mmcv_to_flax(ckpt.tensors)
+    record = {"kind": "pth", "path": os.path.abspath(path), "step": None}
+    return SegmentorSource(variables["params"], variables.get("batch_stats", {}), record)
+  workdir, _ = workdir_lib.parse_source(path)
+  if not workdir.is_dir() or not workdir_lib.has_checkpoints(workdir):
+    return None
+  tree = saved_state(path).tree
+  if not _is_segmentor((tree.get("params") or {}).keys()):
+    return None
+  params, record = restore_subtree(path, ("params",))
+  try:
+    stats, _ = restore_subtree(path, ("model_state", "batch_stats"))
+  except KeyError:
+    stats = {}
+  return SegmentorSource(params, stats, {"kind": "workdir", "source": path, **record})

@@ -66,8 +66,12 @@ class Task:
   inputs: PyTree = None
   # Host (numpy) subtrees of params from an earlier stage, `{top-level
   # name: subtree}`: replace the random init of those subtrees in a fresh
-  # run (a resume restores everything from its checkpoint instead).
+  # run (a resume restores everything from its checkpoint instead). A
+  # subtree may be partial: leaves it lacks keep their random init.
   pretrained: dict | None = None
+  # The same for the non-param collections, `{collection: {name: subtree}}`
+  # (e.g. BatchNorm statistics of a whole imported model).
+  pretrained_state: dict | None = None
   # Identity of the trained model, compared with a workdir's config.json so a
   # run never resumes another model's checkpoints.
   signature: dict = dataclasses.field(default_factory=dict)
@@ -196,19 +200,28 @@ class Prepared:
     pretrained subtrees placed with their shardings in place of the random
     ones (optax's initial states do not depend on the params' values)."""
     state = jax.jit(make_init_state(self.task), out_shardings=self.state_sharding)(self.rng)
-    if not self.task.pretrained:
+    if not self.task.pretrained and not self.task.pretrained_state:
       return state
 
-    def place(tree):
+    def place(tree, given, shardings):
       # Copies (may_alias=False): the state is donated to the update step, so
       # no buffer may be shared with host numpy or with another state field.
       out = dict(tree)
-      for name, subtree in self.task.pretrained.items():
-        out[name] = jax.device_put(subtree, self.state_sharding.params[name], may_alias=False)
+      for name, subtree in given.items():
+        if isinstance(subtree, dict) and isinstance(out[name], dict):
+          out[name] = place(out[name], subtree, shardings[name])
+        else:
+          out[name] = jax.device_put(subtree, shardings[name], may_alias=False)
       return out
 
+    params = self.task.pretrained or {}
+    p_sharding = self.state_sharding.params
     return state.replace(
-      params=place(state.params), ema=place(state.ema) if self.task.ema_decay else None
+      params=place(state.params, params, p_sharding),
+      ema=place(state.ema, params, p_sharding) if self.task.ema_decay else None,
+      model_state=place(
+        state.model_state, self.task.pretrained_state or {}, self.state_sharding.model_state
+      ),
     )
 
   def place_batch(self, host_batch: dict) -> dict:

@@ -6,6 +6,7 @@
   curves         stage 3 (any workdir): train loss, learning rate and eval
                  top-1 over steps, read from `metrics.jsonl`
   confusion      stage 3: the confusion matrix on the eval split
+  segmentation   stage 4: image / ground truth / prediction with a fixed palette
 
 Every plotting function takes arrays or paths and returns the PNG's path. They
 draw on a `matplotlib.figure.Figure` with its own Agg canvas and never touch

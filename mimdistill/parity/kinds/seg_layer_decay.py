@@ -10,7 +10,7 @@ import numpy as np
 
 from mimdistill.interop.mmseg_config import segmentor_config
 from mimdistill.interop.segmentation_names import official_name
-from mimdistill.models.segmentor import build_segmentor
+from mimdistill.models import factory
 from mimdistill.training.segmentation_optim import param_groups
 
 
@@ -23,7 +23,7 @@ def check(folder, config, report):
       "decode_head": case["decode_head"],
       "auxiliary_head": case.get("auxiliary_head"),
     }
-    model = build_segmentor(segmentor_config(segmentor))
+    model = factory.build("segmentor", segmentor_config(segmentor))
     size = model.backbone.image_size
     images = jnp.zeros((2, size, size, model.backbone.in_chans))
     params = jax.eval_shape(lambda m=model, x=images: m.init(jax.random.PRNGKey(0), x))["params"]

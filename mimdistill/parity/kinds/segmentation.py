@@ -21,7 +21,7 @@ import numpy as np
 from mimdistill.interop.mmseg_config import loss_weights, segmentor_config
 from mimdistill.interop.pth_reader import load_pth
 from mimdistill.interop.segmentation_names import flax_to_mmcv, mmcv_to_flax, official_tensors
-from mimdistill.models.segmentor import build_segmentor
+from mimdistill.models import factory
 from mimdistill.objectives.segmentation_loss import segmentation_loss
 from mimdistill.parity.report import GRAD_REL_TOL
 
@@ -41,12 +41,10 @@ def checkpoint_name(folder, config) -> str:
 
 def load_segmentor(folder, config, *, dtype=None):
   """(model, numpy variables, checkpoint tensors) of a case's mmcv checkpoint."""
-  seg_cfg = segmentor_config(config["segmentor"])
-  if dtype is not None:
-    seg_cfg["dtype"] = dtype
+  section = segmentor_config(config["segmentor"])
   tensors = load_pth(folder / checkpoint_name(folder, config)).tensors
   variables, _ = mmcv_to_flax(tensors)
-  return build_segmentor(seg_cfg), variables, tensors
+  return factory.build("segmentor", section, dtype=dtype or "float32"), variables, tensors
 
 
 def _train_step_fn(model, batch_stats, images, labels, weights, ignore_index):

@@ -13,8 +13,8 @@ import numpy as np
 from mimdistill.interop.mmseg_config import backbone_fields
 from mimdistill.interop.pth_reader import load_pth
 from mimdistill.interop.segmentation_names import mmcv_to_flax, official_tensors
+from mimdistill.models import factory
 from mimdistill.models import relative_position as relpos
-from mimdistill.models.segmentation_backbone import SegmentationBackbone
 from mimdistill.parity.kinds.segmentation import checkpoint_name, nchw, nhwc
 
 
@@ -33,7 +33,7 @@ def check(folder, config, report):
   variables, _ = mmcv_to_flax({f"backbone.{k}": v for k, v in tensors.items()})
   fields = backbone_fields(config["backbone"], star=True)
   fields["fc_dim"] = _fc_dim(config, tensors)
-  model = SegmentationBackbone(**fields)
+  model = factory.build("segmentor", {**fields, "decode_head": {"num_classes": 1}}).backbone
   variables = {
     "params": variables["params"]["backbone"],
     "batch_stats": variables["batch_stats"]["backbone"],
