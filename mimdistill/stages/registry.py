@@ -12,6 +12,7 @@ STAGES = {
   "pretrain": "mimdistill.stages.pretrain",
   "distill": "mimdistill.stages.distill",
   "finetune": "mimdistill.stages.finetune",
+  "cae": "mimdistill.stages.cae",
 }
 
 
