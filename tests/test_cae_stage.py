@@ -16,6 +16,7 @@ from mimdistill.data import input_pipeline
 from mimdistill.interop.orbax_tree import restore_subtree
 from mimdistill.stages import cae, pretrain, registry
 from mimdistill.training import loop as loop_lib
+from mimdistill.training import optimizer as opt_lib
 from mimdistill.training import sharding as shard_lib
 
 sys.path.insert(0, str(REPO))
@@ -202,6 +203,9 @@ def test_eight_devices_same_params_as_one():
     params[8]["regresser"]["norm"]["scale"], init["regresser"]["norm"]["scale"]
   )
   assert not np.array_equal(params[8]["mask_token"], init["mask_token"])
+  decayed = opt_lib.decay_mask(init)
+  assert decayed["mask_token"] and decayed["encoder"]["cls_token"]
+  assert not decayed["encoder"]["blocks_0"]["gamma_1"]
 
 
 # -----------------------------------------------------------------------------

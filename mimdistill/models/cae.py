@@ -2,7 +2,8 @@
 official engine computes it (Atten4Vis/CAE `models/modeling_cae.py`
 `ContextAutoencoderViT` with model_type 'caev2', `models/modeling_cae_helper.py`).
 
-  encoder     a ViT on the visible patches only (`ViTEncoder` with BEiT-style
+  encoder     a ViT on the visible patches only (the `encoder` field, a
+              `ViTEncoder` that `models.factory.cae_v2` builds with BEiT-style
               layer scale `gamma_1/gamma_2`, q/v biases, CAE's fixed sin-cos
               position embedding, whose first half of the channels encodes
               the row): `x[~mask]` in raster order, CLS prepended, final norm;

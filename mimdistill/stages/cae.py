@@ -245,9 +245,9 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
         "teacher.source is empty; set --config.teacher.source= a CLIP .pt/.pth file, a "
         "stage-1/stage-2 workdir (optionally workdir:step) or an official ViT .pth"
       )
-    kind = teacher_type(config)
+    tensors = read_torch_file(t.source).tensors if os.path.isfile(t.source) else None
+    kind = teacher_type(config, tensors)
     if kind == "clip":
-      tensors = read_torch_file(t.source).tensors
       _, visual, _ = clip_names.split_visual(tensors, what=t.source)
       clip_names.check_supported(visual, what=t.source)
       spec = clip_names.infer_spec(visual)
