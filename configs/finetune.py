@@ -17,6 +17,16 @@ Presets (`:<arg>`):
               cutmix 1.0, label smoothing 0.1, random erasing 0.25;
               epochs 100 (B) / 200 (T, S)
   scratch     the paper's from-scratch baseline (no init.source, 300 epochs)
+  cae_tiny|cae_small|cae_base  CAE v2's official per-size recipes
+              (tools/run_class_finetuning.py, the CAEv2 scripts) for a
+              configs/cae.py encoder (12 heads, layer scale 0.1, q/v biases):
+              batch 1024, lr ABSOLUTE 4e-3 / 4e-4 / 2e-4, layer decay 0.85 /
+              0.75 / 0.75, epochs 100 / 200 / 100, warmup 5 / 20 / 5, drop path
+              0 / 0.1 / 0.1; T: RandAugment m10, mixup 0.2, no cutmix, no label
+              smoothing. Not reproduced: the official relative position bias
+              tables (zero-initialised, not in the pre-trained weights), its
+              fixed sin-cos position embedding (learned here, from the
+              pre-trained table), head init scale 0.001, warmup from 1e-6
   tiny_star   TinyMIM*-T on ImageNet-1K: the `star` model below fine-tuned for
               1000 epochs with hard knowledge distillation from a fine-tuned
               TinyMIM-B (kd.teacher.source, default workdirs/imagenet/finetune,
@@ -32,6 +42,7 @@ Modifiers (appended with commas):
               DeiT's distillation token and `head_dist`, the extra layer
               LayerNorm(1e-5) -> Linear(D -> 1280) -> GELU on all tokens
   kd_<type>   knowledge distillation type none | soft | hard
+  cae         a configs/cae.py encoder's layout (layer scale, q/v biases)
 Override anything: --config.init.source=W/distill --config.total_epochs=50 ...
 
 Knowledge distillation (`kd`, DeiT `DistillationLoss`, exact): loss =
@@ -231,6 +242,37 @@ def _kd(c, kind: str):
   c.kd.type = kind
 
 
+def _cae_layout(c):
+  """A configs/cae.py encoder: BEiT-style layer scale and q/v biases (the
+  official cae_*_patch16_224 fine-tuning models)."""
+  c.model.layer_scale = 0.1
+  c.model.qkv_bias = "qv"
+
+
+# CAE v2 fine-tuning per size (Atten4Vis/CAE scripts): lr (absolute),
+# layer decay, epochs, warmup, drop path, RandAugment, mixup, cutmix, smoothing.
+CAE_RECIPES = {
+  "tiny": (4e-3, 0.85, 100, 5, 0.0, "rand-m10-mstd0.5-inc1", 0.2, 0.0, 0.0),
+  "small": (4e-4, 0.75, 200, 20, 0.1, "rand-m9-mstd0.5-inc1", 0.8, 1.0, 0.1),
+  "base": (2e-4, 0.75, 100, 5, 0.1, "rand-m9-mstd0.5-inc1", 0.8, 1.0, 0.1),
+}
+
+
+def _cae(size: str):
+  def edit(c):
+    lr, decay, epochs, warmup, drop, aa, mixup, cutmix, smoothing = CAE_RECIPES[size]
+    c.model.variant = size
+    c.model.num_heads = 12
+    c.model.drop_path = drop
+    _cae_layout(c)
+    c.lr = lr
+    c.optimizer.layer_decay = decay
+    c.total_epochs, c.warmup_epochs = float(epochs), float(warmup)
+    c.data.update(auto_augment=aa, mixup=mixup, cutmix=cutmix, label_smoothing=smoothing)
+
+  return edit
+
+
 PRESETS = {
   "quickstart": _quickstart,
   "cifar10": _cifar10,
@@ -238,6 +280,7 @@ PRESETS = {
   "scratch": _scratch,
   "tiny_star": _tiny_star,
   "quickstart_star": _quickstart_star,
+  **{f"cae_{v}": _cae(v) for v in ("tiny", "small", "base")},
 }
 
 
@@ -248,6 +291,6 @@ def get_config(arg: str = "quickstart") -> ml_collections.ConfigDict:
     common=base_config,
     presets=PRESETS,
     default="quickstart",
-    modifiers={"linprobe": _linprobe, "star": _star},
+    modifiers={"linprobe": _linprobe, "star": _star, "cae": _cae_layout},
     prefixed={"kd_": _kd},
   )

@@ -31,6 +31,10 @@ Baselines (paper Table 1), same data and student as the preset after the colon:
   mae_baseline:<preset>      MAE pre-training of the student itself, then fine-tuning
                              (and segmentation, from the same MAE encoder)
   scratch_baseline:<preset>  fine-tuning (and segmentation) from random init
+CAE v2 in place of TinyMIM distillation (configs/cae.py), then fine-tuning:
+  cae:quickstart, cae:cifar10  the stage-1 teacher -> CAE v2 (the preset of the
+                               same name) -> fine-tuning with the CAE layout
+  cae:imagenet                 CLIP ViT-B/16 (ViT-B-16.pt) -> CAE v2-B -> finetune.py:cae_base
 `teacher_source=<.pth or workdir>` skips stage 1 and distils from it.
 Stage fields are overridden as --config.<stage>.<field>=..., e.g.
 --config.distill.total_epochs=3.
@@ -38,7 +42,7 @@ Stage fields are overridden as --config.<stage>.<field>=..., e.g.
 
 import ml_collections
 
-from configs import finetune, mae_pretrain, segment, tinymim_distill
+from configs import cae, finetune, mae_pretrain, segment, tinymim_distill
 
 # preset -> the (stage-1, stage-2, stage-3) config presets it chains.
 _THREE_STAGES = {
@@ -46,7 +50,7 @@ _THREE_STAGES = {
   "cifar10": ("cifar10", "cifar10", "cifar10"),
   "imagenet": ("large", "b_from_l", "base"),
 }
-_ORDER = ("pretrain", "distill", "distill_s", "distill_t", "finetune", "segment")
+_ORDER = ("pretrain", "distill", "distill_s", "distill_t", "cae", "finetune", "segment")
 
 
 def _student_as_mae(pre, student):
@@ -108,7 +112,14 @@ def get_config(arg: str = "quickstart") -> ml_collections.ConfigDict:
       c.segment.parent = "none"
       c.segment.init.source = ""
       order.append("segment")
+  elif baseline == "cae":
+    if preset not in _THREE_STAGES:
+      raise ValueError(f"cae:{preset}: use cae:quickstart, cae:cifar10 or cae:imagenet")
+    c.cae = cae.get_config("base" if preset == "imagenet" else preset)
+    c.finetune = finetune.get_config("cae_base" if preset == "imagenet" else f"{fin},cae")
+    # CLIP is the teacher on ImageNet: no stage 1.
+    order = ["cae", "finetune"] if preset == "imagenet" else ["pretrain", "cae", "finetune"]
   elif baseline:
-    raise ValueError(f"unknown baseline {baseline!r}; use mae_baseline or scratch_baseline")
+    raise ValueError(f"unknown baseline {baseline!r}; use mae_baseline, scratch_baseline or cae")
   c.stages = ",".join(order)
   return c

@@ -5,7 +5,7 @@ import random
 
 import numpy as np
 import pytest
-from conftest import shared_path
+from conftest import REPO
 
 from mimdistill.data.block_masking import (
   MASKED_PATCHES,
@@ -73,7 +73,9 @@ def test_connected_block_sizes():
 
 @pytest.fixture(scope="module")
 def caev2_fixture():
-  folder = shared_path("fixtures", "caev2")
+  folder = REPO / "tests" / "fixtures" / "caev2"  # a copy of ../shared/fixtures/caev2
+  if not folder.exists():
+    pytest.skip(f"{folder} is absent")
   return json.loads((folder / "config.json").read_text()), np.load(folder / "expected.npz")
 
 

@@ -8,10 +8,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mimdistill.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mimdistill.interop.cae_names import cae_to_flax, flax_to_cae
+from mimdistill.models import factory
 from mimdistill.models import pos_embed as pos_embed_lib
 from mimdistill.models.cae import (
   NO_GRAD_PARAMS,
-  CAEv2,
   fixed_variables,
   init_variables,
   mask_indices,
@@ -32,16 +32,21 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 NUM_MASKED = 5  # of 16 patches (32 px, patch 8)
 STUDENT = dict(
+  variant="custom",
   width=32,
   depth=1,
   num_heads=2,
   patch_size=8,
   image_size=32,
-  regressor_width=16,
-  regressor_depth=1,
-  regressor_heads=2,
-  out_dim=8,
+  layer_scale=0.1,
+  qkv_bias="qv",
+  regressor=dict(width=16, depth=1, num_heads=2, layer_scale=0.1),
 )
+
+
+def build_student(**overrides):
+  """The CAE v2 student through the model factory (teacher width 8)."""
+  return factory.build("cae_v2", {**STUDENT, **overrides}, out_dim=8)
 
 
 def _mask(batch: int, seed: int = 0) -> np.ndarray:
@@ -54,7 +59,7 @@ def _mask(batch: int, seed: int = 0) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def setup():
-  student = CAEv2(**STUDENT)
+  student = build_student()
   variables = init_variables(student, jax.random.PRNGKey(0))
   tower = ClipVisual(64, 1, 1, 8, 32, 8)
   # Random teacher weights without compiling the tower's init.
@@ -213,8 +218,8 @@ def test_teacher_grid_and_width_errors(setup):
 def test_regressor_options():
   """Layer scale 0: frozen unit gammas; heads need not divide the width
   (q / k / v project to heads * (width // heads) like the official code)."""
-  model = CAEv2(
-    **{**STUDENT, "regressor_layer_scale": 0.0, "regressor_heads": 12, "layer_scale": 0}
+  model = build_student(
+    regressor=dict(width=16, depth=1, num_heads=12, layer_scale=0.0), layer_scale=0
   )
   vis, msk = mask_indices(jnp.asarray(_mask(2)), NUM_MASKED)
   images = jnp.zeros((2, 32, 32, 3))

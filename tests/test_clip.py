@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, shared_path
+from conftest import REPO
 from pth_writer import Evil, write_pth, write_state_dict
 
 from mimdistill.interop import clip_names
@@ -135,7 +135,9 @@ def test_open_clip_training_checkpoint_layout(tmp_path):
 
 
 def test_open_clip_layout_reproduces_shared_fixture(tmp_path):
-  folder = shared_path("fixtures", "clip_visual")
+  folder = REPO / "tests" / "fixtures" / "clip_visual"  # a copy of ../shared/fixtures/clip_visual
+  if not folder.exists():
+    pytest.skip(f"{folder} is absent")
   import json
 
   cfg = json.loads((folder / "config.json").read_text())["model"]

@@ -28,6 +28,9 @@ Batches (B = global batch; host-local numpy arrays when `mesh` is None):
                                is the mixed batch; 'label' stays the hard
                                label of each row's first image)
     train, augment 'linprobe': {'image', 'label'} as 'mae'
+    train, augment 'cae':      + 'patch_mask': bool[B,gh,gw], CAE v2's block
+                               mask (True = masked), drawn per example like
+                               the crop (see `cae_transforms`)
     eval (train=False):        + 'mask': f32[B], 1 for real examples, 0 for
                                padding; the last batch is padded, so every
                                example counts exactly once on any topology.
@@ -71,10 +74,17 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from mimdistill.data import finetune_transforms, segmentation_transforms, sources, transforms
+from mimdistill.data import (
+  cae_transforms,
+  finetune_transforms,
+  segmentation_transforms,
+  sources,
+  transforms,
+)
 from mimdistill.data import mixup as mixup_lib
+from mimdistill.data.block_masking import BlockMaskGenerator
 
-AUGMENTS = ("mae", "distill", "eval", "finetune", "linprobe", "segment", "segment_eval")
+AUGMENTS = ("mae", "distill", "eval", "finetune", "linprobe", "segment", "segment_eval", "cae")
 SEGMENTATION_AUGMENTS = ("segment", "segment_eval")
 _REQUIRED = object()
 
@@ -179,6 +189,20 @@ def make_transform(config, augment: str) -> transforms.Transform:
   if augment == "linprobe":
     return finetune_transforms.LinprobeTrain(
       size, scale=_get(config, "finetune_crop_scale", (0.08, 1.0))
+    )
+  if augment == "cae":
+    mask = BlockMaskGenerator(
+      _get(config, "mask_grid"),
+      _get(config, "num_masked"),
+      _get(config, "mask_min_patches", 16),
+      _get(config, "mask_max_patches", None),
+      _get(config, "mask_min_aspect", 0.3),
+    )
+    return cae_transforms.CaeTrain(
+      size,
+      mask,
+      scale=_get(config, "crop_scale", (0.4, 1.0)),
+      jitter=_get(config, "color_jitter", 0.4),
     )
   raise ValueError(f"config.augment={augment!r} is not one of {AUGMENTS}.")
 
@@ -444,6 +468,9 @@ def make_dataset(
         batch (timm pairs inside each GPU's), which must be even.
       'linprobe' (MAE main_linprobe): MAE's single-draw RandomResizedCrop
       (finetune_crop_scale, bicubic) + flip only.
+      'cae' (CAE v2 pre-training, `cae_transforms`): crop_scale ((0.4, 1.0)),
+      color_jitter (0.4), and the block mask's mask_grid (patch rows), num_masked,
+      mask_min_patches (16), mask_max_patches (None), mask_min_aspect (0.3).
     split: TFDS split ('train', 'test', 'train[:90%]', ...).
     train: shuffle + repeat + drop the remainder; otherwise one padded,
       masked pass in order.

@@ -2,7 +2,8 @@
 official engine computes it (Atten4Vis/CAE `models/modeling_cae.py`
 `ContextAutoencoderViT` with model_type 'caev2', `models/modeling_cae_helper.py`).
 
-  encoder     a ViT on the visible patches only (`ViTEncoder` with BEiT-style
+  encoder     a ViT on the visible patches only (the `encoder` field, a
+              `ViTEncoder` that `models.factory.cae_v2` builds with BEiT-style
               layer scale `gamma_1/gamma_2`, q/v biases, CAE's fixed sin-cos
               position embedding, whose first half of the channels encodes
               the row): `x[~mask]` in raster order, CLS prepended, final norm;
@@ -250,60 +251,60 @@ class CAEv2Output(NamedTuple):
 
 
 class CAEv2(nn.Module):
-  """CAE v2 student (see the module docstring). `__call__` takes the
-  visible and masked patch indices (`mask_indices`)."""
+  """CAE v2 student (see the module docstring). `encoder` is CAE's ViT
+  (`models.factory.cae_v2` builds it through the factory's encoder builder:
+  `pos_embed_type='cae_sincos'`, layer scale, `qkv_bias='qv'`); its params
+  are the `encoder` subtree. `__call__` takes the visible and masked patch
+  indices (`mask_indices`)."""
 
-  width: int
-  depth: int
-  num_heads: int
-  patch_size: int = 16
-  image_size: int = 224
-  in_chans: int = 3
-  mlp_ratio: float = 4.0
-  layer_scale: float = 0.1  # encoder init_values; 0 or None: no gammas
-  drop_path: float = 0.0
+  encoder: ViTEncoder
   regressor_width: int = 768  # decoder_embed_dim
   regressor_depth: int = 4
   regressor_heads: int = 12
   regressor_layer_scale: float = 0.1  # decoder_layer_scale_init_value
+  regressor_drop_path: float = 0.0  # the official model reuses drop_path_rate
   out_dim: int = 512  # num_out_dim, the teacher's token width
-  qkv_bias: bool = True
   init_std: float = 0.02
   dtype: Dtype = jnp.float32
-  fused_attention: bool = False
-  remat: bool = False
-  scan_blocks: bool = False
+
+  @property
+  def width(self) -> int:
+    return self.encoder.width
+
+  @property
+  def patch_size(self) -> int:
+    return self.encoder.patch_size
+
+  @property
+  def image_size(self) -> int:
+    return self.encoder.image_size
+
+  @property
+  def in_chans(self) -> int:
+    return self.encoder.in_chans
 
   @property
   def grid_size(self) -> int:
-    return self.image_size // self.patch_size
+    return self.encoder.grid_size
 
   @property
   def num_patches(self) -> int:
-    return self.grid_size**2
+    return self.encoder.num_patches
+
+  @property
+  def qkv_bias(self) -> bool:
+    return self.encoder.qkv_bias == "qv"
 
   @property
   def projects(self) -> bool:
     return self.regressor_width != self.width
 
   def setup(self):
-    self.encoder = ViTEncoder(
-      self.width,
-      self.depth,
-      self.num_heads,
-      self.patch_size,
-      self.image_size,
-      self.in_chans,
-      self.mlp_ratio,
-      self.drop_path,
-      pos_embed_type="cae_sincos",
-      dtype=self.dtype,
-      fused_attention=self.fused_attention,
-      remat=self.remat,
-      scan_blocks=self.scan_blocks,
-      layer_scale=self.layer_scale or None,
-      qkv_bias="qv" if self.qkv_bias else "none",
-    )
+    if self.encoder.pos_embed_type not in ("cae_sincos", "sincos"):
+      raise ValueError(
+        f"CAE v2 encodes visible patches with a fixed sin-cos position embedding; the "
+        f"encoder has pos_embed_type={self.encoder.pos_embed_type!r} (use 'cae_sincos')"
+      )
     if self.projects:
       self.encoder_to_regresser = nn.Dense(
         self.regressor_width, dtype=self.dtype, kernel_init=dense_init
@@ -318,8 +319,8 @@ class CAEv2(nn.Module):
       self.regressor_width,
       self.regressor_depth,
       self.regressor_heads,
-      self.mlp_ratio,
-      self.drop_path,
+      self.encoder.mlp_ratio,
+      self.regressor_drop_path,
       self.regressor_layer_scale,
       self.qkv_bias,
       dtype=self.dtype,
@@ -379,11 +380,8 @@ class CAEHead(nn.Module):
 def fixed_variables(model: CAEv2) -> dict:
   """The `fixed` collection as numpy: both sin-cos tables (and unit gammas
   for a regressor without layer scale); a function of the architecture."""
-  enc = ViTEncoder(
-    model.width, 1, model.num_heads, model.patch_size, model.image_size, pos_embed_type="cae_sincos"
-  )
   fixed: dict[str, Any] = {
-    "encoder": {"pos_embed": enc.initial_pos_embed()},
+    "encoder": {"pos_embed": model.encoder.initial_pos_embed()},
     "rd_pos_embed": pos_embed_lib.cae_sincos_2d(model.regressor_width, model.grid_size)[None],
   }
   if not model.regressor_layer_scale > 0:

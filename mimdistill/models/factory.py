@@ -5,6 +5,8 @@
     build("classifier", config.model, num_classes=10, dtype=config.dtype)
     build("tinymim_student", config.student, dtype=config.dtype, proj_width=768)
     build("segmentor", config.model, num_classes=150, dtype=config.dtype)
+    build("cae_v2", config.model, dtype=config.dtype, out_dim=512)
+    build("clip_visual", clip_spec.module_kwargs(), dtype=config.dtype)
 
 A section is any mapping (an `ml_collections.ConfigDict`, a dict): the
 variant fields that `variants.resolve` reads, plus the options a family
@@ -26,7 +28,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mimdistill.models import variants
+from mimdistill.models.cae import CAEv2
 from mimdistill.models.classifier import ViTClassifier
+from mimdistill.models.clip import ClipVisual
 from mimdistill.models.fcn_head import FCNHead
 from mimdistill.models.mae import MAE
 from mimdistill.models.segmentation_backbone import SegmentationBackbone, check_backbone
@@ -205,12 +209,59 @@ def segmentor(
   return EncoderDecoder(backbone, heads["decode_head"], heads.get("auxiliary_head"))
 
 
+def cae_v2(section: Mapping[str, Any], *, out_dim: int, dtype: str = "float32") -> CAEv2:
+  """CAE v2 (`models.cae`): the section's encoder with CAE's fixed sin-cos
+  layout (`layer_scale` 0 or unset: no gammas) plus its `regressor` (width,
+  depth, num_heads, layer_scale); `out_dim` is the teacher's token width.
+  The regressor's stochastic depth is its own `linspace(0, drop_path,
+  depth)`, as the official `LatentRegresser` builds it."""
+  overrides: dict[str, Any] = {"pos_embed_type": "cae_sincos"}
+  if not (_set(section, "layer_scale") and float(section["layer_scale"]) > 0):
+    overrides["layer_scale"] = None
+  reg = section["regressor"]
+  return CAEv2(
+    encoder=encoder(section, dtype=dtype, **overrides),
+    regressor_width=int(reg["width"]),
+    regressor_depth=int(reg["depth"]),
+    regressor_heads=int(reg["num_heads"]),
+    regressor_layer_scale=float(reg["layer_scale"] or 0.0),
+    regressor_drop_path=float(section["drop_path"]) if _set(section, "drop_path") else 0.0,
+    out_dim=int(out_dim),
+    init_std=float(section["init_std"]) if _set(section, "init_std") else 0.02,
+    dtype=compute_dtype(dtype),
+  )
+
+
+CLIP_FIELDS = (
+  "width",
+  "layers",
+  "heads",
+  "patch_size",
+  "image_size",
+  "output_dim",
+  "mlp_ratio",
+  "act",
+  "layer_scale",
+  "pre_norm",
+)
+
+
+def clip_visual(section: Mapping[str, Any], *, dtype: str = "float32") -> ClipVisual:
+  """A CLIP image tower (`models.clip`) from `interop.clip_names.ClipVisualSpec.
+  module_kwargs()` or any mapping of its fields."""
+  return ClipVisual(
+    **{k: section[k] for k in CLIP_FIELDS if k in section}, dtype=compute_dtype(dtype)
+  )
+
+
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
   "encoder": encoder,
   "mae": mae,
   "classifier": classifier,
   "tinymim_student": tinymim_student,
   "segmentor": segmentor,
+  "cae_v2": cae_v2,
+  "clip_visual": clip_visual,
 }
 
 

@@ -46,6 +46,18 @@ def _link(name: str, stage_cfg, previous: epath.Path | None, teacher_source: str
         "before it or set --config.teacher_source"
       )
     return f"teacher {stage_cfg.teacher.source}"
+  if kind == "cae":
+    # The previous stage's workdir (a ViT), else teacher_source, else the
+    # config's own source (a CLIP file).
+    if previous is not None or teacher_source:
+      stage_cfg.teacher.source = str(previous) if previous is not None else teacher_source
+      stage_cfg.teacher.type = "auto"
+    if not stage_cfg.teacher.source:
+      raise ValueError(
+        f"stage {name!r} has no teacher: run a pretrain stage before it or set "
+        "--config.teacher_source (a workdir or a CLIP .pt)"
+      )
+    return f"teacher {stage_cfg.teacher.source}"
   if kind in ("finetune", "segment") and previous is not None:
     stage_cfg.init.source = str(previous)
     return f"init {previous}"

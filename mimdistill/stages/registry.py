@@ -13,6 +13,7 @@ STAGES = {
   "distill": "mimdistill.stages.distill",
   "finetune": "mimdistill.stages.finetune",
   "segment": "mimdistill.stages.segment",
+  "cae": "mimdistill.stages.cae",
 }
 
 

@@ -21,9 +21,10 @@ from mimdistill.interop.cae_names import cae_name, cae_to_flax, flax_to_cae
 from mimdistill.interop.clip_names import clip_visual_to_flax
 from mimdistill.interop.pth_reader import load_pth
 from mimdistill.interop.torchscript_reader import read_torch_file
+from mimdistill.models import factory
 from mimdistill.models import pos_embed as pos_embed_lib
 from mimdistill.models.cae import NO_GRAD_PARAMS, CAEv2
-from mimdistill.models.clip import ClipVisual, resize_positional_embedding
+from mimdistill.models.clip import resize_positional_embedding
 from mimdistill.objectives.cae_loss import cae_v2_terms, clip_teacher
 from mimdistill.parity.kinds.clip_visual import check_dtypes
 from mimdistill.parity.report import GRAD_REL_TOL
@@ -45,24 +46,27 @@ def student_from_official_args(args: dict) -> CAEv2:
       f"decoder_depth={args['decoder_depth']}: CAE v2 uses decoder_depth 0 (a LayerNorm + "
       "Linear head); CAE v1's decoder blocks are not implemented"
     )
-  return CAEv2(
-    width=args["embed_dim"],
-    depth=args["depth"],
-    num_heads=args["num_heads"],
-    patch_size=args["patch_size"],
-    image_size=args["img_size"],
-    in_chans=args.get("in_chans", 3),
-    mlp_ratio=args.get("mlp_ratio", 4.0),
-    layer_scale=float(args.get("init_values") or 0.0),
-    drop_path=float(args.get("drop_path_rate", 0.0)),
-    regressor_width=args["decoder_embed_dim"],
-    regressor_depth=args["regressor_depth"],
-    regressor_heads=args.get("decoder_num_heads", 12),
-    regressor_layer_scale=float(args.get("decoder_layer_scale_init_value", 0.1)),
-    out_dim=args["num_out_dim"],
-    qkv_bias=bool(args.get("qkv_bias", True)),
-    init_std=float(args.get("init_std", 0.02)),
-  )
+  section = {
+    "variant": "custom",
+    "width": args["embed_dim"],
+    "depth": args["depth"],
+    "num_heads": args["num_heads"],
+    "patch_size": args["patch_size"],
+    "image_size": args["img_size"],
+    "in_chans": args.get("in_chans", 3),
+    "mlp_ratio": args.get("mlp_ratio", 4.0),
+    "layer_scale": float(args.get("init_values") or 0.0),
+    "qkv_bias": "qv" if args.get("qkv_bias", True) else "none",
+    "drop_path": float(args.get("drop_path_rate", 0.0)),
+    "init_std": float(args.get("init_std", 0.02)),
+    "regressor": {
+      "width": args["decoder_embed_dim"],
+      "depth": args["regressor_depth"],
+      "num_heads": args.get("decoder_num_heads", 12),
+      "layer_scale": float(args.get("decoder_layer_scale_init_value", 0.1)),
+    },
+  }
+  return factory.build("cae_v2", section, out_dim=args["num_out_dim"])
 
 
 def load_teacher(folder, config, report, case):
@@ -87,7 +91,7 @@ def load_teacher(folder, config, report, case):
     params["positional_embedding"] = resize_positional_embedding(
       params["positional_embedding"], resolution // spec.patch_size
     )
-  tower = ClipVisual(**spec.module_kwargs(image_size=resolution))
+  tower = factory.build("clip_visual", spec.module_kwargs(image_size=resolution))
   return tower, jax.tree_util.tree_map(jnp.asarray, {"params": params})
 
 
