@@ -12,6 +12,8 @@ STAGES = {
   "pretrain": "mimdistill.stages.pretrain",
   "distill": "mimdistill.stages.distill",
   "finetune": "mimdistill.stages.finetune",
+  "spark_pretrain": "mimdistill.stages.spark_pretrain",
+  "hetero_distill": "mimdistill.stages.hetero_distill",
 }
 
 
