@@ -34,6 +34,7 @@ from mimdistill.models import factory, variants
 from mimdistill.models.classifier import ViTClassifier
 from mimdistill.models.pos_embed import resize_pos_embed, sincos_2d
 from mimdistill.paths import as_path
+from mimdistill.stages import cnn_finetune
 from mimdistill.stages.sources import read_encoder, shape_table
 from mimdistill.stages.synthetic import Synthetic, random_images
 from mimdistill.training import loop as loop_lib
@@ -55,7 +56,7 @@ SYNTHETIC_NUM_CLASSES = 1000
 # 1. Validation
 # -----------------------------------------------------------------------------
 def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
-  spec = variants.resolve(config.model)
+  spec = cnn_finetune.model_spec(config)  # a ViT's variants.resolve, or a CNN's
   factory.compute_dtype(config.dtype)
   run_config.validate(config)
   if not isinstance(config.num_classes, int) or config.num_classes < 0 or config.num_classes == 1:
@@ -86,6 +87,8 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
 # 2. Model
 # -----------------------------------------------------------------------------
 def build_model(config, num_classes: int) -> ViTClassifier:
+  if cnn_finetune.is_cnn(config):
+    return cnn_finetune.build_model(config, num_classes)
   linprobe = config.mode == "linprobe"
   return factory.build(
     "classifier",
@@ -98,6 +101,8 @@ def build_model(config, num_classes: int) -> ViTClassifier:
 
 
 def abstract_params(model: ViTClassifier) -> dict:
+  if not hasattr(model, "encoder"):  # a CNNClassifier
+    return cnn_finetune.abstract_params(model)
   enc = model.encoder
   dummy = jnp.zeros((1, enc.image_size, enc.image_size, enc.in_chans))
   return jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy)["params"]
@@ -111,6 +116,8 @@ def init_from_source(params: dict, config) -> tuple[dict, dict]:
   `fc_norm` when their shapes fit `params`, an abstract params tree) as host
   numpy, and the lineage record. Raises if the encoder is of another
   architecture."""
+  if cnn_finetune.is_cnn(config):
+    return cnn_finetune.init_from_source(params, config)
   source = config.init.source
   src = read_encoder(source, what="init.source")
   encoder = jax.tree_util.tree_map(np.asarray, src.encoder)
@@ -174,6 +181,8 @@ def soft_targets(batch, num_classes: int, smoothing: float) -> jax.Array:
 
 
 def make_optimizer(config, params, schedule) -> optax.GradientTransformation:
+  if cnn_finetune.is_cnn(config):
+    return cnn_finetune.make_optimizer(config, params, schedule)
   o = config.optimizer
   if config.mode == "linprobe":
     # MAE main_linprobe: LARS (no wd on the head's bias), encoder frozen.
@@ -206,9 +215,12 @@ def build_task(
   pretrained: dict | None = None,
   evaluate=None,
 ) -> loop_lib.Task:
-  spec = variants.resolve(config.model)
+  spec = cnn_finetune.model_spec(config)
+  cnn = cnn_finetune.is_cnn(config)
   total, warmup = run_config.steps(config, steps_per_epoch)
   schedule = schedules.warmup_cosine(run_config.peak_lr(config), config.min_lr, total, warmup)
+  if cnn:  # SparK's fine-tuning schedule
+    schedule = cnn_finetune.schedule(config, total, warmup, run_config.peak_lr(config))
   linprobe = config.mode == "linprobe"
   dummy = jnp.zeros((1, spec.image_size, spec.image_size, spec.in_chans))
 
@@ -218,7 +230,7 @@ def build_task(
   def loss_fn(params, model_state, batch, rng, inputs):
     variables = {"params": params, **model_state}
     image = batch["image"]
-    if linprobe:
+    if linprobe or cnn:
       logits, updates = model.apply(
         variables, image, train=True, rngs={"drop_path": rng}, mutable=["batch_stats"]
       )
@@ -227,6 +239,8 @@ def build_task(
       logits = model.apply(variables, image, train=True, rngs={"drop_path": rng})
     targets = soft_targets(batch, model.num_classes, config.data.label_smoothing)
     loss = jnp.mean(optax.softmax_cross_entropy(logits, targets))
+    if cnn:
+      loss = cnn_finetune.loss(config, logits, targets)
     return loss, ({}, model_state)
 
   return loop_lib.Task(
@@ -263,7 +277,7 @@ def synthetic(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Synthe
     notes.append("init.source is not read: random init (same speed)")
   model = build_model(config, num_classes)
   task = build_task(config, model, steps_per_epoch)
-  spec = variants.resolve(config.model)
+  spec = cnn_finetune.model_spec(config)
   rng = np.random.default_rng(config.seed)
   b = config.batch_size
   batch = {
@@ -272,6 +286,10 @@ def synthetic(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Synthe
   }
   if config.mode == "finetune":  # the 'finetune' augmentation's soft targets
     batch["label_soft"] = np.full((b, num_classes), 1.0 / num_classes, np.float32)
+  if cnn_finetune.is_cnn(config):
+    return Synthetic(
+      "finetune", task, batch, cnn_finetune.synthetic_info(config, num_classes), notes
+    )
   info = {
     "image_size": spec.image_size,
     "fused_attention": bool(config.model.fused_attention),
