@@ -81,6 +81,27 @@ def model_section(variant: str, image_size: int = 224, **fields) -> ml_collectio
   )
 
 
+def cnn_section(family: str, image_size: int = 224, **fields) -> ml_collections.ConfigDict:
+  """A CNN model section (`models/factory.py` kinds cnn, cnn_classifier,
+  spark, hetero_student): `family` 'resnet' (timm `depth` 18/34/50/101/152)
+  or 'convnext' (`variant` tiny/small/base/...), every width divided by
+  `div`; `block`/`layers` or `depths`/`dims` override the named depth or
+  variant. `fields` adds the family's options (drop_path, decoder_width, ...)."""
+  section = dict(
+    family=family,
+    depth=placeholder(int),
+    variant=placeholder(str),
+    div=placeholder(int),  # ResNet only (default 1)
+    block=placeholder(str),
+    layers=placeholder(tuple),
+    depths=placeholder(tuple),
+    dims=placeholder(tuple),
+    image_size=image_size,
+  )
+  section.update(fields)
+  return ml_collections.ConfigDict(section)
+
+
 def custom(section, width: int, depth: int, heads: int, patch: int, image: int) -> None:
   section.update(
     variant="custom", width=width, depth=depth, num_heads=heads, patch_size=patch, image_size=image

@@ -35,6 +35,15 @@ Presets (`:<arg>`):
               dist token, extra layer 256) from configs/tinymim_distill.py:
               quickstart,star, KD from the quickstart's fine-tuned student
               (workdirs/quickstart/finetune)
+CNN students (init.source: a SparK / heterogeneous workdir or a timm .pth;
+SparK's recipe, stages/cnn_finetune.py):
+  cnn_quickstart      the hetero quickstart's ResNet-18 / 4 at 64 px
+  cnn_resnet50|cnn_resnet101  LAMB (no bias correction), BCE, batch 2048,
+              300 epochs, 5 warmup, blr 2e-3 / 1e-3, layer decay 0.7 / 0.8,
+              wd 0.02, mixup 0.1, cutmix 1.0, smoothing 0.1, EMA 0.9999,
+              drop path 0.05 / 0.2, eval crop 0.95
+  cnn_convnext_tiny|cnn_convnext_small  AdamW, CE, batch 4096, 400 epochs,
+              blr 2e-4, layer decay 0.7, wd 0.01, mixup 0.8, drop path 0.1 / 0.3
 Modifiers (appended with commas):
   linprobe    linear probing (LARS, blr 0.1, batch 16384, 90 epochs, frozen
               encoder, BatchNorm without affine before the head)
@@ -273,6 +282,98 @@ def _cae(size: str):
   return edit
 
 
+def _cnn(family: str, **model):
+  """SparK's CNN fine-tuning recipe (keyu-tian/SparK downstream_imagenet, its
+  `arg.py` table): the model section becomes a CNN section, LAMB + BCE for
+  ResNets (AdamW + CE for ConvNeXts, set by the preset), SparK's layer-decay
+  rule (`optimizer.layer_decay` is its lr_scale), mixup 0.1 / cutmix 1.0
+  with label smoothing 0.1, EMA, drop path, eval crop 0.95."""
+
+  def edit(c):
+    # global_pool: the fine-tune stage records it; a CNN pools globally.
+    c.model = cc.cnn_section(family, drop_path=0.05, global_pool=True, **model)
+    c.loss = "bce"  # 'bce' (timm BinaryCrossEntropy) | 'ce' (soft-target cross-entropy)
+    c.optimizer.update(
+      name="lamb",  # 'lamb' | 'adamw'
+      b1=0.9,
+      b2=0.999,
+      eps=1e-6,
+      weight_decay=0.02,
+      bias_correction=False,  # timm Lamb(bias_correction=False, always_adapt=True)
+      always_adapt=True,
+      layer_decay=0.7,
+      layer_decay_rule="extended",  # SparK's rule; mimdistill's own for ResNet-18/34
+    )
+    c.batch_size = 2048
+    c.total_epochs = 300.0
+    c.warmup_epochs = 5.0
+    c.base_lr = 0.002
+    c.ema_decay = 0.9999
+    c.data.update(mixup=0.1, cutmix=1.0, crop_pct=0.95)
+
+  return edit
+
+
+def _convnext_recipe(c):
+  """SparK's ConvNeXt-S recipe: AdamW + CE, batch 4096, 400 epochs, 20
+  warmup, blr 2e-4, wd 0.01, mixup 0.8 (its repeated augmentation x3 is not
+  reproduced); ConvNeXt-T keeps the official drop path 0.1."""
+  c.loss = "ce"
+  c.optimizer.update(name="adamw", eps=1e-8, weight_decay=0.01, bias_correction=True)
+  c.batch_size = 4096
+  c.total_epochs = 400.0
+  c.warmup_epochs = 20.0
+  c.base_lr = 2e-4
+  c.model.drop_path = 0.1
+  c.data.mixup = 0.8
+
+
+def _cnn_quickstart(c):
+  """The heterogeneous quickstart's narrow ResNet-18 at 64 px."""
+  _cnn("resnet", depth=18, div=4, image_size=64)(c)
+  c.init.source = "workdirs/hetero_quickstart/hetero"
+  c.data.update(
+    name="embedded",
+    train_split="train",
+    eval_split="test",
+    image_size=64,
+    num_workers=0,
+    auto_augment=None,
+    reprob=0.0,
+    mixup=0.0,
+    cutmix=0.0,
+    crop_pct=0.875,
+    finetune_crop_scale=(0.6, 1.0),
+  )
+  c.batch_size = 64
+  c.eval_batch_size = 200
+  c.total_epochs = 8.0
+  c.warmup_epochs = 1.0
+  c.base_lr = 0.002 * 4
+  c.ema_decay = 0.99
+  c.log_every = 10
+  c.eval_every = 156
+  c.checkpoint_every = 200
+
+
+def _cnn_resnet(depth: int, base_lr: float, layer_decay: float, drop_path: float):
+  def edit(c):
+    _cnn("resnet", depth=depth)(c)
+    c.base_lr, c.optimizer.layer_decay, c.model.drop_path = base_lr, layer_decay, drop_path
+
+  return edit
+
+
+def _cnn_convnext(variant: str):
+  def edit(c):
+    _cnn("convnext", variant=variant)(c)
+    _convnext_recipe(c)
+    if variant == "small":
+      c.model.drop_path = 0.3
+
+  return edit
+
+
 PRESETS = {
   "quickstart": _quickstart,
   "cifar10": _cifar10,
@@ -281,6 +382,11 @@ PRESETS = {
   "tiny_star": _tiny_star,
   "quickstart_star": _quickstart_star,
   **{f"cae_{v}": _cae(v) for v in ("tiny", "small", "base")},
+  "cnn_quickstart": _cnn_quickstart,
+  "cnn_resnet50": _cnn_resnet(50, 0.002, 0.7, 0.05),
+  "cnn_resnet101": _cnn_resnet(101, 0.001, 0.8, 0.2),
+  "cnn_convnext_tiny": _cnn_convnext("tiny"),
+  "cnn_convnext_small": _cnn_convnext("small"),
 }
 
 

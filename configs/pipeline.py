@@ -35,6 +35,18 @@ CAE v2 in place of TinyMIM distillation (configs/cae.py), then fine-tuning:
   cae:quickstart, cae:cifar10  the stage-1 teacher -> CAE v2 (the preset of the
                                same name) -> fine-tuning with the CAE layout
   cae:imagenet                 CLIP ViT-B/16 (ViT-B-16.pt) -> CAE v2-B -> finetune.py:cae_base
+Heterogeneous CNN students (W/pretrain -> W/hetero -> W/finetune: a MIM ViT
+teacher distilled into a sparse CNN, configs/hetero_distill.py, then the CNN
+fine-tuned, configs/finetune.py:cnn_*):
+  hetero_quickstart  embedded dataset at 64 px: the stage-1 ViT (64 wide,
+                  patch 8) -> a ResNet-18 with every width / 4 -> fine-tuning
+  hetero_imagenet_resnet50        official MAE ViT-L (block 18) -> ResNet-50
+  hetero_imagenet_resnet50_vitb   official MAE ViT-B -> ResNet-50
+  hetero_imagenet_convnext_tiny   official MAE ViT-B -> ConvNeXt-T
+  (the ImageNet ones skip stage 1: teacher_source=mae_pretrain_vit_{large,base}.pth)
+  spark_baseline:<hetero preset>   SparK pixel pre-training of the same CNN
+                  (W/spark, configs/spark_pretrain.py) instead, then fine-tuning
+  scratch_baseline:<hetero preset> the same CNN fine-tuned from random init
 `teacher_source=<.pth or workdir>` skips stage 1 and distils from it.
 Stage fields are overridden as --config.<stage>.<field>=..., e.g.
 --config.distill.total_epochs=3.
@@ -42,7 +54,15 @@ Stage fields are overridden as --config.<stage>.<field>=..., e.g.
 
 import ml_collections
 
-from configs import cae, finetune, mae_pretrain, segment, tinymim_distill
+from configs import (
+  cae,
+  finetune,
+  hetero_distill,
+  mae_pretrain,
+  segment,
+  spark_pretrain,
+  tinymim_distill,
+)
 
 # preset -> the (stage-1, stage-2, stage-3) config presets it chains.
 _THREE_STAGES = {
@@ -50,13 +70,65 @@ _THREE_STAGES = {
   "cifar10": ("cifar10", "cifar10", "cifar10"),
   "imagenet": ("large", "b_from_l", "base"),
 }
-_ORDER = ("pretrain", "distill", "distill_s", "distill_t", "cae", "finetune", "segment")
+_ORDER = (
+  "pretrain",
+  "spark",
+  "hetero",
+  "distill",
+  "distill_s",
+  "distill_t",
+  "cae",
+  "finetune",
+  "segment",
+)
+# Heterogeneous presets: (stage-1 MAE preset, hetero_distill preset,
+# fine-tune preset, spark_pretrain preset of the baseline, official teacher).
+_HETERO = {
+  "hetero_quickstart": ("quickstart", "quickstart", "cnn_quickstart", "quickstart", ""),
+  "hetero_imagenet_resnet50": (
+    "large",
+    "resnet50_from_large",
+    "cnn_resnet50",
+    "resnet50",
+    "mae_pretrain_vit_large.pth",
+  ),
+  "hetero_imagenet_resnet50_vitb": (
+    "base",
+    "resnet50_from_base",
+    "cnn_resnet50",
+    "resnet50",
+    "mae_pretrain_vit_base.pth",
+  ),
+  "hetero_imagenet_convnext_tiny": (
+    "base",
+    "convnext_tiny_from_base",
+    "cnn_convnext_tiny",
+    "convnext_tiny",
+    "mae_pretrain_vit_base.pth",
+  ),
+}
 
 
 def _student_as_mae(pre, student):
   """Stage-1 config that pre-trains the student architecture itself."""
   for key in ("variant", "width", "depth", "num_heads", "patch_size", "image_size"):
     pre.model[key] = student[key]
+
+
+def _hetero(c, preset: str, baseline: str) -> None:
+  """The stages of a heterogeneous preset (and of its SparK baseline)."""
+  pre, het, fin, spark, teacher = _HETERO[preset]
+  c.pretrain = mae_pretrain.get_config(pre)
+  if preset == "hetero_quickstart":
+    # The teacher sees the student's 64-px crop: patch 8 keeps the 8x8 token
+    # grid of the 32-px quickstart teacher and lines up with the 2x2 mask grid.
+    c.pretrain.model.update(patch_size=8, image_size=64)
+    c.pretrain.data.image_size = 64
+  c.hetero = hetero_distill.get_config(het)
+  c.finetune = finetune.get_config(fin)
+  c.teacher_source = teacher
+  if baseline == "spark_baseline":
+    c.spark = spark_pretrain.get_config(spark)
 
 
 def get_config(arg: str = "quickstart") -> ml_collections.ConfigDict:
@@ -85,6 +157,10 @@ def get_config(arg: str = "quickstart") -> ml_collections.ConfigDict:
     c.distill = tinymim_distill.get_config("quickstart,star")
     c.finetune = finetune.get_config("quickstart_star")
     c.teacher_source = "workdirs/quickstart/pretrain"  # the quickstart's stage 1
+  elif preset in _HETERO:
+    if baseline == "mae_baseline":
+      raise ValueError(f"{preset} is heterogeneous: use spark_baseline or scratch_baseline")
+    _hetero(c, preset, baseline)
   elif preset == "imagenet_chain":
     c.pretrain = mae_pretrain.get_config("large")
     c.distill = tinymim_distill.get_config("b_from_l")
@@ -95,8 +171,9 @@ def get_config(arg: str = "quickstart") -> ml_collections.ConfigDict:
   else:
     raise ValueError(
       f"unknown pipeline preset {preset!r}; use "
-      f"{', '.join([*_THREE_STAGES, 'imagenet_chain', 'imagenet_star', 'quickstart_star'])} "
-      "(optionally mae_baseline:<preset> or scratch_baseline:<preset>)"
+      f"{', '.join([*_THREE_STAGES, 'imagenet_chain', 'imagenet_star', 'quickstart_star', *_HETERO])} "
+      "(optionally mae_baseline:<preset>, scratch_baseline:<preset> or cae:<preset>; "
+      "spark_baseline:<hetero preset>)"
     )
   order = [k for k in _ORDER if k in c]
   if baseline == "mae_baseline":
@@ -119,7 +196,12 @@ def get_config(arg: str = "quickstart") -> ml_collections.ConfigDict:
     c.finetune = finetune.get_config("cae_base" if preset == "imagenet" else f"{fin},cae")
     # CLIP is the teacher on ImageNet: no stage 1.
     order = ["cae", "finetune"] if preset == "imagenet" else ["pretrain", "cae", "finetune"]
+  elif baseline == "spark_baseline" and preset in _HETERO:
+    order = ["spark", "finetune"]
   elif baseline:
-    raise ValueError(f"unknown baseline {baseline!r}; use mae_baseline, scratch_baseline or cae")
+    raise ValueError(
+      f"unknown baseline {baseline!r}; use mae_baseline, scratch_baseline or cae "
+      "(spark_baseline for the hetero presets)"
+    )
   c.stages = ",".join(order)
   return c

@@ -1,6 +1,7 @@
 """SparK pre-training pieces: model outputs, ConvTranspose = torch's, the
 loss over masked patches only, 3 steps on 8 devices == 1 device, the CNN
-layer-decay rules and schedules, the parity kinds on the shared fixtures."""
+layer-decay rules and schedules, LAMB = timm 0.5.4's update rule (the
+parity kinds run in test_parity.py on the copied fixtures)."""
 
 from functools import partial
 
@@ -9,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import shared_path
 from test_cnn_models import numpy_variables
 
 from mimdistill.models import sparse
@@ -17,6 +17,7 @@ from mimdistill.models.cnn_zoo import build_cnn
 from mimdistill.models.spark import ConvTranspose, SparK
 from mimdistill.objectives.spark_loss import reconstruction_image, spark_loss
 from mimdistill.training import cnn_layer_decay as lrd
+from mimdistill.training.optimizer import path_names
 from mimdistill.training.spark_schedules import spark_lr, spark_weight_decay
 
 KEY = jax.random.PRNGKey(0)
@@ -160,18 +161,6 @@ def test_spark_schedules():
     spark_lr(1.0, warmup_steps=10, total_steps=10)
 
 
-@pytest.mark.parametrize("kind", ["spark", "sparse_resnet_eval", "cnn_layer_decay"])
-def test_parity_on_shared_fixtures(kind, capsys, monkeypatch, tmp_path):
-  from mimdistill.parity.__main__ import main
-
-  folder = shared_path("fixtures", kind)
-  monkeypatch.chdir(tmp_path)
-  rc = main([str(folder)])
-  out = capsys.readouterr().out
-  assert rc == 0, out
-  assert out.strip().splitlines()[-1].endswith(" 0 failed"), out
-
-
 def test_spark_checkpoint_import_and_export(spark, tmp_path):
   """SparK's pre-training layout ({'module': weights + a 'config' dict})
   written torch-free, read back whole or encoder only, and the encoder's
@@ -213,3 +202,92 @@ def test_scale_by_tree_applies_layer_scales():
   updates, _ = tx.update(params, tx.init(params))
   assert float(updates["conv1"]["kernel"].max()) == 0.5**7
   assert float(updates["fc"]["bias"].max()) == 1.0
+
+
+def _timm_lamb_reference(params, grads_seq, lr, *, b1, b2, eps, wd, wd_scales, bias_correction,
+                         always_adapt, lr_scales):  # fmt: skip
+  """timm 0.5.4 `Lamb.step` (max_grad_norm off) transcribed in numpy."""
+  p = {k: v.astype(np.float64) for k, v in params.items()}
+  m = {k: np.zeros_like(v) for k, v in p.items()}
+  v = {k: np.zeros_like(x) for k, x in p.items()}
+  for t, grads in enumerate(grads_seq, start=1):
+    bc1 = 1 - b1**t if bias_correction else 1.0
+    bc2 = 1 - b2**t if bias_correction else 1.0
+    for k in p:
+      g = grads[k].astype(np.float64)
+      m[k] = b1 * m[k] + (1 - b1) * g
+      v[k] = b2 * v[k] + (1 - b2) * g * g
+      update = (m[k] / bc1) / (np.sqrt(v[k]) / np.sqrt(bc2) + eps)
+      decay = wd(t - 1) * wd_scales[k]
+      if decay != 0:
+        update = update + decay * p[k]
+      if decay != 0 or always_adapt:
+        w_norm, u_norm = np.linalg.norm(p[k]), np.linalg.norm(update)
+        update = update * (w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0)
+      p[k] = p[k] - lr(t - 1) * lr_scales[k] * update
+  return p
+
+
+@pytest.mark.parametrize("recipe", ["pretrain", "finetune"])
+def test_lamb_is_timm_lamb(recipe):
+  """3 steps of `cnn_optimizer` (LAMB with SparK's param groups) against timm
+  0.5.4's update rule: pre-training (bias correction, adaptation only where
+  weight decay applies, annealed wd) and fine-tuning (no bias correction,
+  always adapting, layer-wise lr scales)."""
+  import ml_collections
+
+  from mimdistill.training import cnn_optimizer
+
+  rng = np.random.default_rng(0)
+  params = {
+    "conv1": {"kernel": rng.standard_normal((3, 3, 2, 4)).astype(np.float32)},
+    "bn1": {"scale": rng.uniform(0.5, 1.5, (4,)).astype(np.float32)},
+    "fc": {
+      "kernel": rng.standard_normal((4, 3)).astype(np.float32),
+      "bias": np.zeros(3, np.float32),
+    },
+    "layer1_0": {"conv1": {"kernel": rng.standard_normal((3, 3, 4, 4)).astype(np.float32)}},
+    "layer2_0": {"conv1": {"kernel": rng.standard_normal((1, 1, 4, 4)).astype(np.float32)}},
+    "layer3_0": {"conv1": {"kernel": rng.standard_normal((1, 1, 4, 4)).astype(np.float32)}},
+    "layer4_0": {"conv1": {"kernel": rng.standard_normal((1, 1, 4, 4)).astype(np.float32)}},
+  }
+  grads = [jax.tree_util.tree_map(lambda x: rng.standard_normal(x.shape).astype(np.float32), params)
+           for _ in range(3)]  # fmt: skip
+  pre = recipe == "pretrain"
+  section = ml_collections.ConfigDict(
+    dict(name="lamb", b1=0.9, b2=0.95 if pre else 0.999, eps=1e-6, bias_correction=pre,
+         always_adapt=not pre, layer_decay_rule="extended", clip_grad_norm=0.0,
+         accumulate_steps=1)
+  )  # fmt: skip
+  lr = spark_lr(0.1, warmup_steps=1, total_steps=5)
+  wd = spark_weight_decay(0.04, 0.2 if pre else None, total_steps=5)
+  decay = 1.0 if pre else 0.7
+  tx = cnn_optimizer.from_config(params, lr, section, weight_decay=wd, layer_decay=decay)
+
+  @jax.jit
+  def run(params):
+    state = tx.init(params)
+    for g in grads:
+      updates, state = tx.update(g, state, params)
+      params = optax.apply_updates(params, updates)
+    return params
+
+  got = run(params)
+  flat = lambda tree: dict(zip(jax.tree_util.tree_leaves(path_names(tree)),
+                               jax.tree_util.tree_leaves(tree)))  # fmt: skip
+  lr_scales = flat(lrd.lr_scales(params, decay)) if not pre else None
+  want = _timm_lamb_reference(
+    flat(params),
+    [flat(g) for g in grads],
+    lambda t: float(lr(t)),
+    b1=section.b1,
+    b2=section.b2,
+    eps=1e-6,
+    wd=lambda t: float(wd(t)),
+    wd_scales=flat(lrd.weight_decay_scales(params)),
+    bias_correction=pre,
+    always_adapt=not pre,
+    lr_scales=lr_scales or {k: 1.0 for k in flat(params)},
+  )
+  for name, value in flat(got).items():
+    np.testing.assert_allclose(value, want[name], rtol=2e-5, atol=1e-6, err_msg=name)

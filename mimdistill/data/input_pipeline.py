@@ -351,6 +351,16 @@ class Pipeline:
   def __iter__(self) -> BatchIterator:
     return BatchIterator(iter(self.dataset), self.mesh, self.data_axis)
 
+  def first_batch(self):
+    """The first batch, its iterator closed at once: an abandoned one is
+    closed by the garbage collector, which can run in a grain worker thread
+    and hang the interpreter's exit joining its own prefetch thread."""
+    it = iter(self)
+    try:
+      return next(it)
+    finally:
+      it.close()
+
 
 def _get(config, key: str, default=_REQUIRED):
   """config[key] for ConfigDicts and dicts alike; a clear error if missing."""

@@ -10,6 +10,9 @@ spell it) picks the model; the other fields are the model's own:
 A `name` field (e.g. 'resnet50', 'convnext_tiny') alone also works. Fields
 that describe something else (notes such as SparK's `name` text) are ignored
 only if listed in `IGNORED`; any other unknown field is an error.
+
+`CNNClassifier` is the fine-tuning / evaluation form: the dense network's
+logits alone, with the network's own (timm-named) params at the top level.
 """
 
 from __future__ import annotations
@@ -18,11 +21,37 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import flax.linen as nn
+
 from mimdistill.models.convnext import ConvNeXt, resolve_variant
 from mimdistill.models.resnet import ResNet, resolve_depth
 
 FAMILIES = {"resnet": ResNet, "convnext": ConvNeXt}
 IGNORED = ("family", "type", "name")
+# The fields a config's CNN model section may set (`configs/common.py:
+# cnn_section`); `drop_path` is the ViT sections' name for `drop_path_rate`.
+SECTION_FIELDS = (
+  "family",
+  "depth",
+  "block",
+  "layers",
+  "div",
+  "variant",
+  "depths",
+  "dims",
+  "drop_path",
+  "zero_init_last_bn",
+  "layer_scale_init_value",
+  "head_init_scale",
+)
+
+
+def fields_of_section(section: Mapping[str, Any]) -> dict[str, Any]:
+  """The model fields a config section sets (None = unset), for `build_cnn`."""
+  fields = {k: section[k] for k in SECTION_FIELDS if k in section and section[k] is not None}
+  if "drop_path" in fields:
+    fields["drop_path_rate"] = float(fields.pop("drop_path"))
+  return fields
 
 
 def family_of(fields: Mapping[str, Any]) -> str:
@@ -64,3 +93,23 @@ def build_cnn(fields: Mapping[str, Any], **overrides) -> ResNet | ConvNeXt:
     if kwargs.get("depths") is None or kwargs.get("dims") is None:
       resolve_variant(kwargs.get("variant", "tiny"))
   return cls(**kwargs)
+
+
+class CNNClassifier(nn.Module):
+  """`backbone` (a ResNet / ConvNeXt with `num_classes > 0`) run dense,
+  returning its logits; the backbone's params are this module's own (shared
+  scope), so the tree has timm's top-level names (`conv1`, ..., `fc`)."""
+
+  backbone: ResNet | ConvNeXt
+
+  def setup(self):
+    if self.backbone.num_classes <= 0:
+      raise ValueError("CNNClassifier needs a backbone with num_classes > 0")
+    nn.share_scope(self, self.backbone)
+
+  @property
+  def num_classes(self) -> int:
+    return self.backbone.num_classes
+
+  def __call__(self, images, train: bool = False):
+    return self.backbone(images, None, train).logits

@@ -7,6 +7,9 @@
     build("segmentor", config.model, num_classes=150, dtype=config.dtype)
     build("cae_v2", config.model, dtype=config.dtype, out_dim=512)
     build("clip_visual", clip_spec.module_kwargs(), dtype=config.dtype)
+    build("cnn_classifier", config.model, num_classes=10, dtype=config.dtype)
+    build("spark", config.model, dtype=config.dtype)
+    build("hetero_student", config.model, teacher_width=768, teacher_patch=16, pixel_loss=True)
 
 A section is any mapping (an `ml_collections.ConfigDict`, a dict): the
 variant fields that `variants.resolve` reads, plus the options a family
@@ -17,6 +20,13 @@ Encoder options (every family built on the ViT): `drop_path` with
 `drop_path_schedule` ('linear' ramp by default, see `vit.drop_path_rates`),
 `fused_attention`, `remat`, `scan_blocks`, `dist_token`, `layer_scale`,
 `qkv_bias`, `rel_pos_bias`, `pos_embed_type`, `final_norm`.
+
+CNN sections (`configs/common.py:cnn_section`; kinds `cnn`, `cnn_classifier`,
+`spark`, `hetero_student`): `family` ('resnet' / 'convnext'), `depth` (timm
+ResNet 18/34/50/101/152) or `variant` (ConvNeXt tiny/small/...), `div`
+(every width divided by it), `block`/`layers`, `depths`/`dims`, `drop_path`,
+and for the SparK models `decoder_width` and `densify_norm` ('auto': 'bn' for
+a ResNet, 'ln' for a ConvNeXt, as SparK picks).
 """
 
 from __future__ import annotations
@@ -27,14 +37,16 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mimdistill.models import variants
+from mimdistill.models import cnn_zoo, variants
 from mimdistill.models.cae import CAEv2
 from mimdistill.models.classifier import ViTClassifier
 from mimdistill.models.clip import ClipVisual
 from mimdistill.models.fcn_head import FCNHead
+from mimdistill.models.hetero import HeteroStudent, decoder_blocks_for
 from mimdistill.models.mae import MAE
 from mimdistill.models.segmentation_backbone import SegmentationBackbone, check_backbone
 from mimdistill.models.segmentor import EncoderDecoder
+from mimdistill.models.spark import SparK
 from mimdistill.models.tinymim import DistillHeads, DistillStudent
 from mimdistill.models.uper_head import UPerHead
 from mimdistill.models.vit import ViTEncoder, drop_path_rates
@@ -232,6 +244,40 @@ def cae_v2(section: Mapping[str, Any], *, out_dim: int, dtype: str = "float32") 
   )
 
 
+def cnn(section: Mapping[str, Any], *, dtype: str = "float32", **overrides) -> nn.Module:
+  """A ResNet / ConvNeXt (`cnn_zoo.build_cnn`) from a CNN section;
+  `overrides` (e.g. `num_classes`) win over the section's fields."""
+  fields = cnn_zoo.fields_of_section(section)
+  return cnn_zoo.build_cnn(fields, dtype=compute_dtype(dtype), **overrides)
+
+
+def cnn_classifier(
+  section: Mapping[str, Any], *, num_classes: int, dtype: str = "float32"
+) -> cnn_zoo.CNNClassifier:
+  """The dense CNN returning logits (fine-tuning, evaluation)."""
+  return cnn_zoo.CNNClassifier(cnn(section, dtype=dtype, num_classes=int(num_classes)))
+
+
+# SparK's `densify_norm` by encoder family (`pretrain/utils/arg_util.py`).
+DENSIFY_NORM_OF_FAMILY = {"resnet": "bn", "convnext": "ln"}
+
+
+def spark(
+  section: Mapping[str, Any], *, dtype: str = "float32", decoder_blocks: int | None = None
+) -> SparK:
+  """SparK: the section's CNN (no classifier), densify and LightDecoder."""
+  norm = section["densify_norm"] if _set(section, "densify_norm") else "auto"
+  if norm == "auto":
+    norm = DENSIFY_NORM_OF_FAMILY[cnn_zoo.family_of(cnn_zoo.fields_of_section(section))]
+  return SparK(
+    encoder=cnn(section, dtype=dtype, num_classes=0),
+    decoder_width=int(section["decoder_width"]) if _set(section, "decoder_width") else 768,
+    densify_norm=norm,
+    decoder_blocks=decoder_blocks,
+    dtype=compute_dtype(dtype),
+  )
+
+
 CLIP_FIELDS = (
   "width",
   "layers",
@@ -254,6 +300,24 @@ def clip_visual(section: Mapping[str, Any], *, dtype: str = "float32") -> ClipVi
   )
 
 
+def hetero_student(
+  section: Mapping[str, Any],
+  *,
+  teacher_width: int,
+  teacher_patch: int,
+  pixel_loss: bool,
+  dtype: str = "float32",
+) -> HeteroStudent:
+  """SparK plus the projection to the teacher's tokens (`models/hetero.py`);
+  without the pixel loss the decoder stops at the teacher's stride."""
+  blocks = None if pixel_loss else decoder_blocks_for(int(teacher_patch))
+  return HeteroStudent(
+    spark(section, dtype=dtype, decoder_blocks=blocks),
+    teacher_width=int(teacher_width),
+    teacher_patch=int(teacher_patch),
+  )
+
+
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
   "encoder": encoder,
   "mae": mae,
@@ -262,6 +326,10 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
   "segmentor": segmentor,
   "cae_v2": cae_v2,
   "clip_visual": clip_visual,
+  "cnn": cnn,
+  "cnn_classifier": cnn_classifier,
+  "spark": spark,
+  "hetero_student": hetero_student,
 }
 
 

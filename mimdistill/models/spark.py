@@ -14,6 +14,12 @@ Forward (`SparK.forward` up to the loss, which is `objectives/spark_loss.py`):
      conv3x3 -> BN -> ReLU6 -> conv3x3 -> BN, the densified level i added
      before block i (i < 4); `proj` 1x1 to 3 channels.
 
+`decoder_blocks=k < 5` (not SparK's: for a student read at the output of
+decoder block k, see `models/hetero.py`) runs only the first k blocks and
+densifies only the levels they read (max(k, 1) of them); there is then no
+`proj` and no reconstruction (`rec` is None), so no parameter exists that
+the loss could not reach.
+
 Params (SparK's names with '.<n>' as '_<n>'): `encoder` (the CNN's own
 tree; SparK's `sparse_encoder.sp_cnn`), `densify_norms_<i>`,
 `densify_projs_<i>`, `mask_tokens_<i>` `(1, 1, 1, C)`, `dense_decoder/
@@ -52,7 +58,7 @@ class SparKOutput(NamedTuple):
   filled: tuple[jax.Array, ...]  # ... with mask tokens at masked positions
   to_dec: tuple[jax.Array, ...]  # ... after the projection, fed to the decoder
   decoder_blocks: tuple[jax.Array, ...]  # output of each UNet block
-  rec: jax.Array  # (B, H, W, 3) reconstruction of the normalised patches
+  rec: jax.Array | None  # (B, H, W, 3) reconstruction of the normalised patches
 
 
 class ConvTranspose(nn.Module):
@@ -126,22 +132,30 @@ def decoder_channels(width: int, up_sample_ratio: int = sparse.DOWNSAMPLE_RATIO)
 
 
 class LightDecoder(nn.Module):
-  """SparK `LightDecoder(up_sample_ratio=32, width)`."""
+  """SparK `LightDecoder(up_sample_ratio=32, width)`; `num_blocks` < all
+  stops after that many blocks, without `proj` (rec None)."""
 
   width: int = 768
   up_sample_ratio: int = sparse.DOWNSAMPLE_RATIO
+  num_blocks: int | None = None
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, to_dec, train: bool = False):
     channels = decoder_channels(self.width, self.up_sample_ratio)
+    pairs = list(zip(channels[:-1], channels[1:]))
+    run = len(pairs) if self.num_blocks is None else self.num_blocks
+    if not 0 <= run <= len(pairs):
+      raise ValueError(f"num_blocks={self.num_blocks} is outside 0..{len(pairs)}")
     x = 0.0
     blocks = []
-    for i, (cin, cout) in enumerate(zip(channels[:-1], channels[1:])):
+    for i, (cin, cout) in enumerate(pairs[:run]):
       if i < len(to_dec) and to_dec[i] is not None:
         x = x + to_dec[i]
       x = UNetBlock(cin, cout, dtype=self.dtype, name=f"dec_{i}")(x, train)
       blocks.append(x)
+    if run < len(pairs):
+      return None, tuple(blocks)
     rec = nn.Conv(3, (1, 1), kernel_init=decoder_conv_init, dtype=self.dtype, name="proj")(
       x
     ).astype(jnp.float32)
@@ -156,6 +170,7 @@ class SparK(nn.Module):
   encoder: nn.Module
   decoder_width: int = 768
   densify_norm: str = "bn"
+  decoder_blocks: int | None = None  # see the module docstring
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -167,7 +182,8 @@ class SparK(nn.Module):
     features = tuple(self.encoder(images, active, train).features)
     normed, filled, to_dec = [], [], []
     d_width = self.decoder_width
-    for i, feat in enumerate(reversed(features)):
+    levels = len(features) if self.decoder_blocks is None else max(self.decoder_blocks, 1)
+    for i, feat in enumerate(list(reversed(features))[:levels]):
       e_width = feat.shape[-1]
       if self.densify_norm == "bn":
         y = sparse.BatchNorm(dtype=self.dtype, name=f"densify_norms_{i}")(feat, active, train)
@@ -194,7 +210,7 @@ class SparK(nn.Module):
         )(y)
       to_dec.append(y)
       d_width //= 2
-    rec, blocks = LightDecoder(self.decoder_width, dtype=self.dtype, name="dense_decoder")(
-      to_dec, train
-    )
+    rec, blocks = LightDecoder(
+      self.decoder_width, num_blocks=self.decoder_blocks, dtype=self.dtype, name="dense_decoder"
+    )(to_dec, train)
     return SparKOutput(features, tuple(normed), tuple(filled), tuple(to_dec), blocks, rec)

@@ -615,18 +615,14 @@ def _relation_maps(config, result, teacher, teacher_variables, student, workdir)
   n = jax.device_count()  # a mesh-less pipeline checks the batch by it
   cfg = run_config.data_config(config, "eval", batch_size=-(-count // n) * n)
   cfg.num_workers = 0
-  images = next(
-    iter(
-      input_pipeline.make_dataset(
-        cfg,
-        split=config.data.eval_split,
-        train=False,
-        seed=config.seed,
-        process_index=0,
-        process_count=1,
-      )
-    )
-  )["image"][:count]
+  images = input_pipeline.make_dataset(
+    cfg,
+    split=config.data.eval_split,
+    train=False,
+    seed=config.seed,
+    process_index=0,
+    process_count=1,
+  ).first_batch()["image"][:count]
   images = np.asarray(normalize(images))
   plan, enc = make_plan(config), student.encoder
   png = relation_maps.save_relation_maps(

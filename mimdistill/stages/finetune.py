@@ -27,6 +27,7 @@ Reads top to bottom:
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -43,6 +44,7 @@ from mimdistill.models.classifier import DIST_POOLS, ViTClassifier
 from mimdistill.models.pos_embed import resize_pos_embed, sincos_2d
 from mimdistill.objectives import kd_loss
 from mimdistill.paths import as_path
+from mimdistill.stages import cnn_finetune
 from mimdistill.stages.sources import HEAD_PARTS, read_classifier, read_encoder, shape_table
 from mimdistill.stages.synthetic import Synthetic, random_images
 from mimdistill.training import loop as loop_lib
@@ -64,7 +66,7 @@ SYNTHETIC_NUM_CLASSES = 1000
 # 1. Validation
 # -----------------------------------------------------------------------------
 def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
-  spec = variants.resolve(config.model)
+  spec = cnn_finetune.model_spec(config)  # a ViT's variants.resolve, or a CNN's
   factory.compute_dtype(config.dtype)
   run_config.validate(config)
   if not isinstance(config.num_classes, int) or config.num_classes < 0 or config.num_classes == 1:
@@ -79,10 +81,13 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
     )
   if config.mode not in MODES:
     raise ValueError(f"mode={config.mode!r}: use 'finetune' or 'linprobe'")
-  for section, name in ((config.model, "model"), (config.kd.teacher, "kd.teacher")):
+  vit_sections = [(config.kd.teacher, "kd.teacher")]
+  if not cnn_finetune.is_cnn(config):  # a CNN section has no tokens
+    vit_sections.append((config.model, "model"))
+  for section, name in vit_sections:
     if section.dist_pool not in DIST_POOLS:
       raise ValueError(f"{name}.dist_pool={section.dist_pool!r} is not one of {DIST_POOLS}")
-  if config.mode == "linprobe" and config.model.dist_token:
+  if config.mode == "linprobe" and config.model.get("dist_token"):
     raise ValueError(
       "linear probing of a distillation-token model is not supported; set "
       "--config.model.dist_token=False"
@@ -124,6 +129,8 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
 # 2. Model
 # -----------------------------------------------------------------------------
 def build_model(config, num_classes: int) -> ViTClassifier:
+  if cnn_finetune.is_cnn(config):
+    return cnn_finetune.build_model(config, num_classes)
   linprobe = config.mode == "linprobe"
   return factory.build(
     "classifier",
@@ -136,6 +143,8 @@ def build_model(config, num_classes: int) -> ViTClassifier:
 
 
 def abstract_params(model: ViTClassifier) -> dict:
+  if not hasattr(model, "encoder"):  # a CNNClassifier
+    return cnn_finetune.abstract_params(model)
   enc = model.encoder
   dummy = jnp.zeros((1, enc.image_size, enc.image_size, enc.in_chans))
   return jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy)["params"]
@@ -149,6 +158,8 @@ def init_from_source(params: dict, config) -> tuple[dict, dict]:
   `fc_norm` when their shapes fit `params`, an abstract params tree) as host
   numpy, and the lineage record. Raises if the encoder is of another
   architecture."""
+  if cnn_finetune.is_cnn(config):
+    return cnn_finetune.init_from_source(params, config)
   source = config.init.source
   src = read_encoder(source, what="init.source")
   encoder = jax.tree_util.tree_map(np.asarray, src.encoder)
@@ -277,6 +288,8 @@ def soft_targets(batch, num_classes: int, smoothing: float) -> jax.Array:
 
 
 def make_optimizer(config, params, schedule) -> optax.GradientTransformation:
+  if cnn_finetune.is_cnn(config):
+    return cnn_finetune.make_optimizer(config, params, schedule)
   o = config.optimizer
   if config.mode == "linprobe":
     # MAE main_linprobe: LARS (no wd on the head's bias), encoder frozen.
@@ -313,12 +326,15 @@ def build_task(
 ) -> loop_lib.Task:
   """`teacher` / `teacher_variables`: the frozen KD teacher (needed when
   `kd.type` is not 'none'), passed to every step as the loop's `inputs`."""
-  spec = variants.resolve(config.model)
+  spec = cnn_finetune.model_spec(config)
+  cnn = cnn_finetune.is_cnn(config)
   kd = config.kd
   if kd.type != "none" and (teacher is None or teacher_variables is None):
     raise ValueError(f"kd.type={kd.type!r}: build_task needs the teacher and its variables")
   total, warmup = run_config.steps(config, steps_per_epoch)
   schedule = schedules.warmup_cosine(run_config.peak_lr(config), config.min_lr, total, warmup)
+  if cnn:  # SparK's fine-tuning schedule
+    schedule = cnn_finetune.schedule(config, total, warmup, run_config.peak_lr(config))
   linprobe = config.mode == "linprobe"
   dummy = jnp.zeros((1, spec.image_size, spec.image_size, spec.in_chans))
 
@@ -328,7 +344,7 @@ def build_task(
   def loss_fn(params, model_state, batch, rng, inputs):
     variables = {"params": params, **model_state}
     image = normalize(batch["image"])
-    if linprobe:
+    if linprobe or cnn:
       logits, updates = model.apply(
         variables, image, train=True, rngs={"drop_path": rng}, mutable=["batch_stats"]
       )
@@ -336,16 +352,18 @@ def build_task(
     else:
       logits = model.apply(variables, image, train=True, rngs={"drop_path": rng})
     targets = soft_targets(batch, model.num_classes, config.data.label_smoothing)
-    if kd.type == "none" and not model.distilled:
-      loss = kd_loss.soft_target_cross_entropy(logits, targets)
-      return loss, ({}, model_state)
+    base = kd_loss.soft_target_cross_entropy
+    if cnn:  # BCE or CE, as SparK's recipe says
+      base = functools.partial(cnn_finetune.loss, config)
+    if kd.type == "none" and not getattr(model, "distilled", False):
+      return base(logits, targets), ({}, model_state)
     # The teacher: eval mode, the same (mixed) images, no gradient.
     t_logits = teacher.apply(inputs, image) if kd.type != "none" else None
     loss, parts = kd_loss.distillation_loss(
       logits,
       targets,
       t_logits,
-      base=kd_loss.soft_target_cross_entropy,
+      base=base,
       kd_type=kd.type,
       alpha=float(kd.alpha),
       tau=float(kd.tau),
@@ -378,9 +396,9 @@ def signature(config, spec, model: ViTClassifier) -> dict:
     "global_pool": bool(config.model.global_pool),
   }
   # Only when set, so that workdirs of plain classifiers keep resuming.
-  if model.distilled:
+  if getattr(model, "distilled", False):
     sig.update(dist_token=True, dist_pool=model.dist_pool)
-  if model.extra_width:
+  if getattr(model, "extra_width", None):
     sig["extra_width"] = int(model.extra_width)
   return sig
 
@@ -410,7 +428,7 @@ def synthetic(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Synthe
         + "); speed does not depend on the weights"
       )
   task = build_task(config, model, steps_per_epoch, teacher=teacher, teacher_variables=teacher_vars)
-  spec = variants.resolve(config.model)
+  spec = cnn_finetune.model_spec(config)
   rng = np.random.default_rng(config.seed)
   b = config.batch_size
   batch = {
@@ -419,6 +437,10 @@ def synthetic(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Synthe
   }
   if config.mode == "finetune":  # the 'finetune' augmentation's soft targets
     batch["label_soft"] = np.full((b, num_classes), 1.0 / num_classes, np.float32)
+  if cnn_finetune.is_cnn(config):
+    return Synthetic(
+      "finetune", task, batch, cnn_finetune.synthetic_info(config, num_classes), notes
+    )
   info = {
     "image_size": spec.image_size,
     "fused_attention": bool(config.model.fused_attention),

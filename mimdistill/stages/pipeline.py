@@ -35,7 +35,7 @@ RERUN = "rerun.json"
 def _link(name: str, stage_cfg, previous: epath.Path | None, teacher_source: str):
   """Points the stage at its parent; returns a description for the log."""
   kind = stage_cfg.stage
-  if kind == "distill":
+  if kind in ("distill", "hetero_distill"):
     if previous is not None:
       stage_cfg.teacher.source = str(previous)
     elif teacher_source:

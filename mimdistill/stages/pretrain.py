@@ -146,7 +146,7 @@ def run(config: ml_collections.ConfigDict, workdir, *, mesh=None, lineage: dict 
       train=False,
       seed=config.seed,
     )
-    images = normalize(next(iter(eval_data))["image"][:count])
+    images = normalize(eval_data.first_batch()["image"][:count])
     state = jax.device_get((result.state.params, result.state.model_state))
     png = save_reconstructions(
       model,

@@ -14,6 +14,8 @@ STAGES = {
   "finetune": "mimdistill.stages.finetune",
   "segment": "mimdistill.stages.segment",
   "cae": "mimdistill.stages.cae",
+  "spark_pretrain": "mimdistill.stages.spark_pretrain",
+  "hetero_distill": "mimdistill.stages.hetero_distill",
 }
 
 

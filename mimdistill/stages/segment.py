@@ -445,9 +445,7 @@ def write_predictions(config, workdir, evaluator, variables, eval_data, names, s
   prediction (every process takes part: the batch is global)."""
   from mimdistill.visualize import segmentation as seg_pictures
 
-  it = iter(eval_data)
-  batch = next(it)
-  it.close()
+  batch = eval_data.first_batch()
   pred = _gather(evaluator.predict(variables, batch))
   host = {k: _gather(v) for k, v in batch.items()}
   if jax.process_index() != 0:
