@@ -244,6 +244,27 @@ def test_hetero_pipeline_end_to_end(hetero_pipeline):
   assert all(s.get("skipped") for s in again["stages"])
 
 
+def test_cnn_workdirs_export_with_timm_names(hetero_pipeline, tmp_path):
+  """`mimdistill.convert` writes a fine-tuned CNN (the classifier) and a
+  hetero workdir (its encoder only) as timm-named files that read back to
+  the workdir's params and BatchNorm statistics."""
+  from mimdistill.convert import main as convert_main
+  from mimdistill.interop.cnn_checkpoint import import_cnn
+  from mimdistill.interop.orbax_tree import restore_subtree
+
+  _, workdir, _ = hetero_pipeline
+  for stage, root in (("finetune", ()), ("hetero", ("encoder",))):
+    dst = tmp_path / f"{stage}.pth"
+    assert convert_main([str(workdir / stage), str(dst)]) == 0
+    back = import_cnn(dst)
+    params, _ = restore_subtree(str(workdir / stage), ("params", *root))
+    stats, _ = restore_subtree(str(workdir / stage), ("model_state", "batch_stats", *root))
+    assert back.fields["family"] == "resnet" and ("fc" in params) == (not root)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, back.variables["params"], params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, back.variables["batch_stats"], stats)
+  assert convert_main([str(workdir / "finetune"), str(tmp_path / "finetune.pth")]) == 2  # exists
+
+
 def test_cnn_init_sources(hetero_pipeline, tmp_path):
   """A hetero workdir's encoder and a timm .pth load into the CNN
   classifier; a ViT workdir and another architecture are refused."""

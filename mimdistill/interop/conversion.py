@@ -705,7 +705,8 @@ def convert(
 ) -> ConvertReport:
   """Converts SRC into DST (see the module doc); returns the report.
   A whole segmentor (mmcv `backbone.*` / `decode_head.*` names, or a
-  workdir holding one) goes to `segmentation_conversion.convert`.
+  workdir holding one) goes to `segmentation_conversion.convert`, a
+  workdir holding a CNN to `cnn_conversion.convert`.
 
   Args:
     layout: 'vit' | 'mae' | 'classifier'; default detected ('vit' keeps only
@@ -722,8 +723,10 @@ def convert(
     overwrite: replace an existing DST.
     log: called with progress lines (e.g. `print`).
   """
-  from mimdistill.interop import segmentation_conversion
+  from mimdistill.interop import cnn_conversion, segmentation_conversion
 
+  if not is_remote(os.fspath(src)) and cnn_conversion.handles(src):
+    return cnn_conversion.convert(src, dst, overwrite=overwrite, log=log)
   if not is_remote(os.fspath(src)) and segmentation_conversion.handles(src, key=key):
     if not is_remote(os.fspath(dst)):
       return segmentation_conversion.convert(
