@@ -512,8 +512,19 @@ def test_every_fixture_pth_converts(tmp_path):
   """Every checkpoint of the ViT kinds' fixtures; the other families' own
   formats are tested with their kinds."""
   fixtures = _fixture()
-  # Segmentors and the TinyMIM*-T backbone: test_segmentation_stage / their parity kinds.
-  other = ("untrusted", "segmentation", "seg_slide", "star_backbone")
+  # Segmentors and the TinyMIM*-T backbone (test_segmentation_stage), CAE v2 and
+  # CLIP (test_caev2, test_clip), SparK / CNNs (test_spark, test_cnn_timm): their own tests.
+  other = (
+    "untrusted",
+    "segmentation",
+    "seg_slide",
+    "star_backbone",
+    "caev2",
+    "clip_visual",
+    "spark",
+    "sparse_resnet_eval",
+    "cnn_layer_decay",
+  )
   paths = sorted(p for p in fixtures.rglob("*.pth") if p.parent.name not in other)
   assert len(paths) >= 5
   for i, path in enumerate(paths):
