@@ -41,6 +41,8 @@ setup(
       "pytest>=7.4",
       "ruff>=0.6",
       "pytest-timeout>=2.2",
+      # The suite runs one worker per core (pytest.ini), each test file in one worker.
+      "pytest-xdist>=3.5",
       # tests/test_notebook.py executes launch/colab/quickstart.ipynb
       "nbclient>=0.7",
       "nbformat>=5.7",

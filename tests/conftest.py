@@ -13,6 +13,12 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+def pytest_xdist_auto_num_workers(config):
+  """`-n auto` (pytest.ini): one worker per core, at most 4: every worker
+  compiles its own programs and holds 8 fake devices' buffers."""
+  return max(1, min(os.cpu_count() or 1, 4))
+
+
 def shared_path(*parts: str) -> pathlib.Path:
   path = SHARED.joinpath(*parts)
   if not path.exists():
