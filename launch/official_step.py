@@ -88,7 +88,7 @@ def main(argv=None):
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    return float(loss)
+    return loss.detach().item()
 
   for _ in range(FLAGS.warmup):
     step()

@@ -52,8 +52,14 @@ class BackboneInitReport:
   def __str__(self) -> str:
     lines = [f"{len(self.loaded)} encoder tensors loaded"]
     lines += [f"  resized {k}: {v}" for k, v in self.resized.items()]
-    lines += [f"  initialised {k}: {v}" for k, v in self.initialised.items()]
-    lines += [f"  skipped {k}: {v}" for k, v in self.skipped.items()]
+    # One line per reason (a 24-block backbone would list every block).
+    for verb, entries in (("initialised", self.initialised), ("skipped", self.skipped)):
+      by_reason: dict[str, list[str]] = {}
+      for path, why in entries.items():
+        by_reason.setdefault(why, []).append(path)
+      for why, paths in by_reason.items():
+        shown = paths[0] if len(paths) == 1 else f"{len(paths)} tensors ({paths[0]}, ...)"
+        lines.append(f"  {verb} {shown}: {why}")
     return "\n".join(lines)
 
 

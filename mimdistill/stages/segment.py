@@ -558,5 +558,5 @@ def run(config: ml_collections.ConfigDict, workdir, *, mesh=None, lineage: dict 
     "final_loss": final.get("loss"),
     "train_seconds": final.get("train_seconds"),
   }
-  log.info("segment summary %s", json.dumps(summary, default=str))
+  log.debug("segment summary %s", json.dumps(summary, default=str))
   return summary
