@@ -2,9 +2,9 @@ r"""Kill -9 anywhere, rerun, and get the same params: a check of resumption.
 
   python launch/kill_resume_check.py --points 10 --dir /tmp/kill_check [--seed 0]
 
-Runs a tiny three-stage pipeline (the quickstart's stages at width 32, depth
-2, 6-8 steps each, every stage checkpointing asynchronously, stage 3
-evaluating) once without interruption, then, for each of `--points` kill
+Runs a tiny four-stage pipeline (the quickstart's stages at width 32, depth
+2 (the student 4), 6-8 steps each, every stage checkpointing asynchronously, stages 3
+and 4 evaluating) once without interruption, then, for each of `--points` kill
 points, starts the same pipeline in a fresh workdir (and a fresh TFDS data
 dir, so dataset preparation is on the path too), waits for that point's
 moment (the dataset being prepared, a stage's first steps, a checkpoint save
@@ -37,7 +37,7 @@ flags.DEFINE_integer("points", 10, "random kill points")
 flags.DEFINE_string("dir", "/tmp/kill_resume_check", "scratch folder")
 flags.DEFINE_integer("seed", 0, "seed of the kill times")
 
-STAGES = ("pretrain", "distill", "finetune")
+STAGES = ("pretrain", "distill", "finetune", "segment")
 OVERRIDES = [
   *(
     f"--config.{s}.{k}={v}"
@@ -52,6 +52,9 @@ OVERRIDES = [
   "--config.pretrain.total_steps=8",
   "--config.distill.total_steps=6",
   "--config.finetune.total_steps=6",
+  "--config.segment.total_steps=6",
+  "--config.segment.eval_every=3",
+  "--config.segment.eval_batch_size=40",
   "--config.finetune.eval_every=3",
   "--config.finetune.eval_batch_size=200",
   "--config.pretrain.num_visualize=2",
@@ -59,12 +62,20 @@ OVERRIDES = [
   "--config.finetune.figures=False",
   *(
     f"--config.{m}.{k}={v}"
-    for m in ("pretrain.model", "distill.teacher", "distill.student", "finetune.model")
+    for m in (
+      "pretrain.model",
+      "distill.teacher",
+      "distill.student",
+      "finetune.model",
+      "segment.model",
+    )
     for k, v in (("width", 32), ("depth", 2), ("num_heads", 2), ("patch_size", 8))
   ),
   "--config.pretrain.model.decoder.width=32",
   "--config.pretrain.model.decoder.depth=1",
   "--config.pretrain.model.decoder.num_heads=2",
+  # The segmentor taps four distinct blocks, so the student is 4 blocks deep.
+  *(f"--config.{m}.depth=4" for m in ("distill.student", "finetune.model", "segment.model")),
 ]
 
 
@@ -125,7 +136,11 @@ MOMENTS = (
   ("finetune start (init from distill)", lambda w, d: (w / "finetune").exists()),
   ("a finetune step", lambda w, d: _logged(w, "finetune") >= 1),
   ("a finetune evaluation", lambda w, d: _logged(w, "finetune") >= 3),
-  ("the last finetune save and summary", lambda w, d: _steps(w, "finetune")[-1:] == [6]),
+  ("the last finetune save", lambda w, d: _steps(w, "finetune")[-1:] == [6]),
+  ("segment start (init from distill)", lambda w, d: (w / "segment").exists()),
+  ("a segment step", lambda w, d: _logged(w, "segment") >= 1),
+  ("a segment evaluation and checkpoint save", lambda w, d: _logged(w, "segment") >= 3),
+  ("the last segment save and summary", lambda w, d: _steps(w, "segment")[-1:] == [6]),
 )
 
 
