@@ -173,6 +173,10 @@ def main(argv) -> int:
   del argv
   import numpy as np
 
+  from mimdistill.launch_flags import configure_logging
+
+  configure_logging()  # Orbax's restore lines (read_params) stay off the report
+
   root = pathlib.Path(FLAGS.dir)
   shutil.rmtree(root, ignore_errors=True)
   root.mkdir(parents=True)
