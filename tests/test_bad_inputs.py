@@ -1,6 +1,7 @@
 """Bad input is refused early in one line, or handled correctly; no run loses
 finished work (mimdistill issue 13, one test per point)."""
 
+import dataclasses
 import io
 import json
 import os
@@ -21,6 +22,7 @@ from mimdistill.data import class_folder, sources
 from mimdistill.stages import distill, finetune, pipeline, pretrain
 from mimdistill.training import loop as loop_lib
 from mimdistill.training import sharding as shard_lib
+from mimdistill.training.state import TrainState
 from mimdistill.workdir_lock import WorkdirBusyError, WorkdirLock
 
 sys.path.insert(0, str(REPO))
@@ -314,6 +316,46 @@ def test_a_nan_stop_names_the_kept_checkpoint_and_saves_nothing_after(tmp_path):
   with pytest.raises(FloatingPointError, match="no checkpoint was saved before it"):
     loop_lib.train(_toy_task(6), Batches([bad]), tmp_path / "b", LOOP, mesh=MESH)
   assert workdir_lib.checkpoint_steps(tmp_path / "b") == []
+
+
+def test_a_step_with_a_non_finite_gradient_or_loss_changes_nothing():
+  """The update keeps params, model state and optimizer moments when the loss
+  or only the gradient (a finite loss whose gradient overflows) is not
+  finite, and applies a finite step as before."""
+
+  def loss_fn(params, model_state, batch, rng, inputs):
+    # sqrt'(0) = inf: a finite loss (0) with an infinite gradient.
+    loss = jnp.sum(jnp.sqrt(jnp.abs(params["w"] - batch["at"]))) + batch["add"]
+    return loss, ({}, {"count": model_state["count"] + 1})
+
+  task = dataclasses.replace(
+    _toy_task(4),
+    loss_fn=loss_fn,
+    make_optimizer=lambda params, sched: optax.adam(0.1),
+  )
+  tx = task.make_optimizer(None, task.schedule)
+  params = {"w": jnp.ones((2,))}
+  state = TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    model_state={"count": jnp.zeros(())},
+    opt_state=tx.init(params),
+    rng=jax.random.PRNGKey(0),
+  )
+  update = jax.jit(loop_lib.build_update(task, tx))
+  cases = {"finite": (0.0, 0.0), "infinite gradient": (1.0, 0.0), "nan loss": (0.0, np.nan)}
+  for name, (at, add) in cases.items():
+    new, metrics = update(state, {"at": jnp.full((2,), at), "add": jnp.asarray(add)}, None)
+    assert int(new.step) == 1, name
+    changed = [
+      not np.array_equal(a, b)
+      for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(state))
+    ]
+    if name == "finite":
+      assert int(metrics["nonfinite"]) == 0 and sum(changed) >= 4  # step, w, count, mu, nu
+    else:
+      assert int(metrics["nonfinite"]) == 1, name
+      assert sum(changed) == 1, name  # the step counter only
 
 
 def test_the_logged_lr_under_accumulation_is_the_applied_one(tmp_path):
