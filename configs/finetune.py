@@ -329,8 +329,16 @@ def _convnext_recipe(c):
 
 
 def _cnn_quickstart(c):
-  """The heterogeneous quickstart's narrow ResNet-18 at 64 px."""
+  """The heterogeneous quickstart's narrow ResNet-18 at 64 px, with a recipe
+  for its 6 epochs (our choice): SparK's LAMB + BCE, made for 300 epochs at
+  batch 2048, learns only the class prior here (train loss at the smoothed
+  targets' floor, 0.325; 14.7% top-1 after 8 epochs from scratch), so AdamW
+  + soft-target CE at lr 1e-3 without layer decay (18.1% after 2 epochs
+  where LAMB + BCE gave 11.4%, and 14.3% with layer decay 0.7), the same for
+  every initialisation compared."""
   _cnn("resnet", depth=18, div=4, image_size=64)(c)
+  c.loss = "ce"
+  c.optimizer.update(name="adamw", layer_decay=1.0)
   c.init.source = "workdirs/hetero_quickstart/hetero"
   c.data.update(
     name="embedded",
@@ -347,9 +355,9 @@ def _cnn_quickstart(c):
   )
   c.batch_size = 64
   c.eval_batch_size = 200
-  c.total_epochs = 8.0
+  c.total_epochs = 6.0
   c.warmup_epochs = 1.0
-  c.base_lr = 0.002 * 4
+  c.base_lr = 4e-3  # lr 1e-3 at batch 64
   c.ema_decay = 0.99
   c.log_every = 10
   c.eval_every = 156

@@ -68,7 +68,7 @@ def quickstart_student(c) -> None:
   )
   c.mask_ratio = 0.5  # 2 of the 4 cells of the 2x2 grid stay visible
   c.batch_size = 64
-  c.total_epochs = 6.0
+  c.total_epochs = 3.0
   c.warmup_epochs = 1.0
   c.base_lr = 2e-4 * 8  # small models on little data like a higher lr
   c.log_every = 10
