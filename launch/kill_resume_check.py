@@ -1,6 +1,6 @@
 r"""Kill -9 anywhere, rerun, and get the same params: a check of resumption.
 
-  python launch/kill_resume_check.py --points 10 --dir /tmp/kill_check [--seed 0]
+  python launch/kill_resume_check.py --points 14 --dir /tmp/kill_check [--seed 0]
 
 Runs a tiny four-stage pipeline (the quickstart's stages at width 32, depth
 2 (the student 4), 6-8 steps each, every stage checkpointing asynchronously, stages 3
@@ -33,7 +33,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("points", 10, "random kill points")
+flags.DEFINE_integer("points", 14, "kill points (the moments are taken in turn: 14 = each once)")
 flags.DEFINE_string("dir", "/tmp/kill_resume_check", "scratch folder")
 flags.DEFINE_integer("seed", 0, "seed of the kill times")
 
