@@ -4,7 +4,23 @@ the location of the shared fixtures/data, which a user's clone lacks."""
 import os
 import pathlib
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# 8 fake CPU devices for the multi-device tests. LLVM's optimisation level 0
+# for the tests' XLA:CPU kernels: the tiny test models are compile-bound (a
+# hetero student's init compiles in 16 s at the default level, 2 s at 0), and
+# the level changes neither the HLO passes nor the matmul / convolution
+# library calls, only how XLA's own elementwise kernels are vectorised. A
+# flag the caller set wins.
+_TEST_XLA_FLAGS = {
+  "--xla_force_host_platform_device_count": "8",
+  "--xla_backend_optimization_level": "0",
+}
+_given = os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = " ".join(
+  [_given] + [f"{k}={v}" for k, v in _TEST_XLA_FLAGS.items() if k not in _given]
+).strip()
+# A subprocess's flags (a launch script, a notebook kernel): one CPU device,
+# the same optimisation level.
+ONE_DEVICE_XLA_FLAGS = "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402

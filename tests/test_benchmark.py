@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, set_path
+from conftest import ONE_DEVICE_XLA_FLAGS, REPO, set_path
 
 from mimdistill.models.tinymim import DistillStudent
 from mimdistill.stages import distill, registry
@@ -82,12 +82,8 @@ def _launch(stage, tfds_dir):
     f"--config.data.data_dir={tfds_dir}",
     *TINY[stage],
   ]
-  # Timings are not asserted: compile fast (the default level gives better
-  # step times but costs about twice the compile time on a CPU).
-  env = dict(
-    os.environ,
-    XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0",
-  )
+  # Timings are not asserted: compile fast (conftest's optimisation level).
+  env = dict(os.environ, XLA_FLAGS=ONE_DEVICE_XLA_FLAGS)
   return subprocess.Popen(
     cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
   )

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, tiny_pipeline_overrides
+from conftest import ONE_DEVICE_XLA_FLAGS, REPO, tiny_pipeline_overrides
 
 from mimdistill.data import input_pipeline
 from mimdistill.interop.orbax_tree import restore_subtree
@@ -157,7 +157,7 @@ def _pipeline(workdir, tfds_dir):
     str(workdir),
     *overrides,
   ]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, XLA_FLAGS=ONE_DEVICE_XLA_FLAGS)
   log = open(str(workdir) + ".log", "a")
   proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
   proc.log_path = log.name

@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import ONE_DEVICE_XLA_FLAGS, REPO
 
 NOTEBOOK = REPO / "launch" / "colab" / "quickstart.ipynb"
 
@@ -95,7 +95,7 @@ def test_quickstart_notebook_runs_headless(tfds_dir, tmp_path, monkeypatch):
   )
   # The kernel is a fresh process: one CPU device, the repo importable
   # without installing anything (the install cell must then do nothing).
-  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+  monkeypatch.setenv("XLA_FLAGS", ONE_DEVICE_XLA_FLAGS)
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv(
     "PYTHONPATH", os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])

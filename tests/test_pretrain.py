@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, TINY_RUN, set_path, shared_path
+from conftest import ONE_DEVICE_XLA_FLAGS, REPO, TINY_RUN, set_path, shared_path
 
 from mimdistill.interop.orbax_tree import restore_subtree
 from mimdistill.stages import pretrain
@@ -137,7 +137,7 @@ def _launch(workdir, tfds_dir, steps):
     "--config.lr=0.001",
     "--config.num_visualize=2",
   ]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, XLA_FLAGS=ONE_DEVICE_XLA_FLAGS)
   # Logs go to a file: a pipe nobody reads would fill up and block the run.
   log = open(pathlib.Path(str(workdir) + ".log"), "a")
   proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
