@@ -61,6 +61,25 @@ def data_dir(tfds_dir):
   return str(tfds_dir)
 
 
+@pytest.fixture(scope="session")
+def cifar10_folder():
+  """`folder:<../shared/data/cifar10>`, prepared (60,000 JPEGs, about a
+  minute) in the default TFDS data dir: once per machine, and once per
+  session when several xdist workers ask at the same time (a file lock;
+  the second worker then finds it prepared)."""
+  import fcntl
+
+  from mimdistill.data import sources
+
+  name = f"folder:{shared_path('data', 'cifar10')}"
+  data_dir = pathlib.Path(sources.get_builder(name, None).data_dir)
+  data_dir.parent.mkdir(parents=True, exist_ok=True)
+  with open(f"{data_dir}.prepare.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    sources.get_builder(name, None).prepare()
+  return name
+
+
 def data_config(data_dir, augment, **overrides):
   """An input-pipeline config: embedded dataset, 32 px, batch 16, no
   worker processes, seed 0."""

@@ -6,7 +6,6 @@ import io
 import json
 import os
 import sys
-import time
 
 import grain
 import numpy as np
@@ -17,10 +16,6 @@ from conftest import data_config, take
 from PIL import Image
 
 from mimdistill.data import class_folder, embedded_shapes, input_pipeline, sources, transforms
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CIFAR10 = os.path.join(REPO_ROOT, "..", "shared", "data", "cifar10")
-
 
 make_config = functools.partial(data_config, augment="mae")
 
@@ -497,18 +492,12 @@ def test_class_folder_without_splits_says_the_layout(tmp_path):
     sources.get_builder(f"folder:{tmp_path / 'flat'}", str(tmp_path))
 
 
-def test_cifar10_class_folder(tmp_path):
-  if not os.path.isdir(CIFAR10):
-    pytest.skip(f"{CIFAR10} is absent (developer/CI data only).")
-  start = time.perf_counter()
-  config = make_config(str(tmp_path), name=f"folder:{CIFAR10}", augment="eval", batch_size=400)
+def test_cifar10_class_folder(cifar10_folder):
+  config = make_config(None, name=cifar10_folder, augment="eval", batch_size=400)
   pipeline = input_pipeline.make_dataset(config, split="test", train=False)
-  prepare_seconds = time.perf_counter() - start
-  print(f"cifar10 prepared in {prepare_seconds:.1f}s")
-  assert prepare_seconds < 120
   assert pipeline.num_examples == 10000 and pipeline.num_classes == 10
   assert pipeline.class_names[0] == "airplane"
   (batch,) = take(pipeline, 1)
   assert batch["image"].shape == (400, 32, 32, 3) and batch["mask"].all()
-  builder = sources.get_builder(f"folder:{CIFAR10}", str(tmp_path))
+  builder = sources.get_builder(cifar10_folder, None)
   assert len(sources.open_split(builder, "train")) == 50000

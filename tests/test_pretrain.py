@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import ONE_DEVICE_XLA_FLAGS, REPO, TINY_RUN, set_path, shared_path
+from conftest import ONE_DEVICE_XLA_FLAGS, REPO, TINY_RUN, set_path
 
 from mimdistill.interop.orbax_tree import restore_subtree
 from mimdistill.stages import pretrain
@@ -189,13 +189,11 @@ def test_sigkill_then_resume_equals_uninterrupted(tfds_dir, tmp_path):
     np.testing.assert_allclose(la[step], lb[step], atol=1e-6)
 
 
-def test_short_run_on_cifar10_folders_lowers_loss(tfds_dir, tmp_path):
-  root = shared_path("data", "cifar10")
-  # The default TFDS data dir: the folder is prepared once per machine.
+def test_short_run_on_cifar10_folders_lowers_loss(cifar10_folder, tmp_path):
   config = tiny_config(
     None,
     **{
-      "data.name": f"folder:{root}",
+      "data.name": cifar10_folder,
       "total_steps": 30,
       "batch_size": 64,
       "checkpoint_every": 30,
