@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mimdistill.models import fusion_barrier
 from mimdistill.models import pos_embed as pos_embed_lib
 from mimdistill.models import relative_position as relpos
 
@@ -242,7 +243,7 @@ class Block(nn.Module):
     (`scan_blocks`) a drop path whose rate is a traced per-block value."""
     x = x + drop(self._scaled(self.attn(self.norm1(x)), 0), 0)
     x = x + drop(self._scaled(self.mlp(self.norm2(x)), 1), 1)
-    return x
+    return fusion_barrier.residual_barrier(x)
 
   def relation_qkv(self, x, heads: int):
     """norm1 + fused qkv of this block, split into `heads` relation heads."""
