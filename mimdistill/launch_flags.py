@@ -171,11 +171,15 @@ def configure_logging(workdir: str | None = None, level: int = logging.INFO) -> 
 
 
 def start(level: int = logging.INFO):
-  """Logging (see `configure_logging`), then `jax.distributed.initialize()`
-  with --multihost (before anything touches the devices); returns the jax
-  module."""
+  """Logging (see `configure_logging`), the host allocator settings of a CPU
+  run (`host_allocator`, before JAX starts its threads), then
+  `jax.distributed.initialize()` with --multihost (before anything touches
+  the devices); returns the jax module."""
+  from mimdistill import host_allocator
+
   workdir = flags.FLAGS["workdir"].value if "workdir" in flags.FLAGS else None
   configure_logging(workdir, level)
+  logging.getLogger(__name__).debug("host malloc: %s", host_allocator.keep_freed_memory())
   import jax
 
   if flags.FLAGS.multihost:

@@ -14,6 +14,7 @@
 import functools
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -23,6 +24,7 @@ import numpy as np
 import pytest
 from conftest import ONE_DEVICE_XLA_FLAGS, REPO, set_path
 
+from mimdistill import host_allocator
 from mimdistill.models.tinymim import DistillStudent
 from mimdistill.stages import distill, registry
 from mimdistill.training import benchmark, peak_flops
@@ -116,6 +118,11 @@ def test_cli_prints_json_lines_and_a_table(cli_outputs, stage):
     assert r["tflops_per_s"] > 0
     assert r["mfu"] is None and r["peak_tflops_per_device"] is None  # CPU
     assert np.isfinite(r["final_loss"])
+    # launch_flags.start set the CPU host allocator before JAX started.
+    cpu_run = host_allocator._accelerator_reason(os.environ) is None
+    if cpu_run and sys.platform == "linux" and platform.libc_ver()[0] == "glibc":
+      assert r["host_malloc"] == "on", r["host_malloc"]
+    assert r["minor_faults_per_step"] >= 0
   assert "compile s" in stdout and "GFLOP/img" in stdout  # the table
   if stage == "distill":
     assert [r["dtype"] for r in records] == ["float32", "bfloat16"]

@@ -36,6 +36,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from mimdistill import host_allocator
 from mimdistill.data import input_pipeline
 from mimdistill.training import loop as loop_lib
 from mimdistill.training import peak_flops as peak_lib
@@ -66,6 +67,8 @@ STEP_KEYS = (
   "step_s_p10",
   "step_s_p90",
   "process_cpu_s_median",
+  "minor_faults_per_step",
+  "host_malloc",
   "images_per_s",
   "images_per_s_per_device",
   "flops_per_step",
@@ -160,6 +163,14 @@ def _peak_memory(devices) -> int | None:
   return max(peaks) if peaks else None
 
 
+def _minor_faults() -> int | None:
+  try:
+    import resource
+  except ImportError:  # not on POSIX
+    return None
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _load() -> float | None:
   try:
     return round(os.getloadavg()[0], 2)
@@ -214,12 +225,14 @@ def measure_step(
     state, metrics = compiled(state, batch, inputs)
   jax.block_until_ready(state)
   times, cpu = [], []
+  faults = _minor_faults()
   for _ in range(steps):
     t, c = time.perf_counter(), time.process_time()
     state, metrics = compiled(state, batch, inputs)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - t)
     cpu.append(time.process_time() - c)
+  faults = None if faults is None else (_minor_faults() - faults) / steps
   loss = float(jax.device_get(metrics["loss"]))
 
   # -- report -----------------------------------------------------------------
@@ -265,6 +278,10 @@ def measure_step(
     # CPU time of this process per step (all threads): on the CPU backend
     # a load-independent companion of the wall time on a shared host.
     "process_cpu_s_median": statistics.median(cpu),
+    # Page faults of this process per step: on the CPU, XLA's temp buffer
+    # faulted in afresh each step unless `host_allocator` keeps it mapped.
+    "minor_faults_per_step": faults,
+    "host_malloc": host_allocator.state,
     "images_per_s": config.batch_size / median,
     "images_per_s_per_device": config.batch_size / median / n,
     # cost_analysis of an SPMD step is the per-device program.
@@ -463,6 +480,7 @@ def format_table(records: list[dict]) -> str:
       "compile s",
       "step ms p50 [p10-p90]",
       "cpu ms",
+      "faults/step",
       "img/s",
       "GFLOP/img",
       "TFLOP/s",
@@ -482,6 +500,7 @@ def format_table(records: list[dict]) -> str:
           f"{r['step_s_median'] * 1e3:.1f} [{r['step_s_p10'] * 1e3:.1f}-"
           f"{r['step_s_p90'] * 1e3:.1f}]",
           f"{r['process_cpu_s_median'] * 1e3:.0f}",
+          _fmt(r.get("minor_faults_per_step"), ".0f"),
           f"{r['images_per_s']:.1f}",
           _fmt(r["gflops_per_image"], ".3g"),
           _fmt(r["tflops_per_s"], ".3g"),
