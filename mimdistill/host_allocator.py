@@ -75,6 +75,8 @@ def keep_freed_memory(environ=None) -> str:
   glibc and JAX has not started; returns what it did ("on") or why not
   ("off: <reason>"), also kept in `state`."""
   global state
+  if state == "on":  # mallopt settings last for the process: a second call changes nothing
+    return state
   env = os.environ if environ is None else environ
   reason = None
   if env.get(OPT_OUT, "").strip().lower() == "default":
