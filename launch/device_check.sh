@@ -28,32 +28,41 @@ fi
 export PYTHONUNBUFFERED=1
 python3 -c "import jax; print('devices:', jax.devices())"
 
+# run NAME SECONDS CMD...: a command that fails or runs out of time is
+# reported in its output, and the later sections still run.
+run() {
+  local name=$1 secs=$2
+  shift 2
+  # (on a line of its own: a cut-off progress bar leaves no newline)
+  timeout "$secs" "$@" 2>&1 || printf '\n%s: exit %s (124: timed out)\n' "$name" "$?"
+}
+
 echo "== 1. b_from_l step, 224 px, bf16, batch 128, fused attention off / on"
-timeout 300 python3 launch/benchmark.py --config configs/tinymim_distill.py:b_from_l \
+run "step benchmark" 300 python3 launch/benchmark.py --config configs/tinymim_distill.py:b_from_l \
   --config.dtype=bfloat16 --config.batch_size=128 --steps 10 --warmup 3 --calibrate \
   --sweep student.fused_attention+teacher.fused_attention=false,true \
-  --json_out "$OUT/step.jsonl" 2>&1 | tee "$OUT/step.txt" || echo "step benchmark: exit $? (124: timed out)"
+  --json_out "$OUT/step.jsonl" | tee "$OUT/step.txt"
 
 echo "== 2. input pipeline, distill augmentation, 224 px, $(nproc) workers"
-timeout 120 python3 launch/benchmark.py --config configs/tinymim_distill.py:quickstart \
+run "input benchmark" 120 python3 launch/benchmark.py --config configs/tinymim_distill.py:quickstart \
   --config.data.name="$DATA" --config.data.data_dir="$OUT/tfds" --config.data.image_size=224 \
   --config.student.image_size=224 --config.teacher.image_size=224 --config.batch_size=256 \
   --input_only --steps 20 --sweep data.num_workers=0,$(nproc) \
-  --json_out "$OUT/input.jsonl" 2>&1 | tee "$OUT/input.txt" || echo "input benchmark: exit $? (124: timed out)"
+  --json_out "$OUT/input.jsonl" | tee "$OUT/input.txt"
 
 echo "== 3. TinyMIM distillation vs MAE pre-training of the same student, equal budget"
 # Fine-tuned top-1 is the comparison, so the segmentation stage is left out
 # (it would spend device time compiling UperNet twice). A stage cut short by
-# its timeout leaves its checkpoints; the next section still runs.
+# its timeout leaves its checkpoints.
 COMMON=(--config.pretrain.data.name="$DATA" --config.distill.data.name="$DATA"
         --config.finetune.data.name="$DATA" --config.pretrain.data.data_dir="$OUT/tfds"
         --config.distill.data.data_dir="$OUT/tfds" --config.finetune.data.data_dir="$OUT/tfds"
         --config.distill.dtype=bfloat16 --config.pretrain.dtype=bfloat16
         --config.finetune.dtype=bfloat16)
-timeout 150 python3 launch/pipeline.py --config configs/pipeline.py:quickstart \
-  --workdir "$OUT/tinymim" --config.stages=pretrain,distill,finetune "${COMMON[@]}" 2>&1 \
-  | tail -8 | tee "$OUT/tinymim.txt" || echo "tinymim pipeline: exit $? (124: timed out)"
-timeout 120 python3 launch/pipeline.py --config configs/pipeline.py:mae_baseline:quickstart \
-  --workdir "$OUT/mae" --config.stages=pretrain,finetune "${COMMON[@]}" 2>&1 \
-  | tail -6 | tee "$OUT/mae.txt" || echo "mae pipeline: exit $? (124: timed out)"
+run "tinymim pipeline" 150 python3 launch/pipeline.py --config configs/pipeline.py:quickstart \
+  --workdir "$OUT/tinymim" --config.stages=pretrain,distill,finetune "${COMMON[@]}" \
+  | tail -8 | tee "$OUT/tinymim.txt"
+run "mae pipeline" 120 python3 launch/pipeline.py --config configs/pipeline.py:mae_baseline:quickstart \
+  --workdir "$OUT/mae" --config.stages=pretrain,finetune "${COMMON[@]}" \
+  | tail -6 | tee "$OUT/mae.txt"
 echo "== done: $OUT"
