@@ -3,6 +3,9 @@ the location of the shared fixtures/data, which a user's clone lacks."""
 
 import os
 import pathlib
+import shutil
+import tempfile
+import uuid
 
 # 8 fake CPU devices for the multi-device tests. LLVM's optimisation level 0
 # for the tests' XLA:CPU kernels: the tiny test models are compile-bound (a
@@ -22,11 +25,33 @@ os.environ["XLA_FLAGS"] = " ".join(
 # the same optimisation level.
 ONE_DEVICE_XLA_FLAGS = "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session's xdist workers and the
+# launch scripts they start (inherited through the environment): the tiny
+# models' programs are compile-bound, and the same program is compiled by
+# several tests and by every run of a kill-and-resume test. JAX keys an
+# entry by the program, the XLA flags and its own version, so a hit is the
+# executable a compile would give. The controller names it before the
+# workers start (they inherit it) and deletes it at the end. A cache the
+# caller set is used as is.
+_JAX_CACHE = pathlib.Path(
+  os.environ.setdefault(
+    "MIMDISTILL_TEST_JAX_CACHE",
+    str(pathlib.Path(tempfile.gettempdir()) / f"mimdistill-test-jax-cache-{uuid.uuid4().hex}"),
+  )
+)
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_JAX_CACHE)
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+
+def pytest_sessionfinish(session):
+  if not hasattr(session.config, "workerinput"):  # the controller, after every worker
+    shutil.rmtree(_JAX_CACHE, ignore_errors=True)
 
 
 def pytest_xdist_auto_num_workers(config):
