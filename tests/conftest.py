@@ -32,14 +32,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # entry by the program, the XLA flags and its own version, so a hit is the
 # executable a compile would give. The controller names it before the
 # workers start (they inherit it) and deletes it at the end. A cache the
-# caller set is used as is.
+# caller set (JAX_COMPILATION_CACHE_DIR) is used as is and kept.
+_OWN_JAX_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 _JAX_CACHE = pathlib.Path(
   os.environ.setdefault(
     "MIMDISTILL_TEST_JAX_CACHE",
     str(pathlib.Path(tempfile.gettempdir()) / f"mimdistill-test-jax-cache-{uuid.uuid4().hex}"),
   )
 )
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+if _OWN_JAX_CACHE:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_JAX_CACHE)
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
@@ -50,7 +51,7 @@ SHARED = REPO.parent / "shared"
 
 
 def pytest_sessionfinish(session):
-  if not hasattr(session.config, "workerinput"):  # the controller, after every worker
+  if _OWN_JAX_CACHE and not hasattr(session.config, "workerinput"):  # the controller, last
     shutil.rmtree(_JAX_CACHE, ignore_errors=True)
 
 
