@@ -11,12 +11,22 @@
 #
 #   bash launch/device_check.sh [OUT_DIR]        # OUT_DIR default /tmp/device_check
 #
+# All of it stays within BUDGET seconds (default 540): the device tool runs one
+# command for at most 600 s, and the sections' own limits add up to more, so a
+# section gets what is left of the budget when its own limit would overrun it,
+# and one with under 30 s left is skipped with a line saying so.
+#
 # Packages the device lacks (tensorflow-datasets, grain, array-record, ml-collections,
 # ...) are installed first from ./.whl when that folder exists (see the device tool's
 # README); nothing is downloaded.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-/tmp/device_check}
+BUDGET=${BUDGET:-540}
+if ! [[ $BUDGET =~ ^[0-9]+$ ]]; then
+  echo "BUDGET=$BUDGET is not a whole number of seconds: give e.g. BUDGET=540" >&2
+  exit 2
+fi
 DATA=${DATA:-embedded}
 mkdir -p "$OUT"
 if [ -d .whl ]; then
@@ -31,8 +41,14 @@ python3 -c "import jax; print('devices:', jax.devices())"
 # run NAME SECONDS CMD...: a command that fails or runs out of time is
 # reported in its output, and the later sections still run.
 run() {
-  local name=$1 secs=$2
+  local name=$1 secs=$2 left
   shift 2
+  left=$((BUDGET - SECONDS))
+  if [ "$left" -lt 30 ]; then
+    printf '%s: skipped, %ss left of BUDGET=%ss\n' "$name" "$left" "$BUDGET"
+    return 0
+  fi
+  if [ "$secs" -gt "$left" ]; then secs=$left; fi
   # (on a line of its own: a cut-off progress bar leaves no newline)
   timeout "$secs" "$@" 2>&1 || printf '\n%s: exit %s (124: timed out)\n' "$name" "$?"
 }
