@@ -22,10 +22,16 @@ def _loss(params, images, key):
   return jnp.mean(jnp.square(tokens))
 
 
+# The claims are about XLA:CPU's default kernel emitters (the MLIR fusion
+# emitters), which tests/conftest.py turns off for the suite's compile time:
+# the older emitter rounds these gradients differently in the last bit.
+DEFAULT_EMITTERS = {"xla_cpu_use_fusion_emitters": True} if jax.default_backend() == "cpu" else {}
+
+
 def _grad(monkeypatch=None):
   if monkeypatch is not None:
     monkeypatch.setattr(fusion_barrier, "residual_barrier", lambda x: x)
-  return jax.jit(jax.grad(_loss))
+  return jax.jit(jax.grad(_loss), compiler_options=DEFAULT_EMITTERS)
 
 
 def _max_fusion_operands(compiled_text: str) -> int:
