@@ -70,6 +70,51 @@ def one_line(error: BaseException) -> str:
   return "; ".join(lines)
 
 
+def unknown_override(argv: list[str]) -> str | None:
+  """The first `--config.<path>=` override of `argv` whose path the config
+  does not have, named with the fields that are there, or None.
+
+  ml_collections names only the missing key, and suggests a field only for a
+  near miss, so `--config.optimizer.lr=1` fails as a bare `'lr'`. The config
+  file is loaded a second time for this (as config_flags loads it: the file
+  run as a module, `get_config(preset)`); it is cheap and only on an error."""
+  import difflib
+  import importlib.util
+  import os
+
+  spec, overrides = None, []
+  for i, arg in enumerate(argv):
+    if arg == "--config" and i + 1 < len(argv):
+      spec = argv[i + 1]
+    elif arg.startswith("--config="):
+      spec = arg.split("=", 1)[1]
+    elif arg.startswith("--config."):
+      overrides.append(arg[len("--config.") :].split("=", 1)[0])
+  if not spec or not overrides:
+    return None
+  path, _, preset = spec.partition(":")
+  try:
+    module_spec = importlib.util.spec_from_file_location("_config_for_error", os.path.abspath(path))
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(preset) if preset else module.get_config()
+  except Exception:  # the config itself is broken: the original error says more
+    return None
+  for override in overrides:
+    node, parts = config, override.split(".")
+    for depth, key in enumerate(parts):
+      keys = node.keys() if hasattr(node, "keys") else None
+      if keys is None:
+        break  # a leaf reached: its value's parse error is ml_collections' to report
+      if key not in keys:
+        where = "config." + ".".join(parts[:depth]) if depth else spec
+        close = difflib.get_close_matches(key, list(keys), n=1)
+        fix = f"did you mean {close[0]!r}?" if close else "its fields: " + ", ".join(sorted(keys))
+        return f"unknown config field {override!r}: {where} has no {key!r}; {fix}"
+      node = node[key]
+  return None
+
+
 def fail(error: BaseException) -> None:
   print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
   sys.exit(2)
@@ -96,6 +141,11 @@ def run(main) -> None:
     except Exception as e:  # anything while parsing: the command line or the config file
       if "--verbose_errors" in argv:
         raise
+      if isinstance(e, (KeyError, AttributeError)):
+        message = unknown_override(argv)
+        if message:
+          print(f"error: {message}", file=sys.stderr, flush=True)
+          sys.exit(2)
       fail(e)
 
   def wrapped(argv):

@@ -372,8 +372,14 @@ def test_the_logged_lr_under_accumulation_is_the_applied_one(tmp_path):
   [
     (
       ["--config.batchsize=3"],
-      "error: unknown config field 'batchsize'; did you mean \"batch_size\"",
+      "mae_pretrain.py:quickstart has no 'batchsize'; did you mean 'batch_size'?",
     ),
+    # no near miss: ml_collections' own error is a bare "'lr'"; the fields are listed instead
+    (
+      ["--config.optimizer.lr=1"],
+      "error: unknown config field 'optimizer.lr': config.optimizer has no 'lr'; its fields: accumulate_steps, b1, b2,",
+    ),
+    (["--config.student.depth=2"], "error: unknown config field 'student.depth': "),
     (
       ["--config.data.name=/data/imgs"],
       "looks like a folder; a folder of class folders is 'folder:/data/imgs'",
