@@ -83,6 +83,13 @@ import ml_collections
 from configs import common as cc
 
 
+def _disable_auto_augment(data: ml_collections.ConfigDict) -> None:
+  """RandAugment off, as a str-typed None: a field set to a plain None has
+  NoneType, and the command line could not turn it on again
+  (`--config.data.auto_augment=rand-m9-mstd0.5-inc1`)."""
+  data.get_ref("auto_augment").set(None)
+
+
 def base_config(arg: str) -> ml_collections.ConfigDict:
   c = cc.stage_config(
     "finetune",
@@ -174,12 +181,12 @@ def _quickstart(c):
     eval_split="test",
     image_size=32,
     num_workers=0,
-    auto_augment=None,
     reprob=0.0,
     mixup=0.0,
     cutmix=0.0,
     finetune_crop_scale=(0.6, 1.0),
   )
+  _disable_auto_augment(c.data)
   c.batch_size = 128
   c.eval_batch_size = 200
   c.total_epochs = 20.0  # 8 epochs reach ~20% top-1 here, 20 epochs ~44%
@@ -218,7 +225,8 @@ def _linprobe(c):
   c.optimizer.weight_decay = 0.0
   c.model.drop_path = 0.0
   c.model.global_pool = False  # MAE linprobe uses the CLS token
-  c.data.update(auto_augment=None, reprob=0.0, mixup=0.0, cutmix=0.0)
+  c.data.update(reprob=0.0, mixup=0.0, cutmix=0.0)
+  _disable_auto_augment(c.data)
 
 
 def _star(c):
@@ -346,13 +354,13 @@ def _cnn_quickstart(c):
     eval_split="test",
     image_size=64,
     num_workers=0,
-    auto_augment=None,
     reprob=0.0,
     mixup=0.0,
     cutmix=0.0,
     crop_pct=0.875,
     finetune_crop_scale=(0.6, 1.0),
   )
+  _disable_auto_augment(c.data)
   c.batch_size = 64
   c.eval_batch_size = 200
   c.total_epochs = 6.0
