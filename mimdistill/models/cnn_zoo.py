@@ -23,6 +23,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from mimdistill.models import variants
 from mimdistill.models.convnext import ConvNeXt, resolve_variant
 from mimdistill.models.resnet import ResNet, resolve_depth
 
@@ -49,7 +50,11 @@ SECTION_FIELDS = (
 def fields_of_section(section: Mapping[str, Any]) -> dict[str, Any]:
   """The model fields a config section sets (None = unset), for `build_cnn`."""
   fields = {k: section[k] for k in SECTION_FIELDS if k in section and section[k] is not None}
+  div = fields.get("div", 1)
+  if not isinstance(div, int) or div < 1:
+    raise ValueError(f"model.div={div!r} must be an integer >= 1: every width is divided by it")
   if "drop_path" in fields:
+    variants.check_drop_path(fields["drop_path"])
     fields["drop_path_rate"] = float(fields.pop("drop_path"))
   return fields
 

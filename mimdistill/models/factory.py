@@ -46,7 +46,7 @@ from mimdistill.models.hetero import HeteroStudent, decoder_blocks_for
 from mimdistill.models.mae import MAE
 from mimdistill.models.segmentation_backbone import SegmentationBackbone, check_backbone
 from mimdistill.models.segmentor import EncoderDecoder
-from mimdistill.models.spark import SparK
+from mimdistill.models.spark import DENSIFY_NORMS, SparK
 from mimdistill.models.tinymim import DistillHeads, DistillStudent
 from mimdistill.models.uper_head import UPerHead
 from mimdistill.models.vit import ViTEncoder, drop_path_rates
@@ -269,6 +269,8 @@ def spark(
   norm = section["densify_norm"] if _set(section, "densify_norm") else "auto"
   if norm == "auto":
     norm = DENSIFY_NORM_OF_FAMILY[cnn_zoo.family_of(cnn_zoo.fields_of_section(section))]
+  if norm not in DENSIFY_NORMS:  # the module checks it only when first run
+    raise ValueError(f"model.densify_norm={norm!r} is not one of {('auto', *DENSIFY_NORMS)}")
   return SparK(
     encoder=cnn(section, dtype=dtype, num_classes=0),
     decoder_width=int(section["decoder_width"]) if _set(section, "decoder_width") else 768,

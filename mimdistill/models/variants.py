@@ -11,6 +11,7 @@ reads the same table for the head count a checkpoint does not store.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -81,6 +82,12 @@ def resolve(model: Mapping[str, Any]) -> EncoderSpec:
       f"image_size={spec.image_size} is not divisible by patch_size="
       f"{spec.patch_size}; use a multiple of {spec.patch_size}"
     )
+  ratio = spec.mlp_ratio
+  if not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or int(spec.width * ratio) < 1:
+    raise ValueError(
+      f"mlp_ratio={ratio!r} must be a number > 0 (the MLP is width * mlp_ratio wide; ViTs use 4.0)"
+    )
+  check_drop_path(model.get("drop_path"))
   if spec.width % spec.num_heads:
     raise ValueError(f"width={spec.width} is not divisible by num_heads={spec.num_heads}")
   if spec.width % 4:
@@ -88,3 +95,15 @@ def resolve(model: Mapping[str, Any]) -> EncoderSpec:
       f"width={spec.width} must be a multiple of 4 for the 2-D sin-cos position embedding"
     )
   return spec
+
+
+def check_drop_path(rate, field: str = "drop_path") -> None:
+  """A stochastic-depth rate is a probability of skipping a block: in [0, 1)
+  (None: unset). At 1 every block is skipped and nothing is learnt."""
+  if rate is None:
+    return
+  if not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+    raise ValueError(
+      f"{field}={rate!r} must be in [0, 1): the probability of skipping a block (the fine-tuning "
+      "recipes use 0.1)"
+    )

@@ -40,6 +40,16 @@ def check(section) -> None:
       f"optimizer.layer_decay_rule={section.layer_decay_rule!r} is not one of "
       f"{cnn_layer_decay.RULES}"
     )
+  eps = section.get("eps")
+  if eps is not None and not (isinstance(eps, (int, float)) and 0 < eps < float("inf")):
+    # a zero eps divides by a zero second moment on any leaf with a zero gradient
+    raise ValueError(f"optimizer.eps={eps!r} must be a finite number > 0 (SparK: 1e-6)")
+  end = section.get("weight_decay_end")
+  if end is not None and not (isinstance(end, (int, float)) and 0 <= end < float("inf")):
+    raise ValueError(
+      f"optimizer.weight_decay_end={end!r} must be a finite number >= 0: the weight decay the "
+      "cosine ends at (SparK: 0.2)"
+    )
 
 
 def from_config(

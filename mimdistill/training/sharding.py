@@ -26,11 +26,12 @@ _MIN_FSDP_SIZE = 2**12
 def make_mesh(fsdp: int = 1, devices=None, num_devices: int = 0) -> Mesh:
   """`num_devices` > 0 uses only the first that many devices."""
   devices = np.asarray(jax.devices() if devices is None else devices)
+  if not isinstance(num_devices, int) or not 0 <= num_devices <= devices.size:
+    raise ValueError(
+      f"mesh.num_devices={num_devices!r} must be in 0..{devices.size}, the devices visible "
+      "(0 = all of them)"
+    )
   if num_devices:
-    if num_devices > devices.size:
-      raise ValueError(
-        f"mesh.num_devices={num_devices} but only {devices.size} devices are visible"
-      )
     devices = devices[:num_devices]
   n = devices.size
   if fsdp < 1 or n % fsdp:
