@@ -58,6 +58,74 @@ def test_numeric_settings_are_refused_before_compiling(override, message):
     pretrain.validate(_config(mae_pretrain, **override), data=False)
 
 
+# Each of these used to start a run (or fail inside the input workers): Adam
+# with b2 = 1 divides by zero, a drop path of 1.5 or an EMA decay of 1.5 are
+# not probabilities, a warmup as long as the run never reaches the peak lr.
+@pytest.mark.parametrize(
+  "override,message",
+  [
+    ({"model.drop_path": 1.5}, "drop_path=1.5 must be in [0, 1)"),
+    ({"model.mlp_ratio": 0.0}, "mlp_ratio=0.0 must be a number > 0"),
+    ({"optimizer.b2": 1.0}, "optimizer.b2=1.0 must be in [0, 1)"),
+    ({"optimizer.b1": -0.1}, "optimizer.b1=-0.1 must be in [0, 1)"),
+    ({"optimizer.layer_decay": 0.0}, "optimizer.layer_decay=0.0 must be in (0, 1]"),
+    ({"optimizer.layer_decay": 1.5}, "optimizer.layer_decay=1.5 must be in (0, 1]"),
+    ({"ema_decay": 1.5}, "ema_decay=1.5 must be in [0, 1)"),
+    ({"eval_batch_size": 0}, "eval_batch_size=0 must be an integer >= 1"),
+    ({"warmup_epochs": 100.0}, "warmup_epochs=100 is not shorter than total_epochs=20"),
+    ({"data.reprob": 1.5}, "data.reprob=1.5 must be in [0, 1]"),
+    ({"data.remode": "bogus"}, "data.remode='bogus' is not one of"),
+    ({"data.recount": 0}, "data.recount=0 must be an integer >= 1"),
+    ({"data.finetune_crop_scale": (1.0, 0.5)}, "data.finetune_crop_scale=(1.0, 0.5) must be"),
+    ({"mesh.num_devices": -1}, "mesh.num_devices=-1 must be in 0.."),
+  ],
+)
+def test_finetune_settings_are_refused_before_compiling(override, message):
+  with pytest.raises(
+    ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+  ):
+    finetune.validate(_config(finetune_configs, **override), data=False)
+
+
+@pytest.mark.parametrize(
+  "module,override,message",
+  [
+    ("mae_pretrain", {"model.decoder.num_heads": 5}, "model.decoder width=64 depth=2 num_heads=5"),
+    ("mae_pretrain", {"num_visualize": -1}, "num_visualize=-1 must be an integer >= 0"),
+    ("tinymim_distill", {"student.drop_path": 1.5}, "drop_path=1.5 must be in [0, 1)"),
+    ("segment", {"data.ratio_range": (2.0, 0.5)}, "data.ratio_range=(2.0, 0.5) must be"),
+    ("segment", {"data.cat_max_ratio": 0.0}, "data.cat_max_ratio=0 must be in (0, 1]"),
+    ("segment", {"loss_weights.aux": -1.0}, "loss_weights.aux=-1.0 must be a finite number"),
+    ("segment", {"schedule.power": -1.0}, "schedule.power=-1.0 must be >= 0"),
+    ("segment", {"model.auxiliary_head.in_index": 9}, "in_index=9 must pick one of the neck's 4"),
+    ("hetero_distill", {"optimizer.eps": 0.0}, "optimizer.eps=0.0 must be a finite number > 0"),
+    ("spark_pretrain", {"model.div": 0}, "model.div=0 must be an integer >= 1"),
+    ("spark_pretrain", {"optimizer.weight_decay_end": -1.0}, "weight_decay_end=-1.0 must be"),
+    ("spark_pretrain", {"model.densify_norm": "bogus"}, "model.densify_norm='bogus' is not one"),
+    ("cae", {"teacher.act": "bogus"}, "teacher.act='bogus' is not one of"),
+    ("cae", {"model.qkv_bias": "bogus"}, "model.qkv_bias='bogus' is not one of"),
+    ("cae", {"loss_weight": -1.0}, "loss_weight=-1.0 must be a finite number > 0"),
+  ],
+)
+def test_stage_settings_are_refused_before_compiling(module, override, message):
+  import importlib
+
+  from mimdistill.stages import registry
+
+  c = _config(importlib.import_module(f"configs.{module}"), **override)
+  escaped = message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+  with pytest.raises(ValueError, match=escaped):
+    registry.stage_module(c).validate(c, data=False)
+
+
+def test_a_preset_without_randaugment_still_takes_it_from_the_command_line():
+  # `--config.<field>=` parses by the field's type; a plain None field has
+  # NoneType, which ml_collections refuses to override.
+  for preset in ("quickstart", "linprobe", "cae"):
+    c = finetune_configs.get_config(preset)
+    assert c.data.auto_augment is None and c.data.get_type("auto_augment") is str, preset
+
+
 def test_distill_mask_that_leaves_nothing_and_one_class_finetune_are_refused():
   c = _config(tinymim_distill, **{"distill.student_input": "masked", "distill.mask_ratio": 0.99})
   with pytest.raises(ValueError, match="distill.mask_ratio=0.99 leaves no visible patch"):

@@ -167,6 +167,27 @@ class SegmentationAugment:
   mean: tuple[float, float, float] = ADE_MEAN
   std: tuple[float, float, float] = ADE_STD
 
+  def __post_init__(self):
+    # numpy would sample a reversed ratio range, and a cat_max_ratio of 0
+    # rejects every crop, without a word: refused here, named by field.
+    lo, hi = self.ratio_range
+    if not 0 < lo <= hi:
+      raise ValueError(
+        f"data.ratio_range={self.ratio_range} must be (low, high) with 0 < low <= high: the "
+        "random rescale's range (mmseg: (0.5, 2.0))"
+      )
+    if len(self.img_scale) != 2 or min(self.img_scale) < 1:
+      raise ValueError(f"data.img_scale={self.img_scale} must be two positive ints (long, short)")
+    if not 0 < self.cat_max_ratio <= 1:
+      raise ValueError(
+        f"data.cat_max_ratio={self.cat_max_ratio:g} must be in (0, 1]: the largest share one "
+        "class may have of a crop (1 disables the check; mmseg: 0.75)"
+      )
+    if not 0 <= self.flip_prob <= 1:
+      raise ValueError(f"data.flip_prob={self.flip_prob:g} must be in [0, 1]")
+    if min(self.std) <= 0:
+      raise ValueError(f"data.std={self.std} must be positive (per channel, 0-255 scale)")
+
   def load_label(self, label: np.ndarray, what: str = "annotation") -> np.ndarray:
     label = np.asarray(label)
     if label.ndim == 3:

@@ -151,6 +151,8 @@ def check_available(name: str, data_dir: str | None, bad_files: str = "refuse") 
   """Fails fast (before any training is set up) on an unknown dataset name,
   a missing folder, or a TFDS dataset that is not prepared. Our own datasets
   are prepared on first use, so they always count as available."""
+  if bad_files not in class_folder.BAD_FILES:  # a folder's policy, refused on any dataset alike
+    raise ValueError(f"data.bad_files={bad_files!r} is not one of {class_folder.BAD_FILES}")
   builder = get_builder(name, data_dir, bad_files)
   if not isinstance(builder, local_builder.LocalBuilder):
     ensure_prepared(builder)

@@ -55,8 +55,13 @@ from mimdistill.interop import clip_names
 from mimdistill.interop.torchscript_reader import read_torch_file
 from mimdistill.models import factory, variants
 from mimdistill.models.cae import NO_GRAD_PARAMS, CAEv2, init_variables
-from mimdistill.models.clip import CLIP_MEAN, CLIP_STD, resize_positional_embedding
-from mimdistill.models.vit import stack_blocks
+from mimdistill.models.clip import (
+  ACTIVATIONS,
+  CLIP_MEAN,
+  CLIP_STD,
+  resize_positional_embedding,
+)
+from mimdistill.models.vit import QKV_BIAS, stack_blocks
 from mimdistill.objectives import cae_loss
 from mimdistill.paths import as_path
 from mimdistill.stages import distill
@@ -231,6 +236,17 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
         f"{who}.image_size={size} differs from data.image_size={config.data.image_size}; "
         "teacher and student see the same crop: set all three alike"
       )
+  if t.act not in ACTIVATIONS:
+    raise ValueError(f"teacher.act={t.act!r} is not one of {ACTIVATIONS} (CLIP's own: quick_gelu)")
+  for name, bias in (("model.qkv_bias", config.model.qkv_bias), ("teacher.qkv_bias", t.qkv_bias)):
+    if bias is not None and bias not in QKV_BIAS:  # the modules check it only when first run
+      raise ValueError(f"{name}={bias!r} is not one of {QKV_BIAS}")
+  weight = config.loss_weight
+  if not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+    raise ValueError(f"loss_weight={weight!r} must be a finite number > 0 (CAE v2: 1.0)")
+  jitter = config.data.get("color_jitter")
+  if jitter is not None and not (isinstance(jitter, (int, float)) and jitter >= 0):
+    raise ValueError(f"data.color_jitter={jitter!r} must be >= 0 (0: off; CAE v2: 0.4)")
   reg = config.model.regressor
   if reg.width < 1 or reg.depth < 1 or reg.num_heads < 1 or reg.width < reg.num_heads:
     raise ValueError(

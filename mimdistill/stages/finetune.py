@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 from mimdistill import workdir as workdir_lib
-from mimdistill.data import input_pipeline, sources
+from mimdistill.data import finetune_transforms, input_pipeline, sources
 from mimdistill.data.transforms import normalize
 from mimdistill.models import factory, variants
 from mimdistill.models.classifier import DIST_POOLS, ViTClassifier
@@ -79,8 +79,14 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
       f"model.image_size={spec.image_size} differs from "
       f"data.image_size={config.data.image_size}; set both alike"
     )
+  if not isinstance(config.ema_decay, (int, float)) or not 0 <= config.ema_decay < 1:
+    raise ValueError(
+      f"ema_decay={config.ema_decay!r} must be in [0, 1) (0: no EMA of the weights; DeiT uses "
+      "0.99996)"
+    )
   if config.mode not in MODES:
     raise ValueError(f"mode={config.mode!r}: use 'finetune' or 'linprobe'")
+  _check_random_erasing(config.data)
   vit_sections = [(config.kd.teacher, "kd.teacher")]
   if not cnn_finetune.is_cnn(config):  # a CNN section has no tokens
     vit_sections.append((config.model, "model"))
@@ -123,6 +129,20 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
       ".pth / .safetensors), or --config.kd.type=none"
     )
   sources.check_available(config.data.name, config.data.data_dir, config.data.bad_files)
+
+
+def _check_random_erasing(data) -> None:
+  """timm's RandomErasing options, checked even when `reprob` = 0 leaves
+  them unused, so that turning it on later does not fail mid-run."""
+  prob, mode, count = data.get("reprob", 0.0), data.get("remode", "pixel"), data.get("recount", 1)
+  if not isinstance(prob, (int, float)) or not 0 <= prob <= 1:
+    raise ValueError(
+      f"data.reprob={prob!r} must be in [0, 1]: the probability of erasing (MAE uses 0.25)"
+    )
+  if mode not in finetune_transforms.RE_MODES:
+    raise ValueError(f"data.remode={mode!r} is not one of {finetune_transforms.RE_MODES}")
+  if not isinstance(count, int) or count < 1:
+    raise ValueError(f"data.recount={count!r} must be an integer >= 1 (rectangles per image)")
 
 
 # -----------------------------------------------------------------------------

@@ -36,6 +36,18 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
   factory.compute_dtype(config.dtype)
   run_config.validate(config)
   check_mask_ratio(config.mask_ratio, spec.num_patches, "mask_ratio")
+  dec = config.model.decoder
+  sizes = (dec.width, dec.depth, dec.num_heads)
+  if not all(isinstance(v, int) and v >= 1 for v in sizes) or dec.width % dec.num_heads:
+    raise ValueError(
+      f"model.decoder width={dec.width} depth={dec.depth} num_heads={dec.num_heads}: all must be "
+      "integers >= 1 and the heads must divide the width (MAE: 512, 8, 16)"
+    )
+  if dec.width % 4:
+    raise ValueError(
+      f"model.decoder.width={dec.width} must be a multiple of 4 for the 2-D sin-cos position "
+      "embedding"
+    )
   if config.model.image_size != config.data.image_size:
     raise ValueError(
       f"model.image_size={config.model.image_size} differs from "

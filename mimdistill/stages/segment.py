@@ -37,7 +37,13 @@ import numpy as np
 import optax
 
 from mimdistill import workdir as workdir_lib
-from mimdistill.data import input_pipeline, segmentation_classes, segmentation_sizes, sources
+from mimdistill.data import (
+  input_pipeline,
+  segmentation_classes,
+  segmentation_sizes,
+  segmentation_transforms,
+  sources,
+)
 from mimdistill.interop.segmentation_init import init_backbone
 from mimdistill.models import factory, variants
 from mimdistill.models.segmentation_backbone import check_backbone
@@ -82,6 +88,23 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
     )
   if int(config.num_classes) < 1:
     raise ValueError("num_classes must be set (150 for ADE20K, 11 for embedded_segmentation)")
+  segmentation_transforms.augment_from_config(run_config.data_config(config, "segment"))
+  aux, levels = m.get("auxiliary_head"), len(m.out_indices)
+  if aux is not None and not (isinstance(aux.in_index, int) and 0 <= aux.in_index < levels):
+    raise ValueError(
+      f"model.auxiliary_head.in_index={aux.in_index!r} must pick one of the neck's {levels} "
+      f"feature maps (0..{levels - 1}; TinyMIM: 2)"
+    )
+  for name, weight in config.loss_weights.items():
+    if not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+      raise ValueError(f"loss_weights.{name}={weight!r} must be a finite number >= 0")
+  if not config.loss_weights.get("decode"):
+    raise ValueError("loss_weights.decode must be > 0: the decode head's loss is the task's")
+  if not isinstance(config.schedule.power, (int, float)) or not config.schedule.power >= 0:
+    raise ValueError(
+      f"schedule.power={config.schedule.power!r} must be >= 0: the poly decay's exponent "
+      "(mmseg: 1.0; a negative one would raise the lr)"
+    )
   if config.eval.mode not in MODES:
     raise ValueError(f"eval.mode={config.eval.mode!r}; use one of {MODES}")
   if len(config.eval.stride) != 2 or min(config.eval.stride) < 1:
