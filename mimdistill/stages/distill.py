@@ -159,6 +159,8 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
   plan = make_plan(config)
   if plan.masked:
     check_mask_ratio(plan.mask_ratio, student.num_patches, "distill.mask_ratio")
+  if not isinstance(d.mae_weight, (int, float)) or not d.mae_weight >= 0:
+    raise ValueError(f"distill.mae_weight={d.mae_weight!r} must be >= 0 (0: no MAE loss)")
   if plan.mae_weight and not plan.masked:
     raise ValueError(
       f"distill.mae_weight={plan.mae_weight} needs "
@@ -171,6 +173,23 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
       f"{teacher.depth}; use a block in 1..{teacher.depth} (1-based, 0 = "
       "default: 18 for a depth-24 teacher, else the last)"
     )
+  if not isinstance(d.relation_heads, int) or d.relation_heads < 0:
+    raise ValueError(
+      f"distill.relation_heads={d.relation_heads!r} must be an integer >= 0 (0: the teacher's "
+      "heads; TinyMIM uses 12 for ViT-B -> ViT-S)"
+    )
+  if not isinstance(d.beta, (int, float)) or not d.beta >= 0:
+    raise ValueError(
+      f"distill.beta={d.beta!r} must be >= 0 (the feature loss's smooth-L1 beta; 0 is L1, "
+      "TinyMIM: 2.0)"
+    )
+  if plan.mae_weight:
+    dec = d.decoder
+    if min(dec.width, dec.depth, dec.num_heads) < 1 or dec.width % dec.num_heads:
+      raise ValueError(
+        f"distill.decoder width={dec.width} depth={dec.depth} num_heads={dec.num_heads}: all "
+        "must be >= 1 and the heads must divide the width"
+      )
   if plan.target == "relation":
     r = plan.relation_heads
     for who, width in (("teacher", teacher.width), ("student", student.width)):
