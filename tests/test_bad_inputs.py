@@ -266,6 +266,16 @@ def test_pipeline_refuses_a_finished_stage_with_another_config(tmp_path, monkeyp
   assert len(runs) == 7 and len([p for p in tmp_path.iterdir() if ".replaced-" in p.name]) == 3
 
 
+def test_pipeline_checks_every_stage_before_the_first_runs(tmp_path, monkeypatch):
+  runs = []
+  monkeypatch.setattr(pipeline.registry, "run_stage", lambda cfg, d, **_: runs.append(cfg.stage))
+  c = pipeline_configs.get_config("quickstart")
+  c.segment.schedule.power = -1.0  # the last stage's
+  with pytest.raises(ValueError, match=r"schedule.power=-1.0 must be >= 0"):
+    pipeline.run_pipeline(c, tmp_path)
+  assert runs == [] and not (tmp_path / "pretrain").exists()
+
+
 def test_a_stage_resumed_with_another_dataset_or_batch_is_refused(tmp_path):
   config = _config(mae_pretrain)
   (tmp_path / "checkpoints" / "2").mkdir(parents=True)

@@ -147,6 +147,13 @@ def _run_pipeline(config, workdir) -> dict:
   if config.get("teacher_source") and names and config[names[0]].stage == "pretrain":
     names = names[1:]  # an external teacher replaces stage 1
   _apply_rerun(config, names, workdir)
+  # Every stage still to run is checked before the first starts: a bad value
+  # in the last stage would otherwise surface only after the earlier ones had
+  # trained (days on ImageNet). `data=False`: the parents' workdirs, which
+  # the stages read, do not exist yet.
+  for name in names:
+    if workdir_lib.read_json(workdir / name, DONE) is None:
+      registry.stage_module(config[name]).validate(config[name], data=False)
   summary = {"workdir": str(workdir), "stages": []}
   previous = None
   done_dirs: dict = {}
