@@ -29,7 +29,9 @@ Presets (`:<arg>`):
                   --config.finetune.kd.type=none is the same run without KD
 Baselines (paper Table 1), same data and student as the preset after the colon:
   mae_baseline:<preset>      MAE pre-training of the student itself, then fine-tuning
-                             (and segmentation, from the same MAE encoder)
+                             (and segmentation, from the same MAE encoder); of a
+                             chain, its last student (not the TinyMIM*-T presets:
+                             MAE has no distillation token)
   scratch_baseline:<preset>  fine-tuning (and segmentation) from random init
 CAE v2 in place of TinyMIM distillation (configs/cae.py), then fine-tuning:
   cae:quickstart, cae:cifar10  the stage-1 teacher -> CAE v2 (the preset of the
@@ -178,7 +180,17 @@ def get_config(arg: str = "quickstart") -> ml_collections.ConfigDict:
     )
   order = [k for k in _ORDER if k in c]
   if baseline == "mae_baseline":
-    _student_as_mae(c.pretrain, c.distill.student)
+    if preset in ("imagenet_star", "quickstart_star"):
+      raise ValueError(
+        f"mae_baseline:{preset}: MAE pre-training has no distillation token, so the "
+        "TinyMIM*-T student has no MAE baseline; use mae_baseline:imagenet_chain (the same "
+        f"ViT-T without it) or scratch_baseline:{preset}"
+      )
+    # The student of the chain's last distillation, pre-trained by MAE
+    # itself: no external teacher, so stage 1 is not skipped.
+    last = [k for k in ("distill", "distill_s", "distill_t") if k in c][-1]
+    _student_as_mae(c.pretrain, c[last].student)
+    c.teacher_source = ""
     order = ["pretrain", "finetune"]
     if "segment" in c:
       c.segment.parent = "pretrain"

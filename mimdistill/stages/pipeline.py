@@ -111,21 +111,75 @@ def _apply_rerun(config, names: list[str], workdir) -> None:
   workdir_lib.write_json(workdir, RERUN, marker)
 
 
-def _parent_dir(name: str, stage_cfg, previous, done: dict, names: list):
-  """The workdir a stage starts from: its `parent` stage's, if it names
-  one ('none': no parent), else the previous stage's."""
-  parent = stage_cfg.get("parent") or ""
-  if not parent:
-    return previous
-  if parent == "none":
-    return None
-  if parent not in done:
+# How far along the chain a stage kind sits: each stage starts from the one
+# before it, so a pipeline runs pre-training, then distillation, then the
+# downstream tasks; one of these out of order would start from the wrong
+# checkpoint (fine-tuning from random init, distilling from a classifier).
+_STEP = {
+  "pretrain": 0,
+  "spark_pretrain": 0,
+  "distill": 1,
+  "hetero_distill": 1,
+  "cae": 1,
+  "finetune": 2,
+  "segment": 2,
+}
+_STEP_NAME = ("pre-training", "distillation", "fine-tuning / segmentation")
+
+
+def _plan(config, names: list[str]) -> dict[str, str | None]:
+  """Each stage's parent stage (None: none), checked before any stage runs:
+  the stages are named once and in chain order, and a stage starts from a
+  stage that runs before it (its `parent` field, else the previous one)."""
+  defined = sorted(k for k in config.keys() if hasattr(config[k], "stage"))
+  stages = ",".join(names)
+  if not names:
     raise ValueError(
-      f"stage {name!r} names parent {parent!r}, which does not run before it in "
-      f"config.stages={','.join(names)}; set --config.{name}.parent to one of "
-      f"{sorted(done) + ['none']}"
+      f"config.stages={config.stages!r} names no stage; set --config.stages to some of {defined} "
+      "in order, e.g. pretrain,distill,finetune"
     )
-  return done[parent]
+  repeated = sorted({n for n in names if names.count(n) > 1})
+  if repeated:
+    raise ValueError(f"config.stages={stages} names {repeated} twice; name each stage once")
+  plan: dict[str, str | None] = {}
+  for i, name in enumerate(names):
+    kind = config[name].stage
+    step = _STEP.get(kind, 0)
+    later = [n for n in names[:i] if _STEP.get(config[n].stage, 0) > step]
+    if later:
+      raise ValueError(
+        f"config.stages={stages} runs {name!r} ({_STEP_NAME[step]}) after {later[0]!r} "
+        f"({_STEP_NAME[_STEP[config[later[0]].stage]]}); a stage starts from the one before it, "
+        "so order them pre-training -> distillation -> fine-tuning / segmentation"
+      )
+    parent = config[name].get("parent") or ""
+    previous = names[i - 1] if i else None
+    if parent == "none":
+      plan[name] = None
+    elif parent:
+      if parent not in plan:
+        raise ValueError(
+          f"stage {name!r} names parent {parent!r}, which does not run before it in "
+          f"config.stages={stages}; set --config.{name}.parent to one of "
+          f"{sorted(plan) + ['none']}"
+        )
+      plan[name] = parent
+    elif previous is not None and step == 2 and _STEP.get(config[previous].stage) == 2:
+      # Fine-tuning from a segmentor (or the reverse) is possible but never
+      # what an ordering slip meant: it has to be asked for by name.
+      fix = (
+        f"set --config.{name}.parent={previous} to start from it on purpose, or to the stage "
+        "it should start from"
+        if "parent" in config[name]
+        else f"put {name!r} before {previous!r}"
+      )
+      raise ValueError(
+        f"config.stages={stages}: {name!r} would start from {previous!r}, itself a "
+        f"fine-tuning / segmentation result; {fix}"
+      )
+    else:
+      plan[name] = previous
+  return plan
 
 
 def run_pipeline(config, workdir) -> dict:
@@ -146,6 +200,7 @@ def _run_pipeline(config, workdir) -> dict:
     )
   if config.get("teacher_source") and names and config[names[0]].stage == "pretrain":
     names = names[1:]  # an external teacher replaces stage 1
+  plan = _plan(config, names)
   _apply_rerun(config, names, workdir)
   # Every stage still to run is checked before the first starts: a bad value
   # in the last stage would otherwise surface only after the earlier ones had
@@ -155,12 +210,10 @@ def _run_pipeline(config, workdir) -> dict:
     if workdir_lib.read_json(workdir / name, DONE) is None:
       registry.stage_module(config[name]).validate(config[name], data=False)
   summary = {"workdir": str(workdir), "stages": []}
-  previous = None
-  done_dirs: dict = {}
   for name in names:
     stage_cfg = config[name]
     stage_dir = workdir / name
-    parent_dir = _parent_dir(name, stage_cfg, previous, done_dirs, names)
+    parent_dir = workdir / plan[name] if plan[name] else None
     with stage_cfg.unlocked():
       parent_desc = _link(name, stage_cfg, parent_dir, config.get("teacher_source", ""))
     done = _done_record(name, stage_cfg, stage_dir)
@@ -185,8 +238,6 @@ def _run_pipeline(config, workdir) -> dict:
       }
       workdir_lib.write_json(stage_dir, DONE, record)
     summary["stages"].append(record)
-    done_dirs[name] = stage_dir
-    previous = stage_dir
   workdir_lib.write_json(workdir, "summary.json", summary)
   if jax.process_index() == 0:
     print_summary(summary)
