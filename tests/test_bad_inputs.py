@@ -97,6 +97,17 @@ def test_finetune_settings_are_refused_before_compiling(override, message):
     ("tinymim_distill", {"distill.mae_weight": -1.0}, "mae_weight=-1.0 must be >= 0"),
     ("tinymim_distill", {"distill.beta": -1.0}, "distill.beta=-1.0 must be >= 0"),
     ("finetune", {"model.extra_width": -1}, "model.extra_width=-1 must be an integer >= 0"),
+    ("finetune", {"kd.teacher.extra_width": -3}, "kd.teacher.extra_width=-3 must be an integer"),
+    (
+      "spark_pretrain",
+      {"model.decoder_width": -8},
+      "model.decoder_width=-8 must be an integer >= 32",
+    ),
+    (
+      "hetero_distill",
+      {"model.decoder_width": 16},
+      "model.decoder_width=16 must be an integer >= 32",
+    ),
     ("segment", {"data.ratio_range": (2.0, 0.5)}, "data.ratio_range=(2.0, 0.5) must be"),
     ("segment", {"data.cat_max_ratio": 0.0}, "data.cat_max_ratio=0 must be in (0, 1]"),
     ("segment", {"loss_weights.aux": -1.0}, "loss_weights.aux=-1.0 must be a finite number"),
@@ -274,6 +285,66 @@ def test_pipeline_checks_every_stage_before_the_first_runs(tmp_path, monkeypatch
   with pytest.raises(ValueError, match=r"schedule.power=-1.0 must be >= 0"):
     pipeline.run_pipeline(c, tmp_path)
   assert runs == [] and not (tmp_path / "pretrain").exists()
+
+
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    ({"stages": " , "}, r"config.stages=' , ' names no stage; set --config.stages to some of"),
+    ({"stages": "pretrain,pretrain,distill"}, r"names \['pretrain'\] twice"),
+    # Each of these ran the earlier stages and then started a stage from
+    # the wrong checkpoint (fine-tuning from the configured default, a
+    # distillation from the classifier) or failed after hours of training.
+    ({"stages": "finetune,pretrain"}, r"runs 'pretrain' \(pre-training\) after 'finetune'"),
+    ({"stages": "pretrain,finetune,distill"}, r"runs 'distill' \(distillation\) after 'finetune'"),
+    (
+      {"stages": "pretrain,distill,segment,finetune"},
+      r"'finetune' would start from 'segment', .* put 'finetune' before 'segment'",
+    ),
+    (
+      {"segment.parent": ""},
+      r"'segment' would start from 'finetune'.*--config.segment.parent=finetune",
+    ),
+    ({"segment.parent": "bogus"}, r"names parent 'bogus', which does not run before it"),
+  ],
+)
+def test_pipeline_refuses_a_bad_stage_list_before_any_stage_runs(
+  tmp_path, monkeypatch, overrides, message
+):
+  runs = []
+  monkeypatch.setattr(
+    pipeline.registry, "run_stage", lambda cfg, d, **_: runs.append(cfg.stage) or {}
+  )
+  c = pipeline_configs.get_config("quickstart")
+  for key, value in overrides.items():
+    set_path(c, key, value)
+  with pytest.raises(ValueError, match=message):
+    pipeline.run_pipeline(c, tmp_path)
+  assert runs == []
+
+
+def test_pipeline_runs_a_named_parent_and_refuses_a_mae_baseline_it_cannot_build(
+  tmp_path, monkeypatch
+):
+  runs = []
+  monkeypatch.setattr(
+    pipeline.registry,
+    "run_stage",
+    lambda cfg, d, **_: runs.append((cfg.stage, cfg.init.source if "init" in cfg else "")) or {},
+  )
+  c = pipeline_configs.get_config("quickstart")
+  c.segment.parent = "finetune"  # on purpose: segmentation from the fine-tuned classifier
+  pipeline.run_pipeline(c, tmp_path)
+  assert runs[-1] == ("segment", str(tmp_path / "finetune"))
+  # The chain's MAE baseline pre-trains its last student, not the first one,
+  # and does not skip its own stage 1 for the chain's external teacher.
+  chain = pipeline_configs.get_config("mae_baseline:imagenet_chain")
+  assert chain.teacher_source == "" and chain.stages == "pretrain,finetune"
+  assert chain.pretrain.model.variant == chain.distill_t.student.variant
+  with pytest.raises(
+    ValueError, match=r"mae_baseline:quickstart_star: MAE pre-training has no distillation token"
+  ):
+    pipeline_configs.get_config("mae_baseline:quickstart_star")
 
 
 def test_a_stage_resumed_with_another_dataset_or_batch_is_refused(tmp_path):

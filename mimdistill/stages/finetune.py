@@ -87,11 +87,13 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
   if config.mode not in MODES:
     raise ValueError(f"mode={config.mode!r}: use 'finetune' or 'linprobe'")
   _check_random_erasing(config.data)
-  extra = config.model.get("extra_width") or 0
-  if not isinstance(extra, int) or extra < 0:
-    raise ValueError(
-      f"model.extra_width={extra!r} must be an integer >= 0 (0: no extra layer; TinyMIM*-T: 1280)"
-    )
+  for section, name in ((config.model, "model"), (config.kd.teacher, "kd.teacher")):
+    extra = section.get("extra_width") or 0
+    if not isinstance(extra, int) or extra < 0:
+      raise ValueError(
+        f"{name}.extra_width={extra!r} must be an integer >= 0 (0: no extra layer; "
+        "TinyMIM*-T: 1280)"
+      )
   vit_sections = [(config.kd.teacher, "kd.teacher")]
   if not cnn_finetune.is_cnn(config):  # a CNN section has no tokens
     vit_sections.append((config.model, "model"))

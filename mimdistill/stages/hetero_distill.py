@@ -34,7 +34,6 @@ from mimdistill import workdir as workdir_lib
 from mimdistill.data.transforms import normalize
 from mimdistill.models import factory, sparse, variants
 from mimdistill.models.hetero import HeteroStudent, decoder_blocks_for
-from mimdistill.models.spark import decoder_channels
 from mimdistill.objectives import hetero_loss
 from mimdistill.objectives.spark_loss import spark_loss
 from mimdistill.paths import as_path
@@ -61,7 +60,6 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
     check_vit_source(source, "teacher.source")
     check_recorded_architecture(config.teacher, source, "teacher")
   grid = spark_pretrain.check_student(config)
-  decoder_channels(int(config.model.decoder_width))
   teacher = variants.resolve(config.teacher)
   if teacher.image_size != config.data.image_size:
     raise ValueError(

@@ -53,6 +53,12 @@ def check_student(config: ml_collections.ConfigDict) -> int:
   factory.compute_dtype(config.dtype)
   run_config.validate(config)
   factory.build("spark", config.model, dtype=config.dtype)  # unknown depth / variant / fields
+  width = config.model.decoder_width
+  if not isinstance(width, int) or width < sparse.DOWNSAMPLE_RATIO:
+    raise ValueError(
+      f"model.decoder_width={width!r} must be an integer >= {sparse.DOWNSAMPLE_RATIO} (the "
+      "decoder halves it at each of its 2x upsamplings to the image; SparK: 768)"
+    )
   if config.model.image_size != config.data.image_size:
     raise ValueError(
       f"model.image_size={config.model.image_size} differs from "
