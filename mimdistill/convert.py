@@ -25,6 +25,7 @@ the standard width and said so, with the flag that overrides it (flags use under
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from absl import flags
@@ -89,6 +90,25 @@ def main(argv=None) -> int:
   if paths is None:
     return 0 if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv) else 2
   src, dst = paths
+  try:
+    out_indices = [int(i) for i in FLAGS.out_indices] if FLAGS.out_indices else None
+  except ValueError:
+    print(
+      f"convert: error: --out_indices={','.join(FLAGS.out_indices)} must be block indices "
+      "(0-based integers), e.g. --out_indices=3,5,7,11",
+      file=sys.stderr,
+    )
+    return 2
+  # Checked first: the conversion of a large checkpoint is done by the time
+  # the report is written.
+  report_dir = os.path.dirname(os.path.abspath(FLAGS.report_json)) if FLAGS.report_json else ""
+  if report_dir and not os.path.isdir(report_dir):
+    print(
+      f"convert: error: --report_json={FLAGS.report_json}: folder {report_dir} does not "
+      "exist; create it or write the report elsewhere",
+      file=sys.stderr,
+    )
+    return 2
   from absl import logging as absl_logging  # Orbax's read-only notices are noise here
 
   absl_logging.set_verbosity(absl_logging.ERROR)
@@ -109,7 +129,7 @@ def main(argv=None) -> int:
       key=FLAGS.key,
       allow_unknown=FLAGS.allow_unknown,
       overwrite=FLAGS.overwrite,
-      out_indices=[int(i) for i in FLAGS.out_indices] if FLAGS.out_indices else None,
+      out_indices=out_indices,
     )
   except (
     CheckpointReadError,

@@ -303,6 +303,20 @@ def test_heads_assumed_note_and_override(tmp_path, capsys):
   assert ReadBack(tmp_path / "w6").spec.num_heads == 6
 
 
+def test_bad_flags_are_refused_before_converting(tmp_path, capsys):
+  pth = write_state_dict(
+    tmp_path / "t.pth", random_state(official_shapes("encoder", d=192, depth=1, image=8))
+  )
+  assert cli.main([str(pth), str(tmp_path / "w"), "--out_indices=a,b"]) == 2
+  assert "--out_indices=a,b must be block indices" in capsys.readouterr().err
+  # The report's folder is checked first: a finished conversion was followed
+  # by a traceback.
+  bad = tmp_path / "missing" / "r.json"
+  assert cli.main([str(pth), str(tmp_path / "w"), f"--report_json={bad}"]) == 2
+  assert f"folder {bad.parent} does not exist" in capsys.readouterr().err
+  assert not (tmp_path / "w").exists()
+
+
 def test_unknown_heads_are_required_for_orbax_only(tmp_path, capsys):
   pth = write_state_dict(tmp_path / "odd.pth", random_state(official_shapes("encoder", d=40)))
   assert cli.main([str(pth), str(tmp_path / "w")]) == 2

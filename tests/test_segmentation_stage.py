@@ -296,6 +296,20 @@ def test_pipeline_runs_segmentation_as_a_sibling_of_finetuning(tmp_path, monkeyp
     pipeline.run_pipeline(config, tmp_path / "x")
 
 
+def test_mmseg_checkpoint_with_out_indices_past_its_depth_is_refused(tmp_path, capsys):
+  if not FIXTURES.is_dir():
+    pytest.skip(f"{FIXTURES} is absent")
+  from mimdistill import convert
+
+  # Was written, and refused only when a segmentation run first built it.
+  assert (
+    convert.main([str(FIXTURES / "seg_model.pth"), str(tmp_path / "w"), "--out_indices=0,1,2,99"])
+    == 2
+  )
+  assert "block index 99 is beyond the backbone's depth 4" in capsys.readouterr().err
+  assert not (tmp_path / "w").exists()
+
+
 def test_mmseg_checkpoint_converts_to_a_workdir_and_back(tmp_path):
   if not FIXTURES.is_dir():
     pytest.skip(f"{FIXTURES} is absent")

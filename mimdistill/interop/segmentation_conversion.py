@@ -46,6 +46,7 @@ import numpy as np
 from mimdistill import workdir as workdir_lib
 from mimdistill.interop import segmentation_names as names_lib
 from mimdistill.models import variants
+from mimdistill.models.segmentation_backbone import check_backbone
 
 FORMAT = "mimdistill-converted-segmentor"
 FORMAT_VERSION = 1
@@ -182,6 +183,15 @@ def detect(
   )
   if b + "conv1x1.1.weight" in shape:
     section["fc_dim"] = shape[b + "conv1x1.1.weight"][0]
+  # A section the segmentation stage cannot build (out_indices past the
+  # depth) is refused here, not when a run first reads the converted folder.
+  check_backbone(
+    neck=section["neck"],
+    patch_size=patch,
+    image_size=section["image_size"],
+    depth=depth,
+    out_indices=section["out_indices"],
+  )
   d = "decode_head."
   psp = sorted({int(n.split(".")[2]) for n in shape if n.startswith(d + "psp_modules.")})
   pool_scales = (1, 2, 3, 6) if len(psp) == 4 else tuple(range(1, len(psp) + 1))
