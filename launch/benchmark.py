@@ -56,6 +56,12 @@ def main(argv):
   from mimdistill.stages import registry
   from mimdistill.training import benchmark, peak_flops
 
+  benchmark.check_options(
+    steps=FLAGS.steps,
+    warmup=FLAGS.warmup,
+    calibrate_size=FLAGS.calibrate_size,
+    json_out=FLAGS.json_out,
+  )
   primary = jax.process_index() == 0
   records = []
   calibrations: dict = {}

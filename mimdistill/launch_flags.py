@@ -227,7 +227,11 @@ def start(level: int = logging.INFO):
   the devices); returns the jax module."""
   from mimdistill import host_allocator
 
+  from mimdistill.paths import check_workdir
+
   workdir = flags.FLAGS["workdir"].value if "workdir" in flags.FLAGS else None
+  if workdir is not None:
+    check_workdir(workdir)  # before the log file is opened in it
   configure_logging(workdir, level)
   logging.getLogger(__name__).debug("host malloc: %s", host_allocator.keep_freed_memory())
   import jax

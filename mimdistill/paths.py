@@ -38,6 +38,27 @@ def as_path(path: str | os.PathLike) -> epath.Path:
   return epath.Path(text).expanduser().absolute()
 
 
+def check_workdir(path: str | os.PathLike, flag: str = "--workdir") -> epath.Path:
+  """`as_path(path)` for a folder a run will write into, refused up front
+  when a local one cannot be: it is a file, or sits under one (the lock file
+  would fail with a bare errno after the config was loaded)."""
+  if not os.fspath(path):
+    raise ValueError(f"{flag} is empty; give a folder such as workdirs/run or gs://bucket/run")
+  folder = as_path(path)
+  if is_remote(os.fspath(path)):
+    return folder
+  if folder.exists() and not folder.is_dir():
+    raise ValueError(f"{flag}={path} is a file, not a folder; pass a folder (new or existing)")
+  parent = folder.parent
+  while not parent.exists():
+    parent = parent.parent
+  if not parent.is_dir():
+    raise ValueError(f"{flag}={path} is under the file {parent}; pass a folder path")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ValueError(f"{flag}={path}: {parent} is not writable; pass a folder you can write to")
+  return folder
+
+
 def _check_bucket_backend(text: str) -> None:
   import fsspec
 

@@ -556,6 +556,42 @@ def test_launch_scripts_print_one_line(args, message, tmp_path):
   assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.stderr
 
 
+def test_a_workdir_that_cannot_be_a_folder_is_refused_before_the_log_opens(tmp_path):
+  """A file (or a path under one) as --workdir was a bare errno from the log
+  file (after the config had loaded); a pipeline config given to train.py
+  did not say which command runs it."""
+  from mimdistill.paths import check_workdir
+  from mimdistill.stages import registry
+
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  with pytest.raises(ValueError, match="--workdir is empty"):
+    check_workdir("")
+  with pytest.raises(ValueError, match=r"afile is a file, not a folder; pass a folder"):
+    check_workdir(afile)
+  with pytest.raises(ValueError, match=r"afile/sub/w is under the file .*afile; pass a folder"):
+    check_workdir(afile / "sub" / "w")
+  assert check_workdir(tmp_path / "new" / "w") == tmp_path / "new" / "w"
+  assert not (tmp_path / "new").exists()  # checking creates nothing
+  with pytest.raises(ValueError, match=r"--workdir=.*afile is a file"):
+    pipeline.run_pipeline(pipeline_configs.get_config("quickstart"), afile)
+  with pytest.raises(ValueError, match=r"--workdir=.*afile is a file"):
+    registry.run_stage(_config(mae_pretrain), afile)
+  with pytest.raises(ValueError, match="pipeline config .* run it with launch/pipeline.py"):
+    registry.run_stage(pipeline_configs.get_config("quickstart"), tmp_path / "w")
+  cmd = [
+    sys.executable,
+    str(REPO / "launch" / "train.py"),
+    "--config",
+    str(REPO / "configs" / "mae_pretrain.py") + ":quickstart",
+    f"--workdir={afile}/run",
+  ]
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+  lines = [line for line in out.stderr.splitlines() if line.strip()]
+  assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
+  assert "afile/run is under the file" in lines[0] and afile.read_text() == "x"
+
+
 # -- 13: the destination's extension decides the format; timm options named ------------
 def test_convert_to_pth_writes_a_torch_checkpoint_and_odd_vits_are_named(tmp_path):
   from test_convert import official_shapes, random_state

@@ -164,6 +164,34 @@ def test_sweeps_make_one_config_per_combination():
   assert benchmark.variants(config, ["teacher.block=2"])[0][1].teacher.block == 2
   with pytest.raises(ValueError, match="no field"):
     benchmark.variants(config, ["student.nope=1"])
+  with pytest.raises(ValueError, match=r"--sweep batch_size=abc: 'abc' is not an integer"):
+    benchmark.variants(config, ["batch_size=abc"])
+  with pytest.raises(ValueError, match=r"--sweep student.fused_attention=maybe: .*not a bool"):
+    benchmark.variants(config, ["student.fused_attention=maybe"])
+
+
+@pytest.mark.parametrize(
+  "options, match",
+  [
+    ({"steps": 0}, "steps=0 must be >= 1"),
+    ({"warmup": -1}, "warmup=-1 >= 0"),
+    ({"calibrate_size": -5}, "--calibrate_size=-5 must be 0"),
+    ({"calibrate_size": 16}, "--calibrate_size=16 must be 0"),
+    ({"json_out": "/nonexistent/dir/x.jsonl"}, "folder /nonexistent/dir does not exist"),
+    ({"json_out": "."}, "--json_out=.: is a folder"),
+  ],
+)
+def test_bad_benchmark_options_are_refused_before_measuring(options, match):
+  """The command's own flags are checked before any config is built: a
+  missing --json_out folder used to fail after the first measurement, a
+  negative --calibrate_size in jax.random, --input_only --steps=0 in a
+  division by zero."""
+  kwargs = {"steps": 10, "warmup": 2, "calibrate_size": 0, "json_out": None, **options}
+  with pytest.raises(ValueError, match=match):
+    benchmark.check_options(**kwargs)
+  benchmark.check_options(steps=1, warmup=0, calibrate_size=256, json_out="x.jsonl")
+  with pytest.raises(ValueError, match="steps=0 must be >= 1"):
+    benchmark.measure_input(tinymim_distill.get_config("quickstart"), steps=0)
 
 
 # -----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import jax
 from etils import epath
 
 from mimdistill import workdir as workdir_lib
-from mimdistill.paths import as_path
+from mimdistill.paths import check_workdir
 from mimdistill.stages import registry
 from mimdistill.workdir_lock import WorkdirLock
 
@@ -185,7 +185,7 @@ def _plan(config, names: list[str]) -> dict[str, str | None]:
 def run_pipeline(config, workdir) -> dict:
   """Runs the stages in order (see the module doc), holding the pipeline
   workdir's lock; every stage holds its own workdir's."""
-  workdir = as_path(workdir)
+  workdir = check_workdir(workdir)
   with WorkdirLock(workdir):
     return _run_pipeline(config, workdir)
 

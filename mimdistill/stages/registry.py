@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 
+from mimdistill.paths import check_workdir
+
 STAGES = {
   "pretrain": "mimdistill.stages.pretrain",
   "distill": "mimdistill.stages.distill",
@@ -22,12 +24,18 @@ STAGES = {
 def stage_module(config):
   stage = config.get("stage")
   if stage not in STAGES:
-    raise ValueError(f"config.stage={stage!r} is not one of {sorted(STAGES)}")
+    hint = (
+      "; this is a pipeline config (it has `stages`): run it with launch/pipeline.py"
+      if "stages" in config
+      else ""
+    )
+    raise ValueError(f"config.stage={stage!r} is not one of {sorted(STAGES)}{hint}")
   return importlib.import_module(STAGES[stage])
 
 
 def run_stage(config, workdir, *, mesh=None, lineage: dict | None = None) -> dict:
-  return stage_module(config).run(config, workdir, mesh=mesh, lineage=lineage)
+  module = stage_module(config)
+  return module.run(config, check_workdir(workdir), mesh=mesh, lineage=lineage)
 
 
 def synthetic(config, steps_per_epoch: int):

@@ -192,8 +192,7 @@ def measure_step(
   `build(config, steps_per_epoch)` returns the stage's `Synthetic` task;
   `calibrated` (`peak_flops.calibrate`) adds the step's FLOP/s as a fraction
   of the measured matmul rate (`mfu_calibrated`)."""
-  if steps < 1 or warmup < 0:
-    raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")
+  check_counts(steps, warmup)
   mesh = mesh or shard_lib.mesh_from_config(config)
   built = build(config, STEPS_PER_EPOCH)
 
@@ -325,6 +324,7 @@ def measure_input(
 ) -> dict:
   """Images/s the stage's real train input pipeline delivers on this host
   (numpy batches, before any device transfer)."""
+  check_counts(steps, warmup)
   stage = _stage(config)
   data = _input_data_config(config, stage)
   t0 = time.perf_counter()
@@ -376,6 +376,31 @@ def measure_input(
 # -----------------------------------------------------------------------------
 # Variants and the table
 # -----------------------------------------------------------------------------
+def check_counts(steps: int, warmup: int) -> None:
+  if steps < 1 or warmup < 0:
+    raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")
+
+
+def check_options(*, steps: int, warmup: int, calibrate_size: int, json_out: str | None) -> None:
+  """The benchmark command's own flags, before any config is built or any
+  step compiles: a JSON file whose folder is missing would otherwise fail
+  only after the first measurement had run."""
+  check_counts(steps, warmup)
+  if calibrate_size and calibrate_size < peak_lib.MIN_CALIBRATION_SIZE:
+    raise ValueError(
+      f"--calibrate_size={calibrate_size} must be 0 (the device's default) or >= "
+      f"{peak_lib.MIN_CALIBRATION_SIZE}: a smaller matmul does not reach the matmul units' rate"
+    )
+  if json_out:
+    folder = os.path.dirname(os.path.abspath(json_out))
+    if os.path.isdir(json_out) or not os.path.isdir(folder):
+      raise ValueError(
+        f"--json_out={json_out}: "
+        + ("is a folder" if os.path.isdir(json_out) else f"folder {folder} does not exist")
+        + "; pass a file path in an existing folder"
+      )
+
+
 def _parse_value(current, text: str):
   if isinstance(current, bool):
     low = text.lower()
@@ -437,7 +462,12 @@ def _set_field(c: ml_collections.ConfigDict, key: str, text: str) -> None:
   current = node[leaf]
   if current is None:  # a placeholder(int) such as width
     current = 0 if text.lstrip("-").isdigit() else ""
-  node[leaf] = _parse_value(current, text)
+  try:
+    node[leaf] = _parse_value(current, text)
+  except ValueError as e:
+    kind = "an integer" if isinstance(current, int) else "a number"
+    detail = str(e) if isinstance(current, bool) else f"{text!r} is not {kind}"
+    raise ValueError(f"--sweep {key}={text}: {detail} ({key} is {current!r})") from None
 
 
 def _fmt(x, spec: str, none: str = "-") -> str:

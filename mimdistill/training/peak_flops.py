@@ -83,6 +83,11 @@ def peak_flops(
   return peak.float32 if full else peak.tfloat32
 
 
+# Below this a square matmul is too small to keep a device's matmul units
+# busy, so its rate would understate the peak that MFU divides by.
+MIN_CALIBRATION_SIZE = 256
+
+
 def calibrate(
   dtype: str = "float32", size: int | None = None, repeats: int = 10, device=None
 ) -> dict:
@@ -100,6 +105,8 @@ def calibrate(
 
   device = device or jax.devices()[0]
   size = size or (2048 if device.platform == "cpu" else 8192)
+  if size < MIN_CALIBRATION_SIZE:
+    raise ValueError(f"calibration size={size} must be >= {MIN_CALIBRATION_SIZE}")
   dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[dtype]
   keys = jax.random.split(jax.random.PRNGKey(0))
   a, b = (jax.device_put(jax.random.normal(k, (size, size), dt), device) for k in keys)
