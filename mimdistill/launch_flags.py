@@ -226,7 +226,6 @@ def start(level: int = logging.INFO):
   `jax.distributed.initialize()` with --multihost (before anything touches
   the devices); returns the jax module."""
   from mimdistill import host_allocator
-
   from mimdistill.paths import check_workdir
 
   workdir = flags.FLAGS["workdir"].value if "workdir" in flags.FLAGS else None
