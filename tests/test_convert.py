@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -315,6 +316,17 @@ def test_bad_flags_are_refused_before_converting(tmp_path, capsys):
   assert cli.main([str(pth), str(tmp_path / "w"), f"--report_json={bad}"]) == 2
   assert f"folder {bad.parent} does not exist" in capsys.readouterr().err
   assert not (tmp_path / "w").exists()
+  for flag, message in (
+    ("--num_heads=0", "--num_heads=0 must be a positive integer"),
+    ("--image_size=-16", "--image_size=-16 must be a positive integer"),
+    ("--out_indices=0,1,2,3", "--out_indices does not apply here: .* is not a segmentor"),
+  ):
+    assert cli.main([str(pth), str(tmp_path / "w"), flag]) == 2
+    assert re.search(message, capsys.readouterr().err), flag
+  assert not (tmp_path / "w").exists()
+  assert cli.main([str(pth), str(tmp_path / "w")]) == 0
+  assert cli.main([str(tmp_path / "w"), str(tmp_path / "w.safetensors"), "--key=model"]) == 2
+  assert "--key does not apply here" in capsys.readouterr().err
 
 
 def test_unknown_heads_are_required_for_orbax_only(tmp_path, capsys):
@@ -654,8 +666,25 @@ def test_destination_rules(tmp_path):
   assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
   with pytest.raises(CheckpointReadError, match="no checkpoint at"):
     convert(tmp_path / "nope.pth", tmp_path / "x")
+  (tmp_path / "plain").mkdir()
   with pytest.raises(CheckpointReadError, match="neither a mimdistill workdir"):
-    convert(tmp_path, tmp_path / "y")  # a plain folder
+    convert(tmp_path / "plain", tmp_path / "y")
+  # SRC and DST may not overlap: --overwrite of the source, or of a folder
+  # holding it, deleted the checkpoint being converted.
+  before = sorted(p.name for p in (tmp_path / "w").rglob("*"))
+  for dst, match in (
+    (tmp_path / "w", "is the source"),
+    (tmp_path / "w" / "inner", "is inside the source"),
+    (tmp_path, "holds the source .*would delete"),
+  ):
+    with pytest.raises(ValueError, match=match):
+      convert(tmp_path / "w", dst, overwrite=True)
+  assert sorted(p.name for p in (tmp_path / "w").rglob("*")) == before
+  with pytest.raises(ValueError, match="is the source"):
+    convert(pth, tmp_path / "e.pth", overwrite=True)
+  (tmp_path / "notes.txt").write_text("x")
+  with pytest.raises(ValueError, match="is under the file .*notes.txt"):
+    convert(pth, tmp_path / "notes.txt" / "w")
 
 
 # -----------------------------------------------------------------------------

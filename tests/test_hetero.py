@@ -263,6 +263,9 @@ def test_cnn_workdirs_export_with_timm_names(hetero_pipeline, tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, back.variables["params"], params)
     jax.tree_util.tree_map(np.testing.assert_array_equal, back.variables["batch_stats"], stats)
   assert convert_main([str(workdir / "finetune"), str(tmp_path / "finetune.pth")]) == 2  # exists
+  # A CNN's weights say everything: a ViT option is refused, not ignored.
+  assert convert_main([str(workdir / "hetero"), str(tmp_path / "h.pth"), "--num_heads=4"]) == 2
+  assert not (tmp_path / "h.pth").exists()
 
 
 def test_cnn_init_sources(hetero_pipeline, tmp_path):

@@ -725,10 +725,31 @@ def convert(
   """
   from mimdistill.interop import cnn_conversion, segmentation_conversion
 
+  given = {
+    "layout": layout,
+    "num_heads": num_heads,
+    "image_size": image_size,
+    "decoder_num_heads": decoder_num_heads,
+    "pos_embed": pos_embed,
+    "key": key,
+    "allow_unknown": allow_unknown or None,
+    "out_indices": out_indices,
+  }
+  for name in ("num_heads", "image_size", "decoder_num_heads"):
+    if given[name] is not None and given[name] < 1:
+      raise ValueError(f"--{name}={given[name]} must be a positive integer, or left out")
+  _check_paths(src, dst)
   if not is_remote(os.fspath(src)) and cnn_conversion.handles(src):
+    _refuse_flags(given, set(given), f"{src} holds a CNN, whose conversion takes no model options")
     return cnn_conversion.convert(src, dst, overwrite=overwrite, log=log)
   if not is_remote(os.fspath(src)) and segmentation_conversion.handles(src, key=key):
     if not is_remote(os.fspath(dst)):
+      _refuse_flags(
+        given,
+        {"layout", "decoder_num_heads", "pos_embed", "allow_unknown"},
+        f"{src} is a whole segmentor, whose conversion takes only --num_heads, --image_size, "
+        "--key and --out_indices",
+      )
       return segmentation_conversion.convert(
         src,
         dst,
@@ -739,6 +760,13 @@ def convert(
         overwrite=overwrite,
         log=log,
       )
+  _refuse_flags(given, {"out_indices"}, f"{src} is not a segmentor (out_indices are a segmentor's)")
+  src_text = os.fspath(src)
+  if key is not None and (
+    workdir_lib.parse_source(src_text)[0].is_dir()
+    or (os.path.isfile(src_text) and _looks_like_safetensors(src_text))
+  ):
+    _refuse_flags(given, {"key"}, f"{src} is not a .pth (--key picks the weights inside one)")
   say = log or (lambda _: None)
   dst = os.fspath(dst)
   if is_remote(dst):
@@ -879,6 +907,41 @@ def write_official_pth(dst: str, tensors: MutableMapping[str, Any]) -> None:
     if tmp.exists():
       tmp.unlink()
   tensors.clear()
+
+
+def _refuse_flags(given: dict, names, why: str) -> None:
+  """Options that do not apply to this source are refused, not ignored: a
+  user who passed one expects it to have changed the result."""
+  bad = [n for n in given if n in names and given[n] is not None]
+  if bad:
+    flags = ", ".join(f"--{n}" for n in bad)
+    raise ValueError(f"{flags} does not apply here: {why}; drop it")
+
+
+def _check_paths(src, dst) -> None:
+  """SRC and DST may not overlap: writing DST into a workdir SRC would mix a
+  conversion into a training run's folder, and --overwrite of a DST that is
+  or holds SRC would delete the checkpoint being converted."""
+  src_text, dst_text = os.fspath(src), os.fspath(dst)
+  if is_remote(src_text) or is_remote(dst_text):
+    return
+  src_path = pathlib.Path(os.path.abspath(workdir_lib.parse_source(src_text)[0]))
+  dst_path = pathlib.Path(os.path.abspath(dst_text))
+  if dst_path == src_path or src_path in dst_path.parents:
+    where = "is" if dst_path == src_path else "is inside"
+    raise ValueError(
+      f"destination {dst_text} {where} the source {src_text}; write it outside the source"
+    )
+  if dst_path in src_path.parents:
+    raise ValueError(
+      f"destination {dst_text} holds the source {src_text}; replacing it would delete the "
+      "source: write it elsewhere"
+    )
+  parent = dst_path.parent
+  while not parent.exists():
+    parent = parent.parent
+  if not parent.is_dir():
+    raise ValueError(f"destination {dst_text} is under the file {parent}; pass another path")
 
 
 def _check_destination(dst: str, to_safetensors: bool, overwrite: bool) -> None:
