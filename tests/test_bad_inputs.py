@@ -120,6 +120,28 @@ def test_finetune_settings_are_refused_before_compiling(override, message):
     ("cae", {"teacher.act": "bogus"}, "teacher.act='bogus' is not one of"),
     ("cae", {"model.qkv_bias": "bogus"}, "model.qkv_bias='bogus' is not one of"),
     ("cae", {"loss_weight": -1.0}, "loss_weight=-1.0 must be a finite number > 0"),
+    # Accepted before: the slide windows left pixels uncovered (a division
+    # by a count of 0), the heads failed when traced, mean/std of 2 values
+    # failed in the input workers, the rest trained with the bad value.
+    ("segment", {"eval.stride": (40, 40)}, "eval.stride=(40, 40) is larger than the 32-px"),
+    ("segment", {"data.std": (1.0, 1.0)}, "data.std=(1.0, 1.0) must be 3 finite numbers"),
+    ("segment", {"model.decode_head.channels": 0}, "decode_head.channels=0 must be an integer"),
+    ("segment", {"model.auxiliary_head.num_convs": -1}, "num_convs=-1 must be an integer >= 0"),
+    ("segment", {"model.decode_head.dropout_ratio": 1.5}, "dropout_ratio=1.5 must be in [0, 1)"),
+    ("segment", {"model.decode_head.pool_scales": (0, 2)}, "pool_scales=(0, 2) must be one or"),
+    ("segment", {"model.fc_dim": 0}, "model.fc_dim=0 must be an integer >= 1"),
+    ("segment", {"num_classes": 1}, "num_classes=1 must be >= 2"),
+    ("segment", {"num_pictures": -1}, "num_pictures=-1 must be an integer >= 0"),
+    ("segment", {"schedule.warmup_ratio": 2.0}, "schedule.warmup_ratio=2.0 must be in [0, 1]"),
+    ("segment", {"warmup_steps": -1}, "warmup_steps=-1 must be an integer >= 0"),
+    ("finetune", {"data.mixup": -1.0}, "data.mixup=-1.0 must be a finite number >= 0"),
+    ("finetune", {"data.label_smoothing": 1.0}, "data.label_smoothing=1.0 must be in [0, 1)"),
+    ("finetune", {"data.mixup_prob": 1.5}, "data.mixup_prob=1.5 must be in [0, 1]"),
+    ("finetune", {"data.auto_augment": "augmix-m5"}, "auto_augment='augmix-m5': only RandAugment"),
+    ("finetune", {"model.pos_embed_type": "bogus"}, "model.pos_embed_type='bogus' is not one"),
+    ("tinymim_distill", {"data.color_jitter": -0.4}, "data.color_jitter=-0.4 must be a finite"),
+    ("tinymim_distill", {"teacher.qkv_bias": "qkv"}, "teacher.qkv_bias='qkv' is not one of"),
+    ("hetero_distill", {"teacher.depth": 0}, "teacher.depth=0 must be a positive integer"),
   ],
 )
 def test_stage_settings_are_refused_before_compiling(module, override, message):
@@ -131,6 +153,18 @@ def test_stage_settings_are_refused_before_compiling(module, override, message):
   escaped = message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
   with pytest.raises(ValueError, match=escaped):
     registry.stage_module(c).validate(c, data=False)
+
+
+def test_a_short_segmentation_trial_cuts_its_warmup_and_says_so(caplog):
+  from configs import segment as segment_configs
+
+  from mimdistill.stages import segment
+
+  c = _config(segment_configs, **{"warmup_steps": 1500, "total_steps": 100})
+  segment.validate(c, data=False)  # a trial of a long recipe still runs
+  with caplog.at_level("WARNING", logger="mimdistill"):
+    assert segment.steps(c, steps_per_epoch=10) == (100, 99)
+  assert "warmup_steps=1500 is not shorter than total_steps=100" in caplog.text
 
 
 def test_a_preset_without_randaugment_still_takes_it_from_the_command_line():

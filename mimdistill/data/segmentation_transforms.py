@@ -185,6 +185,10 @@ class SegmentationAugment:
       )
     if not 0 <= self.flip_prob <= 1:
       raise ValueError(f"data.flip_prob={self.flip_prob:g} must be in [0, 1]")
+    for name in ("mean", "std"):
+      values = getattr(self, name)
+      if len(values) != 3 or not all(np.isfinite(values)):
+        raise ValueError(f"data.{name}={values} must be 3 finite numbers (R, G, B; 0-255 scale)")
     if min(self.std) <= 0:
       raise ValueError(f"data.std={self.std} must be positive (per channel, 0-255 scale)")
 

@@ -185,6 +185,36 @@ def _head_fields(section: Mapping[str, Any], name: str, num_classes: int | None)
   return fields
 
 
+def check_segmentor_heads(section: Mapping[str, Any]) -> None:
+  """The heads' sizes, refused before a segmentation run loads its init
+  source: a zero-width head or a pool scale of 0 would fail only when traced,
+  a dropout ratio of 1 or more would zero every feature without a word."""
+  if _set(section, "fc_dim") and not (
+    isinstance(section["fc_dim"], int) and section["fc_dim"] >= 1
+  ):
+    raise ValueError(f"model.fc_dim={section['fc_dim']!r} must be an integer >= 1")
+  for name in _HEAD_FIELDS:
+    if name not in section or not section[name]:
+      continue
+    head = _head_fields(section, name, num_classes=1)
+    for key, minimum in (("channels", 1), ("num_convs", 0), ("kernel_size", 1), ("dilation", 1)):
+      value = head.get(key)
+      if value is not None and not (isinstance(value, int) and value >= minimum):
+        raise ValueError(f"model.{name}.{key}={value!r} must be an integer >= {minimum}")
+    ratio = head.get("dropout_ratio")
+    if ratio is not None and not (isinstance(ratio, (int, float)) and 0 <= ratio < 1):
+      raise ValueError(
+        f"model.{name}.dropout_ratio={ratio!r} must be in [0, 1) (0: no dropout; mmseg: 0.1)"
+      )
+    scales = head.get("pool_scales")
+    if scales is not None and not (
+      len(scales) >= 1 and all(isinstance(v, int) and v >= 1 for v in scales)
+    ):
+      raise ValueError(
+        f"model.{name}.pool_scales={scales!r} must be one or more positive ints (mmseg: 1,2,3,6)"
+      )
+
+
 def segmentor(
   section: Mapping[str, Any], *, num_classes: int | None = None, dtype: str = "float32"
 ) -> EncoderDecoder:

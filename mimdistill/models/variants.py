@@ -15,6 +15,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from mimdistill.models.vit import POS_EMBED_TYPES, QKV_BIAS
+
 # (width, depth, heads, patch) of ViT-T/S/B/L/H (timm, MAE, TinyMIM).
 VARIANTS = {
   "tiny": (192, 12, 3, 16),
@@ -54,8 +56,9 @@ class EncoderSpec:
     return dataclasses.asdict(self)
 
 
-def resolve(model: Mapping[str, Any]) -> EncoderSpec:
-  """Validated encoder spec from a model config section."""
+def resolve(model: Mapping[str, Any], section: str = "model") -> EncoderSpec:
+  """Validated encoder spec from a model config section (`section`: its
+  name in the config, for the errors)."""
   model = dict(model)
   variant = model.get("variant")
   if variant is not None and variant not in VARIANTS and variant != "custom":
@@ -76,7 +79,7 @@ def resolve(model: Mapping[str, Any]) -> EncoderSpec:
   for key in ("width", "depth", "num_heads", "patch_size", "image_size", "in_chans"):
     value = getattr(spec, key)
     if not isinstance(value, int) or value < 1:
-      raise ValueError(f"model.{key}={value!r} must be a positive integer")
+      raise ValueError(f"{section}.{key}={value!r} must be a positive integer")
   if spec.image_size % spec.patch_size:
     raise ValueError(
       f"image_size={spec.image_size} is not divisible by patch_size="
@@ -88,6 +91,11 @@ def resolve(model: Mapping[str, Any]) -> EncoderSpec:
       f"mlp_ratio={ratio!r} must be a number > 0 (the MLP is width * mlp_ratio wide; ViTs use 4.0)"
     )
   check_drop_path(model.get("drop_path"))
+  # Checked here, with the sizes, so a stage refuses them before it loads a
+  # teacher or reads data (the encoder itself checks them only when traced).
+  for key, allowed in (("qkv_bias", QKV_BIAS), ("pos_embed_type", POS_EMBED_TYPES)):
+    if model.get(key) is not None and model[key] not in allowed:
+      raise ValueError(f"{section}.{key}={model[key]!r} is not one of {allowed}")
   if spec.width % spec.num_heads:
     raise ValueError(f"width={spec.width} is not divisible by num_heads={spec.num_heads}")
   if spec.width % 4:

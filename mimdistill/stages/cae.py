@@ -244,9 +244,6 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
   weight = config.loss_weight
   if not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
     raise ValueError(f"loss_weight={weight!r} must be a finite number > 0 (CAE v2: 1.0)")
-  jitter = config.data.get("color_jitter")
-  if jitter is not None and not (isinstance(jitter, (int, float)) and jitter >= 0):
-    raise ValueError(f"data.color_jitter={jitter!r} must be >= 0 (0: off; CAE v2: 0.4)")
   reg = config.model.regressor
   if reg.width < 1 or reg.depth < 1 or reg.num_heads < 1 or reg.width < reg.num_heads:
     raise ValueError(

@@ -145,8 +145,8 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
   unset and must agree with the rest."""
   if data and config.teacher.source:
     check_recorded_architecture(config.teacher, config.teacher.source, "teacher")
-  student = variants.resolve(config.student)
-  teacher = variants.resolve(config.teacher)
+  student = variants.resolve(config.student, "student")
+  teacher = variants.resolve(config.teacher, "teacher")
   factory.compute_dtype(config.dtype)
   run_config.validate(config)
   d = config.distill

@@ -38,6 +38,7 @@ import optax
 
 from mimdistill import workdir as workdir_lib
 from mimdistill.data import finetune_transforms, input_pipeline, sources
+from mimdistill.data import mixup as mixup_lib
 from mimdistill.data.transforms import normalize
 from mimdistill.models import factory, variants
 from mimdistill.models.classifier import DIST_POOLS, ViTClassifier
@@ -87,6 +88,7 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
   if config.mode not in MODES:
     raise ValueError(f"mode={config.mode!r}: use 'finetune' or 'linprobe'")
   _check_random_erasing(config.data)
+  _check_mixup_and_randaugment(config.data)
   for section, name in ((config.model, "model"), (config.kd.teacher, "kd.teacher")):
     extra = section.get("extra_width") or 0
     if not isinstance(extra, int) or extra < 0:
@@ -113,7 +115,7 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
       raise ValueError("knowledge distillation is for fine-tuning; set --config.kd.type=none")
     if not 0 <= kd.alpha <= 1 or kd.tau <= 0:
       raise ValueError(f"kd.alpha={kd.alpha} must be in [0, 1] and kd.tau={kd.tau} > 0")
-    teacher = variants.resolve(kd.teacher)
+    teacher = variants.resolve(kd.teacher, "kd.teacher")
     if teacher.image_size != config.data.image_size:
       raise ValueError(
         f"kd.teacher.image_size={teacher.image_size} differs from data.image_size="
@@ -136,6 +138,32 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
       ".pth / .safetensors), or --config.kd.type=none"
     )
   sources.check_available(config.data.name, config.data.data_dir, config.data.bad_files)
+
+
+def _check_mixup_and_randaugment(data) -> None:
+  """timm's Mixup / CutMix and RandAugment options, named by their config
+  fields: a negative alpha or smoothing would otherwise fail when the input
+  pipeline is built (after the init source is read), a bad RandAugment
+  string when the first batch is drawn."""
+  for field in ("mixup", "cutmix"):
+    value = data.get(field, 0.0)
+    if not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+      raise ValueError(
+        f"data.{field}={value!r} must be a finite number >= 0: the Beta distribution's alpha "
+        "(0: off; MAE: mixup 0.8, cutmix 1.0)"
+      )
+  for field, top in (("label_smoothing", "1)"), ("mixup_prob", "1]"), ("mixup_switch_prob", "1]")):
+    value = data.get(field)
+    if value is None:
+      continue
+    ok = isinstance(value, (int, float)) and (0 <= value < 1 if top == "1)" else 0 <= value <= 1)
+    if not ok:
+      raise ValueError(f"data.{field}={value!r} must be in [0, {top}")
+  mode = data.get("mixup_mode", "batch")
+  if mode not in mixup_lib.MODES:
+    raise ValueError(f"data.mixup_mode={mode!r} is not one of {mixup_lib.MODES}")
+  if data.get("auto_augment"):
+    finetune_transforms.rand_augment_transform(data.auto_augment)  # parses the string
 
 
 def _check_random_erasing(data) -> None:

@@ -60,7 +60,7 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
     check_vit_source(source, "teacher.source")
     check_recorded_architecture(config.teacher, source, "teacher")
   grid = spark_pretrain.check_student(config)
-  teacher = variants.resolve(config.teacher)
+  teacher = variants.resolve(config.teacher, "teacher")
   if teacher.image_size != config.data.image_size:
     raise ValueError(
       f"teacher.image_size={teacher.image_size} differs from data.image_size="

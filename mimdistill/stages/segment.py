@@ -88,6 +88,11 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
     )
   if int(config.num_classes) < 1:
     raise ValueError("num_classes must be set (150 for ADE20K, 11 for embedded_segmentation)")
+  if int(config.num_classes) < 2:
+    raise ValueError(
+      f"num_classes={config.num_classes} must be >= 2: one class leaves nothing to segment"
+    )
+  factory.check_segmentor_heads(m)
   segmentation_transforms.augment_from_config(run_config.data_config(config, "segment"))
   aux, levels = m.get("auxiliary_head"), len(m.out_indices)
   if aux is not None and not (isinstance(aux.in_index, int) and 0 <= aux.in_index < levels):
@@ -109,6 +114,25 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
     raise ValueError(f"eval.mode={config.eval.mode!r}; use one of {MODES}")
   if len(config.eval.stride) != 2 or min(config.eval.stride) < 1:
     raise ValueError(f"eval.stride={config.eval.stride} must be two positive ints")
+  crop = int(config.data.image_size)
+  if config.eval.mode == "slide" and max(config.eval.stride) > crop:
+    # Windows further apart than they are wide leave pixels no window covers:
+    # their logits would be divided by a count of 0.
+    raise ValueError(
+      f"eval.stride={tuple(config.eval.stride)} is larger than the {crop}-px window "
+      f"(data.image_size): use a stride <= {crop} (mmseg: 2/3 of the crop)"
+    )
+  if not isinstance(config.num_pictures, int) or config.num_pictures < 0:
+    raise ValueError(f"num_pictures={config.num_pictures!r} must be an integer >= 0 (0: none)")
+  ratio = config.schedule.warmup_ratio
+  if not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+    raise ValueError(
+      f"schedule.warmup_ratio={ratio!r} must be in [0, 1]: the warmup starts at "
+      "warmup_ratio * lr (mmseg: 1e-6)"
+    )
+  warmup = config.warmup_steps
+  if not isinstance(warmup, int) or warmup < 0:
+    raise ValueError(f"warmup_steps={warmup!r} must be an integer >= 0 (0: warmup_epochs)")
   if config.optimizer.no_decay not in NO_DECAY_MODES:
     raise ValueError(f"optimizer.no_decay={config.optimizer.no_decay!r}; use {NO_DECAY_MODES}")
   if config.schedule.warmup not in WARMUPS:
@@ -257,6 +281,16 @@ def steps(config, steps_per_epoch: int) -> tuple[int, int]:
   total, warmup = run_config.steps(config, steps_per_epoch)
   if config.warmup_steps:
     warmup = int(config.warmup_steps)
+  if warmup > total - 1 > 0:
+    # A short trial of a long recipe still runs, as run_config.steps does
+    # for epochs, but says that its warmup was cut.
+    log.warning(
+      "warmup_steps=%d is not shorter than total_steps=%d: the warmup is cut to %d steps "
+      "(set --config.warmup_steps lower to choose it)",
+      warmup,
+      total,
+      total - 1,
+    )
   return total, min(warmup, max(total - 1, 0))
 
 

@@ -87,6 +87,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"data.{field}={scale!r} must be (low, high) with 0 < low <= high <= 1: the crop's area "
         "as a fraction of the image's, e.g. (0.2, 1.0)"
       )
+  for field in ("color_jitter", "finetune_color_jitter"):
+    jitter = config.data.get(field)
+    if jitter is not None:  # torchvision's ColorJitter strength, one for all three
+      _number(config, f"data.{field}", jitter, minimum=0, fix="0 turns it off (MAE / TinyMIM: 0.4)")
   o = config.optimizer
   if not isinstance(o.accumulate_steps, int) or o.accumulate_steps < 1:
     raise ValueError(f"optimizer.accumulate_steps={o.accumulate_steps!r} must be an integer >= 1")
