@@ -157,7 +157,6 @@ def test_stage_settings_are_refused_before_compiling(module, override, message):
 
 def test_a_short_segmentation_trial_cuts_its_warmup_and_says_so(caplog):
   from configs import segment as segment_configs
-
   from mimdistill.stages import segment
 
   c = _config(segment_configs, **{"warmup_steps": 1500, "total_steps": 100})
@@ -165,6 +164,31 @@ def test_a_short_segmentation_trial_cuts_its_warmup_and_says_so(caplog):
   with caplog.at_level("WARNING", logger="mimdistill"):
     assert segment.steps(c, steps_per_epoch=10) == (100, 99)
   assert "warmup_steps=1500 is not shorter than total_steps=100" in caplog.text
+
+
+def test_a_segmentation_init_source_is_checked_before_the_datasets_are_built(tmp_path, monkeypatch):
+  """A missing init.source was found only after both datasets were built
+  (ADE20K's first preparation takes minutes); a CNN workdir is not a ViT."""
+  from configs import segment as segment_configs
+  from mimdistill.data import input_pipeline
+  from mimdistill.stages import segment
+
+  def no_data(*args, **kwargs):
+    raise AssertionError("the datasets were built before init.source was checked")
+
+  monkeypatch.setattr(input_pipeline, "make_dataset", no_data)
+  c = _config(segment_configs, **{"init.source": str(tmp_path / "nope")})
+  with pytest.raises(FileNotFoundError, match=r"init.source=.*nope: no such workdir or file"):
+    segment.run(c, tmp_path / "seg")
+  cnn = tmp_path / "cnn"
+  workdir_lib.write_json(
+    cnn,
+    workdir_lib.CONFIG,
+    {"signature": {"stage": "hetero_distill", "model": {"family": "resnet"}}},
+  )
+  c = _config(segment_configs, **{"init.source": str(cnn)})
+  with pytest.raises(ValueError, match="is a resnet workdir .* not a ViT; init must be a ViT"):
+    segment.run(c, tmp_path / "seg")
 
 
 def test_a_preset_without_randaugment_still_takes_it_from_the_command_line():

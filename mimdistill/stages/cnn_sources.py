@@ -43,7 +43,7 @@ def check_vit_source(source: str, what: str = "teacher.source") -> None:
   """Refuses a source that holds a CNN (workdir or .pth) where a ViT is
   needed; anything else is left to the ViT reader's own checks."""
   path = str(source)
-  hint = "the teacher must be a ViT: a stage-1/2 workdir or an official / timm ViT .pth"
+  hint = f"{what.split('.')[0]} must be a ViT: a ViT stage's workdir or an official / timm ViT .pth"
   if path.endswith(PTH_SUFFIXES):
     if is_remote(path) or not os.path.isfile(path):
       return  # read_encoder reports it

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -49,8 +50,9 @@ from mimdistill.models import factory, variants
 from mimdistill.models.segmentation_backbone import check_backbone
 from mimdistill.models.segmentor import EncoderDecoder
 from mimdistill.objectives.segmentation_loss import segmentation_loss
-from mimdistill.paths import as_path
+from mimdistill.paths import as_path, is_remote
 from mimdistill.stages import sources as stage_sources
+from mimdistill.stages.cnn_sources import check_vit_source
 from mimdistill.stages.synthetic import Synthetic, random_images
 from mimdistill.training import loop as loop_lib
 from mimdistill.training import run_config
@@ -144,6 +146,16 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
   shard_lib.check_batch(config.eval_batch_size, mesh, "eval_batch_size")
   if not data:
     return
+  source = config.init.source
+  if source:
+    # Before the datasets are built (ADE20K's first preparation takes minutes).
+    location = str(workdir_lib.parse_source(source)[0])
+    if not (is_remote(source) or os.path.exists(location)):
+      raise FileNotFoundError(
+        f"init.source={source}: no such workdir or file; run the earlier stage there first, or "
+        "point at a workdir (W or W:step), a converted folder or a .pth"
+      )
+    check_vit_source(source, "init.source")
   sources.check_available(config.data.name, config.data.data_dir, config.data.bad_files)
   builder = sources.get_builder(config.data.name, config.data.data_dir, config.data.bad_files)
   features = builder.info.features
