@@ -199,6 +199,9 @@ def _run_pipeline(config, workdir) -> dict:
       f"define; defined: {sorted(k for k in config.keys() if hasattr(config[k], 'stage'))}"
     )
   if config.get("teacher_source") and names and config[names[0]].stage == "pretrain":
+    log.info(
+      "pipeline: teacher_source=%s replaces the %s stage (not run)", config.teacher_source, names[0]
+    )
     names = names[1:]  # an external teacher replaces stage 1
   plan = _plan(config, names)
   _apply_rerun(config, names, workdir)
