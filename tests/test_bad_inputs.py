@@ -142,6 +142,9 @@ def test_finetune_settings_are_refused_before_compiling(override, message):
     ("tinymim_distill", {"data.color_jitter": -0.4}, "data.color_jitter=-0.4 must be a finite"),
     ("tinymim_distill", {"teacher.qkv_bias": "qkv"}, "teacher.qkv_bias='qkv' is not one of"),
     ("hetero_distill", {"teacher.depth": 0}, "teacher.depth=0 must be a positive integer"),
+    ("finetune", {"data.crop_pct": 0.0}, "data.crop_pct=0.0 must be in (0, 1]"),
+    ("finetune", {"data.prefetch": -1}, "data.prefetch=-1 must be an integer >= 0"),
+    ("segment", {"data.num_workers": -2}, "data.num_workers=-2 must be an integer >= 0"),
   ],
 )
 def test_stage_settings_are_refused_before_compiling(module, override, message):

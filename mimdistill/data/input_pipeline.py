@@ -374,6 +374,27 @@ def _get(config, key: str, default=_REQUIRED):
   return value
 
 
+def check_loader_fields(config) -> None:
+  """The loader's own fields (workers, threads, buffers) and the eval crop:
+  a stage checks them with its config, before any stage of a pipeline runs
+  (a negative buffer would otherwise fail inside grain, a crop_pct of 0 in
+  the first evaluation)."""
+  for field, what in (
+    ("num_workers", "0 = augment in the training process"),
+    ("read_threads", "0 = read in the calling thread"),
+    ("prefetch", "batches kept ready; 0 = none"),
+  ):
+    value = _get(config, field, 0)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+      raise ValueError(f"data.{field}={value!r} must be an integer >= 0 ({what})")
+  crop_pct = _get(config, "crop_pct", None)
+  if crop_pct is not None and not (isinstance(crop_pct, (int, float)) and 0 < crop_pct <= 1):
+    raise ValueError(
+      f"data.crop_pct={crop_pct!r} must be in (0, 1]: evaluation resizes to image_size / "
+      "crop_pct, then center-crops (MAE / DeiT: 0.875)"
+    )
+
+
 def _validate(
   config,
   *,
@@ -393,11 +414,7 @@ def _validate(
     raise ValueError(f"config.image_size={size!r} must be a positive int.")
   if not isinstance(seed, int) or seed < 0:
     raise ValueError(f"The data seed {seed!r} must be an int >= 0.")
-  workers = _get(config, "num_workers", 0)
-  if not isinstance(workers, int) or workers < 0:
-    raise ValueError(
-      f"config.num_workers={workers!r} must be an int >= 0 (0 = augment in the training process)."
-    )
+  check_loader_fields(config)
   if augment in ("finetune", "linprobe"):
     make_transform(config, augment)  # Parses and checks the recipe fields.
   if augment in SEGMENTATION_AUGMENTS:

@@ -9,6 +9,7 @@ import math
 
 import ml_collections
 
+from mimdistill.data import input_pipeline
 from mimdistill.training.loop import LoopConfig
 
 
@@ -87,6 +88,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"data.{field}={scale!r} must be (low, high) with 0 < low <= high <= 1: the crop's area "
         "as a fraction of the image's, e.g. (0.2, 1.0)"
       )
+  input_pipeline.check_loader_fields(config.data)
   for field in ("color_jitter", "finetune_color_jitter"):
     jitter = config.data.get(field)
     if jitter is not None:  # torchvision's ColorJitter strength, one for all three
