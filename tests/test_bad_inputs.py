@@ -143,6 +143,7 @@ def test_finetune_settings_are_refused_before_compiling(override, message):
     ("tinymim_distill", {"teacher.qkv_bias": "qkv"}, "teacher.qkv_bias='qkv' is not one of"),
     ("hetero_distill", {"teacher.depth": 0}, "teacher.depth=0 must be a positive integer"),
     ("finetune", {"data.crop_pct": 0.0}, "data.crop_pct=0.0 must be in (0, 1]"),
+    ("finetune", {"model.drop_path_schedule": "cosine"}, "drop_path_schedule='cosine' is not"),
     ("finetune", {"data.prefetch": -1}, "data.prefetch=-1 must be an integer >= 0"),
     ("segment", {"data.num_workers": -2}, "data.num_workers=-2 must be an integer >= 0"),
   ],

@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from mimdistill.models.vit import POS_EMBED_TYPES, QKV_BIAS
+from mimdistill.models.vit import DROP_PATH_SCHEDULES, POS_EMBED_TYPES, QKV_BIAS
 
 # (width, depth, heads, patch) of ViT-T/S/B/L/H (timm, MAE, TinyMIM).
 VARIANTS = {
@@ -93,7 +93,11 @@ def resolve(model: Mapping[str, Any], section: str = "model") -> EncoderSpec:
   check_drop_path(model.get("drop_path"))
   # Checked here, with the sizes, so a stage refuses them before it loads a
   # teacher or reads data (the encoder itself checks them only when traced).
-  for key, allowed in (("qkv_bias", QKV_BIAS), ("pos_embed_type", POS_EMBED_TYPES)):
+  for key, allowed in (
+    ("qkv_bias", QKV_BIAS),
+    ("pos_embed_type", POS_EMBED_TYPES),
+    ("drop_path_schedule", DROP_PATH_SCHEDULES),
+  ):
     if model.get(key) is not None and model[key] not in allowed:
       raise ValueError(f"{section}.{key}={model[key]!r} is not one of {allowed}")
   if spec.width % spec.num_heads:

@@ -267,6 +267,9 @@ class Block(nn.Module):
     }
 
 
+DROP_PATH_SCHEDULES = ("linear", "constant", "constant_but_last")
+
+
 def drop_path_rates(rate: float, depth: int, schedule: str = "linear") -> tuple[float, ...]:
   """Per-block stochastic-depth rates.
 
@@ -280,9 +283,7 @@ def drop_path_rates(rate: float, depth: int, schedule: str = "linear") -> tuple[
     return tuple([float(rate)] * (depth - 1) + [0.0])
   if schedule == "constant":
     return tuple([float(rate)] * depth)
-  raise ValueError(
-    f"unknown drop_path schedule {schedule!r}; use 'linear', 'constant' or 'constant_but_last'"
-  )
+  raise ValueError(f"unknown drop_path schedule {schedule!r}; use one of {DROP_PATH_SCHEDULES}")
 
 
 def traced_drop_path(y: jax.Array, keep: jax.Array, key: jax.Array) -> jax.Array:
