@@ -143,6 +143,7 @@ def test_finetune_settings_are_refused_before_compiling(override, message):
     ("tinymim_distill", {"teacher.qkv_bias": "qkv"}, "teacher.qkv_bias='qkv' is not one of"),
     ("hetero_distill", {"teacher.depth": 0}, "teacher.depth=0 must be a positive integer"),
     ("finetune", {"data.crop_pct": 0.0}, "data.crop_pct=0.0 must be in (0, 1]"),
+    ("segment", {"model.layer_scale": float("nan")}, "model.layer_scale=nan must be a finite"),
     ("finetune", {"model.drop_path_schedule": "cosine"}, "drop_path_schedule='cosine' is not"),
     ("finetune", {"data.prefetch": -1}, "data.prefetch=-1 must be an integer >= 0"),
     ("segment", {"data.num_workers": -2}, "data.num_workers=-2 must be an integer >= 0"),
@@ -157,6 +158,12 @@ def test_stage_settings_are_refused_before_compiling(module, override, message):
   escaped = message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
   with pytest.raises(ValueError, match=escaped):
     registry.stage_module(c).validate(c, data=False)
+
+
+def test_a_nan_kd_temperature_is_refused():
+  c = _config(finetune_configs, "quickstart_star", **{"kd.tau": float("nan")})
+  with pytest.raises(ValueError, match=r"kd.tau=nan finite and > 0"):
+    finetune.validate(c, data=False)
 
 
 def test_a_short_segmentation_trial_cuts_its_warmup_and_says_so(caplog):

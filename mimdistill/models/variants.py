@@ -100,6 +100,12 @@ def resolve(model: Mapping[str, Any], section: str = "model") -> EncoderSpec:
   ):
     if model.get(key) is not None and model[key] not in allowed:
       raise ValueError(f"{section}.{key}={model[key]!r} is not one of {allowed}")
+  scale = model.get("layer_scale")
+  if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+    raise ValueError(
+      f"{section}.layer_scale={scale!r} must be a finite number (the initial value of the "
+      "per-channel gammas; BEiT: 0.1) or None for none"
+    )
   if spec.width % spec.num_heads:
     raise ValueError(f"width={spec.width} is not divisible by num_heads={spec.num_heads}")
   if spec.width % 4:

@@ -113,8 +113,9 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
   if kd.type != "none":
     if config.mode == "linprobe":
       raise ValueError("knowledge distillation is for fine-tuning; set --config.kd.type=none")
-    if not 0 <= kd.alpha <= 1 or kd.tau <= 0:
-      raise ValueError(f"kd.alpha={kd.alpha} must be in [0, 1] and kd.tau={kd.tau} > 0")
+    # Written so that NaN fails too (every comparison with NaN is False).
+    if not (0 <= kd.alpha <= 1 and 0 < kd.tau < float("inf")):
+      raise ValueError(f"kd.alpha={kd.alpha} must be in [0, 1] and kd.tau={kd.tau} finite and > 0")
     teacher = variants.resolve(kd.teacher, "kd.teacher")
     if teacher.image_size != config.data.image_size:
       raise ValueError(
