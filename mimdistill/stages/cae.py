@@ -244,6 +244,18 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
   weight = config.loss_weight
   if not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
     raise ValueError(f"loss_weight={weight!r} must be a finite number > 0 (CAE v2: 1.0)")
+  # Layer scale is the gammas' initial value and 0 means none: a negative one
+  # would silently build no gammas (`> 0` gates them).
+  for name, scale in (
+    ("model.layer_scale", config.model.layer_scale),
+    ("model.regressor.layer_scale", config.model.regressor.layer_scale),
+  ):
+    if scale is not None and not (isinstance(scale, (int, float)) and 0 <= scale < float("inf")):
+      raise ValueError(f"{name}={scale!r} must be a finite number >= 0 (0: no gammas; CAE v2: 0.1)")
+  if not isinstance(t.output_dim, int) or t.output_dim < 0:
+    raise ValueError(
+      f"teacher.output_dim={t.output_dim!r} must be an integer >= 0 (0: the teacher's width)"
+    )
   reg = config.model.regressor
   if reg.width < 1 or reg.depth < 1 or reg.num_heads < 1 or reg.width < reg.num_heads:
     raise ValueError(

@@ -90,8 +90,8 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
     raise ValueError(f"hetero.loss={h.loss!r} is not one of {hetero_loss.LOSSES}")
   for field in ("beta", "pixel_weight"):
     value = h[field]
-    if not isinstance(value, (int, float)) or value < 0:
-      raise ValueError(f"hetero.{field}={value!r} must be a number >= 0")
+    if not isinstance(value, (int, float)) or not 0 <= value < float("inf"):  # NaN fails
+      raise ValueError(f"hetero.{field}={value!r} must be a finite number >= 0")
   if not data:
     return
   if not source:
