@@ -226,6 +226,7 @@ def test_padded_evaluation_matches_per_image_slide_inference():
 
 def test_clear_errors(seg_data, tmp_path):
   src = tmp_path / "none"
+  src.mkdir()  # exists: validate checks init.source before the dataset's fields
   odd = {"data.image_size": 36, "model.image_size": 36, "model.patch_size": 8}
   with pytest.raises(ValueError, match="crop size 36 is not a multiple of the patch size 8"):
     segment.validate(_with(tiny_config(seg_data, src), odd), data=False)
