@@ -197,6 +197,7 @@ def get_config(arg: str = "quickstart") -> ml_collections.ConfigDict:
       order.append("segment")
   elif baseline == "scratch_baseline":
     order = ["finetune"]
+    c.teacher_source = ""  # nothing is distilled
     c.finetune.init.source = ""
     if "segment" in c:
       c.segment.parent = "none"
@@ -211,6 +212,7 @@ def get_config(arg: str = "quickstart") -> ml_collections.ConfigDict:
     order = ["cae", "finetune"] if preset == "imagenet" else ["pretrain", "cae", "finetune"]
   elif baseline == "spark_baseline" and preset in _HETERO:
     order = ["spark", "finetune"]
+    c.teacher_source = ""  # SparK learns from pixels, no teacher
   elif baseline:
     raise ValueError(
       f"unknown baseline {baseline!r}; use mae_baseline, scratch_baseline or cae "

@@ -378,6 +378,11 @@ def test_pipeline_checks_every_stage_before_the_first_runs(tmp_path, monkeypatch
       r"'segment' would start from 'finetune'.*--config.segment.parent=finetune",
     ),
     ({"segment.parent": "bogus"}, r"names parent 'bogus', which does not run before it"),
+    # teacher_source was ignored when no distillation stage comes first.
+    (
+      {"stages": "finetune", "teacher_source": "mae.pth"},
+      r"teacher_source=mae.pth has no stage to teach: the first stage to run, 'finetune'",
+    ),
   ],
 )
 def test_pipeline_refuses_a_bad_stage_list_before_any_stage_runs(
@@ -393,6 +398,47 @@ def test_pipeline_refuses_a_bad_stage_list_before_any_stage_runs(
   with pytest.raises(ValueError, match=message):
     pipeline.run_pipeline(c, tmp_path)
   assert runs == []
+
+
+def _pipeline_presets():
+  names = (*pipeline_configs._THREE_STAGES, *pipeline_configs._HETERO) + (
+    "imagenet_chain",
+    "imagenet_star",
+    "quickstart_star",
+  )
+  out = list(dict.fromkeys(names))
+  for baseline in ("mae_baseline", "scratch_baseline", "cae", "spark_baseline"):
+    for name in dict.fromkeys(names):
+      try:
+        pipeline_configs.get_config(f"{baseline}:{name}")
+      except ValueError:
+        continue  # a baseline that preset does not have, refused by name
+      out.append(f"{baseline}:{name}")
+  return out
+
+
+def test_every_pipeline_preset_plans_and_links_its_stages(tmp_path, monkeypatch):
+  """Each preset and baseline gets past the stage-list, teacher_source and
+  per-stage checks, and every stage is handed a parent (scratch_baseline and
+  spark_baseline kept the preset's teacher_source with nothing to teach)."""
+  presets = _pipeline_presets()
+  assert len(presets) >= 30, presets
+  runs = []
+
+  def fake_run(cfg, d, **_):
+    runs.append(cfg.stage)
+    (d / "checkpoints" / "1").mkdir(parents=True, exist_ok=True)
+    return {}
+
+  monkeypatch.setattr(pipeline.registry, "run_stage", fake_run)
+  for preset in presets:
+    runs.clear()
+    config = pipeline_configs.get_config(preset)
+    for key in config.keys():
+      if hasattr(config[key], "stage"):  # the suite's 8 fake devices do not divide 500
+        config[key].mesh.num_devices = 1
+    pipeline.run_pipeline(config, tmp_path / preset.replace(":", "_"))
+    assert runs, preset
 
 
 def test_pipeline_runs_a_named_parent_and_refuses_a_mae_baseline_it_cannot_build(

@@ -203,6 +203,13 @@ def _run_pipeline(config, workdir) -> dict:
       "pipeline: teacher_source=%s replaces the %s stage (not run)", config.teacher_source, names[0]
     )
     names = names[1:]  # an external teacher replaces stage 1
+  teachers = ("distill", "hetero_distill", "cae")
+  if config.get("teacher_source") and names and config[names[0]].stage not in teachers:
+    raise ValueError(
+      f"teacher_source={config.teacher_source} has no stage to teach: the first stage to run, "
+      f"{names[0]!r}, is a {config[names[0]].stage} stage; start --config.stages with a "
+      "distillation stage, or clear --config.teacher_source="
+    )
   plan = _plan(config, names)
   _apply_rerun(config, names, workdir)
   # Every stage still to run is checked before the first starts: a bad value
