@@ -38,6 +38,7 @@ flags.DEFINE_string("dir", "/tmp/kill_resume_check", "scratch folder")
 flags.DEFINE_integer("seed", 0, "seed of the kill times")
 
 STAGES = ("pretrain", "distill", "finetune", "segment")
+MARKER = ".kill_resume_check"
 OVERRIDES = [
   *(
     f"--config.{s}.{k}={v}"
@@ -177,9 +178,22 @@ def main(argv) -> int:
 
   configure_logging()  # Orbax's restore lines (read_params) stay off the report
 
+  if FLAGS.points < 1:
+    print(f"error: --points={FLAGS.points} must be >= 1", file=sys.stderr)
+    return 2
   root = pathlib.Path(FLAGS.dir)
+  # The scratch folder is wiped first, so only one this tool made (it holds
+  # the marker) or an empty one: --dir=workdirs must not delete real runs.
+  if root.exists() and any(root.iterdir()) and not (root / MARKER).exists():
+    print(
+      f"error: --dir={root} is a non-empty folder this check did not create; its contents "
+      "would be deleted: pass a new or empty folder",
+      file=sys.stderr,
+    )
+    return 2
   shutil.rmtree(root, ignore_errors=True)
   root.mkdir(parents=True)
+  (root / MARKER).write_text("scratch folder of launch/kill_resume_check.py; deleted on rerun\n")
   rng = random.Random(FLAGS.seed)
   t0 = time.time()
   rc, _ = run(command(root / "ref", root / "ref_data"), root / "ref.log")

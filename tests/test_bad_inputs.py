@@ -674,6 +674,16 @@ def test_launch_scripts_print_one_line(args, message, tmp_path):
   assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.stderr
 
 
+def test_kill_resume_check_does_not_wipe_a_folder_it_did_not_make(tmp_path):
+  """Its --dir is deleted before each check: --dir=workdirs deleted real runs."""
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "ckpt").write_text("finished work")
+  cmd = [sys.executable, str(REPO / "launch" / "kill_resume_check.py"), f"--dir={tmp_path}"]
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+  assert out.returncode == 2 and "did not create" in out.stderr, out.stderr[-2000:]
+  assert (tmp_path / "run" / "ckpt").read_text() == "finished work"
+
+
 def test_a_workdir_that_cannot_be_a_folder_is_refused_before_the_log_opens(tmp_path):
   """A file (or a path under one) as --workdir was a bare errno from the log
   file (after the config had loaded); a pipeline config given to train.py
