@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import pathlib
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -32,13 +31,14 @@ from absl import app, flags
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from mimdistill import scratch_folder  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("points", 14, "kill points (the moments are taken in turn: 14 = each once)")
 flags.DEFINE_string("dir", "/tmp/kill_resume_check", "scratch folder")
 flags.DEFINE_integer("seed", 0, "seed of the kill times")
 
 STAGES = ("pretrain", "distill", "finetune", "segment")
-MARKER = ".kill_resume_check"
 OVERRIDES = [
   *(
     f"--config.{s}.{k}={v}"
@@ -181,19 +181,11 @@ def main(argv) -> int:
   if FLAGS.points < 1:
     print(f"error: --points={FLAGS.points} must be >= 1", file=sys.stderr)
     return 2
-  root = pathlib.Path(FLAGS.dir)
-  # The scratch folder is wiped first, so only one this tool made (it holds
-  # the marker) or an empty one: --dir=workdirs must not delete real runs.
-  if root.exists() and any(root.iterdir()) and not (root / MARKER).exists():
-    print(
-      f"error: --dir={root} is a non-empty folder this check did not create; its contents "
-      "would be deleted: pass a new or empty folder",
-      file=sys.stderr,
-    )
+  try:
+    root = scratch_folder.fresh(FLAGS.dir, "launch/kill_resume_check.py")
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
     return 2
-  shutil.rmtree(root, ignore_errors=True)
-  root.mkdir(parents=True)
-  (root / MARKER).write_text("scratch folder of launch/kill_resume_check.py; deleted on rerun\n")
   rng = random.Random(FLAGS.seed)
   t0 = time.time()
   rc, _ = run(command(root / "ref", root / "ref_data"), root / "ref.log")

@@ -34,6 +34,7 @@ from absl import app, flags
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]
 
+from mimdistill import scratch_folder  # noqa: E402
 from mimdistill.interop.pth_writer import write_state_dict  # noqa: E402
 
 WIDTH, DEPTH, PATCH, IMAGE, CHANS = 1280, 32, 14, 224, 3
@@ -133,9 +134,11 @@ flags.DEFINE_bool("keep", False, "keep the files")
 
 def main(argv) -> int:
   del argv
-  work = pathlib.Path(FLAGS.dir)
-  shutil.rmtree(work, ignore_errors=True)
-  work.mkdir(parents=True)
+  try:
+    work = scratch_folder.fresh(FLAGS.dir, "launch/measure_convert_memory.py")
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   try:
     pth = work / "vit_h.pth"
     t0 = time.time()

@@ -684,6 +684,23 @@ def test_kill_resume_check_does_not_wipe_a_folder_it_did_not_make(tmp_path):
   assert (tmp_path / "run" / "ckpt").read_text() == "finished work"
 
 
+def test_a_scratch_folder_is_emptied_only_when_its_script_made_it(tmp_path):
+  from mimdistill import scratch_folder
+
+  (tmp_path / "w" / "run").mkdir(parents=True)
+  (tmp_path / "w" / "run" / "ckpt").write_text("finished work")
+  with pytest.raises(ValueError, match="non-empty folder check.py did not create"):
+    scratch_folder.fresh(tmp_path / "w", "check.py")
+  assert (tmp_path / "w" / "run" / "ckpt").exists()
+  with pytest.raises(ValueError, match="is a file"):
+    scratch_folder.fresh(tmp_path / "w" / "run" / "ckpt", "check.py")
+  root = scratch_folder.fresh(tmp_path / "s", "check.py")  # new
+  (root / "leftover").write_text("from the last run")
+  assert sorted(p.name for p in scratch_folder.fresh(root, "check.py").iterdir()) == [
+    scratch_folder.MARKER
+  ]
+
+
 def test_a_workdir_that_cannot_be_a_folder_is_refused_before_the_log_opens(tmp_path):
   """A file (or a path under one) as --workdir was a bare errno from the log
   file (after the config had loaded); a pipeline config given to train.py
