@@ -111,7 +111,14 @@ def test_finetune_settings_are_refused_before_compiling(override, message):
     ("segment", {"data.ratio_range": (2.0, 0.5)}, "data.ratio_range=(2.0, 0.5) must be"),
     ("segment", {"data.cat_max_ratio": 0.0}, "data.cat_max_ratio=0 must be in (0, 1]"),
     ("segment", {"loss_weights.aux": -1.0}, "loss_weights.aux=-1.0 must be a finite number"),
-    ("segment", {"schedule.power": -1.0}, "schedule.power=-1.0 must be >= 0"),
+    ("segment", {"schedule.power": -1.0}, "schedule.power=-1.0 must be a finite number >= 0"),
+    # accepted before: an infinite power zeroed the lr after step 0, a CLIP
+    # teacher ignored teacher.block, a negative seed failed only when grain
+    # built the input pipeline (after the teacher was read)
+    ("segment", {"schedule.power": float("inf")}, "schedule.power=inf must be a finite number"),
+    ("cae", {"teacher.type": "clip", "teacher.block": 6}, "teacher.block=6 picks a ViT teacher"),
+    ("finetune", {"seed": -1}, "seed=-1 must be an integer in"),
+    ("tinymim_distill", {"seed": 2**32}, "seed=4294967296 must be an integer in"),
     ("segment", {"model.auxiliary_head.in_index": 9}, "in_index=9 must pick one of the neck's 4"),
     ("hetero_distill", {"optimizer.eps": 0.0}, "optimizer.eps=0.0 must be a finite number > 0"),
     ("spark_pretrain", {"model.div": 0}, "model.div=0 must be an integer >= 1"),

@@ -285,6 +285,13 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
   else:
     teacher = variants.resolve(_arch_only(t))
     check_token_grid(student, teacher.patch_size, config.data.image_size, "teacher.*")
+  if kind == "clip" and t.block:
+    # only a ViT teacher is cut at a block: a CLIP teacher's targets are its
+    # projected output tokens, so the field would be ignored
+    raise ValueError(
+      f"teacher.block={t.block!r} picks a ViT teacher's block; a CLIP teacher's targets are its "
+      "projected output tokens: set --config.teacher.block=0"
+    )
   if kind == "vit":
     block = distill.teacher_block(config)
     if not 1 <= block <= teacher.depth:

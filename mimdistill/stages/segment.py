@@ -107,10 +107,11 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
       raise ValueError(f"loss_weights.{name}={weight!r} must be a finite number >= 0")
   if not config.loss_weights.get("decode"):
     raise ValueError("loss_weights.decode must be > 0: the decode head's loss is the task's")
-  if not isinstance(config.schedule.power, (int, float)) or not config.schedule.power >= 0:
+  power = config.schedule.power
+  if not isinstance(power, (int, float)) or not 0 <= power < float("inf"):
     raise ValueError(
-      f"schedule.power={config.schedule.power!r} must be >= 0: the poly decay's exponent "
-      "(mmseg: 1.0; a negative one would raise the lr)"
+      f"schedule.power={power!r} must be a finite number >= 0: the poly decay's exponent "
+      "(mmseg: 1.0; a negative one would raise the lr, an infinite one zero it after step 0)"
     )
   if config.eval.mode not in MODES:
     raise ValueError(f"eval.mode={config.eval.mode!r}; use one of {MODES}")

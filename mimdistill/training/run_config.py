@@ -44,6 +44,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
       f"num_visualize={config.num_visualize!r} must be an integer >= 0 (0: no pictures)"
     )
+  seed = config.get("seed")
+  if seed is not None and (
+    isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32
+  ):
+    # grain's shuffle and numpy's generators take 0..2**32-1; a negative seed
+    # ("random" in some tools) would fail only when the input pipeline is built
+    raise ValueError(
+      f"seed={seed!r} must be an integer in [0, 2**32); every random choice is a function of it, "
+      "so pick any fixed value (e.g. 0)"
+    )
   if not isinstance(config.eval_every, int) or config.eval_every < 0:
     raise ValueError(f"eval_every={config.eval_every!r} must be an integer >= 0 (0: at the end)")
   if not isinstance(config.total_steps, int) or config.total_steps < 0:
