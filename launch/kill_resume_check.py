@@ -32,6 +32,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mimdistill import scratch_folder  # noqa: E402
+from mimdistill.launch_flags import stray_argument  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("points", 14, "kill points (the moments are taken in turn: 14 = each once)")
@@ -171,7 +172,10 @@ def run(cmd, log, moment=None, work=None, data=None, rng=None) -> tuple[int, str
 
 
 def main(argv) -> int:
-  del argv
+  stray = stray_argument(FLAGS, sys.argv, argv[1:])
+  if stray:
+    print(f"error: {stray}", file=sys.stderr)
+    return 2
   import numpy as np
 
   from mimdistill.launch_flags import configure_logging

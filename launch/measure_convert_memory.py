@@ -36,6 +36,7 @@ sys.path[:0] = [str(REPO)]
 
 from mimdistill import scratch_folder  # noqa: E402
 from mimdistill.interop.pth_writer import write_state_dict  # noqa: E402
+from mimdistill.launch_flags import stray_argument  # noqa: E402
 
 WIDTH, DEPTH, PATCH, IMAGE, CHANS = 1280, 32, 14, 224, 3
 BLOCK_LEAVES = {
@@ -133,7 +134,10 @@ flags.DEFINE_bool("keep", False, "keep the files")
 
 
 def main(argv) -> int:
-  del argv
+  stray = stray_argument(FLAGS, sys.argv, argv[1:])
+  if stray:
+    print(f"error: {stray}", file=sys.stderr)
+    return 2
   try:
     work = scratch_folder.fresh(FLAGS.dir, "launch/measure_convert_memory.py")
   except ValueError as e:

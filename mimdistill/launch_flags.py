@@ -115,6 +115,46 @@ def unknown_override(argv: list[str]) -> str | None:
   return None
 
 
+def _is_boolean_flag(flag_values: flags.FlagValues, arg: str) -> bool:
+  name = arg.lstrip("-")
+  if not arg.startswith("-") or "=" in arg or not name:
+    return False
+  for candidate in (name, name[2:] if name.startswith("no") else None):
+    if candidate and candidate in flag_values and flag_values[candidate].boolean:
+      return True
+  return False
+
+
+def stray_argument(
+  flag_values: flags.FlagValues, argv: list[str], rest: list[str], *, any_left: bool = True
+) -> str | None:
+  """A message naming an argument of `rest` (those absl left over from
+  `argv`, program name excluded) that the script does not take, or None.
+
+  absl reads `--config.model.remat False` as `--config.model.remat` (True)
+  and leaves `False` over: the opposite of what was meant, silently, unless
+  the leftover is refused. A leftover right after a boolean flag is that
+  case and is named first, with the fix; otherwise the first leftover,
+  unless `any_left` is False (a command that takes positional arguments)."""
+  seen = 0
+  for value in rest:
+    if value not in argv[seen + 1 :]:
+      continue
+    seen = argv.index(value, seen + 1)
+    before = argv[seen - 1]
+    if seen > 1 and _is_boolean_flag(flag_values, before):
+      return (
+        f"unexpected argument {value!r}: a boolean flag takes no separate value; write "
+        f"{before}={value}, with '=' (absl reads {before} alone as True)"
+      )
+  if rest and any_left:
+    return (
+      f"unexpected argument {rest[0]!r}; every setting is a flag (--name=value, "
+      "--config.<field>=value)"
+    )
+  return None
+
+
 def fail(error: BaseException) -> None:
   print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
   sys.exit(2)
@@ -137,7 +177,7 @@ def run(main) -> None:
         )
         sys.exit(2)
     try:
-      return flags.FLAGS(argv)
+      rest = flags.FLAGS(argv)
     except Exception as e:  # anything while parsing: the command line or the config file
       if "--verbose_errors" in argv:
         raise
@@ -147,6 +187,13 @@ def run(main) -> None:
           print(f"error: {message}", file=sys.stderr, flush=True)
           sys.exit(2)
       fail(e)
+    message = stray_argument(
+      flags.FLAGS, argv, rest[1:]
+    )  # the launch scripts take no positional argument
+    if message:
+      print(f"error: {message}", file=sys.stderr, flush=True)
+      sys.exit(2)
+    return rest
 
   def wrapped(argv):
     try:
@@ -258,8 +305,10 @@ def parse_command_line(
     print(f"error: {e}; see --help", file=sys.stderr)
     return None
   if positional is not None and len(rest) != positional:
+    stray = stray_argument(flag_values, argv, rest, any_left=False)
     print(
-      f"error: expected {positional} positional argument(s), got {len(rest)}: {rest}; see --help",
+      f"error: expected {positional} positional argument(s), got {len(rest)}: {rest}; "
+      f"{stray + '; ' if stray else ''}see --help",
       file=sys.stderr,
     )
     return None

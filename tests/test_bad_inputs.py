@@ -663,6 +663,14 @@ def test_the_logged_lr_under_accumulation_is_the_applied_one(tmp_path):
       "looks like a folder; a folder of class folders is 'folder:/data/imgs'",
     ),
     (["--config.keep_checkpoints=0"], "error: keep_checkpoints=0 must be an integer >= 1"),
+    # absl read `--config.model.remat False` as remat=True and dropped
+    # 'False': the opposite setting, silently; stray words were ignored too
+    (
+      ["--config.model.remat", "False"],
+      "'False': a boolean flag takes no separate value; write --config.model.remat=False",
+    ),
+    (["--multihost", "no"], "write --multihost=no, with '='"),
+    (["extra"], "error: unexpected argument 'extra'; every setting is a flag"),
   ],
 )
 def test_launch_scripts_print_one_line(args, message, tmp_path):
@@ -679,6 +687,25 @@ def test_launch_scripts_print_one_line(args, message, tmp_path):
   assert out.returncode == 2, out.stderr[-2000:]
   lines = [line for line in out.stderr.splitlines() if line.strip()]
   assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.stderr
+
+
+def test_a_boolean_flag_given_a_separate_value_is_named_in_every_command(tmp_path, capsys):
+  """The check scripts and convert take plain absl flags: `--keep False`
+  kept the files, and convert's count error did not say why."""
+  from mimdistill import convert
+
+  assert convert.main([str(tmp_path / "a"), str(tmp_path / "b"), "--overwrite", "False"]) == 2
+  assert "write --overwrite=False, with '='" in capsys.readouterr().err
+  cmd = [sys.executable, str(REPO / "launch" / "measure_convert_memory.py")]
+  out = subprocess.run(
+    [*cmd, f"--dir={tmp_path / 'm'}", "--keep", "False"],
+    capture_output=True,
+    text=True,
+    cwd=tmp_path,
+    timeout=300,
+  )
+  assert out.returncode == 2 and "write --keep=False" in out.stderr, out.stderr[-2000:]
+  assert not (tmp_path / "m").exists()  # refused before the 12 GB scratch file is written
 
 
 def test_kill_resume_check_does_not_wipe_a_folder_it_did_not_make(tmp_path):
