@@ -21,7 +21,8 @@ memory under XLA's own allocator, and a single arena could serialise the host
 threads of a large host's input pipeline. The cost on the CPU is that freed
 memory is kept for reuse rather than returned to the system: the resident
 size stays at the peak the steps need, plus that early fragmentation.
-`MIMDISTILL_HOST_MALLOC=default` leaves glibc's defaults.
+`MIMDISTILL_HOST_MALLOC=default` leaves glibc's defaults ('on' or unset
+applies them; any other value is refused).
 
 This is glibc's own `mallopt`; `GLIBC_TUNABLES=glibc.malloc.arena_max=1:
 glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647` in the
@@ -79,7 +80,14 @@ def keep_freed_memory(environ=None) -> str:
     return state
   env = os.environ if environ is None else environ
   reason = None
-  if env.get(OPT_OUT, "").strip().lower() == "default":
+  choice = env.get(OPT_OUT, "").strip().lower()
+  if choice not in ("", "on", "default"):
+    # "off", "0", "false" read as opt-outs but would have left the settings on
+    raise ValueError(
+      f"{OPT_OUT}={env[OPT_OUT]!r} is not a choice: set it to 'default' for glibc's own malloc "
+      "settings, or unset it (or 'on') for this module's"
+    )
+  if choice == "default":
     reason = f"{OPT_OUT}=default"
   elif sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
     reason = f"not glibc ({sys.platform}, {platform.libc_ver()[0] or 'unknown libc'})"

@@ -74,3 +74,6 @@ def test_never_applied_where_it_cannot_work_or_would_not_help():
     "JAX_PLATFORMS=cuda,cpu names cuda"
   )
   assert host_allocator._accelerator_reason({"JAX_PLATFORMS": "cpu"}) is None
+  # an opt-out spelled otherwise left the settings on, silently
+  with pytest.raises(ValueError, match="MIMDISTILL_HOST_MALLOC='off' is not a choice: set it to"):
+    host_allocator.keep_freed_memory({host_allocator.OPT_OUT: "off"})
