@@ -361,7 +361,7 @@ def test_pipeline_checks_every_stage_before_the_first_runs(tmp_path, monkeypatch
   monkeypatch.setattr(pipeline.registry, "run_stage", lambda cfg, d, **_: runs.append(cfg.stage))
   c = pipeline_configs.get_config("quickstart")
   c.segment.schedule.power = -1.0  # the last stage's
-  with pytest.raises(ValueError, match=r"schedule.power=-1.0 must be >= 0"):
+  with pytest.raises(ValueError, match=r"schedule.power=-1.0 must be a finite number >= 0"):
     pipeline.run_pipeline(c, tmp_path)
   assert runs == [] and not (tmp_path / "pretrain").exists()
 

@@ -142,6 +142,14 @@ def test_finetune_errors(pretrain_workdir, tfds_dir, tmp_path):
     finetune.run(tiny_finetune(tfds_dir, pretrain_workdir, width=64), tmp_path / "x")
   with pytest.raises(FileNotFoundError, match="no such workdir"):
     finetune.run(tiny_finetune(tfds_dir, tmp_path / "missing"), tmp_path / "y")
+  # Linear probing accepted it: labels 5..9 one-hot encoded to zeros (trained
+  # towards no class, counted wrong); fine-tuning failed at the first batch.
+  for mode in ("linprobe", "finetune"):
+    c = tiny_finetune(tfds_dir, pretrain_workdir)
+    c.update(num_classes=5, mode=mode)
+    with pytest.raises(ValueError, match="num_classes=5 is fewer than the 10 classes of embedded"):
+      finetune.run(c, tmp_path / mode)
+    assert not (tmp_path / mode / "checkpoints").exists()
 
 
 def _pipeline(workdir, tfds_dir):

@@ -534,9 +534,22 @@ def run(config: ml_collections.ConfigDict, workdir, *, mesh=None, lineage: dict 
     mesh=mesh,
     data_axis=shard_lib.BATCH_AXES,
   )
-  num_classes = config.num_classes or train_data.num_classes
+  found = train_data.num_classes
+  num_classes = config.num_classes or found
   if not num_classes:
     raise ValueError(f"dataset {config.data.name} has no class labels; set --config.num_classes")
+  if found and config.num_classes and config.num_classes < found:
+    # a label >= num_classes one-hot encodes to zeros: those images would
+    # train towards no class and count as wrong, silently
+    raise ValueError(
+      f"num_classes={config.num_classes} is fewer than the {found} classes of "
+      f"{config.data.name}; set --config.num_classes={found} (or 0: from the dataset)"
+    )
+  if num_classes < 2:
+    raise ValueError(
+      f"dataset {config.data.name} has {num_classes} class: a classifier needs at least 2 "
+      "(a folder dataset needs a folder per class)"
+    )
   model = build_model(config, num_classes)
   teacher = teacher_variables = teacher_record = None
   if config.kd.type != "none":  # before anything compiles: its errors come first
