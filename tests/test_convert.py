@@ -685,6 +685,18 @@ def test_destination_rules(tmp_path):
   (tmp_path / "notes.txt").write_text("x")
   with pytest.raises(ValueError, match="is under the file .*notes.txt"):
     convert(pth, tmp_path / "notes.txt" / "w")
+  # --overwrite deleted any folder: a training workdir, a pipeline folder
+  run = tmp_path / "run"
+  (run / "checkpoints" / "780").mkdir(parents=True)
+  (run / "metrics.jsonl").write_text("{}")
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "thesis.tex").write_text("x")
+  for dst, what in ((run, "a training workdir"), (tmp_path / "mine", "it holds thesis.tex")):
+    with pytest.raises(FileExistsError, match=f"is not a folder this command wrote \\({what}\\)"):
+      convert(pth, dst, num_heads=4, overwrite=True)
+  assert (run / "checkpoints" / "780").is_dir() and (tmp_path / "mine" / "thesis.tex").exists()
+  (tmp_path / "empty").mkdir()
+  convert(pth, tmp_path / "empty", num_heads=4, overwrite=True)  # an empty folder is fine
 
 
 # -----------------------------------------------------------------------------

@@ -954,11 +954,34 @@ def _check_destination(dst: str, to_safetensors: bool, overwrite: bool) -> None:
       )
   if to_safetensors and path.is_dir():
     raise IsADirectoryError(f"{dst} is a directory; a {path.suffix} destination is a file")
+  if overwrite and path.is_dir() and any(path.iterdir()) and not _is_conversion(path):
+    # --overwrite deletes the folder: a training workdir, a pipeline folder
+    # or a home directory given as DST would go with it
+    held = sorted(p.name for p in path.iterdir())
+    what = (
+      "a training workdir" if (path / "checkpoints").is_dir() else f"it holds {', '.join(held[:4])}"
+    )
+    raise FileExistsError(
+      f"{dst} is not a folder this command wrote ({what}); --overwrite replaces only an earlier "
+      "conversion, an empty folder or a file: delete it yourself if you mean to, or choose "
+      "another destination"
+    )
   if not to_safetensors and path.exists() and not path.is_dir():
     raise FileExistsError(
       f"{dst} is a file; an Orbax destination is a directory (name it "
       "*.safetensors for a safetensors file)"
     )
+
+
+def _is_conversion(path: pathlib.Path) -> bool:
+  """Whether `path` holds what this command writes (its model.json)."""
+  from mimdistill.interop.segmentation_conversion import FORMAT as SEGMENTOR_FORMAT
+
+  try:
+    record = json.loads((path / MODEL_JSON).read_text())
+  except (OSError, ValueError):
+    return False
+  return isinstance(record, dict) and record.get("format") in (FORMAT, SEGMENTOR_FORMAT)
 
 
 def _write_converted_dir(
