@@ -124,6 +124,15 @@ def test_finetune_from_pretrain_workdir(pretrain_workdir, tfds_dir, tmp_path, ca
   # The encoder really came from stage 1 (not a fresh init).
   pre, _ = restore_subtree(str(pretrain_workdir), ("params", "encoder", "blocks_0"))
   assert pre["attn"]["qkv"]["kernel"].shape == (32, 96)
+  # Its best/ is an init.source like the workdir (it was "no checkpoints in
+  # .../best ... run the earlier stage there first").
+  again = tiny_finetune(tfds_dir, tmp_path / "best")
+  model = finetune.build_model(again, 10)
+  taken, record = finetune.init_from_source(finetune.abstract_params(model), again)
+  assert record["kind"] == "best" and record["step"] == 3
+  last, _ = restore_subtree(str(tmp_path), ("params",))  # the best step is the last here
+  for part in ("encoder", "head"):
+    jax.tree_util.tree_map(np.testing.assert_array_equal, taken[part], last[part])
 
 
 def test_finetune_with_other_head_count_and_classes(pretrain_workdir, tfds_dir, tmp_path, caplog):

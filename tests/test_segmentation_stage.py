@@ -128,6 +128,13 @@ def test_stage_runs_from_a_distill_workdir(stage_run, caplog_module):
   assert parent["path"] == str(root / "distill" / "checkpoints" / "4")
   assert any("relative_position_bias_table" in r and "zero-initialised" in r for r in caplog_module)
   assert any("decode_head newly initialised" in r for r in caplog_module)
+  # best/ is a whole-segmentor source too (it was read as an encoder workdir and refused)
+  from mimdistill.stages import sources as stage_sources
+
+  whole = stage_sources.read_segmentor(str(w / "best"))
+  assert whole.record["kind"] == "best" and whole.record["step"] == 3
+  last, _ = restore_subtree(str(w), ("params",))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, whole.params, last)
 
 
 def test_one_device_gives_the_same_params_and_statistics(stage_run):

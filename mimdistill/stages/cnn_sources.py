@@ -22,7 +22,7 @@ from mimdistill.interop.cnn_checkpoint import import_state_dict
 from mimdistill.interop.orbax_tree import restore_subtree
 from mimdistill.interop.pth_reader import load_pth
 from mimdistill.paths import is_remote
-from mimdistill.stages.sources import PTH_SUFFIXES
+from mimdistill.stages.sources import PTH_SUFFIXES, record_dir
 from mimdistill.training.cnn_layer_decay import family_of_params
 
 PyTree = Any
@@ -51,7 +51,7 @@ def check_vit_source(source: str, what: str = "teacher.source") -> None:
     if family is not None:
       raise ValueError(f"{what}={path} is a {family} CNN checkpoint, not a ViT; {hint}")
     return
-  workdir, _ = workdir_lib.parse_source(path)
+  workdir = record_dir(path)
   if not workdir.is_dir():
     return
   record = workdir_lib.signature(workdir)

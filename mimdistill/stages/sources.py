@@ -1,6 +1,7 @@
 """Where a stage's weights come from: a teacher's or an init's `source`,
 which is a mimdistill workdir (`W` or `W:step`; a converted checkpoint is
-one) or an official / timm `.pth` file.
+one), a stage's `best/` folder (`W/best`: the best evaluated step) or an
+official / timm `.pth` file.
 
 `read_encoder` returns numpy trees in mimdistill layout: `encoder` is a
 ViTEncoder's params, `encoder_fixed` its 'fixed' collection (the sin-cos
@@ -78,30 +79,42 @@ def read_encoder(source: str, *, what: str = "init") -> EncoderSource:
     return EncoderSource(
       params["encoder"], None, head, {"kind": "pth", "path": os.path.abspath(path), "step": None}
     )
+  best = is_best_dir(path)
   workdir, _ = workdir_lib.parse_source(path)
-  if not workdir.is_dir():
+  if not best and not workdir.is_dir():
     raise FileNotFoundError(
       f"{what}={path}: no such workdir; run the earlier stage there first, or "
-      "point at an existing workdir (workdir or workdir:step) or a .pth file"
+      "point at an existing workdir (workdir or workdir:step), its best/ or a .pth file"
     )
-  try:
-    params, record = restore_subtree(path, ("params",))
-  except KeyError as e:
-    raise ValueError(f"{what}={path} holds no params: {e}") from None
+  if best:
+    state, record = restore_best(path)
+    params = state.get("params") or {}
+    fixed = ((state.get("model_state") or {}).get("fixed") or {}).get("encoder")
+  else:
+    try:
+      params, record = restore_subtree(path, ("params",))
+    except KeyError as e:
+      raise ValueError(f"{what}={path} holds no params: {e}") from None
   if "encoder" not in params:
     raise ValueError(
       f"{what}={path} holds no encoder params (state/params/"
       f"encoder; it has {sorted(params)}); point at a stage-1, "
       "stage-2 or stage-3 workdir"
     )
-  try:
-    fixed, _ = restore_subtree(path, ("model_state", "fixed", "encoder"))
-  except KeyError:
-    fixed = None  # a learned position embedding is a param
+  if not best:
+    try:
+      fixed, _ = restore_subtree(path, ("model_state", "fixed", "encoder"))
+    except KeyError:
+      fixed = None  # a learned position embedding is a param
   head = {k: params[k] for k in HEAD_PARTS if k in params}
-  return EncoderSource(
-    params["encoder"], fixed, head, {"kind": "workdir", "source": path, **record}
-  )
+  kind = "best" if best else "workdir"
+  return EncoderSource(params["encoder"], fixed, head, {"kind": kind, "source": path, **record})
+
+
+def record_dir(source: str):
+  """The folder whose records (config.json, model.json) describe `source`:
+  its workdir, or for a `best/` folder the stage workdir holding it."""
+  return as_path(source).parent if is_best_dir(source) else workdir_lib.parse_source(source)[0]
 
 
 ARCH_FIELDS = ("width", "depth", "num_heads", "patch_size", "image_size")
@@ -115,7 +128,7 @@ def recorded_model(source: str) -> tuple[dict, str] | None:
   path = str(source)
   if path.endswith(PTH_SUFFIXES) or path.endswith(".safetensors"):
     return None
-  workdir, _ = workdir_lib.parse_source(path)
+  workdir = record_dir(path)
   converted = workdir_lib.read_json(workdir, workdir_lib.MODEL) if workdir.is_dir() else None
   if converted:
     model = dict(converted.get("model") or {})
@@ -253,6 +266,13 @@ def read_segmentor(source: str, *, what: str = "init.source") -> SegmentorSource
     variables, _ = mmcv_to_flax(ckpt.tensors)
     record = {"kind": "pth", "path": os.path.abspath(path), "step": None}
     return SegmentorSource(variables["params"], variables.get("batch_stats", {}), record)
+  if is_best_dir(path):
+    if workdir_lib.signature(record_dir(path)).get("stage") != "segment":
+      return None  # a classifier's best/: read_encoder reads it (read once, not twice)
+    state, record = restore_best(path)
+    params = state.get("params") or {}
+    stats = (state.get("model_state") or {}).get("batch_stats") or {}
+    return SegmentorSource(params, stats, {"kind": "best", "source": path, **record})
   workdir, _ = workdir_lib.parse_source(path)
   if not workdir.is_dir() or not workdir_lib.has_checkpoints(workdir):
     return None
