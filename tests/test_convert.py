@@ -849,6 +849,18 @@ def test_converted_student_fine_tunes_with_stage_3(tfds_dir, tmp_path, monkeypat
   )
   summary = finetune.run(c, tmp_path / "ft")
   assert summary["parent"]["path"].endswith("student/checkpoints/0")
+  # Its best/ (here the last step, 1) and that step's folder export like the
+  # workdir (best/ was "neither a mimdistill workdir", best/1 a traceback).
+  from safetensors.numpy import load_file
+
+  convert(tmp_path / "ft", tmp_path / "last.safetensors")
+  want = load_file(tmp_path / "last.safetensors")
+  for src in (tmp_path / "ft" / "best", tmp_path / "ft" / "best" / "1"):
+    report = convert(src, tmp_path / "best.safetensors", overwrite=True)
+    got = load_file(tmp_path / "best.safetensors")
+    assert report.spec.num_heads == 2 and sorted(got) == sorted(want)  # heads from config.json
+    for name in want:
+      np.testing.assert_array_equal(got[name], want[name])
   # Step 1 moved the weights only a little: they started from the student's.
   qkv, _ = restore_subtree(str(tmp_path / "ft"), ("params", "encoder", "blocks_0", "attn", "qkv"))
   np.testing.assert_allclose(qkv["kernel"], state["blocks.0.attn.qkv.weight"].T, atol=0.05)

@@ -263,6 +263,15 @@ def test_cnn_workdirs_export_with_timm_names(hetero_pipeline, tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, back.variables["params"], params)
     jax.tree_util.tree_map(np.testing.assert_array_equal, back.variables["batch_stats"], stats)
   assert convert_main([str(workdir / "finetune"), str(tmp_path / "finetune.pth")]) == 2  # exists
+  # its best/ exports the same way (it was read as a ViT checkpoint and refused)
+  from mimdistill.interop.orbax_tree import restore_best
+
+  assert convert_main([str(workdir / "finetune" / "best"), str(tmp_path / "best.pth")]) == 0
+  best, _ = restore_best(workdir / "finetune" / "best")
+  back = import_cnn(tmp_path / "best.pth")
+  jax.tree_util.tree_map(np.testing.assert_array_equal, back.variables["params"], best["params"])
+  stats = best["model_state"]["batch_stats"]
+  jax.tree_util.tree_map(np.testing.assert_array_equal, back.variables["batch_stats"], stats)
   # A CNN's weights say everything: a ViT option is refused, not ignored.
   assert convert_main([str(workdir / "hetero"), str(tmp_path / "h.pth"), "--num_heads=4"]) == 2
   assert not (tmp_path / "h.pth").exists()

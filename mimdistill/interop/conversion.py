@@ -63,7 +63,7 @@ from mimdistill.interop.official_names import (
   official_name,
   to_official_leaf,
 )
-from mimdistill.interop.orbax_tree import numpy_restore_args, saved_state
+from mimdistill.interop.orbax_tree import is_best_dir, numpy_restore_args, saved_state
 from mimdistill.interop.pth_reader import CheckpointReadError, CorruptCheckpointError, load_pth
 from mimdistill.paths import is_remote
 
@@ -488,6 +488,19 @@ def _workdir_reader(src: str) -> tuple[dict, Callable[[dict], dict], str]:
   return saved.tree, saved.restore, saved.location
 
 
+def _stage_hints(workdir: epath.Path) -> dict[str, Any]:
+  """The heads a stage workdir's config.json records (the weights do not)."""
+  saved = workdir_lib.read_json(workdir, workdir_lib.CONFIG) or {}
+  model = saved.get("signature", {}).get("model") or {}
+  hints = {}
+  if model.get("num_heads"):
+    hints["num_heads"] = int(model["num_heads"])
+  decoder = (saved.get("config", {}).get("model") or {}).get("decoder") or {}
+  if decoder.get("num_heads"):
+    hints["decoder_num_heads"] = int(decoder["num_heads"])
+  return hints
+
+
 def _read_dir(src: str) -> Source:
   path, step = workdir_lib.parse_source(src)
   hints: dict[str, Any] = {}
@@ -501,21 +514,24 @@ def _read_dir(src: str) -> Source:
       hints.update(_spec_hints(record.get("model", {})))
       order = record.get("tensor_order")
     else:
-      saved = workdir_lib.read_json(path, workdir_lib.CONFIG) or {}
-      model = saved.get("signature", {}).get("model") or {}
-      if model.get("num_heads"):
-        hints["num_heads"] = int(model["num_heads"])
-      decoder = (saved.get("config", {}).get("model") or {}).get("decoder") or {}
-      if decoder.get("num_heads"):
-        hints["decoder_num_heads"] = int(decoder["num_heads"])
+      hints.update(_stage_hints(path))
   else:
     kind, order = "orbax", None
     if step is not None:
       raise CheckpointReadError(
         f"{src!r}: ':{step}' selects a step of a workdir, but {path} has no checkpoints/ folder"
       )
-    if (path / "state").is_dir() and _is_orbax_dir(path / "state"):
-      path = path / "state"  # a step folder W/checkpoints/<step>
+    if is_best_dir(path):  # W/best: the one step the best-checkpoint manager keeps
+      kind = "best"
+      hints.update(_stage_hints(path.parent))
+      path = path / str(max(int(p.name) for p in path.iterdir() if p.name.isdigit()))
+    elif is_best_dir(path.parent) and path.name.isdigit():
+      hints.update(_stage_hints(path.parent.parent))
+    # a step folder: W/checkpoints/<step> holds its state, W/best/<step> its params
+    for item in ("state", "params"):
+      if (path / item).is_dir() and _is_orbax_dir(path / item):
+        path = path / item
+        break
     if not _is_orbax_dir(path):
       raise CheckpointReadError(
         f"{src!r} is a directory but neither a mimdistill workdir (no checkpoints/) nor an "

@@ -120,20 +120,36 @@ def is_best_dir(path) -> bool:
   return any(p.name.isdigit() and (p / "params").is_dir() for p in path.iterdir())
 
 
+def _best_step(manager, path) -> tuple[int, PyTree]:
+  """(latest step, its metadata tree) of an open `best/` manager."""
+  steps = manager.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"{path} holds no finished best checkpoint")
+  meta = manager.item_metadata(max(steps))["params"]
+  return max(steps), getattr(meta, "tree", meta)
+
+
+def _best_manager(path):
+  return ocp.CheckpointManager(
+    path,
+    options=ocp.CheckpointManagerOptions(read_only=True),
+    item_handlers={"params": ocp.PyTreeCheckpointHandler()},
+  )
+
+
+def best_metadata(path) -> PyTree:
+  """The tree (shapes and dtypes, nothing read) of a `best/` folder's latest
+  step: `{'params', 'model_state'}`."""
+  with _best_manager(epath.Path(path)) as manager:
+    return _best_step(manager, path)[1]
+
+
 def restore_best(path) -> tuple[PyTree, dict]:
   """`{'params', 'model_state'}` of a `best/` folder's latest step as numpy,
   and `{'path', 'step'}` for the lineage record."""
   path = epath.Path(path)
-  handler = ocp.PyTreeCheckpointHandler()
-  with ocp.CheckpointManager(
-    path, options=ocp.CheckpointManagerOptions(read_only=True), item_handlers={"params": handler}
-  ) as manager:
-    steps = manager.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"{path} holds no finished best checkpoint")
-    step = max(steps)
-    meta = manager.item_metadata(step)["params"]
-    item = getattr(meta, "tree", meta)
+  with _best_manager(path) as manager:
+    step, item = _best_step(manager, path)
     out = manager.restore(
       step,
       args=ocp.args.Composite(
