@@ -135,6 +135,19 @@ def test_stage_runs_from_a_distill_workdir(stage_run, caplog_module):
   assert whole.record["kind"] == "best" and whole.record["step"] == 3
   last, _ = restore_subtree(str(w), ("params",))
   jax.tree_util.tree_map(np.testing.assert_array_equal, whole.params, last)
+  # ... and exports as one (it was read as a ViT encoder and refused)
+  from mimdistill.interop.conversion import read_safetensors
+  from mimdistill.interop.segmentation_conversion import convert as convert_segmentor
+
+  out = root / "exported"
+  out.mkdir(exist_ok=True)
+  convert_segmentor(w / "best", out / "best.safetensors")  # out_indices from W/config.json
+  convert_segmentor(w, out / "last.safetensors")
+  best, _ = read_safetensors(out / "best.safetensors")
+  want, _ = read_safetensors(out / "last.safetensors")
+  assert sorted(best) == sorted(want)
+  for name in want:
+    np.testing.assert_array_equal(best[name], want[name])
 
 
 def test_one_device_gives_the_same_params_and_statistics(stage_run):
@@ -323,7 +336,7 @@ def test_mmseg_checkpoint_converts_to_a_workdir_and_back(tmp_path):
     pytest.skip(f"{FIXTURES} is absent")
   from mimdistill import convert
   from mimdistill.interop.conversion import read_safetensors
-  from mimdistill.interop.pth_reader import load_pth
+  from mimdistill.interop.pth_reader import load_pth, read_pickle_tree
   from mimdistill.models import factory
   from mimdistill.stages.sources import read_segmentor
 
@@ -337,6 +350,18 @@ def test_mmseg_checkpoint_converts_to_a_workdir_and_back(tmp_path):
   assert list(back) == list(original)
   for name, value in original.items():
     assert back[name].dtype == value.dtype and np.array_equal(back[name], value), name
+  # A .pth destination is an mmcv checkpoint (it was an Orbax folder named back.pth).
+  assert convert.main([str(tmp_path / "w"), str(tmp_path / "back.pth")]) == 0
+  assert (tmp_path / "back.pth").is_file()
+  tree = read_pickle_tree(tmp_path / "back.pth")
+  assert sorted(tree) == ["meta", "state_dict"]
+  assert json.loads(tree["meta"]["mimdistill.segmentor"]) == json.loads(
+    metadata["mimdistill.segmentor"]
+  )
+  again = load_pth(tmp_path / "back.pth").tensors
+  assert list(again) == list(original)
+  for name, value in original.items():
+    assert again[name].dtype == value.dtype and np.array_equal(again[name], value), name
   # The converted workdir reproduces the official eval logits.
   section = json.loads((tmp_path / "w" / "model.json").read_text())["model"]
   assert json.loads(metadata["mimdistill.segmentor"]) == section

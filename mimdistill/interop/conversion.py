@@ -898,9 +898,16 @@ def destination_kind(dst: str) -> str:
   return "orbax"
 
 
-def write_official_pth(dst: str, tensors: MutableMapping[str, Any]) -> None:
-  """`{'model': state_dict}` in torch's zip format with official names, the
-  official orientation and dtypes, written without torch, one tensor in
+def write_official_pth(
+  dst: str,
+  tensors: MutableMapping[str, Any],
+  *,
+  wrap: str = "model",
+  extra: Mapping[str, Any] | None = None,
+) -> None:
+  """`{wrap: state_dict, **extra}` (default `{'model': state_dict}`; mmcv's
+  is `{'meta', 'state_dict'}`) in torch's zip format with official names,
+  the official orientation and dtypes, written without torch, one tensor in
   memory at a time, atomically; `torch.load(dst, weights_only=True)` and the
   official model's `load_state_dict(..., strict=True)` read it."""
   from mimdistill.interop.pth_writer import write_state_dict
@@ -917,7 +924,7 @@ def write_official_pth(dst: str, tensors: MutableMapping[str, Any]) -> None:
   path = pathlib.Path(dst)
   tmp = path.with_name(path.name + f".partial-{os.getpid()}")
   try:
-    write_state_dict(tmp, state, wrap="model")
+    write_state_dict(tmp, state, wrap=wrap, extra=extra)
     os.replace(tmp, path)
   finally:
     if tmp.exists():

@@ -2,6 +2,7 @@
 
     python -m mimdistill.convert upernet_tinymim_b.pth W/seg        # -> a workdir
     python -m mimdistill.convert W/seg upernet.safetensors         # -> mmcv names
+    python -m mimdistill.convert W/seg upernet.pth                 # -> an mmcv checkpoint
 
 (`conversion.convert` hands a source here when its names are a
 segmentor's: `backbone.*` and `decode_head.*`.)
@@ -18,7 +19,9 @@ Destinations:
   * `*.safetensors`: the mmcv state dict (`segmentation_names.flax_to_mmcv`:
     BatchNorm buffers and the relative-position index buffers included, so
     it loads strictly in the official segmentor), in the source's tensor
-    order when known.
+    order when known;
+  * `*.pth` (`.pt`, `.bin`): the same state dict as an mmcv checkpoint,
+    `{'meta', 'state_dict'}`, written without torch.
 
 The model section is read from the tensors (width, depth, patch and image
 size, heads from the relative-position tables, layer scale, q/k/v biases,
@@ -61,13 +64,13 @@ def _is_segmentor(names: Sequence[str]) -> bool:
 
 
 def _workdir_params_roots(src: str) -> list[str] | None:
-  from mimdistill.interop.orbax_tree import saved_state
+  from mimdistill.interop.orbax_tree import best_metadata, is_best_dir, saved_state
 
   path, _ = workdir_lib.parse_source(src)
-  if not (path / workdir_lib.CHECKPOINTS).is_dir():
+  if not (path / workdir_lib.CHECKPOINTS).is_dir() and not is_best_dir(src):
     return None
   try:
-    tree = saved_state(src).tree
+    tree = best_metadata(src) if is_best_dir(src) else saved_state(src).tree
   except FileNotFoundError:
     return None
   return sorted((tree.get("params") or {}).keys()) if isinstance(tree, dict) else None
@@ -254,13 +257,19 @@ def _read(src: str, key: str | None):
   """(kind, mmcv state dict (numpy), skipped, model section or None, order)."""
   path, _ = workdir_lib.parse_source(src)
   if path.is_dir():
-    from mimdistill.interop.orbax_tree import restore_subtree
+    from mimdistill.interop.orbax_tree import is_best_dir, restore_best, restore_subtree
 
-    params, record = restore_subtree(src, ("params",))
-    try:
-      stats, _ = restore_subtree(src, ("model_state", "batch_stats"))
-    except KeyError:
-      stats = {}
+    if is_best_dir(src):  # W/best: the records are the stage workdir's
+      state, record = restore_best(src)
+      params = state["params"]
+      stats = (state.get("model_state") or {}).get("batch_stats") or {}
+      path = path.parent
+    else:
+      params, record = restore_subtree(src, ("params",))
+      try:
+        stats, _ = restore_subtree(src, ("model_state", "batch_stats"))
+      except KeyError:
+        stats = {}
     saved = workdir_lib.read_json(path, workdir_lib.MODEL) or {}
     section = saved.get("model") if saved.get("format") == FORMAT else None
     state = names_lib.flax_to_mmcv({"params": params, "batch_stats": stats})["state_dict"]
@@ -342,12 +351,17 @@ def convert(
   log: Callable[[str], None] | None = None,
 ) -> SegmentationConvertReport:
   """Converts a whole segmentor SRC into DST (see the module doc)."""
-  from mimdistill.interop.conversion import _check_destination, write_safetensors
+  from mimdistill.interop.conversion import (
+    _check_destination,
+    destination_kind,
+    write_official_pth,
+    write_safetensors,
+  )
 
   say = log or (lambda _: None)
   src, dst = os.fspath(src), os.fspath(dst)
-  to_safetensors = dst.endswith(".safetensors")
-  _check_destination(dst, to_safetensors, overwrite)
+  dst_kind = destination_kind(dst)  # a .pth was written as an Orbax folder of that name
+  _check_destination(dst, dst_kind != "orbax", overwrite)
   kind, location, state, skipped, section, order = _read(src, key)
   say(f"read {location} ({kind}): {len(state)} tensors")
   notes: list[str] = []
@@ -356,7 +370,7 @@ def convert(
       state, out_indices=out_indices, num_heads=num_heads, image_size=image_size
     )
   order = [n for n in (order or []) if n in state] + [n for n in state if n not in (order or [])]
-  if to_safetensors:
+  if dst_kind == "safetensors":
     tensors = {n: np.asarray(state[n]) for n in order}
     metadata = {
       "format": "pt",
@@ -364,7 +378,13 @@ def convert(
       "mimdistill.source": location,
     }
     write_safetensors(dst, tensors, metadata=metadata)
-    used, dst_kind = list(tensors), "safetensors"
+    used = list(tensors)
+  elif dst_kind == "pth":
+    # mmcv's checkpoint layout, which mmseg's load_checkpoint reads
+    tensors = {n: np.asarray(state[n]) for n in order}
+    used = list(tensors)
+    meta = {"mimdistill.segmentor": json.dumps(section), "mimdistill.source": location}
+    write_official_pth(dst, tensors, wrap="state_dict", extra={"meta": meta})
   else:
     variables, report = names_lib.mmcv_to_flax({n: state[n] for n in order})
     skipped.update(report.skipped)
@@ -376,7 +396,7 @@ def convert(
       order,
       overwrite,
     )
-    used, dst_kind = report.used, "orbax"
+    used = report.used
   return SegmentationConvertReport(
     src=location,
     dst=dst,
