@@ -168,6 +168,11 @@ def test_sweeps_make_one_config_per_combination():
     benchmark.variants(config, ["batch_size=abc"])
   with pytest.raises(ValueError, match=r"--sweep student.fused_attention=maybe: .*not a bool"):
     benchmark.variants(config, ["student.fused_attention=maybe"])
+  # a pipeline config was a bare AttributeError "'mesh'"
+  from configs import pipeline as pipeline_configs
+
+  with pytest.raises(ValueError, match="is a pipeline config; the benchmark times one stage's"):
+    benchmark.variants(pipeline_configs.get_config("quickstart"), [])
 
 
 @pytest.mark.parametrize(

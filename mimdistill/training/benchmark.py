@@ -437,6 +437,14 @@ def variants(
   A sweep key may name several fields joined by '+', which take each value
   together (e.g. `student.fused_attention+teacher.fused_attention=false,true`).
   """
+  if "stages" in config and "stage" not in config:
+    # a pipeline config has no step of its own: it failed as a bare 'mesh'
+    sections = [k for k in config.keys() if hasattr(config[k], "get") and config[k].get("stage")]
+    raise ValueError(
+      f"--config {config.get('preset', '')!r} is a pipeline config; the benchmark times one "
+      f"stage's step: pass a stage config (e.g. configs/tinymim_distill.py:quickstart), the "
+      f"stages here being {', '.join(sections)}"
+    )
   combos: list[list[tuple[str, str]]] = [[]]
   for key, values in parse_sweeps(sweeps):
     combos = [c + [(key, v)] for c in combos for v in values]
