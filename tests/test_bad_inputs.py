@@ -758,6 +758,10 @@ def test_a_workdir_that_cannot_be_a_folder_is_refused_before_the_log_opens(tmp_p
     registry.run_stage(_config(mae_pretrain), afile)
   with pytest.raises(ValueError, match="pipeline config .* run it with launch/pipeline.py"):
     registry.run_stage(pipeline_configs.get_config("quickstart"), tmp_path / "w")
+  # ... and the other way round (an AttributeError traceback)
+  with pytest.raises(ValueError, match="is a pretrain stage config: run it with launch/train.py"):
+    pipeline.run_pipeline(_config(mae_pretrain), tmp_path / "p")
+  assert not (tmp_path / "p").exists()
   cmd = [
     sys.executable,
     str(REPO / "launch" / "train.py"),

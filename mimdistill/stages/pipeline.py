@@ -185,6 +185,14 @@ def _plan(config, names: list[str]) -> dict[str, str | None]:
 def run_pipeline(config, workdir) -> dict:
   """Runs the stages in order (see the module doc), holding the pipeline
   workdir's lock; every stage holds its own workdir's."""
+  if "stages" not in config:  # a stage config failed here as an AttributeError traceback
+    hint = (
+      f" is a {config.stage} stage config: run it with launch/train.py" if "stage" in config else ""
+    )
+    raise ValueError(
+      f"--config {config.get('preset', '')!r}{hint}; launch/pipeline.py runs a pipeline "
+      "config (one with `stages`), e.g. configs/pipeline.py:quickstart"
+    )
   workdir = check_workdir(workdir)
   with WorkdirLock(workdir):
     return _run_pipeline(config, workdir)
