@@ -95,7 +95,8 @@ def test_finetune_settings_are_refused_before_compiling(override, message):
     ("tinymim_distill", {"student.drop_path": 1.5}, "drop_path=1.5 must be in [0, 1)"),
     ("tinymim_distill", {"distill.relation_heads": -2}, "relation_heads=-2 must be an integer"),
     ("tinymim_distill", {"distill.mae_weight": -1.0}, "mae_weight=-1.0 must be >= 0"),
-    ("tinymim_distill", {"distill.beta": -1.0}, "distill.beta=-1.0 must be >= 0"),
+    ("tinymim_distill", {"distill.beta": -1.0}, "distill.beta=-1.0 must be a finite number >= 0"),
+    ("tinymim_distill", {"distill.beta": float("inf")}, "distill.beta=inf must be a finite number"),
     ("finetune", {"model.extra_width": -1}, "model.extra_width=-1 must be an integer >= 0"),
     ("finetune", {"kd.teacher.extra_width": -3}, "kd.teacher.extra_width=-3 must be an integer"),
     (

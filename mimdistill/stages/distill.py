@@ -178,10 +178,11 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
       f"distill.relation_heads={d.relation_heads!r} must be an integer >= 0 (0: the teacher's "
       "heads; TinyMIM uses 12 for ViT-B -> ViT-S)"
     )
-  if not isinstance(d.beta, (int, float)) or not d.beta >= 0:
+  if not isinstance(d.beta, (int, float)) or not 0 <= d.beta < float("inf"):
+    # an infinite beta makes the smooth-L1 0.5 x^2 / beta zero: no signal at all
     raise ValueError(
-      f"distill.beta={d.beta!r} must be >= 0 (the feature loss's smooth-L1 beta; 0 is L1, "
-      "TinyMIM: 2.0)"
+      f"distill.beta={d.beta!r} must be a finite number >= 0 (the feature loss's smooth-L1 "
+      "beta; 0 is L1, TinyMIM: 2.0)"
     )
   if plan.mae_weight:
     dec = d.decoder
