@@ -159,8 +159,10 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
   plan = make_plan(config)
   if plan.masked:
     check_mask_ratio(plan.mask_ratio, student.num_patches, "distill.mask_ratio")
-  if not isinstance(d.mae_weight, (int, float)) or not d.mae_weight >= 0:
-    raise ValueError(f"distill.mae_weight={d.mae_weight!r} must be >= 0 (0: no MAE loss)")
+  if not isinstance(d.mae_weight, (int, float)) or not 0 <= d.mae_weight < float("inf"):
+    raise ValueError(
+      f"distill.mae_weight={d.mae_weight!r} must be a finite number >= 0 (0: no MAE loss)"
+    )
   if plan.mae_weight and not plan.masked:
     raise ValueError(
       f"distill.mae_weight={plan.mae_weight} needs "
