@@ -42,6 +42,17 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
   parser.add_argument("--json_out", default=None, help="also append the JSON line here")
   args = parser.parse_args(argv)
+  for name, low in (
+    ("batch_size", 1),
+    ("image_size", 16),
+    ("steps", 1),
+    ("warmup", 0),
+    ("threads", 0),
+  ):
+    if getattr(args, name) < low:
+      parser.error(f"--{name}={getattr(args, name)} must be >= {low}")
+  if args.image_size % 16:
+    parser.error(f"--image_size={args.image_size} must be a multiple of the patch size 16")
   if not os.path.isfile(os.path.join(args.official_dir, "models_tinymim.py")):
     parser.error(
       f"--official_dir={args.official_dir} has no models_tinymim.py; pass a TinyMIM checkout"

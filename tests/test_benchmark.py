@@ -323,3 +323,21 @@ def test_bfloat16_keeps_float32_params_and_losses():
 )
 def test_peak_flops(kind, dtype, precision, expected):
   assert peak_flops.peak_flops(kind, dtype, precision) == expected
+
+
+@pytest.mark.parametrize(
+  "flag, message",
+  [
+    ("--steps=0", "--steps=0 must be >= 1"),
+    ("--batch_size=0", "--batch_size=0 must be >= 1"),
+    ("--image_size=100", "--image_size=100 must be a multiple of the patch size 16"),
+  ],
+)
+def test_official_step_refuses_bad_counts_before_importing_torch(flag, message, tmp_path):
+  """The side-by-side tool's counts are checked when parsed, before torch
+  and the official models are loaded (--steps=0 left no step to time)."""
+  (tmp_path / "models_tinymim.py").write_text("")
+  script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "launch", "official_step.py")
+  cmd = [sys.executable, script, f"--official_dir={tmp_path}", flag]
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+  assert out.returncode == 2 and message in out.stderr, out.stderr[-1000:]
