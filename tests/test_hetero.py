@@ -295,6 +295,17 @@ def test_cnn_init_sources(hetero_pipeline, tmp_path):
   jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, encoder)
   assert "fc" not in loaded and record["kind"] == "workdir"
 
+  # a CNN fine-tuning's best/ (it was "no such workdir")
+  from mimdistill.interop.orbax_tree import restore_best
+
+  ft.init.source = str(workdir / "finetune" / "best")
+  loaded, record = finetune.init_from_source(params, ft)
+  best, _ = restore_best(workdir / "finetune" / "best")
+  assert record["kind"] == "best" and set(loaded) <= set(best["params"])
+  jax.tree_util.tree_map(
+    np.testing.assert_array_equal, loaded, {k: best["params"][k] for k in loaded}
+  )
+
   variables = numpy_variables(model, jnp.zeros((1, 64, 64, 3)))
   pth = write_state_dict(tmp_path / "timm.pth", export_cnn(variables, "resnet"), wrap=None)
   ft.init.source = str(pth)
