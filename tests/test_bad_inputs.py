@@ -214,6 +214,30 @@ def test_a_segmentation_init_source_is_checked_before_the_datasets_are_built(tmp
     segment.run(c, tmp_path / "seg")
 
 
+@pytest.mark.parametrize(
+  "preset, field, overrides",
+  [
+    ("quickstart", "init.source", {}),
+    ("quickstart_star", "kd.teacher.source", {"init.source": ""}),
+  ],
+)
+def test_a_finetuning_source_is_checked_before_the_datasets_are_built(
+  preset, field, overrides, tmp_path, monkeypatch
+):
+  """Fine-tuning read init.source and the KD teacher after building both
+  datasets, which prepares a class folder on first use (minutes for an
+  ImageNet-size folder) before saying the source is missing."""
+  from mimdistill.data import input_pipeline
+
+  def no_data(*args, **kwargs):
+    raise AssertionError(f"the datasets were built before {field} was checked")
+
+  monkeypatch.setattr(input_pipeline, "make_dataset", no_data)
+  c = _config(finetune_configs, preset, **{**overrides, field: str(tmp_path / "nope")})
+  with pytest.raises(FileNotFoundError, match=f"{field}=.*nope: no such workdir or file"):
+    finetune.run(c, tmp_path / "ft")
+
+
 def test_a_preset_without_randaugment_still_takes_it_from_the_command_line():
   # `--config.<field>=` parses by the field's type; a plain None field has
   # NoneType, which ml_collections refuses to override.

@@ -46,6 +46,7 @@ from mimdistill.models.pos_embed import resize_pos_embed, sincos_2d
 from mimdistill.objectives import kd_loss
 from mimdistill.paths import as_path
 from mimdistill.stages import cnn_finetune
+from mimdistill.stages import sources as stage_sources
 from mimdistill.stages.sources import HEAD_PARTS, read_classifier, read_encoder, shape_table
 from mimdistill.stages.synthetic import Synthetic, random_images
 from mimdistill.training import loop as loop_lib
@@ -138,6 +139,12 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
       "classifier (stage-3 workdir or its best/, official MAE fine-tuned .pth, timm ViT "
       ".pth / .safetensors), or --config.kd.type=none"
     )
+  # Both are read after the datasets are built (a class folder is prepared on
+  # first use): a missing one is named first.
+  if config.init.source:
+    stage_sources.check_exists(config.init.source, "init.source")
+  if kd.type != "none":
+    stage_sources.check_exists(kd.teacher.source, "kd.teacher.source")
   sources.check_available(config.data.name, config.data.data_dir, config.data.bad_files)
 
 

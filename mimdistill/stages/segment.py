@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +49,7 @@ from mimdistill.models import factory, variants
 from mimdistill.models.segmentation_backbone import check_backbone
 from mimdistill.models.segmentor import EncoderDecoder
 from mimdistill.objectives.segmentation_loss import segmentation_loss
-from mimdistill.paths import as_path, is_remote
+from mimdistill.paths import as_path
 from mimdistill.stages import sources as stage_sources
 from mimdistill.stages.cnn_sources import check_vit_source
 from mimdistill.stages.synthetic import Synthetic, random_images
@@ -149,13 +148,7 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
     return
   source = config.init.source
   if source:
-    # Before the datasets are built (ADE20K's first preparation takes minutes).
-    location = str(workdir_lib.parse_source(source)[0])
-    if not (is_remote(source) or os.path.exists(location)):
-      raise FileNotFoundError(
-        f"init.source={source}: no such workdir or file; run the earlier stage there first, or "
-        "point at a workdir (W or W:step), a converted folder or a .pth"
-      )
+    stage_sources.check_exists(source, "init.source")  # before the datasets are built
     check_vit_source(source, "init.source")
   sources.check_available(config.data.name, config.data.data_dir, config.data.bad_files)
   builder = sources.get_builder(config.data.name, config.data.data_dir, config.data.bad_files)

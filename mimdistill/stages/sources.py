@@ -111,6 +111,18 @@ def read_encoder(source: str, *, what: str = "init") -> EncoderSource:
   return EncoderSource(params["encoder"], fixed, head, {"kind": kind, "source": path, **record})
 
 
+def check_exists(source: str, what: str) -> None:
+  """Refuses a local `source` (W, W:step, W/best, a file) that is not there,
+  before a stage builds its datasets (a class folder or ADE20K is prepared
+  on first use, which takes minutes)."""
+  location = str(workdir_lib.parse_source(source)[0])
+  if not (is_remote(source) or os.path.exists(location)):
+    raise FileNotFoundError(
+      f"{what}={source}: no such workdir or file; run the earlier stage there first, or "
+      "point at a workdir (W or W:step), its best/, a converted folder or a .pth"
+    )
+
+
 def record_dir(source: str):
   """The folder whose records (config.json, model.json) describe `source`:
   its workdir, or for a `best/` folder the stage workdir holding it."""
