@@ -148,10 +148,8 @@ def stray_argument(
         f"{before}={value}, with '=' (absl reads {before} alone as True)"
       )
   if rest and any_left:
-    return (
-      f"unexpected argument {rest[0]!r}; every setting is a flag (--name=value, "
-      "--config.<field>=value)"
-    )
+    forms = "--name=value, --config.<field>=value" if "config" in flag_values else "--name=value"
+    return f"unexpected argument {rest[0]!r}; every setting is a flag ({forms})"
   return None
 
 
