@@ -663,6 +663,10 @@ def test_destination_rules(tmp_path):
     convert(pth, tmp_path / "w", num_heads=4)
   convert(pth, tmp_path / "w", num_heads=2, overwrite=True)
   assert ReadBack(tmp_path / "w").spec.num_heads == 2
+  # overriding the heads a workdir records is said (it was silent)
+  report = convert(tmp_path / "w", tmp_path / "w4.safetensors", num_heads=4)
+  assert any("--num_heads=4 overrides the 2 heads recorded" in n for n in report.notes)
+  assert not convert(tmp_path / "w", tmp_path / "w2.safetensors", num_heads=2).notes
   assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
   with pytest.raises(CheckpointReadError, match="no checkpoint at"):
     convert(tmp_path / "nope.pth", tmp_path / "x")

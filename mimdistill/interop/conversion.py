@@ -817,6 +817,16 @@ def convert(
   if not to_safetensors:
     spec.require_heads("an Orbax checkpoint (its model.json is what stages build from)")
   notes = _heads_note(spec)
+  for name, flag in (("num_heads", "num_heads"), ("decoder_num_heads", "decoder_num_heads")):
+    recorded = source.hints.get(name)
+    if given[name] is not None and recorded is not None and given[name] != recorded:
+      # heads only split the qkv projection: another count is another model
+      # (TinyMIM re-reads a distilled student with fewer heads on purpose)
+      notes.append(
+        f"--{flag}={given[name]} overrides the {recorded} heads recorded for {source.path}: "
+        f"its weights were trained with {recorded}, the converted model splits attention "
+        f"into {given[name]}"
+      )
   for note in notes:
     say(f"note: {note}")
 
