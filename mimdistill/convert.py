@@ -77,7 +77,13 @@ flags.DEFINE_list(
   "TinyMIM's for the depth)",
   flag_values=FLAGS,
 )
-flags.DEFINE_bool("overwrite", False, "replace an existing DST", flag_values=FLAGS)
+flags.DEFINE_bool(
+  "overwrite",
+  False,
+  "replace an existing DST: a file, an earlier conversion or an empty folder (never another "
+  "folder, e.g. a training workdir)",
+  flag_values=FLAGS,
+)
 flags.DEFINE_string(
   "report_json", None, "also write the report as JSON to this file", flag_values=FLAGS
 )
