@@ -4,9 +4,12 @@
 
 SRC: an official MAE / TinyMIM / timm `.pth` (read safely, without torch and
 without running pickle code), a `.safetensors` file with the same names, or
-a mimdistill workdir (`W`, `W:step`) / Orbax checkpoint folder.
+a mimdistill workdir (`W`, `W:step`, or `W/best`: a fine-tuning or
+segmentation stage's best evaluated step) / Orbax checkpoint folder.
 DST: `*.safetensors` -> official / timm names (loads with `strict=True` in
-the official code and timm); anything else -> a folder every stage reads as
+the official code and timm); `*.pth` -> the same as a torch checkpoint
+(`{'model': ...}`; a segmentor's is mmcv's `{'meta', 'state_dict'}`),
+written without torch; anything else -> a folder every stage reads as
 a teacher or init (`--config.teacher.source=DST`), see
 `mimdistill.interop.conversion`.
 
@@ -16,6 +19,7 @@ Examples:
     python -m mimdistill.convert tinymim_vit_tiny.pth W/t --num_heads=3
     python -m mimdistill.convert upernet_tinymim_b.pth W/seg     # a whole mmseg segmentor
     python -m mimdistill.convert W/seg upernet.safetensors        # back to mmcv names
+    python -m mimdistill.convert W/ft/best student_best.pth       # the best step, for torch
 
 The detected model and a report of the tensors used, skipped and missing
 are printed; what is not in the weights (attention heads) is assumed from
