@@ -185,9 +185,8 @@ def run(main) -> None:
           print(f"error: {message}", file=sys.stderr, flush=True)
           sys.exit(2)
       fail(e)
-    message = stray_argument(
-      flags.FLAGS, argv, rest[1:]
-    )  # the launch scripts take no positional argument
+    # the launch scripts take no positional argument
+    message = stray_argument(flags.FLAGS, argv, rest[1:])
     if message:
       print(f"error: {message}", file=sys.stderr, flush=True)
       sys.exit(2)

@@ -22,13 +22,7 @@ import numpy as np
 
 from mimdistill import workdir as workdir_lib
 from mimdistill.interop.cnn_checkpoint import export_cnn
-from mimdistill.interop.orbax_tree import (
-  best_metadata,
-  is_best_dir,
-  restore_best,
-  restore_subtree,
-  saved_state,
-)
+from mimdistill.interop.orbax_tree import holds_checkpoints, restore_subtree, saved_state
 
 
 @dataclasses.dataclass
@@ -65,19 +59,12 @@ def _params_root(src: str):
   """(CNN params root path, family) of a workdir or its best/, or None if it
   holds no CNN."""
   path, _ = workdir_lib.parse_source(src)
-  if is_best_dir(src):
-    params = best_metadata(src).get("params") or {}
-  elif not (path / workdir_lib.CHECKPOINTS).is_dir():
+  if not holds_checkpoints(path):
     return None
-  else:
-    try:
-      params = saved_state(src).tree.get("params") or {}
-    except (FileNotFoundError, AttributeError):
-      return None
-  return _root_of(params)
-
-
-def _root_of(params):
+  try:
+    params = saved_state(src).tree.get("params") or {}
+  except (FileNotFoundError, AttributeError):
+    return None
   for root in ((), ("encoder",)):
     node = params
     for key in root:
@@ -107,17 +94,11 @@ def convert(src, dst, *, overwrite: bool = False, log=None) -> CNNExportReport:
   if os.path.exists(dst) and not overwrite:
     raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
   root, family = _params_root(src)
-  if is_best_dir(src):
-    state, _ = restore_best(src)
-    params, stats = state.get("params") or {}, (state.get("model_state") or {}).get("batch_stats")
-    for key in root:
-      params, stats = params[key], (stats or {}).get(key)
-  else:
-    params, _ = restore_subtree(src, ("params", *root))
-    try:
-      stats, _ = restore_subtree(src, ("model_state", "batch_stats", *root))
-    except KeyError:
-      stats = {}
+  params, _ = restore_subtree(src, ("params", *root))
+  try:
+    stats, _ = restore_subtree(src, ("model_state", "batch_stats", *root))
+  except KeyError:
+    stats = {}
   variables = {"params": params, "batch_stats": stats or {}}
   state = export_cnn(variables, family, convnext_names="timm")
   state = {n: np.ascontiguousarray(v) for n, v in state.items()}

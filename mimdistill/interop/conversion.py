@@ -504,28 +504,26 @@ def _stage_hints(workdir: epath.Path) -> dict[str, Any]:
 def _read_dir(src: str) -> Source:
   path, step = workdir_lib.parse_source(src)
   hints: dict[str, Any] = {}
-  if (path / "checkpoints").is_dir():
-    kind = "workdir"
+  best = is_best_dir(path)  # W/best reads like a workdir; its records are W's
+  if (path / "checkpoints").is_dir() or best:
+    kind = "best" if best else "workdir"
     tree, restore, location = _workdir_reader(src)
-    model_json = path / MODEL_JSON
+    records = path.parent if best else path
+    model_json = records / MODEL_JSON
     order = None
     if model_json.is_file():
       record = json.loads(model_json.read_text())
       hints.update(_spec_hints(record.get("model", {})))
       order = record.get("tensor_order")
     else:
-      hints.update(_stage_hints(path))
+      hints.update(_stage_hints(records))
   else:
     kind, order = "orbax", None
     if step is not None:
       raise CheckpointReadError(
         f"{src!r}: ':{step}' selects a step of a workdir, but {path} has no checkpoints/ folder"
       )
-    if is_best_dir(path):  # W/best: the one step the best-checkpoint manager keeps
-      kind = "best"
-      hints.update(_stage_hints(path.parent))
-      path = path / str(max(int(p.name) for p in path.iterdir() if p.name.isdigit()))
-    elif is_best_dir(path.parent) and path.name.isdigit():
+    if is_best_dir(path.parent) and path.name.isdigit():  # W/best/<step>
       hints.update(_stage_hints(path.parent.parent))
     # a step folder: W/checkpoints/<step> holds its state, W/best/<step> its params
     for item in ("state", "params"):
@@ -817,13 +815,13 @@ def convert(
   if not to_safetensors:
     spec.require_heads("an Orbax checkpoint (its model.json is what stages build from)")
   notes = _heads_note(spec)
-  for name, flag in (("num_heads", "num_heads"), ("decoder_num_heads", "decoder_num_heads")):
+  for name in ("num_heads", "decoder_num_heads"):
     recorded = source.hints.get(name)
     if given[name] is not None and recorded is not None and given[name] != recorded:
       # heads only split the qkv projection: another count is another model
       # (TinyMIM re-reads a distilled student with fewer heads on purpose)
       notes.append(
-        f"--{flag}={given[name]} overrides the {recorded} heads recorded for {source.path}: "
+        f"--{name}={given[name]} overrides the {recorded} heads recorded for {source.path}: "
         f"its weights were trained with {recorded}, the converted model splits attention "
         f"into {given[name]}"
       )

@@ -5,6 +5,10 @@ ViT-L checkpoint is never touched when a later stage wants its encoder).
     saved = saved_state("W")          # or "W:step"; the latest step by default
     encoder = saved.restore({"params": {"encoder": saved.tree["params"]["encoder"]}})
     subtree, record = restore_subtree("W", ("params", "encoder"))
+
+A stage's `best/` folder (`W/best`, the best evaluated step) reads the same
+way: its one item, `params`, holds `{'params', 'model_state'}` as `state`
+does, so every reader of a workdir takes it unchanged.
 """
 
 from __future__ import annotations
@@ -30,12 +34,14 @@ def numpy_restore_args(tree: PyTree) -> PyTree:
 
 @dataclasses.dataclass(frozen=True)
 class SavedState:
-  """The `state` item of one saved step of a workdir, read on demand."""
+  """The `state` item of one saved step of a workdir (or the `params` item
+  of a `best/` folder), read on demand."""
 
-  directory: epath.Path  # <workdir>/checkpoints
+  directory: epath.Path  # <workdir>/checkpoints, or <workdir>/best
   step: int
-  tree: PyTree  # metadata tree of `state` (shapes, dtypes; no data)
+  tree: PyTree  # metadata tree of the item (shapes, dtypes; no data)
   handler: Any
+  item: str = "state"
 
   @property
   def location(self) -> str:
@@ -44,39 +50,45 @@ class SavedState:
   def restore(self, item: PyTree) -> PyTree:
     """The leaves of `item` (a pruned copy of `tree`) as numpy; nothing else
     of the checkpoint (e.g. the optimizer state) is read."""
-    with _read_only_manager(self.directory, self.handler) as manager:
+    with _read_only_manager(self.directory, self.handler, self.item) as manager:
       out = manager.restore(
         self.step,
         args=ocp.args.Composite(
-          state=ocp.args.PyTreeRestore(
-            item=item, restore_args=numpy_restore_args(item), partial_restore=True
-          )
+          **{
+            self.item: ocp.args.PyTreeRestore(
+              item=item, restore_args=numpy_restore_args(item), partial_restore=True
+            )
+          }
         ),
       )
-    return out["state"]
+    return out[self.item]
 
 
-def _read_only_manager(directory, handler) -> ocp.CheckpointManager:
-  # The 'state' handler must be named: a fresh manager (another process than
+def _read_only_manager(directory, handler, item: str = "state") -> ocp.CheckpointManager:
+  # The item's handler must be named: a fresh manager (another process than
   # the one that saved) otherwise returns no metadata for the item.
   return ocp.CheckpointManager(
     directory,
     options=ocp.CheckpointManagerOptions(read_only=True),
-    item_handlers={"state": handler},
+    item_handlers={item: handler},
   )
 
 
 def saved_state(source: str, handler=None) -> SavedState:
-  """`workdir` (latest step) or `workdir:step` -> its `SavedState`."""
+  """`workdir` (latest step), `workdir:step` or a `best/` folder -> its
+  `SavedState`."""
   workdir, step = workdir_lib.parse_source(source)
-  ckpt = workdir_lib.checkpoint_dir(workdir)
+  if is_best_dir(workdir):
+    ckpt, item = epath.Path(workdir), "params"
+  else:
+    ckpt, item = workdir_lib.checkpoint_dir(workdir), "state"
   if not ckpt.is_dir():
     raise FileNotFoundError(
       f"no checkpoints in {workdir} (looked for {ckpt}); run the earlier "
       "stage there first or point at the right workdir"
     )
   handler = handler or ocp.PyTreeCheckpointHandler()
-  with _read_only_manager(ckpt, handler) as manager:
+  with _read_only_manager(ckpt, handler, item) as manager:
     steps = manager.all_steps()
     if not steps:
       raise FileNotFoundError(f"{ckpt} holds no finished checkpoint")
@@ -84,8 +96,8 @@ def saved_state(source: str, handler=None) -> SavedState:
       step = max(steps)
     elif step not in steps:
       raise FileNotFoundError(f"{ckpt} has no step {step}; it has {sorted(steps)}")
-    meta = manager.item_metadata(step)["state"]
-  return SavedState(ckpt, int(step), getattr(meta, "tree", meta), handler)
+    meta = manager.item_metadata(step)[item]
+  return SavedState(ckpt, int(step), getattr(meta, "tree", meta), handler, item)
 
 
 def restore_subtree(source: str, subtree: Sequence[str]) -> tuple[PyTree, dict]:
@@ -99,7 +111,7 @@ def restore_subtree(source: str, subtree: Sequence[str]) -> tuple[PyTree, dict]:
   for key in subtree:
     if not isinstance(node, dict) or key not in node:
       raise KeyError(
-        f"checkpoint {saved.location} has no state/{'/'.join(subtree)} (stopped at {key!r})"
+        f"checkpoint {saved.location} has no {saved.item}/{'/'.join(subtree)} (stopped at {key!r})"
       )
     node = node[key]
   item = node
@@ -120,40 +132,14 @@ def is_best_dir(path) -> bool:
   return any(p.name.isdigit() and (p / "params").is_dir() for p in path.iterdir())
 
 
-def _best_step(manager, path) -> tuple[int, PyTree]:
-  """(latest step, its metadata tree) of an open `best/` manager."""
-  steps = manager.all_steps()
-  if not steps:
-    raise FileNotFoundError(f"{path} holds no finished best checkpoint")
-  meta = manager.item_metadata(max(steps))["params"]
-  return max(steps), getattr(meta, "tree", meta)
-
-
-def _best_manager(path):
-  return ocp.CheckpointManager(
-    path,
-    options=ocp.CheckpointManagerOptions(read_only=True),
-    item_handlers={"params": ocp.PyTreeCheckpointHandler()},
-  )
-
-
-def best_metadata(path) -> PyTree:
-  """The tree (shapes and dtypes, nothing read) of a `best/` folder's latest
-  step: `{'params', 'model_state'}`."""
-  with _best_manager(epath.Path(path)) as manager:
-    return _best_step(manager, path)[1]
+def holds_checkpoints(path) -> bool:
+  """A workdir with a `checkpoints/` folder, or a `best/` folder: what
+  `saved_state` reads."""
+  return (epath.Path(path) / workdir_lib.CHECKPOINTS).is_dir() or is_best_dir(path)
 
 
 def restore_best(path) -> tuple[PyTree, dict]:
   """`{'params', 'model_state'}` of a `best/` folder's latest step as numpy,
   and `{'path', 'step'}` for the lineage record."""
-  path = epath.Path(path)
-  with _best_manager(path) as manager:
-    step, item = _best_step(manager, path)
-    out = manager.restore(
-      step,
-      args=ocp.args.Composite(
-        params=ocp.args.PyTreeRestore(item=item, restore_args=numpy_restore_args(item))
-      ),
-    )
-  return out["params"], {"path": str(path / str(step)), "step": int(step)}
+  saved = saved_state(path)
+  return saved.restore(saved.tree), {"path": saved.location, "step": saved.step}

@@ -64,13 +64,13 @@ def _is_segmentor(names: Sequence[str]) -> bool:
 
 
 def _workdir_params_roots(src: str) -> list[str] | None:
-  from mimdistill.interop.orbax_tree import best_metadata, is_best_dir, saved_state
+  from mimdistill.interop.orbax_tree import holds_checkpoints, saved_state
 
   path, _ = workdir_lib.parse_source(src)
-  if not (path / workdir_lib.CHECKPOINTS).is_dir() and not is_best_dir(src):
+  if not holds_checkpoints(path):
     return None
   try:
-    tree = best_metadata(src) if is_best_dir(src) else saved_state(src).tree
+    tree = saved_state(src).tree
   except FileNotFoundError:
     return None
   return sorted((tree.get("params") or {}).keys()) if isinstance(tree, dict) else None
@@ -257,19 +257,15 @@ def _read(src: str, key: str | None):
   """(kind, mmcv state dict (numpy), skipped, model section or None, order)."""
   path, _ = workdir_lib.parse_source(src)
   if path.is_dir():
-    from mimdistill.interop.orbax_tree import is_best_dir, restore_best, restore_subtree
+    from mimdistill.interop.orbax_tree import is_best_dir, restore_subtree
 
-    if is_best_dir(src):  # W/best: the records are the stage workdir's
-      state, record = restore_best(src)
-      params = state["params"]
-      stats = (state.get("model_state") or {}).get("batch_stats") or {}
+    params, record = restore_subtree(src, ("params",))
+    try:
+      stats, _ = restore_subtree(src, ("model_state", "batch_stats"))
+    except KeyError:
+      stats = {}
+    if is_best_dir(path):  # W/best: the records are the stage workdir's
       path = path.parent
-    else:
-      params, record = restore_subtree(src, ("params",))
-      try:
-        stats, _ = restore_subtree(src, ("model_state", "batch_stats"))
-      except KeyError:
-        stats = {}
     saved = workdir_lib.read_json(path, workdir_lib.MODEL) or {}
     section = saved.get("model") if saved.get("format") == FORMAT else None
     state = names_lib.flax_to_mmcv({"params": params, "batch_stats": stats})["state_dict"]
@@ -370,21 +366,14 @@ def convert(
       state, out_indices=out_indices, num_heads=num_heads, image_size=image_size
     )
   order = [n for n in (order or []) if n in state] + [n for n in state if n not in (order or [])]
-  if dst_kind == "safetensors":
-    tensors = {n: np.asarray(state[n]) for n in order}
-    metadata = {
-      "format": "pt",
-      "mimdistill.segmentor": json.dumps(section),
-      "mimdistill.source": location,
-    }
-    write_safetensors(dst, tensors, metadata=metadata)
-    used = list(tensors)
-  elif dst_kind == "pth":
-    # mmcv's checkpoint layout, which mmseg's load_checkpoint reads
+  if dst_kind in ("safetensors", "pth"):
     tensors = {n: np.asarray(state[n]) for n in order}
     used = list(tensors)
     meta = {"mimdistill.segmentor": json.dumps(section), "mimdistill.source": location}
-    write_official_pth(dst, tensors, wrap="state_dict", extra={"meta": meta})
+    if dst_kind == "safetensors":
+      write_safetensors(dst, tensors, metadata={"format": "pt", **meta})
+    else:  # mmcv's checkpoint layout, which mmseg's load_checkpoint reads
+      write_official_pth(dst, tensors, wrap="state_dict", extra={"meta": meta})
   else:
     variables, report = names_lib.mmcv_to_flax({n: state[n] for n in order})
     skipped.update(report.skipped)

@@ -19,10 +19,10 @@ from typing import Any
 from mimdistill import workdir as workdir_lib
 from mimdistill.interop import cnn_names
 from mimdistill.interop.cnn_checkpoint import import_state_dict
-from mimdistill.interop.orbax_tree import is_best_dir, restore_best, restore_subtree
+from mimdistill.interop.orbax_tree import restore_subtree
 from mimdistill.interop.pth_reader import load_pth
 from mimdistill.paths import is_remote
-from mimdistill.stages.sources import PTH_SUFFIXES, record_dir
+from mimdistill.stages.sources import PTH_SUFFIXES, record_dir, source_kind
 from mimdistill.training.cnn_layer_decay import family_of_params
 
 PyTree = Any
@@ -93,18 +93,13 @@ def read_cnn(source: str, *, what: str = "init.source") -> CNNSource:
       imported.fields,
       {"kind": "pth", "path": os.path.abspath(path), "step": None},
     )
-  best = is_best_dir(path)  # a CNN fine-tuning's best/: its best evaluated step
   workdir, _ = workdir_lib.parse_source(path)
-  if not best and not workdir.is_dir():
+  if not workdir.is_dir():
     raise FileNotFoundError(
       f"{what}={path}: no such workdir; run the SparK / heterogeneous stage there first, or "
       "point at a timm / SparK .pth"
     )
-  if best:
-    state, record = restore_best(path)
-    params, all_stats = state.get("params") or {}, (state.get("model_state") or {})
-  else:
-    params, record = restore_subtree(path, ("params",))
+  params, record = restore_subtree(path, ("params",))  # a workdir or its best/
   prefix: tuple[str, ...] = ()
   if "encoder" in params:
     params, prefix = params["encoder"], ("encoder",)
@@ -115,13 +110,8 @@ def read_cnn(source: str, *, what: str = "init.source") -> CNNSource:
       f"{what}={path} holds no CNN (its params start with {sorted(params)[:6]}); a CNN "
       "fine-tuning starts from a SparK / heterogeneous-distillation workdir or a CNN .pth"
     ) from None
-  if best:
-    stats = all_stats.get("batch_stats")
-    for key in prefix:
-      stats = (stats or {}).get(key)
-    return CNNSource(params, stats or None, None, {"kind": "best", "source": path, **record})
   try:
     stats, _ = restore_subtree(path, ("model_state", "batch_stats", *prefix))
   except KeyError:
     stats = None
-  return CNNSource(params, stats, None, {"kind": "workdir", "source": path, **record})
+  return CNNSource(params, stats, None, {"kind": source_kind(path), "source": path, **record})

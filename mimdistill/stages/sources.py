@@ -79,36 +79,35 @@ def read_encoder(source: str, *, what: str = "init") -> EncoderSource:
     return EncoderSource(
       params["encoder"], None, head, {"kind": "pth", "path": os.path.abspath(path), "step": None}
     )
-  best = is_best_dir(path)
   workdir, _ = workdir_lib.parse_source(path)
-  if not best and not workdir.is_dir():
+  if not workdir.is_dir():
     raise FileNotFoundError(
       f"{what}={path}: no such workdir; run the earlier stage there first, or "
       "point at an existing workdir (workdir or workdir:step), its best/ or a .pth file"
     )
-  if best:
-    state, record = restore_best(path)
-    params = state.get("params") or {}
-    fixed = ((state.get("model_state") or {}).get("fixed") or {}).get("encoder")
-  else:
-    try:
-      params, record = restore_subtree(path, ("params",))
-    except KeyError as e:
-      raise ValueError(f"{what}={path} holds no params: {e}") from None
+  try:
+    params, record = restore_subtree(path, ("params",))
+  except KeyError as e:
+    raise ValueError(f"{what}={path} holds no params: {e}") from None
   if "encoder" not in params:
     raise ValueError(
       f"{what}={path} holds no encoder params (state/params/"
       f"encoder; it has {sorted(params)}); point at a stage-1, "
       "stage-2 or stage-3 workdir"
     )
-  if not best:
-    try:
-      fixed, _ = restore_subtree(path, ("model_state", "fixed", "encoder"))
-    except KeyError:
-      fixed = None  # a learned position embedding is a param
+  try:
+    fixed, _ = restore_subtree(path, ("model_state", "fixed", "encoder"))
+  except KeyError:
+    fixed = None  # a learned position embedding is a param
   head = {k: params[k] for k in HEAD_PARTS if k in params}
-  kind = "best" if best else "workdir"
-  return EncoderSource(params["encoder"], fixed, head, {"kind": kind, "source": path, **record})
+  return EncoderSource(
+    params["encoder"], fixed, head, {"kind": source_kind(path), "source": path, **record}
+  )
+
+
+def source_kind(source: str) -> str:
+  """A workdir source's kind for the lineage record: 'best' or 'workdir'."""
+  return "best" if is_best_dir(workdir_lib.parse_source(source)[0]) else "workdir"
 
 
 def check_exists(source: str, what: str) -> None:
@@ -278,15 +277,8 @@ def read_segmentor(source: str, *, what: str = "init.source") -> SegmentorSource
     variables, _ = mmcv_to_flax(ckpt.tensors)
     record = {"kind": "pth", "path": os.path.abspath(path), "step": None}
     return SegmentorSource(variables["params"], variables.get("batch_stats", {}), record)
-  if is_best_dir(path):
-    if workdir_lib.signature(record_dir(path)).get("stage") != "segment":
-      return None  # a classifier's best/: read_encoder reads it (read once, not twice)
-    state, record = restore_best(path)
-    params = state.get("params") or {}
-    stats = (state.get("model_state") or {}).get("batch_stats") or {}
-    return SegmentorSource(params, stats, {"kind": "best", "source": path, **record})
   workdir, _ = workdir_lib.parse_source(path)
-  if not workdir.is_dir() or not workdir_lib.has_checkpoints(workdir):
+  if not (workdir_lib.has_checkpoints(workdir) or is_best_dir(workdir)):
     return None
   tree = saved_state(path).tree
   if not _is_segmentor((tree.get("params") or {}).keys()):
@@ -296,4 +288,4 @@ def read_segmentor(source: str, *, what: str = "init.source") -> SegmentorSource
     stats, _ = restore_subtree(path, ("model_state", "batch_stats"))
   except KeyError:
     stats = {}
-  return SegmentorSource(params, stats, {"kind": "workdir", "source": path, **record})
+  return SegmentorSource(params, stats, {"kind": source_kind(path), "source": path, **record})
